@@ -1,0 +1,73 @@
+"""Frames to typed messages and back (orjson), and the Reader that combines framing and decoding.
+
+    reader = Reader()
+    for event in reader.feed(data):      # data: whatever one read() returned
+        Message | Resync | ProtocolError  # a ProtocolError is returned, not raised
+    channel.write(encode(Ok(id=1)))
+"""
+
+import orjson
+
+from .errors import BadFrame, BadMessage
+from .framing import DELIMITER, FrameDecoder, Resync
+from .messages import MESSAGE_TYPES
+
+
+def encode(msg):
+    """The frame for ``msg``: compact JSON and the delimiter."""
+    return orjson.dumps(msg.to_wire()) + DELIMITER
+
+
+def decode(frame):
+    """One frame (bytes, no delimiter) to a typed message; raise BadFrame or BadMessage."""
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError as e:
+        # orjson reports invalid UTF-8, invalid JSON and nesting deeper than its limit alike.
+        reason = str(e).split(":", 1)[0]
+        if "utf-8" in str(e).lower() or "surrogate" in str(e).lower():
+            raise BadFrame("frame is not valid UTF-8", frame) from None
+        raise BadFrame("frame is not valid JSON (%s)" % reason, frame) from None
+    if type(obj) is not dict:
+        raise BadFrame("frame is not a JSON object", frame)
+    t = obj.get("t")
+    cls = MESSAGE_TYPES.get(t) if type(t) is str else None
+    if cls is None:
+        rid = obj.get("id")
+        rid = rid if type(rid) is int and rid >= 0 else None
+        if type(t) is not str:
+            raise BadMessage("frame has no \"t\" string naming its type", frame, request_id=rid)
+        raise BadMessage("unknown message type %r" % t[:32], frame, code="unknown_type",
+                         request_id=rid)
+    return cls.from_wire(obj, frame)
+
+
+class Reader(object):
+    """Bytes in, events out: typed messages, Resync events, and ProtocolError instances."""
+
+    __slots__ = ("_frames",)
+
+    def __init__(self, max_frame=None):
+        self._frames = FrameDecoder() if max_frame is None else FrameDecoder(max_frame)
+
+    @property
+    def buffered(self):
+        return self._frames.buffered
+
+    def reset(self):
+        self._frames.reset()
+
+    def feed(self, data):
+        events = []
+        for item in self._frames.feed(data):
+            if type(item) is bytes:
+                try:
+                    events.append(decode(item))
+                except (BadFrame, BadMessage) as e:
+                    events.append(e)
+            else:
+                events.append(item)  # Resync or FrameTooLong
+        return events
+
+
+__all__ = ["encode", "decode", "Reader", "Resync"]

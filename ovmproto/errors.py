@@ -1,0 +1,73 @@
+"""The one error hierarchy of the project. Both daemons subclass these; nothing else is raised
+across a package boundary.
+
+    OvmError                      base of everything we raise on purpose
+     ├── ProtocolError            the peer sent something we cannot accept (carries the raw bytes)
+     │    ├── FrameTooLong        a frame over FRAME_MAX; it was discarded up to the next delimiter
+     │    ├── BadFrame            not UTF-8, not JSON, not a JSON object, or no "t" field
+     │    └── BadMessage          a known "t" with a missing or mistyped field, or an unknown "t"
+     ├── LimitError               a key or value breaks the limits (code names which, text the limit)
+     ├── RemoteError              the peer answered a request with an "err" reply
+     └── UsageError               we were misused (a programming error, never the peer's fault)
+
+A ProtocolError is usually *returned* by the decoder as an event rather than raised: the peer
+misbehaving is an expected input, not an exception in our control flow.
+"""
+
+
+class OvmError(Exception):
+    """Base class. ``code`` is the machine-readable code of docs/protocol.md."""
+
+    code = "internal"
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class ProtocolError(OvmError):
+    code = "bad_frame"
+
+    def __init__(self, message, raw=b"", code=None):
+        super().__init__(message, code)
+        # At most a short prefix: a frame may hold a secret, so never keep or log more than needed.
+        self.raw = bytes(raw[:64])
+
+
+class FrameTooLong(ProtocolError):
+    code = "frame_too_long"
+
+    def __init__(self, size, limit):
+        super().__init__("frame of %d bytes discarded, the limit is %d bytes" % (size, limit))
+        self.size = size
+        self.limit = limit
+
+
+class BadFrame(ProtocolError):
+    code = "bad_frame"
+
+
+class BadMessage(ProtocolError):
+    code = "bad_request"
+
+    def __init__(self, message, raw=b"", code=None, request_id=None):
+        super().__init__(message, raw, code)
+        # When the frame was an object with a usable "id" the receiver can answer it with an error.
+        self.request_id = request_id
+
+
+class LimitError(OvmError):
+    """code is one of ovmproto.limits' KEY_TOO_LONG, VALUE_TOO_LONG, INVALID_KEY, INVALID_VALUE."""
+
+
+class RemoteError(OvmError):
+    pass
+
+
+class UsageError(OvmError):
+    code = "usage"

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the test suite need, on a fresh Debian machine, as root.
+# Idempotent: a second run only checks. Used by scripts/demo.sh and scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages: systemd (systemd-analyze verify for the unit files), qemu-guest-agent (the peer the
+# benchmark measures against), procps (ps for the tests' process checks).
+APT_PACKAGES=(systemd qemu-guest-agent procps)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The project's interpreter: python3 on PATH (3.11+ for development). The venv records the real
+# interpreter behind any shim, which is what the tests and benchmarks run.
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "bootstrap: creating .venv with $($PY --version 2>&1)"
+    $PY -m venv .venv || { echo "bootstrap: python3 -m venv failed: apt-get install python3-venv" >&2; exit 1; }
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+    echo "bootstrap: installing the project and its development dependencies into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
