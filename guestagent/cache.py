@@ -1,0 +1,192 @@
+"""The guest's key/value cache: entries, quota, change counter, host sequence position, events.
+
+Pure logic: no I/O and no clock (callers pass ``ts``, UNIX seconds). store.py makes it durable.
+Every method that raises leaves the cache exactly as it was, so a refused request changes nothing.
+"""
+
+import binascii
+import os
+from collections import deque
+
+import orjson
+
+from ovmproto.errors import OvmError
+from ovmproto.limits import DEFAULT_MAX_KEYS, EVENT_KEY, check_key, check_value
+from ovmproto.messages import OP_CLEAR, OP_DEL, OP_SET, ORIGIN_HOST, ORIGINS, Changed
+
+FORMAT = 1  # version of the file layout written by to_bytes
+DEFAULT_MAX_EVENTS = 64
+
+
+class CacheError(OvmError):
+    """A request the cache refuses; ``code`` is an error code of docs/protocol.md."""
+
+
+class Entry(object):
+    __slots__ = ("key", "value", "ts", "origin")
+
+    def __init__(self, key, value, ts, origin):
+        self.key = key
+        self.value = value
+        self.ts = ts
+        self.origin = origin
+
+    def __eq__(self, other):
+        return isinstance(other, Entry) and (self.key, self.value, self.ts, self.origin) == (
+            other.key, other.value, other.ts, other.origin)
+
+    __hash__ = None
+
+    def __repr__(self):  # never the value: it may be a password
+        return "Entry(key=%r, value=<%d chars>, ts=%r, origin=%r)" % (
+            self.key, len(self.value), self.ts, self.origin)
+
+
+def _new_gid():
+    return binascii.hexlify(os.urandom(8)).decode("ascii")
+
+
+def _validate(key, value):
+    problem = check_key(key) or (check_value(value) if value is not None else None)
+    if problem:
+        raise CacheError(problem[1], problem[0])
+
+
+class Cache(object):
+    def __init__(self, max_keys=DEFAULT_MAX_KEYS, max_events=DEFAULT_MAX_EVENTS, gid=None):
+        self.max_keys = max_keys
+        self.gid = gid or _new_gid()  # a fresh identity tells the host its mirror is void
+        self.gseq = 0                 # counts every change, of any origin
+        self.epoch = None             # the host stream we follow
+        self.hseq = 0                 # the last host seq applied in that epoch
+        # A dict keeps insertion order; re-setting a key pops and re-inserts it, so iteration
+        # order is the order keys were (last) set, which is what `ovmd -l` prints.
+        self._entries = {}
+        self._events = deque(maxlen=max_events)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def __len__(self):
+        return len(self._entries)
+
+    def get(self, key):
+        return self._entries.get(key)
+
+    def entries(self):
+        return list(self._entries.values())
+
+    def events(self):
+        return list(self._events)
+
+    # -- changes of any origin ----------------------------------------------------------------
+
+    def set(self, key, value, origin, ts):
+        _validate(key, value)
+        self._check_quota([key])
+        return self._store(key, value, origin, ts)
+
+    def put(self, items, origin, ts):
+        """Set several keys, all or none."""
+        if not items:
+            raise CacheError("nothing to set", "bad_request")
+        for key, value in items:
+            _validate(key, value)
+        self._check_quota([k for k, _ in items])
+        return [self._store(key, value, origin, ts) for key, value in items]
+
+    def delete(self, key, origin, ts):
+        if self._entries.pop(key, None) is None:
+            return None
+        return self._changed(OP_DEL, origin, ts, key=key)
+
+    def clear(self, origin, ts):
+        if not self._entries:
+            return None
+        self._entries.clear()
+        return self._changed(OP_CLEAR, origin, ts)
+
+    def add_event(self, value, ts):
+        problem = check_value(value)
+        if problem:
+            raise CacheError(problem[1], problem[0])
+        self._events.append(Entry(EVENT_KEY, value, ts, ORIGIN_HOST))
+
+    # -- host messages: exactly once, in order ------------------------------------------------
+
+    def follow_epoch(self, epoch):
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.hseq = 0
+
+    def is_duplicate(self, seq):
+        return seq <= self.hseq
+
+    def apply_host_set(self, seq, key, value, ts):
+        """Apply a host set; a VMAPIEvent becomes an event. Records seq as applied."""
+        if key == EVENT_KEY:
+            self.add_event(value, ts)
+            self.hseq = seq
+            return None
+        change = self.set(key, value, ORIGIN_HOST, ts)
+        self.hseq = seq
+        return change
+
+    def apply_host_delete(self, seq, key, ts):
+        change = self.delete(key, ORIGIN_HOST, ts)
+        self.hseq = seq
+        return change
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def to_bytes(self):
+        return orjson.dumps({
+            "format": FORMAT, "gid": self.gid, "gseq": self.gseq, "epoch": self.epoch,
+            "hseq": self.hseq,
+            "entries": [[e.key, e.value, e.ts, e.origin] for e in self._entries.values()],
+            "events": [[e.value, e.ts] for e in self._events],
+        })
+
+    @classmethod
+    def from_bytes(cls, data, max_keys=DEFAULT_MAX_KEYS, max_events=DEFAULT_MAX_EVENTS):
+        """Rebuild a cache from to_bytes() output; raise CacheError(code "corrupt") on bad data.
+
+        Entries over the current limits are still loaded (a lowered max_keys must not destroy
+        data that was acknowledged); only new keys are refused until the cache shrinks.
+        """
+        try:
+            obj = orjson.loads(data)
+            if obj.get("format") != FORMAT:
+                raise ValueError("unknown format %r" % (obj.get("format"),))
+            cache = cls(max_keys, max_events, gid=str(obj["gid"]))
+            cache.gseq = int(obj["gseq"])
+            cache.epoch = obj["epoch"] if obj["epoch"] is None else str(obj["epoch"])
+            cache.hseq = int(obj["hseq"])
+            for key, value, ts, origin in obj["entries"]:
+                if type(key) is not str or type(value) is not str or origin not in ORIGINS:
+                    raise ValueError("bad entry")
+                cache._entries[key] = Entry(key, value, float(ts), origin)
+            for value, ts in obj["events"]:
+                if type(value) is not str:
+                    raise ValueError("bad event")
+                cache._events.append(Entry(EVENT_KEY, value, float(ts), ORIGIN_HOST))
+        except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError) as e:
+            raise CacheError("cache file is corrupt: %s" % (str(e).splitlines() or ["?"])[0],
+                             "corrupt") from None
+        return cache
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_quota(self, keys):
+        new = len(set(k for k in keys if k not in self._entries))
+        if new and len(self._entries) + new > self.max_keys:
+            raise CacheError("the cache holds %d keys, the limit is %d keys"
+                             % (len(self._entries), self.max_keys), "quota")
+
+    def _store(self, key, value, origin, ts):
+        self._entries.pop(key, None)
+        self._entries[key] = Entry(key, value, ts, origin)
+        return self._changed(OP_SET, origin, ts, key=key, value=value)
+
+    def _changed(self, op, origin, ts, key=None, value=None):
+        self.gseq += 1
+        return Changed(gseq=self.gseq, op=op, ts=ts, origin=origin, key=key, value=value)

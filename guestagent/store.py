@@ -1,0 +1,91 @@
+"""Durable state files: the only I/O behind the cache.
+
+A change is acknowledged only after write_atomic() returned: the new file is complete and fsync'd,
+renamed over the old one, and the rename itself fsync'd through the directory. A kill -9 at any
+point leaves either the old file or the new one, never a mixture.
+"""
+
+import errno
+import logging
+import os
+import time
+
+from ovmproto.errors import OvmError
+
+from .cache import Cache, CacheError
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(OvmError):
+    code = "internal"
+
+
+def write_atomic(path, data):
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise StoreError("cannot write %s: %s" % (path, e.strerror or e)) from e
+
+
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise StoreError("cannot read %s: %s" % (path, e.strerror or e)) from e
+
+
+class CacheStore(object):
+    """The cache's file (``cache.json`` in the state directory)."""
+
+    FILENAME = "cache.json"
+
+    def __init__(self, state_dir, max_keys, max_events):
+        self.path = os.path.join(state_dir, self.FILENAME)
+        self.max_keys = max_keys
+        self.max_events = max_events
+
+    def load(self):
+        """The stored cache, or a fresh one when there is none.
+
+        A corrupt file (which atomic writes should make impossible, but disks and people exist)
+        is moved aside rather than overwritten, so whatever it holds can still be recovered.
+        """
+        data = read(self.path)
+        if data is None:
+            return Cache(self.max_keys, self.max_events)
+        try:
+            return Cache.from_bytes(data, self.max_keys, self.max_events)
+        except CacheError as e:
+            aside = "%s.corrupt-%d" % (self.path, int(time.time()))
+            try:
+                os.rename(self.path, aside)
+            except OSError as e2:
+                raise StoreError("%s; and cannot move it aside: %s" % (e, e2.strerror)) from e2
+            log.error("%s: %s; moved it to %s and started with an empty cache", self.path, e, aside)
+            return Cache(self.max_keys, self.max_events)
+
+    def save(self, cache):
+        write_atomic(self.path, cache.to_bytes())

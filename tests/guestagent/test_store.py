@@ -1,0 +1,47 @@
+import os
+
+import pytest
+
+from guestagent.cache import Cache
+from guestagent.store import CacheStore, StoreError, read, write_atomic
+
+
+def test_write_atomic_should_replace_the_file_and_leave_no_temp_file(tmp_path):
+    p = tmp_path / "f"
+    write_atomic(str(p), b"one")
+    write_atomic(str(p), b"two")
+    assert p.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["f"]
+    assert (p.stat().st_mode & 0o777) == 0o600
+
+
+def test_write_atomic_should_raise_store_error_and_keep_the_old_file_when_it_cannot_write(tmp_path):
+    p = tmp_path / "f"
+    write_atomic(str(p), b"old")
+    os.mkdir(str(p) + ".tmp-%d" % os.getpid())  # the temp path is taken: the write must fail
+    with pytest.raises(StoreError):
+        write_atomic(str(p), b"new")
+    assert p.read_bytes() == b"old"
+
+
+def test_read_should_return_none_for_a_missing_file(tmp_path):
+    assert read(str(tmp_path / "none")) is None
+
+
+def test_cache_store_should_save_and_load(tmp_path):
+    s = CacheStore(str(tmp_path), 10, 5)
+    c = s.load()
+    assert len(c) == 0
+    c.set("k", "v", "guest", 1.0)
+    s.save(c)
+    d = CacheStore(str(tmp_path), 10, 5).load()
+    assert d.get("k").value == "v" and d.gid == c.gid
+
+
+def test_cache_store_should_move_a_corrupt_file_aside_and_start_empty(tmp_path):
+    s = CacheStore(str(tmp_path), 10, 5)
+    (tmp_path / "cache.json").write_bytes(b"{not json")
+    c = s.load()
+    assert isinstance(c, Cache) and len(c) == 0
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("cache.json.corrupt-")]
+    assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == b"{not json"
