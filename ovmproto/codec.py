@@ -10,7 +10,7 @@ import orjson
 
 from .errors import BadFrame, BadMessage
 from .framing import DELIMITER, FrameDecoder, Resync
-from .messages import MESSAGE_TYPES
+from .messages import MESSAGE_TYPES, _is_int
 
 
 def encode(msg):
@@ -34,7 +34,8 @@ def decode(frame):
     cls = MESSAGE_TYPES.get(t) if type(t) is str else None
     if cls is None:
         rid = obj.get("id")
-        rid = rid if type(rid) is int and rid >= 0 else None
+        # The same test as a known type's id: an id over 2**63-1 cannot be echoed in an Err.
+        rid = rid if _is_int(rid) else None
         if type(t) is not str:
             raise BadMessage("frame has no \"t\" string naming its type", frame, request_id=rid)
         raise BadMessage("unknown message type %r" % t[:32], frame, code="unknown_type",

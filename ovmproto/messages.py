@@ -55,6 +55,13 @@ OP_CLEAR = "clear"
 CHANGE_OPS = (OP_SET, OP_DEL, OP_CLEAR)
 
 
+def _secret_size(v):
+    """The size repr shows: UTF-8 bytes of a string (the unit of the limits), else its length."""
+    if type(v) is str:
+        return len(v.encode("utf-8", "surrogatepass"))
+    return len(v)
+
+
 class Message(object):
     """Base class. Subclasses set TYPE, REQUIRED and OPTIONAL as tuples of (name, kind)."""
 
@@ -118,7 +125,8 @@ class Message(object):
             if v is None:
                 continue
             if name in _SECRET:
-                parts.append("%s=<%d %s>" % (name, len(v), "bytes" if name == "value" else "pairs"))
+                unit = "bytes" if name == "value" else "pairs"
+                parts.append("%s=<%d %s>" % (name, _secret_size(v), unit))
             else:
                 parts.append("%s=%r" % (name, v))
         return "%s(%s)" % (type(self).__name__, ", ".join(parts))
