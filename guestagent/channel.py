@@ -1,0 +1,99 @@
+"""The host channel as bytes: find the virtio-serial port, open it, read, write, close.
+
+No protocol and no policy here (hostlink.py decides what EOF or an error means). Facts this code
+is written to (shared/reference/virtio-serial.md):
+
+- the real port is a plain character device, not a tty: never use termios on it;
+- only one process may hold it open: a second open() gets EBUSY;
+- while no host is connected, read() returns b"" (EOF) at once and poll() reports HUP, forever;
+- a pty (the stand-in in tests) is a tty: it must be put in raw mode with TCSANOW, since the
+  default TCSAFLUSH discards input the host already wrote.
+"""
+
+import errno
+import os
+import termios
+import tty
+
+DEFAULT_PATH = "/dev/virtio-ports/com.oracle.ovmd"
+PORT_NAME = "com.oracle.ovmd"
+SYSFS_PORTS = "/sys/class/virtio-ports"
+READ_SIZE = 65536  # the real port returns at most 4096 bytes a read; a pty a little more
+
+_OPEN_FLAGS = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def find_port(default=DEFAULT_PATH, sysfs=SYSFS_PORTS, dev="/dev", name=PORT_NAME):
+    """The port's device path: the udev link if present, else the vport whose sysfs name matches.
+
+    Return None when neither exists (the port may not be there yet: the caller retries).
+    """
+    if os.path.exists(default):
+        return default
+    try:
+        ports = sorted(os.listdir(sysfs))
+    except OSError:
+        return None
+    for port in ports:
+        try:
+            with open(os.path.join(sysfs, port, "name"), "rb") as f:
+                if f.read().strip() == name.encode("ascii"):
+                    return os.path.join(dev, port)
+        except OSError:
+            continue
+    return None
+
+
+class Channel(object):
+    """One open descriptor on the port (or a pty). Non-blocking; read/write never block."""
+
+    __slots__ = ("path", "fd", "is_tty")
+
+    def __init__(self, path, fd, is_tty):
+        self.path = path
+        self.fd = fd
+        self.is_tty = is_tty
+
+    @classmethod
+    def open(cls, path):
+        """Open ``path``; raise OSError (ENOENT, EBUSY, EACCES...) for the caller to judge."""
+        fd = os.open(path, _OPEN_FLAGS)
+        try:
+            is_tty = os.isatty(fd)
+            if is_tty:
+                # Raw: no echo, no CR/LF translation, no line length limit, 0x04 is a byte.
+                tty.setraw(fd, termios.TCSANOW)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, is_tty)
+
+    def read(self):
+        """Bytes read; b"" at EOF; None when nothing is waiting. Raise OSError (e.g. EIO)."""
+        try:
+            return os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return None
+
+    def write(self, data):
+        """Bytes written (0 when the port would block). Raise OSError for real errors."""
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+
+    def close(self):
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # nothing to recover: the descriptor is gone either way
+
+    def __repr__(self):
+        return "Channel(%r, fd=%d%s)" % (self.path, self.fd, ", tty" if self.is_tty else "")
+
+
+def is_hangup(err):
+    """True for the errors that mean the peer side of a tty went away."""
+    return err.errno in (errno.EIO, errno.ENXIO, errno.EPIPE, errno.ECONNRESET)

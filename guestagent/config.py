@@ -1,0 +1,185 @@
+"""The daemon's settings: defaults, the INI-like file /etc/ovmd.conf, and command-line overrides.
+
+    [ovmd]
+    # Comments are whole lines starting with '#' or ';'.
+    channel = /dev/virtio-ports/com.oracle.ovmd
+    socket = /run/ovmd/ovmd.sock
+    # A persistent cache is simply another state directory.
+    state_dir = /run/ovmd
+    max_keys = 1024
+    max_events = 64
+    # Members of this group may use the local socket.
+    group = ovmd
+    # 0 off, 1 stderr, 2 syslog/journal.
+    debug = 2
+
+Keys may be written with '-' or '_'. Lines before any section header count as [ovmd]; other
+sections are ignored. A missing file is fine; any other problem is a ConfigError whose text is
+one line naming the file, the line and the key.
+
+Imports nothing but os and the import-free error module: the CLI calls read_file() on its hot
+path to find the socket.
+"""
+
+import os
+
+from ovmproto.errors import OvmError
+
+DEFAULT_PATH = "/etc/ovmd.conf"
+DEFAULT_SOCKET = "/run/ovmd/ovmd.sock"
+DEFAULT_STATE_DIR = "/run/ovmd"
+DEFAULT_MAX_KEYS = 1024
+DEFAULT_MAX_EVENTS = 64
+DEFAULT_DEBUG = 2
+SECTION = "ovmd"
+# sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+_SUN_PATH_MAX = 107
+
+
+class ConfigError(OvmError):
+    code = "config"
+
+
+def _parse(path):
+    """{key: (value, line number)} of the [ovmd] section; {} when the file does not exist."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError("%s: cannot read: %s" % (path, e.strerror or e)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("%s: not valid UTF-8" % path) from None
+    out = {}
+    section = SECTION
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line[0] == "[":
+            if line[-1] != "]":
+                raise ConfigError("%s line %d: section header without ']'" % (path, lineno))
+            section = line[1:-1].strip()
+            continue
+        if section != SECTION:
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError("%s line %d: expected 'key = value'" % (path, lineno))
+        out[key] = (value.strip(), lineno)
+    return out
+
+
+def read_file(path=DEFAULT_PATH):
+    """The [ovmd] settings of ``path`` as {key: string}, unvalidated; {} when it is missing."""
+    return {k: v for k, (v, _) in _parse(path).items()}
+
+
+def _path(value):
+    if not value:
+        raise ValueError("is empty")
+    return value
+
+
+def _socket_path(value):
+    _path(value)
+    if len(os.fsencode(value)) > _SUN_PATH_MAX:
+        raise ValueError("is longer than %d bytes, the limit of a unix socket path" % _SUN_PATH_MAX)
+    return value
+
+
+def _optional_path(value):
+    # "auto" (or nothing) lets the daemon find the virtio port itself.
+    return None if value in (None, "", "auto") else value
+
+
+def _optional_name(value):
+    return value or None
+
+
+def _positive_int(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        try:
+            n = int(str(value).strip(), 10)
+        except ValueError:
+            raise ValueError("must be a whole number, not %r" % value) from None
+    if n < 1:
+        raise ValueError("must be at least 1, not %d" % n)
+    return n
+
+
+def _debug_level(value):
+    try:
+        n = int(str(value).strip(), 10)
+    except ValueError:
+        n = -1
+    if n not in (0, 1, 2):
+        raise ValueError("must be 0 (off), 1 (stderr) or 2 (syslog/journal), not %r" % value)
+    return n
+
+
+# key -> (parser, default). The parser raises ValueError with the reason (one line).
+_FIELDS = {
+    "channel": (_optional_path, None),
+    "socket": (_socket_path, DEFAULT_SOCKET),
+    "state_dir": (_path, DEFAULT_STATE_DIR),
+    "max_keys": (_positive_int, DEFAULT_MAX_KEYS),
+    "max_events": (_positive_int, DEFAULT_MAX_EVENTS),
+    "group": (_optional_name, None),
+    "debug": (_debug_level, DEFAULT_DEBUG),
+}
+
+
+class Config(object):
+    """Validated settings. ``channel`` None means: find the port (default link, then sysfs)."""
+
+    __slots__ = ("path",) + tuple(_FIELDS)
+
+    def __init__(self, **fields):
+        self.path = fields.pop("path", None)  # the file read, for messages
+        for key, (_, default) in _FIELDS.items():
+            setattr(self, key, fields.pop(key, default))
+        if fields:
+            raise TypeError("Config got unknown fields %s" % sorted(fields))
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in _FIELDS}
+
+    def __repr__(self):
+        return "Config(%s)" % ", ".join("%s=%r" % kv for kv in self.as_dict().items())
+
+
+def load(path=None, overrides=None):
+    """Defaults, then the file (``path`` or /etc/ovmd.conf), then ``overrides``.
+
+    ``overrides`` maps keys (as in the file; '-' or '_') to values; None means "not given",
+    so an argparse namespace's vars() can be passed as it is.
+    """
+    file_path = path or DEFAULT_PATH
+    fields = {"path": file_path}
+    for key, (value, lineno) in _parse(file_path).items():
+        spec = _FIELDS.get(key)
+        if spec is None:
+            raise ConfigError("%s line %d: unknown key %r" % (file_path, lineno, key))
+        try:
+            fields[key] = spec[0](value)
+        except ValueError as e:
+            raise ConfigError("%s line %d: %s %s" % (file_path, lineno, key, e)) from None
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        key = key.replace("-", "_")
+        spec = _FIELDS.get(key)
+        if spec is None:
+            raise ConfigError("unknown setting %r" % key)
+        try:
+            fields[key] = spec[0](value)
+        except ValueError as e:
+            raise ConfigError("option --%s %s" % (key.replace("_", "-"), e)) from None
+    return Config(**fields)

@@ -1,0 +1,149 @@
+"""The daemon's wiring: load the cache, listen locally, open the channel, tell systemd, serve until
+SIGTERM/SIGINT; SIGHUP reopens the channel.
+
+    guestagent.daemon.run(guestagent.config.load(path, overrides)) -> exit code
+
+``python -m guestagent.daemon [--channel PATH] [--socket PATH] [--state-dir DIR] [--config FILE]
+[--max-keys N] [--group NAME] [-d LEVEL]`` does the same as ``ovmd --daemon``.
+"""
+
+import logging
+import os
+import signal
+import sys
+
+from ovmproto.errors import OvmError
+
+from . import config as configuration
+from .hostlink import DISCONNECTED, HostLink
+from .localserver import LocalServer
+from .logsetup import setup as setup_logging
+from .loop import Loop
+from .notify import Notifier, watchdog_interval
+from .service import Service
+from .store import CacheStore
+
+log = logging.getLogger(__name__)
+
+
+def status_text(state, path):
+    if state == DISCONNECTED:
+        return "waiting for host on %s" % path
+    return "host connected"
+
+
+class Daemon(object):
+    def __init__(self, config, notifier=None):
+        self.config = config
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.loop = Loop()
+        self.service = None
+        self.server = None
+        self.link = None
+        self._watchdog_interval = None
+
+    def start(self):
+        """Everything up to READY=1; raise OvmError or OSError (one line) when impossible."""
+        config = self.config
+        loop = self.loop
+        # Handlers first: a SIGTERM that arrives while we start is kept until the loop runs.
+        loop.add_signal(signal.SIGTERM, self._on_stop)
+        loop.add_signal(signal.SIGINT, self._on_stop)
+        loop.add_signal(signal.SIGHUP, self._on_hup)
+        if not os.path.isdir(config.state_dir):
+            os.makedirs(config.state_dir, 0o755)
+        store = CacheStore(config.state_dir, config.max_keys, config.max_events)
+        self.service = Service(store)
+        cache = self.service.cache
+        log.info("cache %s: %d keys, gid %s, gseq %d", store.path, len(cache), cache.gid,
+                 cache.gseq)
+        self.server = LocalServer(self.loop, self.service, config.socket, config.group)
+        self.server.start()
+        self.link = HostLink(loop, self.service, config.channel, on_state=self._on_state)
+        self.link.start()
+        self.notifier.ready(status_text(self.link.state, self.link.path))
+        self._watchdog_interval = watchdog_interval()
+        if self._watchdog_interval:
+            self._watchdog()
+
+    def _on_state(self, state, path):
+        self.notifier.status(status_text(state, path))
+
+    def _on_stop(self, signum):
+        log.info("stopping on signal %d", signum)
+        self.loop.stop()
+
+    def _on_hup(self, signum):
+        if self.link is not None:
+            self.link.reopen()
+
+    def _watchdog(self):
+        self.notifier.watchdog()
+        self.loop.call_later(self._watchdog_interval, self._watchdog)
+
+    def serve(self):
+        self.loop.run()
+
+    def close(self):
+        self.notifier.stopping()
+        if self.server is not None:
+            self.server.close()
+        if self.link is not None:
+            self.link.close()
+        self.loop.close()
+        self.notifier.close()
+
+
+def run(config):
+    """Run the daemon until a stop signal; return the exit code (0 after a clean stop)."""
+    setup_logging(config.debug)
+    daemon = Daemon(config)
+    try:
+        try:
+            daemon.start()
+        except OvmError as e:
+            log.error("cannot start: %s", e.message)
+            return 1
+        except OSError as e:
+            log.error("cannot start: %s%s", e.strerror or e,
+                      ": %s" % e.filename if e.filename else "")
+            return 1
+        log.info("ovmd ready (pid %d)", os.getpid())
+        daemon.serve()
+    finally:
+        daemon.close()
+    log.info("ovmd stopped")
+    return 0
+
+
+def parse_args(argv=None):
+    import argparse  # only for `python -m`: ovmd --daemon parses its options with click
+    p = argparse.ArgumentParser(prog="python -m guestagent.daemon",
+                                description="Run the ovmd guest agent daemon.")
+    p.add_argument("--daemon", action="store_true", help="accepted for symmetry with ovmd")
+    p.add_argument("--channel", help="the host channel (default: find %s)" % "com.oracle.ovmd")
+    p.add_argument("--socket", help="the local socket (default %s)" % configuration.DEFAULT_SOCKET)
+    p.add_argument("--state-dir", help="where the cache lives (default %s)"
+                   % configuration.DEFAULT_STATE_DIR)
+    p.add_argument("--config", help="settings file (default %s)" % configuration.DEFAULT_PATH)
+    p.add_argument("--max-keys", help="most keys in the cache (default %d)"
+                   % configuration.DEFAULT_MAX_KEYS)
+    p.add_argument("--group", help="members of this group may use the local socket")
+    p.add_argument("-d", "--debug", help="0 off, 1 stderr, 2 syslog/journal (default 2)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    overrides = {"channel": args.channel, "socket": args.socket, "state_dir": args.state_dir,
+                 "max_keys": args.max_keys, "group": args.group, "debug": args.debug}
+    try:
+        config = configuration.load(args.config, overrides)
+    except configuration.ConfigError as e:
+        sys.stderr.write("ovmd: %s\n" % e.message)
+        return 2
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

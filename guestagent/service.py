@@ -1,0 +1,235 @@
+"""The cache operations that the host link and the local server share.
+
+Every change goes: validate and apply (Cache raises CacheError and stays unchanged), store
+(CacheStore.save), then tell the listeners (the host link sends ``changed``) and wake the
+waiters. If storing fails the change is undone and ServiceError("internal") raised: nothing is
+acknowledged unless it is on disk.
+
+Also the reply frames both peers build the same way (list_frames, error_reply).
+
+No I/O besides the store, no event loop: callers own timeouts and sockets.
+"""
+
+import logging
+import time
+
+from ovmproto.codec import encode
+from ovmproto.errors import OvmError
+from ovmproto.limits import EVENT_KEY
+from ovmproto.messages import Err, Item, Ok
+
+from . import __version__
+from .cache import Cache
+from .logsetup import RateLimited
+from .store import StoreError
+
+log = logging.getLogger(__name__)
+
+AGENT = "ovmd " + __version__  # what a hello reply says we are
+
+
+class ServiceError(OvmError):
+    """A request failed for a reason that is not the requester's fault (code "internal")."""
+
+    code = "internal"
+
+
+class Waiter(object):
+    """A pending ``wait``: ``callback(entry)`` runs once when ``key`` is next set."""
+
+    __slots__ = ("key", "callback", "_service")
+
+    def __init__(self, service, key, callback):
+        self._service = service
+        self.key = key
+        self.callback = callback
+
+    def cancel(self):
+        if self._service is not None:
+            self._service._drop_waiter(self)
+            self._service = None
+
+
+class Service(object):
+    def __init__(self, store, clock=time.time):
+        self.store = store
+        self.clock = clock
+        self.cache = store.load()
+        self._listeners = []
+        self._waiters = {}  # key -> [Waiter]
+        self._save_failures = RateLimited(log)
+
+    # -- observers ----------------------------------------------------------------------------
+
+    def add_listener(self, callback):
+        """``callback(changed)`` for every change of the cache, after it is stored."""
+        self._listeners.append(callback)
+
+    def wait(self, key, callback, changed=False):
+        """Return the current entry when ``key`` exists (unless ``changed``), else a Waiter whose
+        callback gets the entry when the key is next set. For VMAPIEvent: the latest event."""
+        if not changed:
+            entry = self.current(key)
+            if entry is not None:
+                return entry
+        waiter = Waiter(self, key, callback)
+        self._waiters.setdefault(key, []).append(waiter)
+        return waiter
+
+    def _drop_waiter(self, waiter):
+        waiters = self._waiters.get(waiter.key)
+        if waiters:
+            try:
+                waiters.remove(waiter)
+            except ValueError:
+                pass  # already woken
+            if not waiters:
+                del self._waiters[waiter.key]
+
+    def _wake(self, key, entry):
+        waiters = self._waiters.pop(key, None)
+        if waiters:
+            for waiter in waiters:
+                waiter._service = None
+                waiter.callback(entry)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def get(self, key):
+        return self.cache.get(key)
+
+    def current(self, key):
+        if key == EVENT_KEY:
+            events = self.cache.events()
+            return events[-1] if events else None
+        return self.cache.get(key)
+
+    def entries(self):
+        return self.cache.entries()
+
+    def events(self):
+        return self.cache.events()
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def _commit(self, apply):
+        """Run ``apply(cache)``, store the result, or undo it and raise ServiceError."""
+        cache = self.cache
+        before = cache.to_bytes()
+        result = apply(cache)  # CacheError leaves the cache unchanged
+        try:
+            self.store.save(cache)
+        except StoreError as e:
+            self.cache = Cache.from_bytes(before, cache.max_keys, self.store.max_events)
+            self._save_failures.warning("%s; the change was refused", e)
+            raise ServiceError("could not store the cache; nothing was changed") from None
+        self._save_failures.reset()
+        return result
+
+    def _announce(self, changes):
+        for change in changes:
+            if change is None:
+                continue
+            for listener in self._listeners:
+                listener(change)
+            if change.key is not None and change.op == "set" and change.key in self._waiters:
+                self._wake(change.key, self.cache.get(change.key))
+
+    def _announce_event(self):
+        if EVENT_KEY in self._waiters:
+            self._wake(EVENT_KEY, self.current(EVENT_KEY))
+
+    def set(self, key, value, origin):
+        ts = self.clock()
+        change = self._commit(lambda c: c.set(key, value, origin, ts))
+        self._announce((change,))
+        return change
+
+    def put(self, items, origin):
+        ts = self.clock()
+        changes = self._commit(lambda c: c.put(items, origin, ts))
+        self._announce(changes)
+        return changes
+
+    def delete(self, key, origin):
+        """The change, or None when the key did not exist (nothing stored then)."""
+        if self.cache.get(key) is None:
+            return None
+        ts = self.clock()
+        change = self._commit(lambda c: c.delete(key, origin, ts))
+        self._announce((change,))
+        return change
+
+    def clear(self, origin):
+        if not len(self.cache):
+            return None
+        ts = self.clock()
+        change = self._commit(lambda c: c.clear(origin, ts))
+        self._announce((change,))
+        return change
+
+    def post_event(self, value):
+        ts = self.clock()
+        self._commit(lambda c: c.add_event(value, ts))
+        self._announce_event()
+
+    # -- host messages, exactly once --------------------------------------------------------
+
+    def follow_epoch(self, epoch):
+        """Follow the host stream ``epoch`` (a new one restarts hseq at 0); stored at once."""
+        if epoch != self.cache.epoch:
+            self._commit(lambda c: c.follow_epoch(epoch))
+
+    def host_set(self, seq, key, value):
+        """Apply a host set; True when ``seq`` was already applied (nothing done then).
+
+        Without a seq (a host tool that does not number its messages) it is applied as is.
+        """
+        if seq is not None and self.cache.is_duplicate(seq):
+            return True
+        ts = self.clock()
+        if seq is None:
+            if key == EVENT_KEY:
+                self._commit(lambda c: c.add_event(value, ts))
+                self._announce_event()
+            else:
+                self._announce((self._commit(lambda c: c.set(key, value, "host", ts)),))
+            return False
+        change = self._commit(lambda c: c.apply_host_set(seq, key, value, ts))
+        if change is None:
+            self._announce_event()
+        else:
+            self._announce((change,))
+        return False
+
+    def host_delete(self, seq, key):
+        """Apply a host del; return (duplicate, found)."""
+        if seq is not None and self.cache.is_duplicate(seq):
+            return True, False
+        if seq is None:
+            return False, self.delete(key, "host") is not None
+        ts = self.clock()
+        change = self._commit(lambda c: c.apply_host_delete(seq, key, ts))
+        self._announce((change,))
+        return False, change is not None
+
+
+def list_frames(request_id, entries):
+    """The frames answering a list (or events) request: one Item per entry, then Ok(count).
+
+    A generator: encoded only as the peer reads, so a full cache is never held twice.
+    """
+    for e in entries:
+        yield encode(Item(id=request_id, key=e.key, value=e.value, ts=e.ts, origin=e.origin))
+    yield encode(Ok(id=request_id, count=len(entries)))
+
+
+def ok_frame(request_id):
+    """The frame of a bare Ok: what encode(Ok(id=...)) gives, without building the message (the
+    ping round trip is the path the agent is measured on)."""
+    return b'{"t":"ok","id":%d}\n' % request_id
+
+
+def error_reply(request_id, err):
+    """The Err frame for an OvmError (its one-line text never holds a value)."""
+    return encode(Err(id=request_id, code=err.code, msg=err.message))
