@@ -1,0 +1,202 @@
+"""systemd/ovmd.service and systemd/90-ovmd.rules: checked by systemd's own tools where they exist
+(systemd-analyze verify and security; udevadm verify, which systemd 252 lacks), and for the
+settings the agent relies on.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNIT = os.path.join(ROOT, "systemd", "ovmd.service")
+RULES = os.path.join(ROOT, "systemd", "90-ovmd.rules")
+VENV_OVMD = os.path.join(os.path.dirname(sys.executable), "ovmd")
+PORT_NAME = "com.oracle.ovmd"
+EXPOSURE_LIMIT = 2.5
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (apt-get install systemd)")
+
+
+def unit_settings(path=UNIT):
+    """{section: {key: [values, in order]}} of a unit file (keys may repeat)."""
+    sections = {}
+    current = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("["):
+                current = sections.setdefault(line.strip("[]"), {})
+                continue
+            key, sep, value = line.partition("=")
+            assert sep, "not key=value: %r" % line
+            current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def runnable_copy(tmp_path, text=None):
+    """The unit with ExecStart pointing at this venv's ovmd: verify needs the binary to exist."""
+    if text is None:
+        with open(UNIT, encoding="utf-8") as f:
+            text = f.read()
+    assert "ExecStart=/usr/bin/ovmd " in text
+    text = text.replace("ExecStart=/usr/bin/ovmd ", "ExecStart=%s " % VENV_OVMD)
+    path = tmp_path / "ovmd.service"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def analyze(*args):
+    return subprocess.run([SYSTEMD_ANALYZE] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+
+
+def lines_about_us(text):
+    return [line for line in text.splitlines() if "ovmd" in line]
+
+
+@needs_analyze
+def test_the_unit_should_pass_systemd_analyze_verify_without_a_warning(tmp_path):
+    result = analyze("verify", runnable_copy(tmp_path))
+    assert result.returncode == 0, result.stdout
+    assert lines_about_us(result.stdout) == []
+
+
+@needs_analyze
+def test_verify_should_catch_a_broken_copy_so_the_check_above_can_fail(tmp_path):
+    with open(UNIT, encoding="utf-8") as f:
+        text = f.read()
+    broken = text.replace("RestartSec=1", "RestartSec=soon\nProtectSysstem=strict")
+    result = analyze("verify", runnable_copy(tmp_path, broken))
+    complaints = lines_about_us(result.stdout)
+    assert any(line.endswith(": soon") for line in complaints), result.stdout
+    assert any("ProtectSysstem" in line for line in complaints), result.stdout
+
+
+def exposure(path):
+    result = analyze("security", "--offline=yes", path)
+    if "--offline" in result.stdout and "unrecognized option" in result.stdout:
+        pytest.skip("this systemd-analyze has no security --offline")
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout[-2000:]
+    return float(match.group(1))
+
+
+@needs_analyze
+def test_the_sandbox_should_keep_the_exposure_score_within_its_limit(tmp_path):
+    score = exposure(runnable_copy(tmp_path))
+    assert score <= EXPOSURE_LIMIT, "exposure %.1f, the limit is %.1f" % (score, EXPOSURE_LIMIT)
+
+
+def test_the_unit_should_run_the_installed_daemon_as_a_notify_service():
+    service = unit_settings()["Service"]
+    assert service["ExecStart"] == ["/usr/bin/ovmd --daemon"]
+    expected = {
+        "Type": "notify", "Restart": "on-failure", "RestartSec": "1", "WatchdogSec": "30",
+        "RuntimeDirectory": "ovmd", "RuntimeDirectoryMode": "0755", "UMask": "0077",
+        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes", "PrivateNetwork": "yes", "DevicePolicy": "closed",
+        "RestrictAddressFamilies": "AF_UNIX", "SystemCallArchitectures": "native",
+        "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes", "RestrictNamespaces": "yes", "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes", "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes",
+    }
+    assert {k: service.get(k, [None])[-1] for k in expected} == expected
+    assert service["SystemCallFilter"][0] == "@system-service"
+    assert "/dev/virtio-ports/%s rw" % PORT_NAME in service["DeviceAllow"]
+    # Root, but with one capability at most (CAP_CHOWN, for the socket's group).
+    assert service["CapabilityBoundingSet"][-1] in ("", "CAP_CHOWN")
+
+
+def rule_lines(path=RULES):
+    """The rules file's rules, continuation lines joined, comments dropped."""
+    rules, pending = [], ""
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            line = raw.rstrip("\n")
+            if not pending and (not line.strip() or line.lstrip().startswith("#")):
+                continue
+            if line.endswith("\\"):
+                pending += line[:-1]
+                continue
+            rules.append(pending + line)
+            pending = ""
+    assert not pending, "the rules file ends inside a continued line"
+    return rules
+
+
+_RULE_TOKEN = re.compile(r'\s*([A-Z_]+)(?:\{([^}]*)\})?\s*(==|!=|\+=|-=|:=|=)\s*"([^"]*)"\s*(,|$)')
+_MATCH_KEYS = {"ACTION", "KERNEL", "SUBSYSTEM", "ATTR", "ENV", "TAG", "DRIVER"}
+_ASSIGN_KEYS = {"TAG", "ENV", "SYMLINK", "OWNER", "GROUP", "MODE", "RUN"}
+
+
+def parse_rule(line):
+    """[(key, attribute, operator, value)] of one rule; assert it is well-formed udev syntax."""
+    tokens, pos = [], 0
+    while pos < len(line):
+        m = _RULE_TOKEN.match(line, pos)
+        assert m, "cannot parse the rule at %r" % line[pos:pos + 40]
+        key, attr, op, value, sep = m.groups()
+        if op in ("==", "!="):
+            assert key in _MATCH_KEYS, "%s cannot be matched" % key
+        else:
+            assert key in _ASSIGN_KEYS, "%s cannot be assigned" % key
+        tokens.append((key, attr, op, value))
+        pos = m.end()
+        if not sep:
+            assert line[pos:].strip() == ""
+            break
+    return tokens
+
+
+def test_the_udev_rule_should_pass_udevadm_verify_when_this_systemd_has_it():
+    udevadm = shutil.which("udevadm")
+    if udevadm is None:
+        pytest.skip("udevadm is not installed")
+    probe = subprocess.run([udevadm, "verify", "--help"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip("this udevadm has no verify (systemd < 254)")
+    result = subprocess.run([udevadm, "verify", RULES], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_udev_rule_should_start_the_agent_for_the_port_and_name_its_device():
+    rules = rule_lines()
+    assert len(rules) == 1
+    tokens = parse_rule(rules[0])
+    assert ("SUBSYSTEM", None, "==", "virtio-ports") in tokens
+    assert ("ATTR", "name", "==", PORT_NAME) in tokens
+    assert ("TAG", None, "+=", "systemd") in tokens
+    wants = [v for k, a, op, v in tokens if (k, a, op) == ("ENV", "SYSTEMD_WANTS", "+=")]
+    assert wants == ["ovmd.service"]
+    assert os.path.exists(os.path.join(ROOT, "systemd", wants[0]))
+    links = [v for k, a, op, v in tokens if k == "SYMLINK"]
+    assert links == ["virtio-ports/" + PORT_NAME]
+
+
+def test_the_unit_should_bind_to_the_device_the_udev_rule_names():
+    link = [v for k, a, op, v in parse_rule(rule_lines()[0]) if k == "SYMLINK"][0]
+    escape = shutil.which("systemd-escape")
+    if escape is None:
+        pytest.skip("systemd-escape is not installed")
+    device = subprocess.run([escape, "-p", "--suffix=device", "/dev/" + link],
+                            stdout=subprocess.PIPE, universal_newlines=True, check=True,
+                            timeout=30).stdout.strip()
+    unit = unit_settings()["Unit"]
+    assert unit["BindsTo"] == [device]
+    assert unit["After"] == [device]
+
+
+def test_the_daemon_should_look_for_the_port_where_udev_puts_it():
+    from guestagent import channel
+    link = [v for k, a, op, v in parse_rule(rule_lines()[0]) if k == "SYMLINK"][0]
+    assert channel.DEFAULT_PATH == "/dev/" + link
