@@ -8,8 +8,7 @@ import binascii
 import os
 from collections import deque
 
-import orjson
-
+from ovmproto import jsonlib
 from ovmproto.errors import OvmError
 from ovmproto.limits import DEFAULT_MAX_KEYS, EVENT_KEY, check_key, check_value
 from ovmproto.messages import OP_CLEAR, OP_DEL, OP_SET, ORIGIN_HOST, ORIGINS, Changed
@@ -139,7 +138,7 @@ class Cache(object):
     # -- persistence --------------------------------------------------------------------------
 
     def to_bytes(self):
-        return orjson.dumps({
+        return jsonlib.dumps({
             "format": FORMAT, "gid": self.gid, "gseq": self.gseq, "epoch": self.epoch,
             "hseq": self.hseq,
             "entries": [[e.key, e.value, e.ts, e.origin] for e in self._entries.values()],
@@ -154,7 +153,7 @@ class Cache(object):
         data that was acknowledged); only new keys are refused until the cache shrinks.
         """
         try:
-            obj = orjson.loads(data)
+            obj = jsonlib.loads(data)
             if obj.get("format") != FORMAT:
                 raise ValueError("unknown format %r" % (obj.get("format"),))
             cache = cls(max_keys, max_events, gid=str(obj["gid"]))
@@ -169,7 +168,7 @@ class Cache(object):
                 if type(value) is not str:
                     raise ValueError("bad event")
                 cache._events.append(Entry(EVENT_KEY, value, float(ts), ORIGIN_HOST))
-        except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, jsonlib.JSONDecodeError) as e:
             raise CacheError("cache file is corrupt: %s" % (str(e).splitlines() or ["?"])[0],
                              "corrupt") from None
         return cache

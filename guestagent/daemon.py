@@ -3,8 +3,7 @@ SIGTERM/SIGINT; SIGHUP reopens the channel.
 
     guestagent.daemon.run(guestagent.config.load(path, overrides)) -> exit code
 
-``python -m guestagent.daemon [--channel PATH] [--socket PATH] [--state-dir DIR] [--config FILE]
-[--max-keys N] [--group NAME] [-d LEVEL]`` does the same as ``ovmd --daemon``.
+``python -m guestagent.daemon [options]`` does the same as ``ovmd --daemon [options]``.
 """
 
 import logging
@@ -12,9 +11,9 @@ import os
 import signal
 import sys
 
+from ovmproto import jsonlib
 from ovmproto.errors import OvmError
 
-from . import config as configuration
 from .hostlink import DISCONNECTED, HostLink
 from .localserver import LocalServer
 from .logsetup import setup as setup_logging
@@ -55,8 +54,8 @@ class Daemon(object):
         store = CacheStore(config.state_dir, config.max_keys, config.max_events)
         self.service = Service(store)
         cache = self.service.cache
-        log.info("cache %s: %d keys, gid %s, gseq %d", store.path, len(cache), cache.gid,
-                 cache.gseq)
+        log.info("cache %s: %d keys, gid %s, gseq %d; JSON by %s", store.path, len(cache), cache.gid,
+                 cache.gseq, jsonlib.BACKEND)
         self.server = LocalServer(self.loop, self.service, config.socket, config.group)
         self.server.start()
         self.link = HostLink(loop, self.service, config.channel, on_state=self._on_state)
@@ -116,33 +115,11 @@ def run(config):
     return 0
 
 
-def parse_args(argv=None):
-    import argparse  # only for `python -m`: ovmd --daemon parses its options with click
-    p = argparse.ArgumentParser(prog="python -m guestagent.daemon",
-                                description="Run the ovmd guest agent daemon.")
-    p.add_argument("--daemon", action="store_true", help="accepted for symmetry with ovmd")
-    p.add_argument("--channel", help="the host channel (default: find %s)" % "com.oracle.ovmd")
-    p.add_argument("--socket", help="the local socket (default %s)" % configuration.DEFAULT_SOCKET)
-    p.add_argument("--state-dir", help="where the cache lives (default %s)"
-                   % configuration.DEFAULT_STATE_DIR)
-    p.add_argument("--config", help="settings file (default %s)" % configuration.DEFAULT_PATH)
-    p.add_argument("--max-keys", help="most keys in the cache (default %d)"
-                   % configuration.DEFAULT_MAX_KEYS)
-    p.add_argument("--group", help="members of this group may use the local socket")
-    p.add_argument("-d", "--debug", help="0 off, 1 stderr, 2 syslog/journal (default 2)")
-    return p.parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    overrides = {"channel": args.channel, "socket": args.socket, "state_dir": args.state_dir,
-                 "max_keys": args.max_keys, "group": args.group, "debug": args.debug}
-    try:
-        config = configuration.load(args.config, overrides)
-    except configuration.ConfigError as e:
-        sys.stderr.write("ovmd: %s\n" % e.message)
-        return 2
-    return run(config)
+    """``python -m guestagent.daemon [options]`` is ``ovmd --daemon [options]``: one parser (the
+    CLI's) for the daemon's options, so the two spellings cannot drift apart."""
+    from .cli import main as cli_main
+    return cli_main(["--daemon"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

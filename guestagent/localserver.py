@@ -292,7 +292,7 @@ class LocalServer(object):
 
     def _flush(self, client):
         try:
-            done = client.outbox.flush(client.write)
+            client.outbox.flush(client.write)
         except OSError:
             self._drop(client)
             return

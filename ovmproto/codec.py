@@ -1,4 +1,5 @@
-"""Frames to typed messages and back (orjson), and the Reader that combines framing and decoding.
+"""Frames to typed messages and back (ovmproto.jsonlib), and the Reader that combines framing and
+decoding.
 
     reader = Reader()
     for event in reader.feed(data):      # data: whatever one read() returned
@@ -6,8 +7,7 @@
     channel.write(encode(Ok(id=1)))
 """
 
-import orjson
-
+from . import jsonlib
 from .errors import BadFrame, BadMessage
 from .framing import DELIMITER, FrameDecoder, Resync
 from .messages import MESSAGE_TYPES, _is_int
@@ -15,15 +15,15 @@ from .messages import MESSAGE_TYPES, _is_int
 
 def encode(msg):
     """The frame for ``msg``: compact JSON and the delimiter."""
-    return orjson.dumps(msg.to_wire()) + DELIMITER
+    return jsonlib.dumps(msg.to_wire()) + DELIMITER
 
 
 def decode(frame):
     """One frame (bytes, no delimiter) to a typed message; raise BadFrame or BadMessage."""
     try:
-        obj = orjson.loads(frame)
-    except orjson.JSONDecodeError as e:
-        # orjson reports invalid UTF-8, invalid JSON and nesting deeper than its limit alike.
+        obj = jsonlib.loads(frame)
+    except jsonlib.JSONDecodeError as e:
+        # Both backends report invalid UTF-8, invalid JSON and nesting deeper than its limit alike.
         reason = str(e).split(":", 1)[0]
         if "utf-8" in str(e).lower() or "surrogate" in str(e).lower():
             raise BadFrame("frame is not valid UTF-8", frame) from None

@@ -128,3 +128,19 @@ def test_bad_frames_should_get_err_only_with_a_usable_id(host):
     assert (r17.code, r18.code) == ("bad_request", "bad_request")
     assert type(host.request(Ping)) is Ok
     assert not any(type(m) is Err and m.id is None for m in host.pending)
+
+
+def test_it_should_serve_the_host_with_the_standard_library_when_orjson_is_not_installed(tmp_path):
+    # Debian and RHEL package no orjson: a guest installed from a distribution package runs the
+    # fallback in ovmproto.jsonlib. A module named orjson that fails to import stands for that.
+    (tmp_path / "orjson.py").write_text("raise ImportError('not installed in this guest')\n")
+    with Host() as host, Daemon(channel=host.link, env={"PYTHONPATH": str(tmp_path)}) as daemon:
+        daemon.wait_ready()
+        host.hello(epoch="no-orjson")
+        value = "pässwörd \x00\x1b[31m\n\"\\ " + "€" * 2000
+        assert host.request(Set, key="ключ", value=value, seq=1).seq == 1
+        got = host.request(Get, key="ключ")
+        assert (got.value, got.origin) == (value, "host")
+        assert host.request(Set, key="k", value="v" * (VALUE_MAX + 1), seq=2).code == "value_too_long"
+        daemon.stop()
+        assert "JSON by json" in daemon.log()

@@ -49,8 +49,9 @@ def test_a_bad_option_should_be_one_line_and_exit_2():
     out = subprocess.run([PYTHON, "-m", "guestagent.daemon", "--max-keys", "many", "--config",
                           "/nonexistent"], capture_output=True, timeout=30)
     assert out.returncode == 2
-    assert out.stderr.decode().splitlines() == [
-        "ovmd: option --max-keys must be a whole number, not 'many'"]
+    lines = out.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ovmd: ") and "--max-keys" in lines[0]
+    assert "'many'" in lines[0]
 
 
 def test_every_acknowledged_host_set_should_survive_kill_9():

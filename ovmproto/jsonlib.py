@@ -1,0 +1,102 @@
+"""JSON for the wire: orjson when it is installed, else the standard library, same bytes either way.
+
+orjson is faster, but no distribution our guests run (Debian 11/12, Oracle Linux / RHEL 9) packages
+it, and it costs ~2 MB of resident memory; a guest installed from a distribution package has only
+the standard library. Both backends write the same compact UTF-8 for every message we send (only
+floats far from a timestamp's magnitude may be spelled differently, with the same value) and refuse
+the same inputs: NaN and infinities, lone surrogates, invalid UTF-8, and deep nesting (over 1,024
+levels for orjson; over FALLBACK_NESTING_MAX for the fallback, whose parser recurses in C with
+Python's recursion limit; no message of ours is more than 3 levels deep).
+
+    dumps(obj) -> bytes        loads(bytes) -> object      JSONDecodeError (a ValueError)
+"""
+
+FALLBACK_NESTING_MAX = 512  # well inside Python's recursion limit, whatever the caller's depth
+
+try:
+    import orjson as _orjson
+except ImportError:  # the standard library does the same job, more slowly
+    _orjson = None
+
+if _orjson is not None:
+    BACKEND = "orjson"
+    JSONDecodeError = _orjson.JSONDecodeError
+    dumps = _orjson.dumps
+    loads = _orjson.loads
+else:
+    import json as _json
+    import re as _re
+
+    BACKEND = "json"
+
+    class JSONDecodeError(ValueError):
+        pass
+
+    _encoder = _json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # An escaped surrogate (\\uD800-\\uDFFF) may be half of a valid pair, which json joins into one
+    # character, or a lone one, which must be refused like invalid UTF-8.
+    _SURROGATE_ESCAPE = _re.compile(rb"\\u[dD][89a-fA-F]")
+
+    def dumps(obj):
+        try:
+            return _encoder.encode(obj).encode("utf-8")
+        except UnicodeEncodeError as e:  # a str holding a lone surrogate: orjson raises too
+            raise TypeError("str is not valid UTF-8: surrogates not allowed") from e
+
+    def _refuse_constant(name):
+        raise ValueError("%s is not valid JSON" % name)
+
+    def _depth_ok(data):
+        depth = 0
+        in_string = escaped = False
+        for b in data:
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif b == 0x5C:  # backslash
+                    escaped = True
+                elif b == 0x22:
+                    in_string = False
+            elif b == 0x22:
+                in_string = True
+            elif b in (0x5B, 0x7B):  # [ {
+                depth += 1
+                if depth > FALLBACK_NESTING_MAX:
+                    return False
+            elif b in (0x5D, 0x7D):
+                depth -= 1
+        return True
+
+    def _all_strings_utf8(obj):
+        stack = [obj]
+        while stack:
+            o = stack.pop()
+            if isinstance(o, str):
+                o.encode("utf-8")
+            elif isinstance(o, list):
+                stack.extend(o)
+            elif isinstance(o, dict):
+                stack.extend(o.keys())
+                stack.extend(o.values())
+
+    def loads(data):
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            try:
+                text = bytes(data).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JSONDecodeError("str is not valid UTF-8: %s" % e.reason) from None
+        else:
+            text = data
+        if text.count("[") + text.count("{") > FALLBACK_NESTING_MAX and not _depth_ok(
+                text.encode("utf-8", "surrogatepass")):
+            raise JSONDecodeError("recursion limit reached")
+        try:
+            obj = _json.loads(text, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as e:
+            raise JSONDecodeError(str(e).splitlines()[0] if str(e) else "invalid JSON") from None
+        if _SURROGATE_ESCAPE.search(text.encode("utf-8")):
+            try:
+                _all_strings_utf8(obj)
+            except UnicodeEncodeError:
+                raise JSONDecodeError("str is not valid UTF-8: surrogates not allowed") from None
+        return obj
