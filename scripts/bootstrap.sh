@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: systemd (systemd-analyze verify for the unit files), qemu-guest-agent (the peer the
-# benchmark measures against), procps (ps for the tests' process checks).
-APT_PACKAGES=(systemd qemu-guest-agent procps)
+# Debian packages: scripts/packages-base.txt always, scripts/packages-test.txt with --test.
+lists=(scripts/packages-base.txt)
+[ "${1:-}" = "--test" ] && lists+=(scripts/packages-test.txt)
+mapfile -t APT_PACKAGES < <(cat "${lists[@]}" | sed 's/#.*//' | tr -s ' \t' '\n' | grep -v '^$')
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,8 +29,13 @@ fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
     echo "bootstrap: installing the project and its development dependencies into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    log=.venv/bootstrap-pip.log
+    if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+           .venv/bin/python -m pip install -q -e '.[dev]'; } >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "bootstrap: pip failed (log above, also in $log)" >&2
+        exit 1
+    fi
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
