@@ -1,0 +1,275 @@
+"""The bridge: every known VM's session, discovery, and the operations the API and CLI call.
+
+    bridge = Bridge(config)
+    await bridge.start()
+    await bridge.send("web1", "com.example.hostname", "web1.example.com", log=False)
+    await bridge.stop()
+
+Delivery (docs/bridge.md): send() validates, writes a durable outbox row (fsync'd) and then, if the
+agent is synced, waits for the guest's ack ("delivered"); otherwise answers "queued" (or, with
+queue=False, refuses and keeps nothing). The session delivers the outbox in order, exactly once
+(the guest drops a seq it already applied), whenever it (re)syncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import time
+
+from ovmproto.limits import check_key, check_value
+from ovmproto.messages import Get, List
+
+from . import errors
+from .channels import open_channel
+from .config import Config, VmSpec
+from .discovery import Discovery
+from .model import AuditRow, KeyList, KeyValue, SendResult, VmInfo
+from .session import GuestError, LinkReset, Session, State
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 1.0
+
+
+def _check(key, value=None, check_val=False) -> None:
+    problem = check_key(key) or (check_value(value) if check_val else None)
+    if problem:
+        raise errors.InvalidInput(problem[1], problem[0])
+
+
+class Bridge:
+    def __init__(self, config: Config):
+        self.config = config
+        self.store: Store | None = None
+        self._sessions: dict[str, Session] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._lock_fd: int | None = None
+        self._started: float | None = None
+        self.discovery: Discovery | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._lock_db()
+        self.store = Store(self.config.db)
+        configured = {vm.name for vm in self.config.vms}
+        # VMs we knew before (queued messages, mirrors) stay visible even while not running.
+        for row in self.store.vms():
+            if row.name not in configured:
+                self._session(row.name, row.channel, row.source or "discovered")
+        for spec in self.config.vms:
+            self._attach(spec)
+        loop = asyncio.get_running_loop()
+        if self.config.discovery_enabled:
+            self.discovery = Discovery(self.config.libvirt_dirs, self._found, self._lost,
+                                       self.config.discover_interval)
+            await self.discovery.scan_once()
+            self._tasks.append(loop.create_task(self.discovery.run(), name="discovery"))
+        self._tasks.append(loop.create_task(self._flush_loop(), name="flush"))
+        self._started = time.time()
+        log.info("bridge started: %d VMs, database %s", len(self._sessions), self.config.db)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await asyncio.gather(*(s.stop() for s in self._sessions.values()), return_exceptions=True)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        log.info("bridge stopped")
+
+    def _lock_db(self) -> None:
+        """One bridge per database: two would deliver the same outbox twice."""
+        if self.config.db == ":memory:":
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.config.db)), mode=0o700, exist_ok=True)
+        fd = os.open(self.config.db + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise errors.BridgeError("another bridge is using %s" % self.config.db) from None
+        self._lock_fd = fd
+
+    def _session(self, name: str, channel: str | None, source: str) -> Session:
+        s = self._sessions.get(name)
+        if s is None:
+            s = Session(name, self.store, self.config.limits, channel, source)
+            self._sessions[name] = s
+            s.start()
+        return s
+
+    def _attach(self, spec: VmSpec) -> None:
+        s = self._session(spec.name, spec.channel, spec.source)
+        s.attach(open_channel(spec.channel, self.config.limits.write_buffer,
+                              self.config.limits.reconnect_max), spec.source)
+
+    async def _found(self, name: str, path: str) -> None:
+        if any(vm.name == name or vm.path == path for vm in self.config.vms):
+            return  # configured VMs win over discovered ones
+        s = self._sessions.get(name)
+        if s is not None:
+            await s.detach()
+        self._attach(VmSpec(name, "unix:" + path, "discovered"))
+
+    async def _lost(self, name: str) -> None:
+        s = self._sessions.get(name)
+        if s is not None and s.source == "discovered":
+            await s.detach()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            for s in list(self._sessions.values()):
+                try:
+                    s.flush()
+                except Exception as e:  # noqa: BLE001 - one VM's write must not stop the others
+                    log.error("cannot save the mirror of VM %r: %s", s.name, e)
+
+    def _get(self, name: str) -> Session:
+        s = self._sessions.get(name) if isinstance(name, str) else None
+        if s is None:
+            raise errors.UnknownVm(name)
+        return s
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def vms(self) -> list[VmInfo]:
+        return [self._info(s) for _, s in sorted(self._sessions.items())]
+
+    def vm(self, name: str) -> VmInfo:
+        return self._info(self._get(name))
+
+    def _info(self, s: Session) -> VmInfo:
+        return VmInfo(name=s.name, channel=s.channel_spec, source=s.source, agent=s.state.agent,
+                      agent_version=s.agent_version, last_seen=s.last_seen,
+                      queued=self.store.queued(s.name), connected_since=s.connected_since,
+                      counters=dict(s.counters))
+
+    def stats(self) -> dict:
+        return {
+            "vms": len(self._sessions),
+            "connected": sum(1 for s in self._sessions.values() if s.state is State.SYNCED),
+            "uptime": 0.0 if self._started is None else time.time() - self._started,
+        }
+
+    def audit(self, name: str, *, limit: int = 100) -> list[AuditRow]:
+        self._get(name)
+        return [AuditRow(id=r[0], vm=r[1], key=r[2], size=r[3], ts=r[4], outcome=r[5], value=r[6])
+                for r in self.store.audit(name, limit)]
+
+    async def query(self, name: str, key: str, *, timeout: float = 5.0) -> KeyValue:
+        """The key's value, from the live agent when it is synced (stale=False).
+
+        Otherwise, and also when the live get times out or the link drops meanwhile, the answer
+        comes from the mirror, marked stale=True with the time the agent was last seen.
+        NotFound when neither has the key.
+        """
+        _check(key)
+        s = self._get(name)
+        if s.state is State.SYNCED:
+            try:
+                ok, _ = await s.request(lambda i: Get(id=i, key=key), timeout)
+                return KeyValue(vm=name, key=key, value=ok.value or "", ts=float(ok.ts or 0.0),
+                                origin=ok.origin or "guest", stale=False, last_seen=s.last_seen)
+            except errors.NotFound:
+                raise errors.NotFound("VM %r has no key %r" % (name, key)) from None
+            except (errors.AgentTimeout, errors.AgentNotConnected):
+                pass  # answer from the mirror below
+        e = s.mirror.entries.get(key)
+        if e is None:
+            raise errors.NotFound("VM %r has no key %r (from the bridge's copy; the agent is "
+                                  "not connected)" % (name, key))
+        if e.value is None:
+            raise errors.NotFound("the value of key %r in VM %r was sent with log off and is not "
+                                  "kept on disk; the agent is not connected" % (key, name))
+        return KeyValue(vm=name, key=key, value=e.value, ts=e.ts, origin=e.origin, stale=True,
+                        last_seen=s.last_seen)
+
+    async def keys(self, name: str, *, timeout: float = 5.0) -> KeyList:
+        """Every key, live when synced, else (or on timeout) from the mirror marked stale."""
+        s = self._get(name)
+        if s.state is State.SYNCED:
+            try:
+                _, items = await s.request(lambda i: List(id=i), timeout, collect=True)
+                return KeyList(vm=name, stale=False, last_seen=s.last_seen, entries=[
+                    KeyValue(vm=name, key=i.key, value=i.value, ts=float(i.ts), origin=i.origin,
+                             stale=False, last_seen=s.last_seen) for i in items])
+            except (errors.AgentTimeout, errors.AgentNotConnected):
+                pass
+        return KeyList(vm=name, stale=True, last_seen=s.last_seen, entries=[
+            KeyValue(vm=name, key=k, value=e.value, ts=e.ts, origin=e.origin, stale=True,
+                     last_seen=s.last_seen)
+            for k, e in s.mirror.entries.items() if e.value is not None])
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def send(self, name: str, key: str, value: str, *, log: bool = True, queue: bool = True,
+                   timeout: float = 5.0) -> SendResult:
+        """Send key=value to the VM's guest.
+
+        "delivered": the guest acknowledged it after storing it durably. "queued": the agent is
+        not connected (or did not acknowledge within ``timeout``); the message is in the durable
+        outbox and will be delivered in order, exactly once. queue=False: AgentNotConnected
+        instead, and nothing is kept. With log=False the value is never written to the audit,
+        the logs or an error message, and leaves the database file once delivered.
+        """
+        _check(key, value, check_val=True)
+        return await self._submit(self._get(name), key, value, log, queue, timeout)
+
+    async def delete(self, name: str, key: str, *, timeout: float = 5.0,
+                     queue: bool = True) -> SendResult:
+        """Delete key in the guest: a sequenced host `del`, queued like a send."""
+        _check(key)
+        return await self._submit(self._get(name), key, None, True, queue, timeout)
+
+    async def _submit(self, s: Session, key: str, value: str | None, log_value: bool, queue: bool,
+                      timeout: float) -> SendResult:
+        name = s.name
+        if not queue and s.state is not State.SYNCED:
+            self.store.audit_refused(name, key, value, False)
+            raise errors.AgentNotConnected("the agent in VM %r is not connected; nothing was "
+                                           "queued" % name)
+        if s.outstanding >= self.config.limits.max_outstanding:
+            raise errors.Busy("VM %r has %d requests outstanding, the limit"
+                              % (name, s.outstanding))
+        row = self.store.enqueue(name, key, value, log_value)
+        if value is not None and not log_value:
+            s.mirror.hide(key)
+        if s.state is not State.SYNCED:
+            s.wake_outbox()
+            return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
+        fut = s.wait_delivery(row.seq)
+        s.wake_outbox()
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            s.forget_waiter(row.seq)
+            if queue:
+                return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
+            raise errors.AgentTimeout("the agent in VM %r did not acknowledge within %.1f s; the "
+                                      "message stays queued, as it may have arrived"
+                                      % (name, timeout)) from None
+        except LinkReset:
+            if queue:
+                return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
+            if not s.was_written(row.seq):
+                self.store.finish(name, [row.seq], "refused")
+                raise errors.AgentNotConnected("the agent in VM %r disconnected; nothing was "
+                                               "queued" % name) from None
+            raise errors.AgentNotConnected("the agent in VM %r disconnected before acknowledging; "
+                                           "the message stays queued, as it may have arrived"
+                                           % name) from None
+        except GuestError as e:
+            raise GuestError("the agent in VM %r refused key %r: %s" % (name, key, e.message),
+                             e.code) from None
+        return SendResult(vm=name, key=key, outcome="delivered", seq=row.seq)

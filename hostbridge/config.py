@@ -1,0 +1,191 @@
+"""The bridge's configuration: one Config object built from a TOML file and command-line flags.
+
+    [bridge]                      # every key optional
+    db = "/var/lib/hostbridge/bridge.sqlite3"
+    discover = true
+    libvirt_dirs = ["/var/lib/libvirt/qemu/channel/target"]
+    api_socket = "/run/hostbridge/api.sock"
+    api_group = "ovm"
+    api_tcp = "0.0.0.0:8443"      # with tls_cert and tls_key: TCP is always TLS
+    tls_cert = "/etc/hostbridge/cert.pem"
+    tls_key = "/etc/hostbridge/key.pem"
+    tokens_file = "/etc/hostbridge/tokens"
+    users_file = "/etc/hostbridge/users"
+    query_timeout = 5.0
+    log = true                    # default of a send's log flag
+
+    [limits]                      # per VM; see Limits
+    max_outstanding = 64
+
+    [[vm]]
+    name = "web1"
+    channel = "unix:/var/lib/libvirt/qemu/channel/target/domain-1-web1/com.oracle.ovmd"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+from .errors import BridgeError
+
+DEFAULT_DB = "/var/lib/hostbridge/bridge.sqlite3"
+DEFAULT_API_SOCKET = "/run/hostbridge/api.sock"
+DEFAULT_LIBVIRT_DIRS = (
+    "/var/lib/libvirt/qemu/channel/target",
+    "/root/.config/libvirt/qemu/channel/target",
+)
+CHANNEL_KINDS = ("unix", "pty")
+_VM_NAME = re.compile(r"^[^\x00-\x1f\x7f/]{1,200}$")
+
+
+class ConfigError(BridgeError):
+    code = "config"
+    http_status = 500
+
+
+@dataclass
+class VmSpec:
+    name: str
+    channel: str  # "unix:/path" or "pty:/path"
+    source: str = "config"  # "config" | "flag" | "discovered"
+
+    @property
+    def kind(self) -> str:
+        return self.channel.split(":", 1)[0]
+
+    @property
+    def path(self) -> str:
+        return self.channel.split(":", 1)[1]
+
+
+@dataclass
+class Limits:
+    """What one guest may cost the bridge. Defaults fit 1,000 guests on a small host."""
+
+    max_outstanding: int = 64  # live requests and waiting sends per VM; beyond: Busy
+    frames_per_s: float = 2000.0  # token bucket on frames read from a guest
+    frames_burst: int = 4000
+    bytes_per_s: float = 4 * 1024 * 1024  # token bucket on bytes read (garbage never makes frames)
+    bytes_burst: int = 8 * 1024 * 1024
+    mirror_keys: int = 4096  # mirrored keys per VM (the guest's default quota is 1,024)
+    mirror_bytes: int = 8 * 1024 * 1024  # mirrored key+value bytes per VM
+    write_buffer: int = 1024 * 1024  # bytes queued towards a guest that does not read
+    hello_interval: float = 1.0  # first hello retry; doubles up to hello_interval_max
+    hello_interval_max: float = 5.0
+    keepalive: float = 15.0  # ping a synced guest that has been silent this long
+    delivery_timeout: float = 10.0  # an outbox message unacknowledged this long: resync
+    reconnect_max: float = 5.0  # longest backoff between connects of a unix channel
+
+
+@dataclass
+class Config:
+    vms: list[VmSpec] = field(default_factory=list)
+    discover: bool | None = None  # None: on when no VM was given
+    libvirt_dirs: list[str] = field(default_factory=lambda: list(DEFAULT_LIBVIRT_DIRS))
+    discover_interval: float = 2.0
+    db: str = DEFAULT_DB
+    api_socket: str | None = DEFAULT_API_SOCKET
+    api_socket_mode: int = 0o660
+    api_group: str | None = None
+    api_tcp: tuple[str, int] | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tokens_file: str | None = None
+    users_file: str | None = None
+    query_timeout: float = 5.0
+    log: bool = True
+    debug: int = 1
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def discovery_enabled(self) -> bool:
+        return (not self.vms) if self.discover is None else self.discover
+
+    def check(self) -> None:
+        """Raise ConfigError (one line) for an inconsistent configuration."""
+        seen = set()
+        for vm in self.vms:
+            if vm.name in seen:
+                raise ConfigError("VM %r is configured twice" % vm.name)
+            seen.add(vm.name)
+        if self.api_tcp and not (self.tls_cert and self.tls_key):
+            raise ConfigError("the TCP API needs tls_cert and tls_key: it is always TLS")
+        if self.query_timeout <= 0:
+            raise ConfigError("query_timeout must be positive")
+
+
+def parse_channel(text: str) -> str:
+    """Validate "unix:PATH" / "pty:PATH"; return it normalized."""
+    kind, sep, path = text.partition(":")
+    if not sep or kind not in CHANNEL_KINDS or not path:
+        raise ConfigError("channel %r is not unix:PATH or pty:PATH" % text)
+    return "%s:%s" % (kind, path)
+
+
+def parse_vm_flag(text: str, source: str = "flag") -> VmSpec:
+    """ "NAME=unix:PATH" -> VmSpec."""
+    name, sep, channel = text.partition("=")
+    if not sep:
+        raise ConfigError("--vm %r is not NAME=unix:PATH or NAME=pty:PATH" % text)
+    return VmSpec(check_vm_name(name), parse_channel(channel), source)
+
+
+def check_vm_name(name: str) -> str:
+    if not isinstance(name, str) or not _VM_NAME.match(name):
+        raise ConfigError("VM name %r is empty, too long, or has '/' or control characters"
+                          % (name,))
+    return name
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("%r is not HOST:PORT" % text)
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+_BRIDGE_KEYS = {
+    "db": str, "discover": bool, "libvirt_dirs": list, "api_socket": str, "api_group": str,
+    "api_tcp": str, "tls_cert": str, "tls_key": str, "tokens_file": str, "users_file": str,
+    "query_timeout": (int, float), "log": bool, "discover_interval": (int, float),
+}
+
+
+def load_file(path: str, config: Config | None = None) -> Config:
+    """Read a TOML file into ``config`` (a new Config when None)."""
+    config = config if config is not None else Config()
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("cannot read config %s: %s" % (path, e.strerror)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("config %s is not valid TOML: %s" % (path, e)) from None
+    bridge = doc.get("bridge", {})
+    for key, value in bridge.items():
+        kind = _BRIDGE_KEYS.get(key)
+        if kind is None:
+            raise ConfigError("config %s: unknown setting [bridge] %s" % (path, key))
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError("config %s: [bridge] %s has the wrong type" % (path, key))
+        if key == "api_tcp":
+            value = parse_hostport(value)
+        elif key == "libvirt_dirs":
+            value = [str(v) for v in value]
+        elif key in ("query_timeout", "discover_interval"):
+            value = float(value)
+        setattr(config, key, value)
+    limit_fields = {f.name: f.type for f in dataclasses.fields(Limits)}
+    for key, value in doc.get("limits", {}).items():
+        if key not in limit_fields or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError("config %s: bad setting [limits] %s" % (path, key))
+        setattr(config.limits, key, type(getattr(config.limits, key))(value))
+    for i, table in enumerate(doc.get("vm", [])):
+        if not isinstance(table, dict) or "name" not in table or "channel" not in table:
+            raise ConfigError("config %s: [[vm]] number %d needs name and channel" % (path, i + 1))
+        config.vms.append(VmSpec(check_vm_name(str(table["name"])),
+                                 parse_channel(str(table["channel"])), "config"))
+    return config

@@ -1,0 +1,135 @@
+"""The `hostbridge` daemon: parse flags, build the Bridge and the API, serve until SIGTERM/SIGINT.
+
+    hostbridge [--config FILE] [--vm NAME=unix:PATH]... [--vm NAME=pty:PATH]...
+               [--discover|--no-discover] [--libvirt-dir DIR]... [--db PATH]
+               [--api-socket PATH] [--api-tcp HOST:PORT --tls-cert F --tls-key F]
+               [--tokens-file F] [--users-file F] [-d LEVEL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from ovmproto.errors import OvmError
+
+from . import notify
+from .config import Config, ConfigError, load_file, parse_hostport, parse_vm_flag
+
+log = logging.getLogger("hostbridge")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hostbridge",
+                                description="Relay messages between managers and ovmd guest agents.")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--vm", action="append", default=[], metavar="NAME=unix:PATH|NAME=pty:PATH",
+                   help="a VM and its channel (repeatable)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--discover", dest="discover", action="store_true", default=None,
+                   help="find libvirt guests' channels (default when no VM is given)")
+    g.add_argument("--no-discover", dest="discover", action="store_false")
+    p.add_argument("--libvirt-dir", action="append", default=None, metavar="DIR",
+                   help="a libvirt channel directory to scan (repeatable)")
+    p.add_argument("--db", metavar="PATH", help="the state database")
+    p.add_argument("--api-socket", metavar="PATH", help="the API's unix socket ('' for none)")
+    p.add_argument("--api-tcp", metavar="HOST:PORT", help="also serve the API on TCP, with TLS")
+    p.add_argument("--tls-cert", metavar="FILE")
+    p.add_argument("--tls-key", metavar="FILE")
+    p.add_argument("--tokens-file", metavar="FILE")
+    p.add_argument("--users-file", metavar="FILE")
+    p.add_argument("-d", "--debug", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="0 warnings, 1 info (default), 2 debug, 3 debug with asyncio's")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    config = load_file(args.config) if args.config else Config()
+    for text in args.vm:
+        config.vms.append(parse_vm_flag(text))
+    if args.discover is not None:
+        config.discover = args.discover
+    if args.libvirt_dir:
+        config.libvirt_dirs = list(args.libvirt_dir)
+    if args.db:
+        config.db = args.db
+    if args.api_socket is not None:
+        config.api_socket = args.api_socket or None
+    if args.api_tcp:
+        config.api_tcp = parse_hostport(args.api_tcp)
+    for name in ("tls_cert", "tls_key", "tokens_file", "users_file", "debug"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    config.check()
+    return config
+
+
+def setup_logging(level: int) -> None:
+    levels = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
+    logging.basicConfig(stream=sys.stderr, level=levels.get(level, logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if level < 3:
+        logging.getLogger("asyncio").setLevel(logging.WARNING)
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
+    from .bridge import Bridge  # the heavy part: imported once flags are known to be good
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bridge = Bridge(config)
+    await bridge.start()
+    server = None
+    try:
+        try:
+            from . import api
+        except ImportError as e:
+            log.warning("the HTTP API is unavailable (%s); running the bridge without it", e)
+        else:
+            app = api.make_app(bridge, config)
+            server = await api.start(app, config)
+        notify.notify("READY=1")
+        log.info("ready")
+        await stop.wait()
+        notify.notify("STOPPING=1")
+        log.info("stopping")
+    finally:
+        if server is not None:
+            await server.close()
+        await bridge.stop()
+    return EXIT_OK
+
+
+def run(config: Config) -> int:
+    try:
+        return asyncio.run(serve(config))
+    except OvmError as e:
+        log.error("%s", e.message)
+        return EXIT_FAILURE
+    except OSError as e:
+        log.error("%s", e)
+        return EXIT_FAILURE
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print("hostbridge: %s" % e.message, file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(config.debug)
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Find libvirt guests' ovmd channels and follow them as VMs start, stop and restart.
+
+libvirt binds each running domain's channel at
+    <channel dir>/domain-<id>-<first 20 characters of the name>/com.oracle.ovmd
+and removes the directory when the domain stops; the id changes at every start. We rescan the
+directories every couple of seconds (cheap: one listdir per directory) rather than watch them.
+
+The directory carries only 20 characters of the name. The full name comes from libvirt when it is
+at hand: libvirt-python if importable, else `virsh domname <id>` when virsh answers within 2 s,
+else the directory's truncated name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+CHANNEL_NAME = "com.oracle.ovmd"
+_DOMAIN_DIR = re.compile(r"^domain-(\d+)-(.+)$")
+NAME_PREFIX = 20
+VIRSH_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class Found:
+    dom_id: int
+    short_name: str  # the directory's (first 20 characters)
+    path: str  # the channel socket
+
+
+def scan(dirs) -> list[Found]:
+    """Every `domain-<id>-<name>/com.oracle.ovmd` socket under ``dirs``, in a stable order."""
+    found = []
+    for base in dirs:
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            continue  # absent or unreadable: libvirt not installed, or not in that mode
+        for entry in names:
+            m = _DOMAIN_DIR.match(entry)
+            if not m:
+                continue
+            path = os.path.join(base, entry, CHANNEL_NAME)
+            try:
+                if not stat.S_ISSOCK(os.stat(path).st_mode):
+                    continue
+            except OSError:
+                continue
+            found.append(Found(int(m.group(1)), m.group(2), path))
+    return found
+
+
+class NameResolver:
+    """Full domain names by id; remembers answers per (id, short name)."""
+
+    def __init__(self, uri: str = "qemu:///system"):
+        self.uri = uri
+        self._cache: dict[tuple[int, str], str] = {}
+        self._virsh = shutil.which("virsh")
+        try:
+            import libvirt  # optional: python3-libvirt
+        except ImportError:
+            libvirt = None
+        self._libvirt = libvirt
+
+    async def resolve(self, found: Found) -> str:
+        key = (found.dom_id, found.short_name)
+        name = self._cache.get(key)
+        if name is None:
+            name = await self._lookup(found) or found.short_name
+            if len(found.short_name) < NAME_PREFIX or name != found.short_name:
+                self._cache[key] = name  # a short name is complete; a resolved one is final
+        return name
+
+    async def _query(self, dom_id: int) -> str | None:
+        name = None
+        if self._libvirt is not None:
+            name = await asyncio.to_thread(self._lookup_libvirt, dom_id)
+        if name is None and self._virsh is not None:
+            name = await self._lookup_virsh(dom_id)
+        return name
+
+    async def _lookup(self, found: Found) -> str | None:
+        name = await self._query(found.dom_id)
+        if name is not None and not name.startswith(found.short_name):
+            log.warning("libvirt names domain %d %r, which does not match its channel directory "
+                        "%r; using the directory's", found.dom_id, name, found.short_name)
+            return None
+        return name
+
+    def _lookup_libvirt(self, dom_id: int) -> str | None:
+        try:
+            conn = self._libvirt.openReadOnly(self.uri)
+            try:
+                return conn.lookupByID(dom_id).name()
+            finally:
+                conn.close()
+        except self._libvirt.libvirtError as e:
+            log.debug("libvirt lookup of domain %d failed: %s", dom_id, e)
+            return None
+
+    async def _lookup_virsh(self, dom_id: int) -> str | None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self._virsh, "-c", self.uri, "domname", str(dom_id),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError as e:
+            log.debug("cannot run virsh: %s", e)
+            return None
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), VIRSH_TIMEOUT)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.debug("virsh domname %d did not answer within %.0f s", dom_id, VIRSH_TIMEOUT)
+            return None
+        name = out.decode("utf-8", "replace").strip()
+        return name if proc.returncode == 0 and name else None
+
+
+class Discovery:
+    """Rescan every ``interval`` seconds; call on_found(name, path) / on_lost(name) on changes."""
+
+    def __init__(self, dirs, on_found, on_lost, interval: float = 2.0,
+                 resolver: NameResolver | None = None):
+        self.dirs = list(dirs)
+        self.on_found = on_found
+        self.on_lost = on_lost
+        self.interval = interval
+        self.resolver = resolver or NameResolver()
+        self.current: dict[str, str] = {}  # name -> channel path
+
+    async def scan_once(self) -> None:
+        best: dict[str, Found] = {}
+        for found in scan(self.dirs):
+            name = await self.resolver.resolve(found)
+            # Two ids with one name: a restart raced libvirt's cleanup; the higher id is newer.
+            if name not in best or found.dom_id > best[name].dom_id:
+                best[name] = found
+        now = {name: found.path for name, found in best.items()}
+        for name in [n for n in self.current if n not in now]:
+            del self.current[name]
+            log.info("VM %r stopped (its channel is gone)", name)
+            await self.on_lost(name)
+        for name, path in now.items():
+            if self.current.get(name) != path:
+                self.current[name] = path
+                log.info("VM %r found at %s", name, path)
+                await self.on_found(name, path)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.scan_once()
+            except OSError as e:
+                log.warning("discovery scan failed: %s", e)
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,141 @@
+"""The bridge's copy of one guest's keys, fed by the guest's `changed` frames and `list` answers.
+
+Pure bookkeeping (no I/O): the session feeds it, the store persists what ``take_dirty`` returns.
+A quota of keys and bytes bounds what one guest can make the bridge hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ovmproto.messages import OP_CLEAR, OP_DEL, OP_SET, ORIGIN_GUEST, ORIGIN_HOST
+
+
+@dataclass
+class Entry:
+    value: str | None  # None: hidden and loaded from disk (the value was never written there)
+    ts: float
+    origin: str
+    hidden: bool = False
+
+    def __repr__(self) -> str:  # never the value
+        return "Entry(size=%s, ts=%r, origin=%r, hidden=%r)" % (
+            None if self.value is None else len(self.value), self.ts, self.origin, self.hidden)
+
+
+def _size(key: str, value: str | None) -> int:
+    return len(key) + (len(value) if value is not None else 0)
+
+
+class Mirror:
+    def __init__(self, max_keys: int, max_bytes: int, hidden: set[str] | None = None):
+        self.max_keys = max_keys
+        self.max_bytes = max_bytes
+        self.entries: dict[str, Entry] = {}
+        self.bytes = 0
+        self.gid: str | None = None
+        self.gseq: int | None = None
+        self.hidden: set[str] = set(hidden or ())  # keys the host last sent with log=no
+        self.dropped = 0  # keys not mirrored because of the quota
+        self._dirty: set[str] = set()
+        self._deleted: set[str] = set()
+        self._unhidden: set[str] = set()
+        self._replace = False
+
+    # -- loading and persisting ----------------------------------------------------------------
+
+    def load(self, rows, gid: str | None, gseq: int | None) -> None:
+        for r in rows:
+            self._put(r.key, Entry(r.value, r.ts, r.origin, r.hidden), mark=False)
+        self.gid, self.gseq = gid, gseq
+
+    def take_dirty(self):
+        """(rows to write, keys to delete, keys no longer hidden, replace-all) since the last call."""
+        rows = [(k, self.entries[k]) for k in self._dirty if k in self.entries]
+        out = (rows, sorted(self._deleted), sorted(self._unhidden), self._replace)
+        self._dirty, self._deleted, self._unhidden, self._replace = set(), set(), set(), False
+        return out
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty or self._deleted or self._unhidden or self._replace)
+
+    # -- host side: secrecy of what we sent ------------------------------------------------------
+
+    def hide(self, key: str) -> None:
+        self.hidden.add(key)
+        e = self.entries.get(key)
+        if e is not None and e.origin == ORIGIN_HOST:
+            e.hidden = True
+            self._dirty.add(key)
+
+    def unhide(self, key: str) -> None:
+        if key in self.hidden:
+            self.hidden.discard(key)
+            self._unhidden.add(key)
+            e = self.entries.get(key)
+            if e is not None and e.hidden:
+                e.hidden = False
+                self._dirty.add(key)
+
+    # -- guest changes --------------------------------------------------------------------------
+
+    def apply(self, op: str, key: str | None, value: str | None, ts: float, origin: str) -> bool:
+        """Apply one change; return False when the quota refused it."""
+        if op == OP_CLEAR:
+            self.entries.clear()
+            self.bytes = 0
+            self._dirty.clear()
+            self._deleted.clear()
+            self._replace = True
+            return True
+        if key is None:
+            return True
+        if op == OP_DEL:
+            self._remove(key)
+            self._deleted.add(key)
+            self._dirty.discard(key)
+            return True
+        if op == OP_SET and value is not None:
+            return self._put(key, Entry(value, ts, origin, self._is_hidden(key, origin)))
+        return True
+
+    def replace(self, items, gid: str | None, gseq: int | None) -> None:
+        """A full `list` answer: items are (key, value, ts, origin)."""
+        self.entries.clear()
+        self.bytes = 0
+        self._dirty.clear()
+        self._deleted.clear()
+        self._replace = True
+        for key, value, ts, origin in items:
+            self._put(key, Entry(value, ts, origin, self._is_hidden(key, origin)))
+        self.gid, self.gseq = gid, gseq
+
+    def _is_hidden(self, key: str, origin: str) -> bool:
+        if key not in self.hidden:
+            return False
+        if origin == ORIGIN_GUEST:
+            # The guest overwrote our secret: what it holds now is its own, not ours.
+            self.unhide(key)
+            return False
+        return True
+
+    def _put(self, key: str, entry: Entry, mark: bool = True) -> bool:
+        old = self.entries.get(key)
+        grow = _size(key, entry.value) - (_size(key, old.value) if old else 0)
+        if (old is None and len(self.entries) >= self.max_keys) or self.bytes + grow > self.max_bytes:
+            self.dropped += 1
+            return False
+        if old is not None:
+            del self.entries[key]  # keep set order, as the guest's list does
+        self.entries[key] = entry
+        self.bytes += grow
+        if mark:
+            self._dirty.add(key)
+            self._deleted.discard(key)
+        return True
+
+    def _remove(self, key: str) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= _size(key, old.value)

@@ -1,0 +1,82 @@
+"""Plain records the bridge hands to its callers (API, CLI). JSON-ready via ``to_json()``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class _Json:
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _zero_counters() -> dict[str, int]:
+    return {
+        "frames_in": 0,
+        "frames_out": 0,
+        "bad_frames": 0,
+        "dropped_rate_limited": 0,
+        "timeouts": 0,
+        "resyncs": 0,
+        "reconnects": 0,
+    }
+
+
+@dataclass
+class VmInfo(_Json):
+    name: str
+    channel: str  # "unix:/path" or "pty:/path"
+    source: str  # "config" | "flag" | "discovered"
+    agent: str = "disconnected"  # "connected" | "connecting" | "disconnected"
+    agent_version: str | None = None
+    last_seen: float | None = None
+    queued: int = 0
+    connected_since: float | None = None
+    counters: dict[str, int] = field(default_factory=_zero_counters)
+
+
+@dataclass
+class SendResult(_Json):
+    vm: str
+    key: str
+    outcome: str  # "delivered" | "queued"
+    seq: int
+
+
+@dataclass
+class KeyValue(_Json):
+    vm: str
+    key: str
+    value: str
+    ts: float
+    origin: str  # "host" | "guest"
+    stale: bool = False
+    last_seen: float | None = None
+
+
+@dataclass
+class KeyList(_Json):
+    vm: str
+    entries: list[KeyValue] = field(default_factory=list)
+    stale: bool = False
+    last_seen: float | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "vm": self.vm,
+            "entries": [e.to_json() for e in self.entries],
+            "stale": self.stale,
+            "last_seen": self.last_seen,
+        }
+
+
+@dataclass
+class AuditRow(_Json):
+    id: int
+    vm: str
+    key: str
+    size: int  # bytes of UTF-8
+    ts: float
+    outcome: str  # "delivered" | "queued" | "refused" | "failed" | ...
+    value: str | None = None  # only when the send had log on; at most 1024 bytes

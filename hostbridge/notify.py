@@ -1,0 +1,30 @@
+"""A small sd_notify sender: systemd's readiness protocol without systemd-python.
+
+A datagram to the unix socket named by $NOTIFY_SOCKET ("@name" is an abstract socket). Silent when
+there is no such socket: the daemon also runs outside systemd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+def notify(state: str) -> bool:
+    """Send ``state`` (e.g. "READY=1"); return whether it was sent."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall(state.encode("utf-8"))
+        return True
+    except OSError as e:
+        log.warning("cannot notify systemd (%s): %s", state.split("=", 1)[0], e)
+        return False

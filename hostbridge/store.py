@@ -1,0 +1,309 @@
+"""The bridge's durable state: one SQLite file (WAL) holding, per VM, its stream identity, the
+outbox of host messages not yet acknowledged, the mirror of the guest's keys, and the audit trail.
+
+Durability: synchronous=FULL, so a transaction that returned (an outbox row, hence a "queued" or
+"delivered" answer to a caller) survives kill -9 and power loss.
+
+Secrecy (log=no): such a value is on disk only in its outbox row, and only until the guest
+acknowledged it. secure_delete=ON zeroes deleted content, and a TRUNCATE checkpoint after the
+delete folds the WAL into the main file and empties it, so the bytes linger in neither file.
+The audit row of such a send has value NULL; the mirror keeps such a key's value in memory only
+(its row has value NULL and hidden=1).
+
+Calls are synchronous and short: the bridge calls them from its event loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+AUDIT_VALUE_MAX = 1024  # bytes of UTF-8, as the original manager's log limit
+AUDIT_KEEP = 10000  # audit rows kept per VM; older ones are pruned
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL,            -- random id of the host's message stream to this VM
+    seq INTEGER NOT NULL DEFAULT 0, -- the last seq given to an outbox row in that stream
+    last_seen REAL,
+    gid TEXT,                       -- the guest cache identity the mirror reflects
+    gseq INTEGER,                   -- the guest change counter the mirror reflects
+    channel TEXT,
+    source TEXT
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    vm TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT,                     -- NULL: a del
+    log INTEGER NOT NULL,
+    created REAL NOT NULL,
+    audit_id INTEGER,
+    PRIMARY KEY (vm, seq)
+);
+CREATE TABLE IF NOT EXISTS mirror (
+    vm TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT,                     -- NULL when hidden
+    ts REAL NOT NULL,
+    origin TEXT NOT NULL,
+    hidden INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (vm, key)
+);
+CREATE TABLE IF NOT EXISTS hidden (
+    vm TEXT NOT NULL,
+    key TEXT NOT NULL,              -- the host last sent this key with log=no
+    PRIMARY KEY (vm, key)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm TEXT NOT NULL,
+    key TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    value TEXT,                     -- only with log on, at most AUDIT_VALUE_MAX bytes
+    op TEXT NOT NULL DEFAULT 'set'
+);
+CREATE INDEX IF NOT EXISTS audit_vm ON audit (vm, id);
+"""
+
+
+def truncate_utf8(value: str, limit: int = AUDIT_VALUE_MAX) -> str:
+    data = value.encode("utf-8")
+    if len(data) <= limit:
+        return value
+    return data[:limit].decode("utf-8", "ignore")
+
+
+@dataclass
+class VmRow:
+    name: str
+    epoch: str
+    seq: int
+    last_seen: float | None
+    gid: str | None
+    gseq: int | None
+    channel: str | None
+    source: str | None
+
+
+@dataclass
+class OutboxRow:
+    vm: str
+    seq: int
+    key: str
+    value: str | None  # None: a del
+    log: bool
+    created: float
+    audit_id: int | None
+
+    def __repr__(self) -> str:  # never the value
+        return "OutboxRow(vm=%r, seq=%d, key=%r, size=%s, log=%r)" % (
+            self.vm, self.seq, self.key,
+            None if self.value is None else len(self.value.encode("utf-8")), self.log)
+
+
+@dataclass
+class MirrorRow:
+    key: str
+    value: str | None
+    ts: float
+    origin: str
+    hidden: bool
+
+
+class Store:
+    def __init__(self, path: str):
+        self.path = path
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        # isolation_level=None: we open transactions ourselves, so each is one fsync'd commit.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        if path != ":memory:":
+            os.chmod(path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            log.warning("checkpoint at close failed: %s", e)
+        self._db.close()
+
+    def _tx(self):
+        return _Tx(self._db)
+
+    # -- VMs ----------------------------------------------------------------------------------
+
+    def vm(self, name: str, channel: str | None = None, source: str | None = None) -> VmRow:
+        """The VM's row, created with a fresh random epoch when new."""
+        with self._tx() as db:
+            row = db.execute("SELECT name, epoch, seq, last_seen, gid, gseq, channel, source "
+                             "FROM vms WHERE name=?", (name,)).fetchone()
+            if row is None:
+                epoch = os.urandom(8).hex()
+                db.execute("INSERT INTO vms (name, epoch, channel, source) VALUES (?,?,?,?)",
+                           (name, epoch, channel, source))
+                return VmRow(name, epoch, 0, None, None, None, channel, source)
+            if channel is not None and (channel, source) != (row[6], row[7]):
+                db.execute("UPDATE vms SET channel=?, source=? WHERE name=?",
+                           (channel, source, name))
+                row = row[:6] + (channel, source)
+            return VmRow(*row)
+
+    def vms(self) -> list[VmRow]:
+        rows = self._db.execute("SELECT name, epoch, seq, last_seen, gid, gseq, channel, source "
+                                "FROM vms ORDER BY name").fetchall()
+        return [VmRow(*r) for r in rows]
+
+    def save_seen(self, name: str, last_seen: float | None, gid: str | None,
+                  gseq: int | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE vms SET last_seen=?, gid=?, gseq=? WHERE name=?",
+                       (last_seen, gid, gseq, name))
+
+    # -- outbox -------------------------------------------------------------------------------
+
+    def enqueue(self, vm: str, key: str, value: str | None, log_value: bool,
+                ts: float | None = None) -> OutboxRow:
+        """Durably add a host set (value) or del (value None); audit it as "queued"."""
+        ts = time.time() if ts is None else ts
+        with self._tx() as db:
+            db.execute("UPDATE vms SET seq=seq+1 WHERE name=?", (vm,))
+            row = db.execute("SELECT seq FROM vms WHERE name=?", (vm,)).fetchone()
+            if row is None:
+                raise KeyError(vm)
+            seq = row[0]
+            audit_id = self._audit(db, vm, key, value, ts, "queued", log_value)
+            if not log_value and value is not None:
+                # Before the guest can announce the value back: its mirror row stays valueless.
+                db.execute("INSERT OR IGNORE INTO hidden (vm, key) VALUES (?,?)", (vm, key))
+            db.execute("INSERT INTO outbox (vm, seq, key, value, log, created, audit_id) "
+                       "VALUES (?,?,?,?,?,?,?)", (vm, seq, key, value, int(log_value), ts, audit_id))
+        return OutboxRow(vm, seq, key, value, log_value, ts, audit_id)
+
+    def outbox(self, vm: str, after: int = 0, limit: int = 100) -> list[OutboxRow]:
+        rows = self._db.execute(
+            "SELECT vm, seq, key, value, log, created, audit_id FROM outbox "
+            "WHERE vm=? AND seq>? ORDER BY seq LIMIT ?", (vm, after, limit)).fetchall()
+        return [OutboxRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+    def secret_pending(self, vm: str, key: str, after: int) -> bool:
+        """Whether a later outbox row sets ``key`` with log off."""
+        return self._db.execute("SELECT 1 FROM outbox WHERE vm=? AND key=? AND seq>? AND log=0 "
+                                "AND value IS NOT NULL LIMIT 1", (vm, key, after)).fetchone() is not None
+
+    def queued(self, vm: str) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM outbox WHERE vm=?", (vm,)).fetchone()[0]
+
+    def finish(self, vm: str, seqs: list[int], outcome: str) -> None:
+        """Remove outbox rows (delivered, failed or withdrawn) and record the outcome in audit.
+
+        When one of them held a value with log off, fold and empty the WAL afterwards.
+        """
+        if not seqs:
+            return
+        secret = False
+        with self._tx() as db:
+            for seq in seqs:
+                row = db.execute("SELECT log, audit_id, value IS NOT NULL FROM outbox "
+                                 "WHERE vm=? AND seq=?", (vm, seq)).fetchone()
+                if row is None:
+                    continue
+                secret = secret or (not row[0] and row[2])
+                db.execute("DELETE FROM outbox WHERE vm=? AND seq=?", (vm, seq))
+                if row[1] is not None:
+                    db.execute("UPDATE audit SET outcome=? WHERE id=?", (outcome, row[1]))
+        if secret:
+            self.scrub()
+
+    def scrub(self) -> None:
+        """Fold the WAL into the file and truncate it (deleted content is already zeroed)."""
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("WAL checkpoint was blocked; a delivered secret may linger in the WAL")
+
+    # -- audit --------------------------------------------------------------------------------
+
+    def _audit(self, db, vm, key, value, ts, outcome, log_value, op=None) -> int:
+        size = 0 if value is None else len(value.encode("utf-8"))
+        kept = truncate_utf8(value) if (log_value and value is not None) else None
+        op = op or ("set" if value is not None else "del")
+        cur = db.execute("INSERT INTO audit (vm, key, size, ts, outcome, value, op) "
+                         "VALUES (?,?,?,?,?,?,?)", (vm, key, size, ts, outcome, kept, op))
+        audit_id = cur.lastrowid
+        if audit_id % 1000 == 0:
+            db.execute("DELETE FROM audit WHERE vm=? AND id <= ?", (vm, audit_id - AUDIT_KEEP))
+        return audit_id
+
+    def audit_refused(self, vm: str, key: str, value: str | None, log_value: bool,
+                      outcome: str = "refused") -> None:
+        """Record a send that was not accepted (nothing else is kept)."""
+        with self._tx() as db:
+            self._audit(db, vm, key, value, time.time(), outcome, log_value)
+
+    def audit(self, vm: str, limit: int = 100) -> list[tuple]:
+        """(id, vm, key, size, ts, outcome, value, op), newest first."""
+        return self._db.execute(
+            "SELECT id, vm, key, size, ts, outcome, value, op FROM audit WHERE vm=? "
+            "ORDER BY id DESC LIMIT ?", (vm, max(0, int(limit)))).fetchall()
+
+    # -- mirror -------------------------------------------------------------------------------
+
+    def mirror(self, vm: str) -> list[MirrorRow]:
+        rows = self._db.execute("SELECT key, value, ts, origin, hidden FROM mirror WHERE vm=? "
+                                "ORDER BY rowid", (vm,)).fetchall()
+        return [MirrorRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def hidden(self, vm: str) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT key FROM hidden WHERE vm=?", (vm,))}
+
+    def save_mirror(self, vm: str, rows: list[MirrorRow], deleted: list[str], replace: bool,
+                    last_seen: float | None, gid: str | None, gseq: int | None,
+                    unhidden: list[str] = ()) -> None:
+        """Write mirror changes in one transaction; ``replace`` drops the VM's old rows first.
+
+        A hidden row is written without its value; ``unhidden`` keys leave the hidden table.
+        """
+        with self._tx() as db:
+            for key in unhidden:
+                db.execute("DELETE FROM hidden WHERE vm=? AND key=?", (vm, key))
+            if replace:
+                db.execute("DELETE FROM mirror WHERE vm=?", (vm,))
+            for key in deleted:
+                db.execute("DELETE FROM mirror WHERE vm=? AND key=?", (vm, key))
+            for r in rows:
+                db.execute("INSERT OR REPLACE INTO mirror (vm, key, value, ts, origin, hidden) "
+                           "VALUES (?,?,?,?,?,?)",
+                           (vm, r.key, None if r.hidden else r.value, r.ts, r.origin, int(r.hidden)))
+            db.execute("UPDATE vms SET last_seen=?, gid=?, gseq=? WHERE name=?",
+                       (last_seen, gid, gseq, vm))
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def __enter__(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+        return False

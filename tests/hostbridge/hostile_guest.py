@@ -1,0 +1,70 @@
+"""A misbehaving guest program, run as its own process by the bridge's hostile-guest tests:
+
+    python hostile_guest.py CHANNEL MODE
+
+MODE:
+  garbage    writes random non-UTF-8 bytes and newlines as fast as the channel takes them
+  changed    answers the bridge's hello properly, then writes valid `changed` frames as fast as
+             it can (a new key each time: it also tries to blow the mirror's quota)
+  half       answers the hello, then writes half a frame and stops writing, forever
+  noread     answers the hello, then never reads again (the bridge's writes pile up)
+"""
+
+import os
+import sys
+import termios
+import time
+import tty
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from ovmproto.codec import Reader, encode  # noqa: E402
+from ovmproto.handshake import answer_hello  # noqa: E402
+from ovmproto.messages import Changed, Hello  # noqa: E402
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def answer_first_hello(fd):
+    reader = Reader()
+    while True:
+        for ev in reader.feed(os.read(fd, 65536)):
+            if type(ev) is Hello:
+                write_all(fd, answer_hello(ev, "hostile 0", "hostile-gid", 0, ev.epoch, 0))
+                return
+
+
+def main(channel, mode):
+    fd = os.open(channel, os.O_RDWR | os.O_NOCTTY)
+    if os.isatty(fd):
+        tty.setraw(fd, termios.TCSANOW)
+    print("ready", flush=True)
+    if mode == "garbage":
+        junk = bytes(range(0x80, 0xff)) * 64 + b"\n"
+        while True:
+            write_all(fd, junk)
+    answer_first_hello(fd)
+    if mode == "changed":
+        gseq = 0
+        while True:
+            batch = []
+            for _ in range(100):
+                gseq += 1
+                batch.append(encode(Changed(gseq=gseq, op="set", ts=time.time(), origin="guest",
+                                            key="flood.%d" % gseq, value="x" * 100)))
+            write_all(fd, b"".join(batch))
+    elif mode == "half":
+        write_all(fd, b'{"t":"changed","gseq":1,"op":"set","ts":1,"origin":"guest","key":"k"')
+        while True:
+            time.sleep(3600)
+    elif mode == "noread":
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,114 @@
+"""hostbridge.store: the SQLite file's outbox, audit, mirror, and what it keeps of a secret."""
+
+import os
+
+import pytest
+
+from hostbridge.store import AUDIT_VALUE_MAX, MirrorRow, Store
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "bridge.sqlite3")
+
+
+def file_bytes(path):
+    out = b""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        if os.path.exists(path + suffix):
+            with open(path + suffix, "rb") as f:
+                out += f.read()
+    return out
+
+
+def test_it_should_give_each_vm_a_random_epoch_kept_across_reopen(db_path):
+    s = Store(db_path)
+    a, b = s.vm("a", "pty:/x", "flag"), s.vm("b")
+    assert a.epoch != b.epoch and len(a.epoch) == 16
+    s.close()
+    s = Store(db_path)
+    assert s.vm("a").epoch == a.epoch
+    assert s.vm("a").channel == "pty:/x"
+
+
+def test_it_should_number_outbox_rows_in_order_and_survive_reopen(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    seqs = [s.enqueue("a", "k%d" % i, "v%d" % i, True).seq for i in range(3)]
+    s.enqueue("a", "gone", None, True)
+    assert seqs == [1, 2, 3]
+    s._db.close()  # no checkpoint: as after kill -9
+    s = Store(db_path)
+    rows = s.outbox("a", limit=10)
+    assert [(r.seq, r.key, r.value) for r in rows] == [
+        (1, "k0", "v0"), (2, "k1", "v1"), (3, "k2", "v2"), (4, "gone", None)]
+    assert s.queued("a") == 4
+    s.finish("a", [1, 2], "delivered")
+    assert [r.seq for r in s.outbox("a")] == [3, 4]
+    assert s.enqueue("a", "k", "v", True).seq == 5  # numbers are never reused
+
+
+def test_it_should_record_outcomes_in_the_audit_newest_first(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    s.enqueue("a", "k1", "v1", True)
+    s.enqueue("a", "k2", "v2", True)
+    s.finish("a", [1], "delivered")
+    s.audit_refused("a", "k3", "v3", False)
+    rows = s.audit("a")
+    assert [(r[2], r[5]) for r in rows] == [("k3", "refused"), ("k2", "queued"), ("k1", "delivered")]
+    assert rows[2][6] == "v1" and rows[2][3] == 2
+    assert rows[0][6] is None
+
+
+def test_it_should_truncate_an_audited_value_to_1024_bytes_on_a_character_boundary(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    value = "é" * 1000  # 2,000 bytes
+    s.enqueue("a", "k", value, True)
+    (row,) = s.audit("a")
+    assert row[3] == 2000
+    assert len(row[6].encode("utf-8")) <= AUDIT_VALUE_MAX and value.startswith(row[6])
+
+
+@pytest.mark.parametrize("size", [40, 5000])
+def test_it_should_leave_no_trace_of_a_log_off_value_once_delivered(db_path, size):
+    token = os.urandom(8).hex()  # 16 characters found in any 32-byte piece of the value
+    secret = (token * (size // 16 + 1))[:size]
+    s = Store(db_path)
+    s.vm("a")
+    s.enqueue("a", "pw", secret, False)
+    s.enqueue("a", "other", "public-value", True)
+    assert token.encode() in file_bytes(db_path)  # it is on disk while queued
+    assert s.audit("a")[1][6] is None
+    s.finish("a", [1], "delivered")
+    data = file_bytes(db_path)
+    assert token.encode() not in data
+    assert b"public-value" in data
+    s.close()
+    assert token.encode() not in file_bytes(db_path)
+
+
+def test_it_should_store_a_hidden_mirror_row_without_its_value(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    s.save_mirror("a", [MirrorRow("pw", "hunter2-secret", 1.0, "host", True),
+                        MirrorRow("k", "visible", 2.0, "guest", False)], [], True, 5.0, "g", 3)
+    s.close()
+    assert b"hunter2-secret" not in file_bytes(db_path)
+    s = Store(db_path)
+    rows = {r.key: r for r in s.mirror("a")}
+    assert rows["pw"].value is None and rows["pw"].hidden
+    assert rows["k"].value == "visible"
+    vm = s.vm("a")
+    assert (vm.gid, vm.gseq, vm.last_seen) == ("g", 3, 5.0)
+
+
+def test_it_should_remember_keys_sent_with_log_off(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    s.enqueue("a", "pw", "x", False)
+    assert s.hidden("a") == {"pw"}
+    assert s.secret_pending("a", "pw", 0) and not s.secret_pending("a", "pw", 1)
+    s.save_mirror("a", [], [], False, None, None, None, unhidden=["pw"])
+    assert s.hidden("a") == set()

@@ -1,0 +1,91 @@
+"""hostbridge.mirror and hostbridge.ratelimit: pure bookkeeping of a session."""
+
+import logging
+
+from hostbridge.mirror import Mirror
+from hostbridge.ratelimit import TokenBucket, WarnOnce
+
+
+def test_it_should_apply_sets_deletes_and_clear():
+    m = Mirror(10, 10000)
+    m.apply("set", "a", "1", 1.0, "guest")
+    m.apply("set", "b", "2", 2.0, "host")
+    m.apply("set", "a", "3", 3.0, "guest")
+    assert list(m.entries) == ["b", "a"] and m.entries["a"].value == "3"
+    m.apply("del", "b", None, 4.0, "guest")
+    assert list(m.entries) == ["a"]
+    m.apply("clear", None, None, 5.0, "guest")
+    assert m.entries == {} and m.bytes == 0
+
+
+def test_it_should_refuse_keys_over_the_quota_and_count_them():
+    m = Mirror(2, 10000)
+    assert m.apply("set", "a", "1", 1.0, "guest")
+    assert m.apply("set", "b", "1", 1.0, "guest")
+    assert not m.apply("set", "c", "1", 1.0, "guest")
+    assert m.apply("set", "a", "2", 1.0, "guest")  # replacing stays within the quota
+    assert m.dropped == 1 and set(m.entries) == {"a", "b"}
+
+
+def test_it_should_refuse_bytes_over_the_quota():
+    m = Mirror(100, 50)
+    assert m.apply("set", "a", "x" * 40, 1.0, "guest")
+    assert not m.apply("set", "b", "x" * 40, 1.0, "guest")
+    assert m.bytes == 41
+
+
+def test_it_should_hide_a_host_secret_until_the_guest_overwrites_it():
+    m = Mirror(10, 10000)
+    m.hide("pw")
+    m.apply("set", "pw", "secret", 1.0, "host")
+    assert m.entries["pw"].hidden
+    rows, _, _, _ = m.take_dirty()
+    assert rows[0][1].hidden
+    m.apply("set", "pw", "guest-own", 2.0, "guest")
+    assert not m.entries["pw"].hidden and "pw" not in m.hidden
+    _, _, unhidden, _ = m.take_dirty()
+    assert unhidden == ["pw"]
+
+
+def test_it_should_report_only_what_changed_since_the_last_take():
+    m = Mirror(10, 10000)
+    m.apply("set", "a", "1", 1.0, "guest")
+    m.apply("set", "b", "1", 1.0, "guest")
+    m.take_dirty()
+    assert not m.dirty
+    m.apply("del", "a", None, 1.0, "guest")
+    rows, deleted, _, replace = m.take_dirty()
+    assert (rows, deleted, replace) == ([], ["a"], False)
+    m.replace([("z", "9", 3.0, "guest")], "gid", 7)
+    rows, _, _, replace = m.take_dirty()
+    assert replace and [k for k, _ in rows] == ["z"] and (m.gid, m.gseq) == ("gid", 7)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_it_should_allow_a_burst_then_ask_to_wait_for_the_debt():
+    clock = Clock()
+    b = TokenBucket(rate=10, burst=20, clock=clock)
+    assert b.take(20) == 0
+    assert b.take(5) == 0.5
+    clock.t += 1.0  # 10 tokens back: debt of 5 paid, 5 saved
+    assert b.take(5) == 0
+    assert b.take(1) == 0.1
+
+
+def test_it_should_warn_once_per_interval_and_count_what_it_held_back(caplog):
+    clock = Clock()
+    w = WarnOnce(logging.getLogger("t"), interval=60, clock=clock)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            w.warn("x", "bad %s", "thing")
+        clock.t += 61
+        w.warn("x", "bad %s", "thing")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["bad thing", "bad thing (and 4 more like it since the last warning)"]
