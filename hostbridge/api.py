@@ -1,0 +1,386 @@
+"""The bridge's HTTP API (aiohttp): routes, JSON errors, authentication on TCP, and the listeners.
+
+    GET    /v1/health                     liveness and counts
+    GET    /v1/vms                        every VM: channel, agent state, last seen, queued (vmlist)
+    GET    /v1/vms/{vm}                   one VM's details (vmstat)
+    POST   /v1/vms/{vm}/messages          send {key, value, log?, queue?, timeout?}
+    GET    /v1/vms/{vm}/keys              the VM's keys (live, else the mirror marked stale)
+    GET    /v1/vms/{vm}/keys/{key}        one key (key percent-encoded; may hold '/')
+    DELETE /v1/vms/{vm}/keys/{key}        delete a key in the guest (sequenced like a send)
+    GET    /v1/vms/{vm}/audit             the audit trail, newest first
+    GET    /openapi.json                  the OpenAPI document (hostbridge/openapi.json)
+
+Every error is ``{"error": {"code": ..., "message": ...}}`` with a one-line message (never a value).
+The unix socket (default /run/hostbridge/api.sock, mode 0660) is guarded by file permissions; TCP is
+served only with TLS and every request on it must carry a bearer token or a user and password.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from hostbridge.auth import Authenticator, CredentialFileError
+from hostbridge.errors import BridgeError, InvalidInput
+from ovmproto import limits
+from ovmproto.errors import LimitError, OvmError
+
+log = logging.getLogger(__name__)
+
+OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
+DEFAULT_SOCKET = "/run/hostbridge/api.sock"
+# A request body holds one key and one value; even a worst-case JSON-escaped value is under this.
+MAX_BODY = 128 * 1024
+MAX_TIMEOUT = 300.0
+MAX_AUDIT_LIMIT = 1000
+DEFAULT_AUDIT_LIMIT = 100
+
+BRIDGE = web.AppKey("bridge", Any)
+AUTH = web.AppKey("auth", Authenticator)
+SETTINGS = web.AppKey("settings", Any)
+
+
+class ApiConfigError(BridgeError):
+    """The API cannot be served as configured (e.g. TCP without TLS or credentials)."""
+
+    code = "config"
+
+
+@dataclass
+class _Settings:
+    default_timeout: float = 5.0
+    openapi: bytes = b""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _json(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> web.Response:
+    return _json({"error": {"code": code, "message": _one_line(message)}}, status, headers)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+_LIMIT_STATUS = {limits.KEY_TOO_LONG: 413, limits.VALUE_TOO_LONG: 413}
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="hostbridge", Basic realm="hostbridge"'}
+
+
+def _is_unix(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    """Turn every failure into the JSON error shape; never a traceback or HTML page to the client."""
+    try:
+        return await handler(request)
+    except OvmError as exc:
+        status = getattr(exc, "http_status", None)
+        if status is None:
+            status = _LIMIT_STATUS.get(exc.code, 400) if isinstance(exc, LimitError) else 500
+        headers = _CHALLENGE if status == 401 else None
+        return error_response(status, exc.code, exc.message, headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            message = "request body over %d bytes" % MAX_BODY
+        elif exc.status == 404:
+            message = "no such resource: %s" % request.path
+        elif exc.status == 405:
+            message = "method %s not allowed on %s" % (request.method, request.path)
+        else:
+            message = exc.reason
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
+        return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_%d" % exc.status), message,
+                              headers)
+    except CredentialFileError as exc:
+        log.error("%s", exc)
+        return error_response(500, "internal", "the bridge cannot read its credentials file")
+    except Exception:
+        # The traceback goes to the log only; the message must not echo request data (a value).
+        log.exception("internal error serving %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error in the bridge (see its log)")
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler):
+    """Unix socket: file permissions decide. Anything else: a valid token or user/password."""
+    if not _is_unix(request):
+        principal = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
+        log.debug("%s %s by %s %s", request.method, request.path, principal.kind, principal.name)
+    return await handler(request)
+
+
+# ---- input checks (types here; limits via ovmproto.limits so the codes match the guest's) ----
+
+def _check_key(key: Any) -> str:
+    problem = limits.check_key(key)
+    if problem is not None:
+        raise InvalidInput(problem[1], problem[0])
+    return key
+
+
+def _timeout(value: Any) -> float:
+    """A timeout the client gave, checked to be a number in (0, MAX_TIMEOUT] (null is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput("timeout must be a number of seconds")
+    if not 0 < value <= MAX_TIMEOUT:
+        raise InvalidInput("timeout must be over 0 and at most %g seconds" % MAX_TIMEOUT)
+    return float(value)
+
+
+def _query_number(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput("%s must be a number" % name) from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InvalidInput("%s must be a finite number" % name)
+    return value
+
+
+def _query_timeout(request: web.Request) -> float:
+    value = _query_number(request, "timeout")
+    return request.app[SETTINGS].default_timeout if value is None else _timeout(value)
+
+
+async def _body(request: web.Request) -> dict:
+    raw = await request.read()
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("the request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return doc
+
+
+def _bool_field(doc: dict, name: str, default: bool) -> bool:
+    value = doc.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidInput("%s must be true or false" % name)
+    return value
+
+
+# ---- handlers ----
+
+async def health(request: web.Request) -> web.Response:
+    stats = request.app[BRIDGE].stats()
+    return _json({"status": "ok", **stats})
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    return _json({"vms": [vm.to_json() for vm in request.app[BRIDGE].vms()]})
+
+
+async def get_vm(request: web.Request) -> web.Response:
+    return _json(request.app[BRIDGE].vm(request.match_info["vm"]).to_json())
+
+
+async def send_message(request: web.Request) -> web.Response:
+    vm = request.match_info["vm"]
+    bridge = request.app[BRIDGE]
+    bridge.vm(vm)  # an unknown VM is a 404 whatever the body holds
+    doc = await _body(request)
+    unknown = set(doc) - {"key", "value", "log", "queue", "timeout"}
+    if unknown:
+        raise InvalidInput("unknown field(s): %s" % ", ".join(sorted(repr(u) for u in unknown)))
+    if "key" not in doc or "value" not in doc:
+        raise InvalidInput("the body needs both 'key' and 'value'")
+    key = _check_key(doc["key"])
+    value = doc["value"]
+    problem = limits.check_value(value)
+    if problem is not None:
+        raise InvalidInput(problem[1], problem[0])
+    result = await bridge.send(
+        vm, key, value,
+        log=_bool_field(doc, "log", True),
+        queue=_bool_field(doc, "queue", True),
+        timeout=_timeout(doc["timeout"]) if "timeout" in doc else request.app[SETTINGS].default_timeout)
+    data = result.to_json()
+    return _json(data, 202 if data.get("outcome") == "queued" else 200)
+
+
+async def get_key(request: web.Request) -> web.Response:
+    vm = request.match_info["vm"]
+    key = _check_key(request.match_info["key"])
+    timeout = _query_timeout(request)
+    return _json((await request.app[BRIDGE].query(vm, key, timeout=timeout)).to_json())
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    vm = request.match_info["vm"]
+    timeout = _query_timeout(request)
+    return _json((await request.app[BRIDGE].keys(vm, timeout=timeout)).to_json())
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    vm = request.match_info["vm"]
+    key = _check_key(request.match_info["key"])
+    timeout = _query_timeout(request)
+    result = (await request.app[BRIDGE].delete(vm, key, timeout=timeout)).to_json()
+    return _json(result, 202 if result.get("outcome") == "queued" else 200)
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    vm = request.match_info["vm"]
+    limit = _query_number(request, "limit")
+    if limit is None:
+        limit = DEFAULT_AUDIT_LIMIT
+    if limit != int(limit) or not 1 <= limit <= MAX_AUDIT_LIMIT:
+        raise InvalidInput("limit must be a whole number from 1 to %d" % MAX_AUDIT_LIMIT)
+    rows = request.app[BRIDGE].audit(vm, limit=int(limit))
+    return _json({"vm": vm, "entries": [row.to_json() for row in rows]})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[SETTINGS].openapi, content_type="application/json")
+
+
+def make_app(bridge, config) -> web.Application:
+    """The aiohttp application serving ``bridge`` (a hostbridge.bridge.Bridge or a stand-in)."""
+    app = web.Application(middlewares=[_errors, _authenticate], client_max_size=MAX_BODY)
+    app[BRIDGE] = bridge
+    app[AUTH] = Authenticator(getattr(config, "tokens_file", None), getattr(config, "users_file", None))
+    with open(OPENAPI_PATH, "rb") as f:
+        spec = f.read()
+    app[SETTINGS] = _Settings(default_timeout=float(getattr(config, "query_timeout", 5.0) or 5.0),
+                              openapi=spec)
+    r = app.router
+    r.add_get("/v1/health", health)
+    r.add_get("/v1/vms", list_vms)
+    r.add_get("/v1/vms/{vm}", get_vm)
+    r.add_post("/v1/vms/{vm}/messages", send_message)
+    r.add_get("/v1/vms/{vm}/keys", list_keys)
+    r.add_get("/v1/vms/{vm}/keys/{key:.+}", get_key)
+    r.add_delete("/v1/vms/{vm}/keys/{key:.+}", delete_key)
+    r.add_get("/v1/vms/{vm}/audit", get_audit)
+    r.add_get("/openapi.json", openapi)
+    return app
+
+
+# ---- listeners ----
+
+@dataclass
+class ApiServer:
+    """The running listeners; ``close()`` stops them and removes the socket file."""
+
+    runner: web.AppRunner
+    unix_path: str | None = None
+    tcp_addresses: list = field(default_factory=list)
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+        if self.unix_path:
+            try:
+                os.unlink(self.unix_path)
+            except FileNotFoundError:
+                pass
+
+
+def _socket_in_use(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ApiConfigError("cannot load the TLS certificate %s / key %s: %s" % (
+            cert, key, getattr(exc, "strerror", None) or exc)) from None
+    return ctx
+
+
+async def _start_unix(runner: web.AppRunner, path: str, group: str | None, mode: int) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    if os.path.exists(path) or os.path.islink(path):
+        if _socket_in_use(path):
+            raise ApiConfigError("another process already serves the API socket %s" % path)
+        os.unlink(path)
+    # Bind with a restrictive umask so the socket is never briefly open to others, then widen to 0660.
+    old = os.umask(0o177)
+    try:
+        await web.UnixSite(runner, path).start()
+    finally:
+        os.umask(old)
+    if group:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ApiConfigError("no group named %r for the API socket" % group) from None
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+
+
+async def start(app: web.Application, config) -> ApiServer:
+    """Bind the unix socket (and TCP with TLS when configured); return an object with close()."""
+    unix_path = getattr(config, "api_socket", DEFAULT_SOCKET)
+    tcp = getattr(config, "api_tcp", None)
+    cert, key = getattr(config, "tls_cert", None), getattr(config, "tls_key", None)
+    ctx = None
+    if tcp:
+        if not (cert and key):
+            raise ApiConfigError("the TCP API is served only with TLS: give --tls-cert and --tls-key")
+        if not app[AUTH].configured:
+            raise ApiConfigError("the TCP API needs credentials: give --tokens-file or --users-file")
+        ctx = tls_context(cert, key)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    server = ApiServer(runner)
+    try:
+        if unix_path:
+            await _start_unix(runner, unix_path, getattr(config, "api_group", None),
+                              getattr(config, "api_socket_mode", 0o660))
+            server.unix_path = unix_path
+            log.info("API listening on unix socket %s", unix_path)
+        if tcp:
+            host, port = tcp
+            site = web.TCPSite(runner, host, int(port), ssl_context=ctx)
+            await site.start()
+            for sock in site._server.sockets if site._server else ():  # noqa: SLF001 (the real port)
+                server.tcp_addresses.append(sock.getsockname()[:2])
+            log.info("API listening on https://%s:%s", host, port)
+    except OSError as exc:
+        await server.close()
+        raise ApiConfigError("cannot listen for the API: %s" % (exc.strerror or exc)) from None
+    except BaseException:
+        await server.close()
+        raise
+    return server

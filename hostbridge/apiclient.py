@@ -1,0 +1,295 @@
+"""A lean client of the bridge's HTTP API, for the CLIs.
+
+Over the unix socket (the default) it speaks HTTP/1.1 by hand on a ``_socket`` socket: the
+``socket``, ``http.client`` and ``urllib`` modules would cost more import time than the whole
+request, and ``vmmessage query`` must start about as fast as the interpreter itself. Over TCP it
+uses http.client + ssl (imported only then), always with TLS and with a bearer token or a user and
+password (Basic).
+
+Errors become ApiError(code, message, status); ``exit_code()`` maps a code to the CLI's exit status.
+"""
+
+import json
+
+DEFAULT_SOCKET = "/run/hostbridge/api.sock"
+DEFAULT_TCP_PORT = 8443
+ENV_BRIDGE = "VMMESSAGE_BRIDGE"
+_MAX_RESPONSE = 16 * 1024 * 1024
+
+# The CLI's exit statuses (documented in `vmmessage --help` and docs/cli-host.md).
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_TIMEOUT = 4
+EXIT_NOT_CONNECTED = 5
+EXIT_UNAUTHORIZED = 6
+EXIT_OTHER = 7
+
+_EXIT_BY_CODE = {
+    "not_found": EXIT_NOT_FOUND,
+    "unknown_vm": EXIT_NOT_FOUND,
+    "bad_request": EXIT_USAGE,
+    "invalid_key": EXIT_USAGE,
+    "invalid_value": EXIT_USAGE,
+    "key_too_long": EXIT_USAGE,
+    "value_too_long": EXIT_USAGE,
+    "usage": EXIT_USAGE,
+    "unreachable": EXIT_UNREACHABLE,
+    "agent_timeout": EXIT_TIMEOUT,
+    "agent_not_connected": EXIT_NOT_CONNECTED,
+    "unauthorized": EXIT_UNAUTHORIZED,
+}
+
+
+class ApiError(Exception):
+    """An error answer of the bridge, or a failure to reach it (code "unreachable")."""
+
+    def __init__(self, code, message, status=None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def exit_code(code):
+    """The CLI exit status for an error code."""
+    return _EXIT_BY_CODE.get(code, EXIT_OTHER)
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def quote(segment):
+    """Percent-encode one path segment (every byte but RFC 3986's unreserved ones, '/' included)."""
+    return "".join(chr(b) if b in _UNRESERVED else "%%%02X" % b
+                   for b in segment.encode("utf-8", "surrogatepass"))
+
+
+def path(*segments, query=None):
+    """Build ``/v1/...`` from raw segments: path("vms", "x", "keys", "a/b") -> /v1/vms/x/keys/a%2Fb."""
+    p = "/v1/" + "/".join(quote(s) for s in segments)
+    if query:
+        p += "?" + "&".join("%s=%s" % (quote(k), quote(str(v))) for k, v in query.items())
+    return p
+
+
+def _decode_body(status, body):
+    try:
+        doc = json.loads(body) if body else {}
+    except ValueError:
+        doc = None
+    if status >= 400:
+        err = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("code"), str):
+            raise ApiError(err["code"], str(err.get("message", "")), status)
+        raise ApiError("internal", "the bridge answered HTTP %d" % status, status)
+    if not isinstance(doc, dict):
+        raise ApiError("internal", "the bridge answered with something that is not a JSON object", status)
+    return doc
+
+
+def _dechunk(data):
+    out = []
+    pos = 0
+    while True:
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            raise ValueError("truncated chunk header")
+        size = int(data[pos:eol].split(b";", 1)[0], 16)
+        if size == 0:
+            return b"".join(out)
+        start = eol + 2
+        out.append(data[start:start + size])
+        pos = start + size + 2
+
+
+def parse_response(raw):
+    """Split a whole HTTP/1.1 response into (status, body bytes). Pure; tested on its own."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError("incomplete HTTP response")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+        raise ValueError("not an HTTP response")
+    status = int(parts[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        body = _dechunk(body)
+    elif b"content-length" in headers:
+        length = int(headers[b"content-length"])
+        if len(body) < length:
+            raise ValueError("truncated HTTP body")
+        body = body[:length]
+    return status, body
+
+
+def split_hostport(hostport, default_port=DEFAULT_TCP_PORT):
+    """"host", "host:port", "[v6]:port" -> (host, port); ApiError("usage") when malformed."""
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else rest
+    elif hostport.count(":") == 1:
+        host, _, port = hostport.partition(":")
+    else:
+        host, port = hostport, ""
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ApiError("usage", "bad port %r in the bridge address" % port)
+    return host or "localhost", int(port) if port else default_port
+
+
+class Client:
+    """Talks to one bridge. ``url``: a unix socket path (or ``unix:PATH``) or ``https://host[:port]``."""
+
+    def __init__(self, url=None, *, token=None, user=None, password=None, cacert=None, timeout=30.0):
+        if not url:
+            url = DEFAULT_SOCKET
+        self.url = url
+        self.token = token
+        self.user = user
+        self.password = password
+        self.cacert = cacert
+        self.timeout = timeout
+        if url.startswith("https://"):
+            hostport = url[len("https://"):].rstrip("/")
+            if "/" in hostport:
+                raise ApiError("usage", "a bridge URL is https://HOST[:PORT] with no path")
+            self._tcp = split_hostport(hostport)
+            self._unix = None
+        elif url.startswith("http://"):
+            raise ApiError("usage", "plain http is not served; use https://HOST:PORT or the unix socket path")
+        else:
+            self._unix = url[len("unix:"):] if url.startswith("unix:") else url
+            self._tcp = None
+
+    def request(self, method, target, body=None, timeout=None):
+        """Send one request; return the decoded JSON object or raise ApiError."""
+        payload = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        timeout = self.timeout if timeout is None else timeout
+        if self._unix is not None:
+            status, data = self._unix_request(method, target, payload, timeout)
+        else:
+            status, data = self._https_request(method, target, payload, timeout)
+        return _decode_body(status, data)
+
+    def _unix_request(self, method, target, payload, timeout):
+        import _socket
+
+        head = "%s %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: application/json\r\n" % (
+            method, target)
+        if payload is not None:
+            head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(payload)
+        data = (head + "\r\n").encode("ascii") + (payload or b"")
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self._unix)
+            except PermissionError:
+                raise ApiError("unauthorized", "permission denied on the bridge socket %s "
+                               "(is your user in its group?)" % self._unix) from None
+            except OSError as exc:
+                raise ApiError("unreachable", "cannot connect to the bridge at %s: %s"
+                               % (self._unix, exc.strerror or exc)) from None
+            chunks = []
+            total = 0
+            try:
+                sock.sendall(data)
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    total += len(chunk)
+                    if total > _MAX_RESPONSE:
+                        raise ApiError("internal", "the bridge's answer is over %d bytes" % _MAX_RESPONSE)
+            except TimeoutError:
+                raise ApiError("unreachable", "the bridge at %s did not answer within %g s"
+                               % (self._unix, timeout)) from None
+            except OSError as exc:
+                raise ApiError("unreachable", "lost the connection to the bridge at %s: %s"
+                               % (self._unix, exc.strerror or exc)) from None
+        finally:
+            sock.close()
+        try:
+            return parse_response(b"".join(chunks))
+        except ValueError as exc:
+            raise ApiError("unreachable", "bad answer from the bridge at %s: %s" % (self._unix, exc)) from None
+
+    def _https_request(self, method, target, payload, timeout):
+        import base64
+        import http.client
+        import ssl
+
+        host, port = self._tcp
+        where = "%s:%d" % (host, port)
+        headers = {"Accept": "application/json", "Connection": "close"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        elif self.user is not None:
+            cred = ("%s:%s" % (self.user, self.password or "")).encode("utf-8")
+            headers["Authorization"] = "Basic " + base64.b64encode(cred).decode("ascii")
+        try:
+            context = ssl.create_default_context(cafile=self.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            raise ApiError("usage", "cannot load the CA file %s: %s" % (self.cacert, exc)) from None
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        try:
+            conn.request(method, target, body=payload, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read(_MAX_RESPONSE + 1)
+            status = resp.status
+        except ssl.SSLError as exc:
+            raise ApiError("unreachable", "TLS with the bridge at %s failed: %s" % (
+                where, getattr(exc, "verify_message", None) or exc.reason or exc)) from None
+        except TimeoutError:
+            raise ApiError("unreachable", "the bridge at %s did not answer within %g s" % (where, timeout)) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise ApiError("unreachable", "cannot reach the bridge at %s: %s" % (
+                where, getattr(exc, "strerror", None) or exc)) from None
+        finally:
+            conn.close()
+        return status, data
+
+    # The API, one method per operation (paths and bodies as docs/api.md and openapi.json).
+
+    def health(self):
+        return self.request("GET", "/v1/health")
+
+    def vms(self):
+        return self.request("GET", "/v1/vms")["vms"]
+
+    def vm(self, name):
+        return self.request("GET", path("vms", name))
+
+    def send(self, vm, key, value, *, log=True, queue=True, timeout=None):
+        body = {"key": key, "value": value, "log": log, "queue": queue}
+        if timeout is not None:
+            body["timeout"] = timeout
+        return self.request("POST", path("vms", vm, "messages"), body, timeout=self._wait(timeout))
+
+    def query(self, vm, key, *, timeout=None):
+        q = {"timeout": timeout} if timeout is not None else None
+        return self.request("GET", path("vms", vm, "keys", key, query=q), timeout=self._wait(timeout))
+
+    def keys(self, vm):
+        return self.request("GET", path("vms", vm, "keys"))
+
+    def delete(self, vm, key):
+        return self.request("DELETE", path("vms", vm, "keys", key))
+
+    def audit(self, vm, limit=None):
+        q = {"limit": limit} if limit is not None else None
+        return self.request("GET", path("vms", vm, "audit", query=q))
+
+    def _wait(self, agent_timeout):
+        # The bridge waits for the agent up to agent_timeout; allow it that plus a margin.
+        if agent_timeout is None:
+            return self.timeout
+        return max(self.timeout, agent_timeout + 10.0)

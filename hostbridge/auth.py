@@ -1,0 +1,273 @@
+"""Authentication of API requests that arrive over TCP (the unix socket relies on file permissions).
+
+Two kinds of credential, each from its own file, both re-read when the file changes:
+
+* bearer tokens (``Authorization: Bearer T``): the tokens file holds one token per line, optionally
+  preceded by a name and a colon (``ci:3f9a...``) so logs can say who called; ``#`` starts a comment.
+* user/password (``Authorization: Basic ...``, the ``-u/-p`` of the original ``ovm_vmmessage``): the
+  users file holds ``user:scrypt$N$r$p$salt$hash`` lines (salt and hash in base64), written by
+  ``add_user()`` (the ``vmmessage adduser`` command). Passwords are never stored.
+
+Every comparison is constant-time (hmac.compare_digest), every token is compared (no early exit that
+would reveal a prefix), and an unknown user costs the same scrypt as a known one. scrypt is slow on
+purpose (~50 ms), so a verified (user, password) pair is remembered for a short while under an HMAC
+with a per-process random key, never in clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+
+from hostbridge.errors import Unauthorized
+
+log = logging.getLogger(__name__)
+
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+_SALT_BYTES = 16
+_HASH_BYTES = 32
+_CACHE_SECONDS = 60.0
+_CACHE_MAX = 256
+
+
+def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """Return the encoded salted scrypt hash of ``password`` (the part after ``user:``)."""
+    salt = os.urandom(_SALT_BYTES)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=_HASH_BYTES)
+    return "scrypt$%d$%d$%d$%s$%s" % (
+        n, r, p, base64.b64encode(salt).decode("ascii"), base64.b64encode(digest).decode("ascii"))
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Whether ``password`` matches ``encoded`` (from hash_password); False for a malformed entry."""
+    try:
+        scheme, n, r, p, salt_b64, hash_b64 = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        salt = base64.b64decode(salt_b64, validate=True)
+        expected = base64.b64decode(hash_b64, validate=True)
+        digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=int(n), r=int(r), p=int(p),
+                                dklen=len(expected))
+    except (ValueError, binascii.Error):
+        return False
+    return hmac.compare_digest(digest, expected)
+
+
+# Verified against when the user is unknown, so that "no such user" takes as long as "wrong password".
+_DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
+    SCRYPT_N, SCRYPT_R, SCRYPT_P, base64.b64encode(b"\0" * _SALT_BYTES).decode(),
+    base64.b64encode(b"\0" * _HASH_BYTES).decode())
+
+
+class CredentialFileError(Exception):
+    """A tokens or users file is unreadable or malformed (one line saying which and where)."""
+
+
+def _check_user_name(user: str) -> None:
+    if not user or ":" in user or any(not ch.isprintable() or ch.isspace() for ch in user):
+        raise ValueError("a user name must be non-empty, without ':', spaces or control characters")
+
+
+def add_user(path: str, user: str, password: str) -> bool:
+    """Add ``user`` to the users file at ``path`` or replace their password; return True if added.
+
+    The file is rewritten atomically (temp file in the same directory, fsync, rename) with mode 0600.
+    """
+    _check_user_name(user)
+    if not password:
+        raise ValueError("the password is empty")
+    lines: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        pass
+    entry = "%s:%s" % (user, hash_password(password))
+    added = True
+    out = []
+    for line in lines:
+        if line.split(":", 1)[0] == user and not line.startswith("#"):
+            if added:
+                out.append(entry)
+            added = False
+        else:
+            out.append(line)
+    if added:
+        out.append(entry)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".users.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(out) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return added
+
+
+def new_token() -> str:
+    """A fresh random bearer token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+class _WatchedFile:
+    """A credential file parsed again whenever its mtime/size/inode change (so no restart is needed
+    to add a user or revoke a token)."""
+
+    def __init__(self, path: str | None, parse):
+        self.path = path
+        self._parse = parse
+        self._stamp = None
+        self._data = parse([], path) if path else parse([], "")
+
+    def get(self):
+        if not self.path:
+            return self._data
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            stamp = None
+        except OSError as exc:
+            raise CredentialFileError("cannot read %s: %s" % (self.path, exc.strerror)) from exc
+        else:
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            if stamp is None:
+                log.warning("credentials file %s does not exist: nobody can log in with it", self.path)
+                self._data = self._parse([], self.path)
+            else:
+                if st.st_mode & 0o007:
+                    log.warning("credentials file %s is readable by others; chmod 600 it", self.path)
+                with open(self.path, encoding="utf-8") as f:
+                    self._data = self._parse(f.read().splitlines(), self.path)
+            self._stamp = stamp
+        return self._data
+
+
+def _parse_tokens(lines: list[str], path: str) -> list[tuple[str, bytes]]:
+    tokens = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.rpartition(":")
+        if not sep:
+            name = "token-%d" % number
+        if len(token) < 16:
+            log.warning("%s line %d: token shorter than 16 characters ignored", path, number)
+            continue
+        tokens.append((name, token.encode("utf-8")))
+    return tokens
+
+
+def _parse_users(lines: list[str], path: str) -> dict[str, str]:
+    users = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, encoded = line.partition(":")
+        if not sep or not encoded.startswith("scrypt$"):
+            log.warning("%s line %d: not a user:scrypt$... entry, ignored", path, number)
+            continue
+        users[user] = encoded
+    return users
+
+
+@dataclass
+class Principal:
+    """Who made an authenticated request: ``kind`` is "token" or "user"."""
+
+    kind: str
+    name: str
+
+
+class Authenticator:
+    """Checks the Authorization header of a TCP request against the tokens and users files."""
+
+    def __init__(self, tokens_file: str | None = None, users_file: str | None = None):
+        self._tokens = _WatchedFile(tokens_file, _parse_tokens)
+        self._users = _WatchedFile(users_file, _parse_users)
+        self._cache_key = os.urandom(32)
+        self._verified: dict[bytes, float] = {}
+
+    @property
+    def configured(self) -> bool:
+        """Whether any credential source is configured (TCP without one would let nobody in)."""
+        return bool(self._tokens.path or self._users.path)
+
+    async def authenticate(self, header: str | None) -> Principal:
+        """Return the Principal for ``header`` or raise Unauthorized (one reason, never the secret)."""
+        if not header:
+            raise Unauthorized("authentication required: send a bearer token or a user and password")
+        scheme, _, credentials = header.strip().partition(" ")
+        scheme = scheme.lower()
+        credentials = credentials.strip()
+        if scheme == "bearer":
+            name = self._check_token(credentials.encode("utf-8", "surrogateescape"))
+            if name is None:
+                raise Unauthorized("invalid token")
+            return Principal("token", name)
+        if scheme == "basic":
+            try:
+                user, sep, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+            except (ValueError, binascii.Error, UnicodeDecodeError):
+                raise Unauthorized("malformed Basic credentials") from None
+            if not sep:
+                raise Unauthorized("malformed Basic credentials")
+            if not await self._check_password(user, password):
+                raise Unauthorized("invalid user or password")
+            return Principal("user", user)
+        raise Unauthorized("unsupported authorization scheme; use Bearer or Basic")
+
+    def _check_token(self, presented: bytes) -> str | None:
+        found = None
+        for name, token in self._tokens.get():
+            # No early exit: the time taken must not depend on which token matched.
+            if hmac.compare_digest(presented, token) and found is None:
+                found = name
+        return found
+
+    async def _check_password(self, user: str, password: str) -> bool:
+        encoded = self._users.get().get(user)
+        mark = hmac.new(self._cache_key, ("%s\0%s\0%s" % (user, password, encoded)).encode(
+            "utf-8", "surrogateescape"), hashlib.sha256).digest()
+        now = time.monotonic()
+        expires = self._verified.get(mark)
+        if expires is not None and expires > now and encoded is not None:
+            return True
+        # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(
+            None, verify_password, password, encoded if encoded is not None else _DUMMY_HASH)
+        ok = ok and encoded is not None
+        if ok:
+            if len(self._verified) >= _CACHE_MAX:
+                self._verified = {k: v for k, v in self._verified.items() if v > now}
+                if len(self._verified) >= _CACHE_MAX:
+                    self._verified.clear()
+            self._verified[mark] = now + _CACHE_SECONDS
+        return ok
