@@ -35,7 +35,7 @@ _RECV_SIZE = 65536
 
 # err codes that mean the input was at fault (the CLI validates first, so the daemon seldom says so)
 _USAGE_CODES = frozenset(("key_too_long", "value_too_long", "invalid_key", "invalid_value",
-                          "bad_request"))
+                          "bad_request", "frame_too_long", "bad_frame", "unknown_type"))
 _MISSING_CODES = frozenset(("not_found", "timeout"))
 
 
@@ -152,6 +152,11 @@ class Client(object):
         obj = {"t": t, "id": rid}
         obj.update(fields)
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+        if len(data) > FRAME_MAX:
+            # Several -p values of up to 8 KiB each can add up past one frame; the daemon would
+            # discard the request, so refuse it here, naming the limit.
+            raise BadInput("the request is %d bytes, the limit is %d bytes: set fewer or smaller "
+                           "values in one call" % (len(data), FRAME_MAX))
         try:
             self._sock.sendall(data)
         except OSError as e:

@@ -261,9 +261,10 @@ class LocalServer(object):
             elif isinstance(event, ProtocolError):
                 self._log_bad.warning("bad frame from local client pid %d: %s", client.pid,
                                       event.message)
-                rid = getattr(event, "request_id", None)
-                if rid is not None:
-                    self._send(client, error_reply(rid, event))
+                # Answer even without a usable id: a local client waits for one answer, and
+                # silence would look like a hung daemon (the host link, by contrast, never
+                # answers id-less garbage: it may be stale bytes of an earlier connection).
+                self._send(client, error_reply(getattr(event, "request_id", None), event))
             elif getattr(event, "id", None) is not None and event.TYPE not in ("ok", "err",
                                                                                 "item"):
                 self._send(client, encode(Err(id=event.id, code="bad_request",

@@ -500,3 +500,15 @@ def test_it_should_print_the_recent_host_events(agent):
     last = json.loads(agent.ok("--events", "--json").splitlines()[-1])
     assert (last["key"], last["value"], last["origin"]) == ("VMAPIEvent", "injected", "host")
     assert ISO_UTC.match(last["set"])
+
+
+def test_it_should_refuse_several_values_past_one_frame_at_once_and_store_none(agent):
+    # Nine 8 KiB values cannot travel in one request (65,536 bytes): refused before sending,
+    # exit 2, one line naming the limit, and nothing stored (the -p values apply all or none).
+    args = []
+    for i in range(9):
+        args += ["-p", "big%d=%s" % (i, "v" * 8192)]
+    code, out, err = outcome(agent.run(*args, timeout=30))
+    assert code == 2 and out == b""
+    assert one_line(err).startswith("ovmd: the request is ") and "limit is 65536 bytes" in one_line(err)
+    assert agent.listing() == b""

@@ -216,3 +216,10 @@ def test_only_root_the_daemon_uid_or_the_group_should_be_allowed():
             assert '"code":"denied"' in refused
             assert '"t":"ok"' in _connect_as(daemon.socket, 65534, group.gr_gid)
             assert '"t":"ok"' in _connect_as(daemon.socket, 65534, 65533, [group.gr_gid])
+
+
+def test_an_over_long_frame_should_be_answered_with_an_error_not_silence(client):
+    client.send(b'{"t":"put","id":7,"items":[["k","' + b"v" * 70000 + b'"]]}\n')
+    reply = client.take(lambda m: type(m) is Err, timeout=10, what="an err")
+    assert (reply.code, reply.id) == ("frame_too_long", None)
+    assert type(client.request(Ping)) is Ok  # the connection still serves
