@@ -361,7 +361,10 @@ async def start(app: web.Application, config) -> ApiServer:
         if not app[AUTH].configured:
             raise ApiConfigError("the TCP API needs credentials: give --tokens-file or --users-file")
         ctx = tls_context(cert, key)
-    runner = web.AppRunner(app, handle_signals=False)
+    # aiohttp's access log writes a line per request: thousands a second into the journal under
+    # load (~10% of the bridge's time in the benchmark's profile). Only at -d 2 and above.
+    quiet = {} if getattr(config, "debug", 1) >= 2 else {"access_log": None}
+    runner = web.AppRunner(app, handle_signals=False, **quiet)
     await runner.setup()
     server = ApiServer(runner)
     try:

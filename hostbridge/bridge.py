@@ -129,6 +129,11 @@ class Bridge:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
+            self.flush()
+
+    def flush(self) -> None:
+        """Save every VM's mirror changes and last_seen in one transaction (one fsync)."""
+        with self.store.batch():
             for s in list(self._sessions.values()):
                 try:
                     s.flush()
@@ -144,15 +149,17 @@ class Bridge:
     # -- reading --------------------------------------------------------------------------------
 
     def vms(self) -> list[VmInfo]:
-        return [self._info(s) for _, s in sorted(self._sessions.items())]
+        queued = self.store.queued_counts()
+        return [self._info(s, queued.get(name, 0)) for name, s in sorted(self._sessions.items())]
 
     def vm(self, name: str) -> VmInfo:
-        return self._info(self._get(name))
+        s = self._get(name)
+        return self._info(s, self.store.queued(s.name))
 
-    def _info(self, s: Session) -> VmInfo:
+    def _info(self, s: Session, queued: int) -> VmInfo:
         return VmInfo(name=s.name, channel=s.channel_spec, source=s.source, agent=s.state.agent,
                       agent_version=s.agent_version, last_seen=s.last_seen,
-                      queued=self.store.queued(s.name), connected_since=s.connected_since,
+                      queued=queued, connected_since=s.connected_since,
                       counters=dict(s.counters))
 
     def stats(self) -> dict:

@@ -496,6 +496,14 @@ class Session:
         try:
             await self.request(make, self.limits.delivery_timeout, internal=True)
         except GuestError as e:
+            if e.code == "busy":
+                # Transient, never a refusal: an agent restarted behind QEMU's socket (which tells
+                # the host nothing) answers "busy, send hello first". Resync, then deliver again.
+                self.log.info("delivery of %d deferred (%s); resynchronizing", row.seq, e.message)
+                channel = self.channel
+                if self.state is State.SYNCED and channel is not None and channel.connected:
+                    self._start_handshake("the guest answered busy")
+                return False
             self.warn.warn("refused", "the guest refused message %d (key %r): %s",
                            row.seq, row.key, e.message)
             self.store.finish(self.name, [row.seq], "failed")

@@ -133,6 +133,7 @@ class Store:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        self._in_batch = False
 
     def close(self) -> None:
         try:
@@ -142,7 +143,13 @@ class Store:
         self._db.close()
 
     def _tx(self):
-        return _Tx(self._db)
+        return _Tx(self)
+
+    def batch(self):
+        """One transaction (one fsync) around many writes: each write inside it becomes a
+        savepoint, so a failed write undoes only itself. The bridge saves every VM's mirror
+        and last_seen this way once a second instead of paying one fsync per VM."""
+        return _Tx(self, outer=True)
 
     # -- VMs ----------------------------------------------------------------------------------
 
@@ -206,6 +213,10 @@ class Store:
 
     def queued(self, vm: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM outbox WHERE vm=?", (vm,)).fetchone()[0]
+
+    def queued_counts(self) -> dict[str, int]:
+        """Every VM's outbox length in one query (vmlist of 1,000 VMs: one query, not 1,000)."""
+        return dict(self._db.execute("SELECT vm, COUNT(*) FROM outbox GROUP BY vm"))
 
     def finish(self, vm: str, seqs: list[int], outcome: str) -> None:
         """Remove outbox rows (delivered, failed or withdrawn) and record the outcome in audit.
@@ -292,18 +303,30 @@ class Store:
 
 
 class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); inside a batch, a savepoint instead."""
 
-    def __init__(self, db):
-        self._db = db
+    def __init__(self, store, outer=False):
+        self._store = store
+        self._outer = outer
+        self._savepoint = False
 
     def __enter__(self):
-        self._db.execute("BEGIN IMMEDIATE")
-        return self._db
+        db = self._store._db
+        if self._outer or not self._store._in_batch:
+            db.execute("BEGIN IMMEDIATE")
+            self._store._in_batch = self._outer
+        else:
+            db.execute("SAVEPOINT write")
+            self._savepoint = True
+        return db
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self._db.execute("COMMIT")
-        else:
-            self._db.execute("ROLLBACK")
+        db = self._store._db
+        if self._savepoint:
+            if exc_type is not None:
+                db.execute("ROLLBACK TO write")
+            db.execute("RELEASE write")
+            return False
+        self._store._in_batch = False
+        db.execute("COMMIT" if exc_type is None else "ROLLBACK")
         return False

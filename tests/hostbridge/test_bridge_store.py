@@ -112,3 +112,19 @@ def test_it_should_remember_keys_sent_with_log_off(db_path):
     assert s.secret_pending("a", "pw", 0) and not s.secret_pending("a", "pw", 1)
     s.save_mirror("a", [], [], False, None, None, None, unhidden=["pw"])
     assert s.hidden("a") == set()
+
+
+def test_a_batch_should_commit_every_write_once_and_a_failed_write_should_undo_only_itself(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    s.vm("b")
+    with s.batch():
+        s.save_mirror("a", [MirrorRow("k", "from a", 1.0, "guest", False)], [], True, 5.0, "g", 1)
+        with pytest.raises(Exception):
+            # A key sqlite3 cannot bind fails after the savepoint began, inside the batch.
+            s.save_mirror("b", [MirrorRow(object(), "x", 1.0, "guest", False)], [], True, 5.0, "g", 1)
+        s.save_mirror("b", [MirrorRow("k2", "from b", 2.0, "guest", False)], [], True, 6.0, "g", 2)
+    s._db.close()  # no checkpoint: as after kill -9
+    s = Store(db_path)
+    assert [(r.key, r.value) for r in s.mirror("a")] == [("k", "from a")]
+    assert [(r.key, r.value) for r in s.mirror("b")] == [("k2", "from b")]
