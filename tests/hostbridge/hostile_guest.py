@@ -8,6 +8,10 @@ MODE:
              it can (a new key each time: it also tries to blow the mirror's quota)
   half       answers the hello, then writes half a frame and stops writing, forever
   noread     answers the hello, then never reads again (the bridge's writes pile up)
+  restarted  answers the hello, then answers the first `set` with `err busy`, as an agent
+             restarted behind QEMU's socket does (it has not seen a hello on its connection;
+             QEMU tells the host nothing); then serves hellos and sets properly, printing
+             "applied KEY SEQ" for every set it applies
 """
 
 import os
@@ -20,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from ovmproto.codec import Reader, encode  # noqa: E402
 from ovmproto.handshake import answer_hello  # noqa: E402
-from ovmproto.messages import Changed, Hello  # noqa: E402
+from ovmproto.messages import Changed, Err, Hello, Ok, Set  # noqa: E402
 
 
 def write_all(fd, data):
@@ -64,6 +68,28 @@ def main(channel, mode):
     elif mode == "noread":
         while True:
             time.sleep(3600)
+    elif mode == "restarted":
+        serve_after_a_restart(fd)
+
+
+def serve_after_a_restart(fd):
+    reader = Reader()
+    refused = False
+    epoch, hseq = None, 0
+    while True:
+        for ev in reader.feed(os.read(fd, 65536)):
+            if type(ev) is Hello:
+                if ev.epoch != epoch:
+                    epoch, hseq = ev.epoch, 0
+                write_all(fd, answer_hello(ev, "hostile 0", "hostile-gid", 0, epoch, hseq))
+            elif type(ev) is Set and not refused:
+                refused = True
+                write_all(fd, encode(Err(id=ev.id, code="busy", msg="send hello first")))
+            elif type(ev) is Set:
+                if ev.seq > hseq:
+                    hseq = ev.seq
+                    print("applied %s %d" % (ev.key, ev.seq), flush=True)
+                write_all(fd, encode(Ok(id=ev.id, seq=ev.seq)))
 
 
 if __name__ == "__main__":
