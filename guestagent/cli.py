@@ -268,7 +268,47 @@ def main(argv=None):
     plan = fast_plan(args)
     if plan is not None:
         return execute(plan)
+    opts = daemon_options(args)
+    if opts is not None:
+        return run_daemon(opts)
     return click_main(args)
+
+
+# The daemon's options, read without click: click would stay resident in the daemon for its whole
+# life (1.6 MB of its ~15 MB). config.load() validates the values; any other shape of command line
+# (an unknown option, a value-less flag, -d2) goes to click, which explains what is wrong. A test
+# checks that this table names exactly click's options that apply to --daemon.
+DAEMON_OPTIONS = {
+    "--channel": "channel", "--socket": "socket", "--state-dir": "state_dir",
+    "--config": "config", "--max-keys": "max_keys", "--max-events": "max_events",
+    "--group": "group", "-d": "debug", "--debug": "debug",
+    "-f": None, "--pid-file": None,       # accepted for compatibility; unused
+    "-t": None, "--time-period": None,    # accepted for compatibility; ignored
+}
+
+
+def daemon_options(args):
+    """The options of a plain ``ovmd --daemon ...`` command line as a dict, else None."""
+    if "--daemon" not in args:
+        return None
+    opts = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--daemon":
+            continue
+        name, eq, value = arg.partition("=")
+        if name not in DAEMON_OPTIONS or (eq and not name.startswith("--")):
+            return None
+        if not eq:
+            if i >= len(args):
+                return None
+            value = args[i]
+            i += 1
+        if DAEMON_OPTIONS[name] is not None:
+            opts[DAEMON_OPTIONS[name]] = value
+    return opts
 
 
 # -- the full parser (click) -----------------------------------------------------------------------

@@ -168,3 +168,34 @@ class TestSocketPath(object):
             cli.socket_path(None, str(conf), {})
         assert str(ei.value) == "%s line 1: section header without ']'" % conf
         assert ei.value.exit_code == EXIT_USAGE
+
+
+# -- ovmd --daemon without click -----------------------------------------------------------------
+
+def test_the_lean_daemon_parser_should_know_exactly_clicks_daemon_options():
+    daemon_params = {"channel", "socket", "state_dir", "config", "max_keys", "max_events", "group",
+                     "debug", "pid_file", "time_period"}
+    from_click = {}
+    for param in cli.build_command().params:
+        if param.name in daemon_params:
+            for flag in param.opts:
+                from_click[flag] = param.name
+    lean = {flag: (dest or {"-f": "pid_file", "--pid-file": "pid_file", "-t": "time_period",
+                            "--time-period": "time_period"}[flag])
+            for flag, dest in cli.DAEMON_OPTIONS.items()}
+    assert lean == from_click
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--daemon"], {}),
+    (["--daemon", "--channel", "/dev/x", "--max-keys=5", "-d", "1", "-t", "10"],
+     {"channel": "/dev/x", "max_keys": "5", "debug": "1"}),
+    (["-d", "0", "--daemon", "--state-dir=/var/lib/ovmd"], {"debug": "0", "state_dir": "/var/lib/ovmd"}),
+    (["--daemon", "--json"], None),          # click explains that --json does not apply
+    (["--daemon", "--channel"], None),       # click explains the missing value
+    (["--daemon", "-d2"], None),
+    (["--daemon", "-d=2"], None),
+    (["-l"], None),
+])
+def test_the_lean_daemon_parser_should_take_plain_daemon_command_lines_only(args, expected):
+    assert cli.daemon_options(args) == expected
