@@ -24,12 +24,11 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.errors import BridgeError, InvalidInput
-from ovmproto import limits
+from ovmproto import jsonlib, limits
 from ovmproto.errors import LimitError, OvmError
 
 log = logging.getLogger(__name__)
@@ -42,9 +41,17 @@ MAX_TIMEOUT = 300.0
 MAX_AUDIT_LIMIT = 1000
 DEFAULT_AUDIT_LIMIT = 100
 
-BRIDGE = web.AppKey("bridge", Any)
-AUTH = web.AppKey("auth", Authenticator)
-SETTINGS = web.AppKey("settings", Any)
+
+
+def _app_key(name, kind):
+    # web.AppKey (aiohttp >= 3.9) keeps newer aiohttp quiet; Debian 12's 3.8.4 takes plain strings.
+    make = getattr(web, "AppKey", None)
+    return make(name, kind) if make is not None else name
+
+
+BRIDGE = _app_key("hostbridge.bridge", Any)
+AUTH = _app_key("hostbridge.auth", Authenticator)
+SETTINGS = _app_key("hostbridge.settings", Any)
 
 
 class ApiConfigError(BridgeError):
@@ -64,7 +71,7 @@ def _one_line(text: str) -> str:
 
 
 def _json(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json",
+    return web.Response(body=jsonlib.dumps(data), status=status, content_type="application/json",
                         headers=headers)
 
 
@@ -171,8 +178,8 @@ def _query_timeout(request: web.Request) -> float:
 async def _body(request: web.Request) -> dict:
     raw = await request.read()
     try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        doc = jsonlib.loads(raw)
+    except jsonlib.JSONDecodeError:
         raise InvalidInput("the request body is not valid JSON") from None
     if not isinstance(doc, dict):
         raise InvalidInput("the request body must be a JSON object")
