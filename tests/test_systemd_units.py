@@ -200,3 +200,103 @@ def test_the_daemon_should_look_for_the_port_where_udev_puts_it():
     from guestagent import channel
     link = [v for k, a, op, v in parse_rule(rule_lines()[0]) if k == "SYMLINK"][0]
     assert channel.DEFAULT_PATH == "/dev/" + link
+
+
+# -- systemd/hostbridge.service (the host) ---------------------------------------------------------
+
+BRIDGE_UNIT = os.path.join(ROOT, "systemd", "hostbridge.service")
+VENV_HOSTBRIDGE = os.path.join(os.path.dirname(sys.executable), "hostbridge")
+BRIDGE_EXEC = "/usr/bin/hostbridge --config /etc/hostbridge/hostbridge.toml"
+
+
+def runnable_bridge_copy(tmp_path, text=None):
+    """hostbridge.service with ExecStart pointing at this venv's hostbridge (verify needs it)."""
+    if text is None:
+        with open(BRIDGE_UNIT, encoding="utf-8") as f:
+            text = f.read()
+    assert "ExecStart=/usr/bin/hostbridge " in text
+    text = text.replace("ExecStart=/usr/bin/hostbridge ", "ExecStart=%s " % VENV_HOSTBRIDGE)
+    path = tmp_path / "hostbridge.service"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def lines_about_the_bridge(text):
+    return [line for line in text.splitlines() if "hostbridge" in line]
+
+
+@needs_analyze
+def test_the_bridge_unit_should_pass_systemd_analyze_verify_without_a_warning(tmp_path):
+    # --man=no: Documentation=man:hostbridge(8) is installed by the packages, not on this machine.
+    result = analyze("verify", "--man=no", runnable_bridge_copy(tmp_path))
+    assert result.returncode == 0, result.stdout
+    assert lines_about_the_bridge(result.stdout) == []
+
+
+@needs_analyze
+def test_verify_should_catch_a_broken_copy_of_the_bridge_unit(tmp_path):
+    with open(BRIDGE_UNIT, encoding="utf-8") as f:
+        text = f.read()
+    broken = text.replace("RestartSec=2", "RestartSec=soon\nProtectSysstem=strict")
+    result = analyze("verify", "--man=no", runnable_bridge_copy(tmp_path, broken))
+    complaints = lines_about_the_bridge(result.stdout)
+    assert any(line.endswith(": soon") for line in complaints), complaints
+    assert any("ProtectSysstem" in line for line in complaints), complaints
+
+
+@needs_analyze
+def test_the_bridge_sandbox_should_keep_the_exposure_score_within_its_limit(tmp_path):
+    score = exposure(runnable_bridge_copy(tmp_path))
+    assert score <= EXPOSURE_LIMIT, "exposure %.1f, the limit is %.1f" % (score, EXPOSURE_LIMIT)
+
+
+@needs_analyze
+def test_the_exposure_check_should_notice_a_bridge_unit_without_its_sandbox(tmp_path):
+    with open(BRIDGE_UNIT, encoding="utf-8") as f:
+        text = f.read()
+    bare = "\n".join(line for line in text.splitlines()
+                     if not line.startswith(("Protect", "Private", "Restrict", "SystemCall",
+                                             "Capability", "NoNewPrivileges", "IPAddress")))
+    assert exposure(runnable_bridge_copy(tmp_path, bare)) > EXPOSURE_LIMIT
+
+
+def test_the_bridge_unit_should_run_the_installed_daemon_as_a_notify_service():
+    service = unit_settings(BRIDGE_UNIT)["Service"]
+    assert service["ExecStart"] == [BRIDGE_EXEC]
+    expected = {
+        "Type": "notify", "NotifyAccess": "main", "Restart": "on-failure",
+        "StateDirectory": "hostbridge", "RuntimeDirectory": "hostbridge", "UMask": "0077",
+        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes", "RestrictAddressFamilies": "AF_UNIX",
+        "SystemCallArchitectures": "native", "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes", "ProtectControlGroups": "yes", "RestrictNamespaces": "yes",
+        "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes", "RestrictSUIDSGID": "yes",
+    }
+    assert {k: service.get(k, [None])[-1] for k in expected} == expected
+    assert service["SystemCallFilter"][0] == "@system-service"
+    # Root for libvirt's 0750 channel directories and the socket's group, nothing more.
+    assert set(service["CapabilityBoundingSet"][-1].split()) <= {"CAP_DAC_OVERRIDE", "CAP_CHOWN"}
+    assert unit_settings(BRIDGE_UNIT)["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_the_bridge_unit_should_have_a_watchdog_only_if_the_daemon_feeds_it():
+    """WatchdogSec= makes systemd kill a daemon that does not send WATCHDOG=1."""
+    sends = False
+    for name in os.listdir(os.path.join(ROOT, "hostbridge")):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "hostbridge", name), encoding="utf-8") as f:
+                sends = sends or "WATCHDOG=1" in f.read()
+    service = unit_settings(BRIDGE_UNIT)["Service"]
+    assert ("WatchdogSec" in service) == sends
+
+
+def test_the_bridge_should_use_the_socket_group_and_paths_the_unit_prepares():
+    from hostbridge import config
+
+    shipped = config.load_file(os.path.join(ROOT, "packaging", "hostbridge.toml"))
+    assert shipped.api_group == "hostbridge"
+    service = unit_settings(BRIDGE_UNIT)["Service"]
+    run_dir = "/run/" + service["RuntimeDirectory"][-1] + "/"
+    state_dir = "/var/lib/" + service["StateDirectory"][-1] + "/"
+    assert shipped.api_socket.startswith(run_dir)
+    assert shipped.db.startswith(state_dir)
