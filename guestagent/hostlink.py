@@ -287,7 +287,7 @@ class HostLink(object):
                                  origin=entry.origin)))
 
     def _on_list(self, msg):
-        self._send_stream(list_frames(msg.id, self.service.entries()))
+        self._send_stream(list_frames(msg.id, self.service.entries(), self.service.cache.gseq))
 
     def _refuse_unsynced(self, msg):
         if self.state == SYNCED:

@@ -341,7 +341,8 @@ class LocalServer(object):
                      origin=entry.origin)
 
     def _on_list(self, client, msg):
-        self._send_stream(client, list_frames(msg.id, self.service.entries()))
+        self._send_stream(client, list_frames(msg.id, self.service.entries(),
+                                              self.service.cache.gseq))
 
     def _on_events(self, client, msg):
         self._send_stream(client, list_frames(msg.id, self.service.events()))

@@ -214,14 +214,16 @@ class Service(object):
         return False, change is not None
 
 
-def list_frames(request_id, entries):
+def list_frames(request_id, entries, gseq=None):
     """The frames answering a list (or events) request: one Item per entry, then Ok(count).
 
-    A generator: encoded only as the peer reads, so a full cache is never held twice.
+    A generator: encoded only as the peer reads, so a full cache is never held twice. ``entries``
+    is a snapshot, and ``gseq`` the change counter it reflects (taken at the same moment, as
+    arguments are): the host replays only the changes after it onto the listing.
     """
     for e in entries:
         yield encode(Item(id=request_id, key=e.key, value=e.value, ts=e.ts, origin=e.origin))
-    yield encode(Ok(id=request_id, count=len(entries)))
+    yield encode(Ok(id=request_id, count=len(entries), gseq=gseq))
 
 
 def ok_frame(request_id):

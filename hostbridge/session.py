@@ -46,6 +46,7 @@ from .store import MirrorRow, Store
 log = logging.getLogger(__name__)
 
 REFRESH_TIMEOUT = 15.0   # a full list of a large cache over a slow port
+HELD_CHANGES_MAX = 4096  # changes held during one refresh; past that, list again
 
 
 class State(enum.Enum):
@@ -111,6 +112,8 @@ class Session:
         self._guest_gid: str | None = None
         self._seen_gseq: int | None = None
         self._refreshing = False
+        self._held_changes: list[Changed] = []  # changes that arrived during a refresh
+        self._held_overflow = False
         self._frames = TokenBucket(limits.frames_per_s, limits.frames_burst)
         self._bytes = TokenBucket(limits.bytes_per_s, limits.bytes_burst)
         self._synced = asyncio.Event()
@@ -412,39 +415,63 @@ class Session:
     # -- the mirror -------------------------------------------------------------------------------
 
     def _on_changed(self, msg: Changed) -> None:
+        self._seen_gseq = max(self._seen_gseq or 0, msg.gseq)
+        if self._refreshing:
+            # The listing under way may or may not include this change, and its reply may be
+            # processed after this frame: hold the change and replay it onto the listing if it is
+            # newer than what the listing reflects (applying it now would be wiped by replace()).
+            if len(self._held_changes) < HELD_CHANGES_MAX:
+                self._held_changes.append(msg)
+            else:
+                self._held_overflow = True
+            return
+        self._apply_change(msg)
+
+    def _apply_change(self, msg: Changed) -> bool:
+        """Apply one change; False when it shows a gap (a refresh is then under way)."""
+        known = self.mirror.gid == self._guest_gid and self.mirror.gseq is not None
         expected = (self.mirror.gseq or 0) + 1
-        in_step = (not self._refreshing and self.mirror.gid == self._guest_gid
-                   and self.mirror.gseq is not None and msg.gseq == expected)
-        if self.mirror.gid == self._guest_gid and self.mirror.gseq is not None \
-                and msg.gseq < expected and not self._refreshing:
-            return  # already mirrored
+        if known and msg.gseq < expected:
+            return True  # already mirrored
         if not self.mirror.apply(msg.op, msg.key, msg.value, float(msg.ts), msg.origin):
             self.warn.warn("quota", "mirror quota reached (%d keys, %d bytes); key %r not mirrored",
                            self.limits.mirror_keys, self.limits.mirror_bytes, msg.key)
-        self._seen_gseq = max(self._seen_gseq or 0, msg.gseq)
-        if in_step:
+        if known and msg.gseq == expected:
             self.mirror.gseq = msg.gseq
-        elif not self._refreshing:
-            self.log.debug("gseq %d after %s: refreshing the mirror", msg.gseq, self.mirror.gseq)
-            self._refresh()
+            return True
+        self.log.debug("gseq %d after %s: refreshing the mirror", msg.gseq, self.mirror.gseq)
+        self._refresh()
+        return False
 
     def _refresh(self) -> None:
         if not self._refreshing:
             self._refreshing = True
+            self._held_changes = []
+            self._held_overflow = False
             self._spawn(self._do_refresh(), "refresh")
 
     async def _do_refresh(self) -> None:
         try:
-            _, items = await self.request(lambda i: List(id=i), REFRESH_TIMEOUT, collect=True,
-                                          internal=True)
-            self.mirror.replace([(i.key, i.value, float(i.ts), i.origin) for i in items],
-                                self._guest_gid, self._seen_gseq)
-            self.log.debug("mirror refreshed: %d keys", len(items))
-            self.flush()
+            ok, items = await self.request(lambda i: List(id=i), REFRESH_TIMEOUT, collect=True,
+                                           internal=True)
         except errors.BridgeError as e:
-            self.log.info("mirror refresh failed: %s", e.message)  # the next sync retries
-        finally:
             self._refreshing = False
+            self.log.info("mirror refresh failed: %s", e.message)  # the next sync retries
+            return
+        # ok.gseq is the change counter the listing reflects (an agent too old to say: None).
+        listed = ok.gseq
+        self.mirror.replace([(i.key, i.value, float(i.ts), i.origin) for i in items],
+                            self._guest_gid, listed if listed is not None else self._seen_gseq)
+        self.log.debug("mirror refreshed: %d keys", len(items))
+        self._refreshing = False
+        held, self._held_changes = self._held_changes, []
+        if self._held_overflow or (held and listed is None):
+            self._refresh()  # cannot tell which held changes the listing has: list again
+        else:
+            for msg in held:
+                if msg.gseq > listed and not self._apply_change(msg):
+                    break
+        self.flush()
 
     def flush(self) -> None:
         """Persist mirror changes and last_seen (called every second or so by the bridge)."""

@@ -12,6 +12,9 @@ MODE:
              restarted behind QEMU's socket does (it has not seen a hello on its connection;
              QEMU tells the host nothing); then serves hellos and sets properly, printing
              "applied KEY SEQ" for every set it applies
+  racylist   answers the hello with a new cache (gseq 0), then answers a `list` with its
+             (empty) listing and, in the same write, a `changed` that sets a key (gseq 1): the
+             change comes after the listing, and must not be lost to it
 """
 
 import os
@@ -24,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from ovmproto.codec import Reader, encode  # noqa: E402
 from ovmproto.handshake import answer_hello  # noqa: E402
-from ovmproto.messages import Changed, Err, Hello, Ok, Set  # noqa: E402
+from ovmproto.messages import Changed, Err, Hello, List, Ok, Set  # noqa: E402
 
 
 def write_all(fd, data):
@@ -70,6 +73,20 @@ def main(channel, mode):
             time.sleep(3600)
     elif mode == "restarted":
         serve_after_a_restart(fd)
+    elif mode == "racylist":
+        answer_a_list_then_change(fd)
+
+
+def answer_a_list_then_change(fd):
+    reader = Reader()
+    while True:
+        for ev in reader.feed(os.read(fd, 65536)):
+            if type(ev) is Hello:
+                write_all(fd, answer_hello(ev, "hostile 0", "racy-gid", 0, ev.epoch, 0))
+            elif type(ev) is List:
+                write_all(fd, encode(Ok(id=ev.id, count=0, gseq=0)) + encode(
+                    Changed(gseq=1, op="set", ts=time.time(), origin="guest", key="late.key",
+                            value="late value")))
 
 
 def serve_after_a_restart(fd):
