@@ -19,7 +19,7 @@ import re
 import shutil
 import stat
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ class Found:
     dom_id: int
     short_name: str  # the directory's (first 20 characters)
     path: str  # the channel socket
+    # The socket's identity (device, inode, change time): QEMU binds a new socket at every boot,
+    # even under a directory name seen before (ids start again at 1 when libvirtd restarts).
+    ident: tuple = field(default=(), compare=False)
 
 
 def scan(dirs) -> list[Found]:
@@ -50,20 +53,26 @@ def scan(dirs) -> list[Found]:
                 continue
             path = os.path.join(base, entry, CHANNEL_NAME)
             try:
-                if not stat.S_ISSOCK(os.stat(path).st_mode):
-                    continue
+                st = os.stat(path)
             except OSError:
                 continue
-            found.append(Found(int(m.group(1)), m.group(2), path))
+            if not stat.S_ISSOCK(st.st_mode):
+                continue
+            found.append(Found(int(m.group(1)), m.group(2), path,
+                               (st.st_dev, st.st_ino, st.st_ctime_ns)))
     return found
 
 
 class NameResolver:
-    """Full domain names by id; remembers answers per (id, short name)."""
+    """Full domain names by id; remembers answers per channel socket (per boot).
+
+    Never per (id, short name) alone: after a libvirtd restart another VM whose name shares the
+    first 20 characters can get the same id, hence the same directory name, and would be taken
+    for the VM resolved before (and receive its messages)."""
 
     def __init__(self, uri: str = "qemu:///system"):
         self.uri = uri
-        self._cache: dict[tuple[int, str], str] = {}
+        self._cache: dict[tuple, str] = {}  # _key(found) -> name
         self._virsh = shutil.which("virsh")
         try:
             import libvirt  # optional: python3-libvirt
@@ -71,8 +80,18 @@ class NameResolver:
             libvirt = None
         self._libvirt = libvirt
 
+    @staticmethod
+    def _key(found: Found) -> tuple:
+        return (found.dom_id, found.short_name, found.ident)
+
+    def retain(self, founds) -> None:
+        """Forget the answers for channels that are gone (keeps the cache to the running VMs)."""
+        keep = {self._key(f) for f in founds}
+        for key in [k for k in self._cache if k not in keep]:
+            del self._cache[key]
+
     async def resolve(self, found: Found) -> str:
-        key = (found.dom_id, found.short_name)
+        key = self._key(found)
         name = self._cache.get(key)
         if name is None:
             name = await self._lookup(found) or found.short_name
@@ -140,7 +159,9 @@ class Discovery:
 
     async def scan_once(self) -> None:
         best: dict[str, Found] = {}
-        for found in scan(self.dirs):
+        founds = scan(self.dirs)
+        self.resolver.retain(founds)
+        for found in founds:
             name = await self.resolver.resolve(found)
             # Two ids with one name: a restart raced libvirt's cleanup; the higher id is newer.
             if name not in best or found.dom_id > best[name].dom_id:

@@ -112,3 +112,24 @@ def test_it_should_ask_virsh_for_the_name_when_it_exists(base, tmp_path):
     slow.chmod(0o755)
     resolver._virsh = str(slow)
     assert asyncio.run(resolver.resolve(Found(10, "vm-ten", "/x"))) == "vm-ten"
+
+
+def test_a_new_socket_in_a_directory_seen_before_should_be_resolved_again(base):
+    # After a libvirtd restart, ids start again at 1: another VM sharing the first 20 characters
+    # of the name gets the very directory our VM had. Taking it for our VM would send it our
+    # VM's messages (found by tests/e2e/test_libvirt_discovery.py).
+    prefix = "ovmd-shared-prefix-2"
+    resolver = NoLibvirt({1: prefix + "-vm-a"})
+    d, s = make_channel(base, 1, prefix + "-vm-a")
+    [first] = scan([base])
+    assert asyncio.run(resolver.resolve(first)) == prefix + "-vm-a"
+    s.close()
+    import shutil
+    shutil.rmtree(d)
+    resolver.retain(scan([base]))
+    resolver.names = {1: prefix + "-vm-b"}
+    d, s = make_channel(base, 1, prefix + "-vm-b")
+    [second] = scan([base])
+    assert second == first  # the same id, directory and path: only the socket differs
+    assert asyncio.run(resolver.resolve(second)) == prefix + "-vm-b"
+    s.close()
