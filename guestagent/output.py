@@ -4,19 +4,20 @@ Pure formatting (bytes out) plus write_all(), which writes to a file descriptor 
 buffered stdout: the CLI exits right after writing, and an unflushed buffer that hits a closed
 pipe at interpreter exit produces an "Exception ignored" message we could not catch.
 
-Imports only json and time (both cheap): the CLI's fast path uses it.
+Imports only compactjson, os and time (all cheap): the CLI's fast path uses it.
 """
 
-import json
 import os
 import time
+
+from .compactjson import dumps as _compact_dumps
 
 _ENCODING_ERRORS = "backslashreplace"  # a lone surrogate prints as "\\udcxx", never a traceback
 
 
 def _dumps(obj):
     # The original printed compact JSON and kept non-ASCII text as it is (UTF-8).
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _compact_dumps(obj)
 
 
 def _encode(text):

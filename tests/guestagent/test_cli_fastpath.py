@@ -16,7 +16,7 @@ from harness import Daemon, Host
 from ovmproto.messages import Clear, Ok, Set
 
 OVMD = os.path.join(os.path.dirname(sys.executable), "ovmd")
-HEAVY = ("click", "orjson", "asyncio", "socket", "selectors", "enum", "dataclasses", "logging",
+HEAVY = ("click", "orjson", "json", "asyncio", "socket", "selectors", "enum", "dataclasses", "logging",
          "ovmproto.messages", "ovmproto.codec")
 
 

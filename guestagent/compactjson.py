@@ -1,0 +1,134 @@
+"""Compact JSON for the CLI's hot path, without importing the json package.
+
+`import json` pulls in re and enum: ~7 ms at every `ovmd -g`, against a ~13 ms interpreter start,
+and scripts call `ovmd -g` in loops. The CLI only writes small flat objects and reads the daemon's
+flat replies, so the C accelerator _json (always built with CPython) does the string work here.
+Anything this module does not recognise is handed to the json package, imported only then: the
+result is always exactly what json would give, errors included (a ValueError).
+"""
+
+try:
+    from _json import encode_basestring as _quote
+    from _json import scanstring as _scanstring
+except ImportError:  # an interpreter without the accelerator: the json package does it all
+    _quote = _scanstring = None
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def dumps(obj):
+    """What json.dumps(obj, ensure_ascii=False, separators=(",", ":")) returns."""
+    if _quote is not None:
+        try:
+            return "".join(_dump(obj, []))
+        except _Unsupported:
+            pass
+    import json
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _dump(obj, out):
+    t = type(obj)
+    if t is str:
+        out.append(_quote(obj))
+    elif obj is None:
+        out.append("null")
+    elif t is bool:
+        out.append("true" if obj else "false")
+    elif t is int:
+        out.append(int.__repr__(obj))
+    elif t is dict:
+        out.append("{")
+        for i, (k, v) in enumerate(obj.items()):
+            if type(k) is not str:
+                raise _Unsupported()
+            if i:
+                out.append(",")
+            out.append(_quote(k))
+            out.append(":")
+            _dump(v, out)
+        out.append("}")
+    elif t is list or t is tuple:
+        out.append("[")
+        for i, v in enumerate(obj):
+            if i:
+                out.append(",")
+            _dump(v, out)
+        out.append("]")
+    else:  # floats (json's spelling of specials), subclasses, anything else: json decides
+        raise _Unsupported()
+    return out
+
+
+def loads(data):
+    """What json.loads(data) returns for ``data`` (bytes of UTF-8, or str)."""
+    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    if _scanstring is not None:
+        obj = _flat_object(text)
+        if obj is not None:
+            return obj
+    import json
+    return json.loads(text)
+
+
+_LITERALS = (("true", True), ("false", False), ("null", None))
+_NUMBER_CHARS = frozenset("-+.eE0123456789")
+
+
+def _flat_object(text):
+    """A compact JSON object whose values are strings, numbers, true, false or null; else None."""
+    try:
+        if text[:1] != "{":
+            return None
+        out = {}
+        i = 1
+        if text[i] == "}":
+            return out if len(text) == 2 else None
+        while True:
+            if text[i] != '"':
+                return None
+            key, i = _scanstring(text, i + 1, True)
+            if text[i] != ":":
+                return None
+            i += 1
+            c = text[i]
+            if c == '"':
+                value, i = _scanstring(text, i + 1, True)
+            elif c in "tfn":
+                for word, value in _LITERALS:
+                    if text.startswith(word, i):
+                        i += len(word)
+                        break
+                else:
+                    return None
+            else:
+                j = i
+                while j < len(text) and text[j] in _NUMBER_CHARS:
+                    j += 1
+                value = _number(text[i:j])
+                i = j
+            out[key] = value
+            c = text[i]
+            i += 1
+            if c == "}":
+                return out if i == len(text) else None
+            if c != ",":
+                return None
+    except (ValueError, IndexError):
+        return None  # json gives the answer, or the precise error
+
+
+def _number(tok):
+    """A JSON number token as json reads it; ValueError for anything JSON does not allow."""
+    body = tok[1:] if tok[:1] == "-" else tok
+    mantissa, e, exponent = body.replace("E", "e").partition("e")
+    whole, dot, fraction = mantissa.partition(".")
+    if not whole.isdigit() or (len(whole) > 1 and whole[0] == "0"):
+        raise ValueError(tok)
+    if dot and not fraction.isdigit():
+        raise ValueError(tok)
+    if e and not exponent.lstrip("+-").isdigit() or exponent[1:2] in ("+", "-"):
+        raise ValueError(tok)
+    return float(tok) if (dot or e) else int(tok)
