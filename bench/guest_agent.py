@@ -378,6 +378,26 @@ def script_has_daemon():
     return done.returncode == 0 and "--daemon" in done.stdout
 
 
+def install_wheel_venv(workdir, real_py):
+    """A fresh venv with the project installed from its wheel, as a guest installs it: the
+    development venv's editable install adds an import hook (~2 MB of resident memory) that no
+    installed agent has. Returns the venv's bin directory."""
+    wheels = os.path.join(workdir, "wheel")
+    venv = os.path.join(workdir, "wheel-venv")
+    python = os.path.join(venv, "bin", "python")
+    for cmd in ([VENV_PY, "-m", "build", "--wheel", "--outdir", wheels, ROOT],
+                [real_py, "-m", "venv", venv],
+                None):
+        if cmd is None:
+            wheel = [n for n in os.listdir(wheels) if n.endswith(".whl")][0]
+            cmd = [python, "-m", "pip", "install", "-q", os.path.join(wheels, wheel)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise BenchError("%s failed: %s (try --ovmd-launcher script)" % (
+                " ".join(cmd[:4]), (done.stderr.strip().splitlines() or ["?"])[-1]))
+    return os.path.join(venv, "bin")
+
+
 class Ours(Peer):
     name = OURS
 
@@ -390,12 +410,20 @@ class Ours(Peer):
         self.epoch = os.urandom(8).hex()
         self.seq = 0
         self.command = None
+        # The agent's venv: its console script (figure 5 runs it) and its python (the baseline).
+        self.venv_python = VENV_PY
+        self.ovmd_script = VENV_OVMD
 
     def start(self):
         os.mkdir(self.state_dir, 0o700)
         flags = ["--daemon", "--channel", "PTY", "--socket", self.socket,
                  "--state-dir", self.state_dir, "-d", "1"]
-        if self.launcher == "script" or (self.launcher == "auto" and script_has_daemon()):
+        if self.launcher == "wheel":
+            venv_bin = install_wheel_venv(self.workdir, self.real_py)
+            self.venv_python = os.path.join(venv_bin, "python")
+            self.ovmd_script = os.path.join(venv_bin, "ovmd")
+            argv, exe = [self.ovmd_script] + flags, None
+        elif self.launcher == "script" or (self.launcher == "auto" and script_has_daemon()):
             # The console script: its shebang is the venv's python (a symlink to the real ELF).
             argv, exe = [VENV_OVMD] + flags, None
         else:
@@ -731,8 +759,8 @@ def cli_startup(ours, real_py, runs, warmup=3):
     """Wall time of `ovmd -g KEY` (the console script) against `python -c pass`, interleaved."""
     env = dict(os.environ, OVMD_SOCKET=ours.socket)
     env.pop("PYTHONPATH", None)
-    base_argv, base_exe = venv_python_argv(real_py, ["-c", "pass"])
-    cli_argv = [VENV_OVMD, "-g", KEY_CLI]
+    base_argv, base_exe = [ours.venv_python, "-c", "pass"], real_py  # the agent's own venv
+    cli_argv = [ours.ovmd_script, "-g", KEY_CLI]
 
     def one(argv, exe, check):
         t0 = time.perf_counter()
@@ -871,10 +899,12 @@ def parse_args(argv):
     ap.add_argument("--peers", default="%s,%s" % (OURS, QGA),
                     help="comma-separated subset of ovmd,qemu-ga (default both)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    ap.add_argument("--ovmd-launcher", choices=("auto", "script", "module"), default="auto",
-                    help="start our daemon as `.venv/bin/ovmd --daemon ...` (script) or as "
-                    "`python -m guestagent.daemon ...` (module); auto: the script when its "
-                    "--help offers --daemon")
+    ap.add_argument("--ovmd-launcher", choices=("wheel", "auto", "script", "module"),
+                    default="wheel",
+                    help="wheel (default): install the project from its wheel into a fresh venv, "
+                    "as a guest does, and run that `ovmd --daemon`; script: the development "
+                    "venv's `.venv/bin/ovmd --daemon` (editable install); module: `python -m "
+                    "guestagent.daemon`; auto: script when its --help offers --daemon, else module")
     args = ap.parse_args(argv)
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (figures are medians over rounds)")

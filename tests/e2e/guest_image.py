@@ -95,7 +95,7 @@ _STDLIB_SKIP_PREFIX = ("config-3",)
 _DYNLOAD_SKIP = re.compile(r"^(_test|_xx|xxlimited|_curses|_dbm|readline|nis|ossaudiodev|_ssl|"
                            r"_hashlib|_sqlite3|_tkinter|_ctypes_test|audioop)")
 _SOURCE_DIRS = ("ovmproto", "guestagent", "hostbridge")
-_SOURCE_FILES = ("pyproject.toml", "README.md")
+_SOURCE_FILES = ("pyproject.toml", "README.md", "bin/ovmd")
 
 
 class ImageError(Exception):
@@ -240,6 +240,7 @@ def _build_wheel(work):
     src = work / "src"
     src.mkdir()
     for name in _SOURCE_FILES:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, src / name)
     for name in _SOURCE_DIRS:
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))

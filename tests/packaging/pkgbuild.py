@@ -53,7 +53,23 @@ def build_rpms(outdir, flavour=""):
 
 
 def project_scripts():
-    """pyproject.toml's [project.scripts]: {command: "module:function"}."""
+    """The wheel's commands as {command: "module:function"}: pyproject.toml's [project.scripts]
+    and the plain scripts of [tool.setuptools] script-files (bin/ovmd)."""
+    import re
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        data = tomllib.load(f)
+    scripts = dict(data["project"]["scripts"])
+    for path in data.get("tool", {}).get("setuptools", {}).get("script-files", []):
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            found = re.search(r"^from ([\w.]+) import (\w+)$", f.read(), re.M)
+        scripts[os.path.basename(path)] = "%s:%s" % found.groups()
+    return scripts
+
+
+def entry_point_scripts():
+    """pyproject.toml's [project.scripts] alone: what the wheel's entry_points.txt declares."""
     import tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
