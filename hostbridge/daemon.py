@@ -79,6 +79,14 @@ def setup_logging(level: int) -> None:
         logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
+async def _watchdog(interval: float) -> None:
+    """WATCHDOG=1 from the event loop itself: a loop that stalls stops pinging, and systemd
+    restarts the bridge."""
+    while True:
+        notify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     from .bridge import Bridge  # the heavy part: imported once flags are known to be good
 
@@ -99,7 +107,13 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             server = await api.start(app, config)
         notify.notify("READY=1")
         log.info("ready")
+        watchdog = None
+        interval = notify.watchdog_interval()
+        if interval:
+            watchdog = loop.create_task(_watchdog(interval), name="watchdog")
         await stop.wait()
+        if watchdog is not None:
+            watchdog.cancel()
         notify.notify("STOPPING=1")
         log.info("stopping")
     finally:

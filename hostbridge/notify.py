@@ -28,3 +28,19 @@ def notify(state: str) -> bool:
     except OSError as e:
         log.warning("cannot notify systemd (%s): %s", state.split("=", 1)[0], e)
         return False
+
+
+def watchdog_interval(environ=None, pid: int | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of $WATCHDOG_USEC), or None when not asked for.
+
+    $WATCHDOG_PID, when set, names the process the watchdog is meant for; another means not us.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    wpid = env.get("WATCHDOG_PID")
+    if usec <= 0 or (wpid and wpid != str(os.getpid() if pid is None else pid)):
+        return None
+    return usec / 2e6

@@ -72,6 +72,7 @@ class _Proc:
         self.dir = short_tempdir()
         self.log_path = os.path.join(self.dir, "log")
         self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}  # added to the cleaned environment (e.g. NOTIFY_SOCKET)
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -79,7 +80,8 @@ class _Proc:
     def start(self):
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, env=_clean_env(), cwd=ROOT, close_fds=True)
+                                         stderr=log, env=_clean_env(self.env), cwd=ROOT,
+                                         close_fds=True)
         return self
 
     @property

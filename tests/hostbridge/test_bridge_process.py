@@ -160,3 +160,33 @@ def test_the_daemon_should_refuse_a_bad_flag_with_one_line(tmp):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "NAME=unix:PATH" in r.stderr
+
+
+def test_the_daemon_should_tell_systemd_it_is_ready_then_feed_its_watchdog(tmp):
+    import select
+    import socket
+    import time
+
+    path = os.path.join(tmp, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    bridge = BridgeProc({}, db=os.path.join(tmp, "bridge.sqlite3"))
+    bridge.env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}  # a ping every 0.1 s
+    got = []
+
+    def receive(until):
+        deadline = time.monotonic() + 20
+        while not until() and time.monotonic() < deadline:
+            if select.select([sock], [], [], 0.5)[0]:
+                got.append(sock.recv(4096).decode())
+
+    try:
+        bridge.start()
+        receive(lambda: "READY=1" in got and got[got.index("READY=1"):].count("WATCHDOG=1") >= 3)
+        bridge.stop()
+        receive(lambda: "STOPPING=1" in got)
+    finally:
+        sock.close()
+    assert "READY=1" in got, (got, bridge.log())
+    assert got[got.index("READY=1"):].count("WATCHDOG=1") >= 3, got
+    assert got[-1] == "STOPPING=1", got
