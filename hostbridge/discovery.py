@@ -122,7 +122,7 @@ class NameResolver:
                 return conn.lookupByID(dom_id).name()
             finally:
                 conn.close()
-        except self._libvirt.libvirtError as e:
+        except Exception as e:  # noqa: BLE001 - libvirtError, or a broken binding: use the directory
             log.debug("libvirt lookup of domain %d failed: %s", dom_id, e)
             return None
 
@@ -181,6 +181,8 @@ class Discovery:
         while True:
             try:
                 await self.scan_once()
-            except OSError as e:
-                log.warning("discovery scan failed: %s", e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a dead discovery task would fail silently
+                log.warning("discovery scan failed: %s: %s", type(e).__name__, e)
             await asyncio.sleep(self.interval)

@@ -1,6 +1,6 @@
 """The bridge finds a real libvirt guest by itself and follows it across a destroy and a start.
 
-A real libvirtd (tests/e2e/libvirt.py) runs a transient domain whose name is longer than the 20
+A real libvirtd (tests/e2e/libvirt_daemon.py) runs a transient domain whose name is longer than the 20
 characters libvirt keeps in the channel directory, with the agent's channel declared WITHOUT a
 path (libvirt binds it at /var/lib/libvirt/qemu/channel/target/domain-<id>-<first 20 chars>/
 com.oracle.ovmd) and the test guest's control channel on a socket of ours (guest_image.py). The real
@@ -23,7 +23,8 @@ import time
 import pytest
 
 from guest_image import AGENT_PORT, CONTROL_PORT, ImageError, build_image
-from libvirt import CHANNEL_TARGET_DIR, LibvirtError, channel_dir, domain_xml, running_libvirt
+# Not named libvirt.py: as a top-level test module it would shadow libvirt-python for the bridge.
+from libvirt_daemon import CHANNEL_TARGET_DIR, LibvirtError, channel_dir, domain_xml, running_libvirt
 from qemu import GuestControl
 
 BIN = os.path.dirname(sys.executable)

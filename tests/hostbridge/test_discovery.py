@@ -133,3 +133,37 @@ def test_a_new_socket_in_a_directory_seen_before_should_be_resolved_again(base):
     assert second == first  # the same id, directory and path: only the socket differs
     assert asyncio.run(resolver.resolve(second)) == prefix + "-vm-b"
     s.close()
+
+
+def test_discovery_should_survive_a_failing_scan_and_keep_scanning(base):
+    # A scan that raised anything but OSError used to end the discovery task, silently.
+    class FailsOnce(NoLibvirt):
+        failed = False
+
+        async def resolve(self, found):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("a broken libvirt binding")
+            return await super().resolve(found)
+
+    _, s = make_channel(base, 4, "web9")
+    found = []
+
+    async def on_found(name, path):
+        found.append(name)
+
+    async def on_lost(name):
+        pass
+
+    async def main():
+        d = Discovery([base], on_found, on_lost, interval=0.05, resolver=FailsOnce())
+        task = asyncio.ensure_future(d.run())
+        for _ in range(100):
+            if found:
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(main())
+    s.close()
+    assert found == ["web9"]
