@@ -378,7 +378,7 @@ def script_has_daemon():
     return done.returncode == 0 and "--daemon" in done.stdout
 
 
-def install_wheel_venv(workdir, real_py):
+def install_wheel_venv(workdir, real_py, with_orjson=True):
     """A fresh venv with the project installed from its wheel, as a guest installs it: the
     development venv's editable install adds an import hook (~2 MB of resident memory) that no
     installed agent has. Returns the venv's bin directory."""
@@ -389,8 +389,10 @@ def install_wheel_venv(workdir, real_py):
                 [real_py, "-m", "venv", venv],
                 None):
         if cmd is None:
-            wheel = [n for n in os.listdir(wheels) if n.endswith(".whl")][0]
-            cmd = [python, "-m", "pip", "install", "-q", os.path.join(wheels, wheel)]
+            wheel = os.path.join(wheels, [n for n in os.listdir(wheels) if n.endswith(".whl")][0])
+            # Without orjson: as the distribution packages run (they depend on click only).
+            cmd = ([python, "-m", "pip", "install", "-q", wheel] if with_orjson else
+                   [python, "-m", "pip", "install", "-q", "--no-deps", wheel, "click"])
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise BenchError("%s failed: %s (try --ovmd-launcher script)" % (
@@ -401,10 +403,11 @@ def install_wheel_venv(workdir, real_py):
 class Ours(Peer):
     name = OURS
 
-    def __init__(self, workdir, real_py, launcher="auto"):
+    def __init__(self, workdir, real_py, launcher="auto", with_orjson=True):
         super().__init__(workdir)
         self.real_py = real_py
         self.launcher = launcher
+        self.with_orjson = with_orjson
         self.state_dir = os.path.join(workdir, "state")
         self.socket = os.path.join(workdir, "ovmd.sock")
         self.epoch = os.urandom(8).hex()
@@ -419,7 +422,7 @@ class Ours(Peer):
         flags = ["--daemon", "--channel", "PTY", "--socket", self.socket,
                  "--state-dir", self.state_dir, "-d", "1"]
         if self.launcher == "wheel":
-            venv_bin = install_wheel_venv(self.workdir, self.real_py)
+            venv_bin = install_wheel_venv(self.workdir, self.real_py, self.with_orjson)
             self.venv_python = os.path.join(venv_bin, "python")
             self.ovmd_script = os.path.join(venv_bin, "ovmd")
             argv, exe = [self.ovmd_script] + flags, None
@@ -905,6 +908,9 @@ def parse_args(argv):
                     "as a guest does, and run that `ovmd --daemon`; script: the development "
                     "venv's `.venv/bin/ovmd --daemon` (editable install); module: `python -m "
                     "guestagent.daemon`; auto: script when its --help offers --daemon, else module")
+    ap.add_argument("--without-orjson", action="store_true",
+                    help="with the wheel launcher: install ovmd without orjson, as the .deb and "
+                    ".rpm packages run it (JSON by the standard library)")
     args = ap.parse_args(argv)
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (figures are medians over rounds)")
@@ -938,7 +944,7 @@ def main(argv=None):
         if OURS in args.peers:
             d = os.path.join(workdir, "ovmd")
             os.mkdir(d)
-            peers.append(Ours(d, real_py, args.ovmd_launcher))
+            peers.append(Ours(d, real_py, args.ovmd_launcher, not args.without_orjson))
         if QGA in args.peers:
             d = os.path.join(workdir, "qemu-ga")
             os.mkdir(d)
