@@ -46,6 +46,9 @@ else:
     def _refuse_constant(name):
         raise ValueError("%s is not valid JSON" % name)
 
+    # Built once: json.loads(text, parse_constant=...) would build a decoder at every call.
+    _decode = _json.JSONDecoder(parse_constant=_refuse_constant).decode
+
     def _depth_ok(data):
         depth = 0
         in_string = escaped = False
@@ -91,10 +94,10 @@ else:
                 text.encode("utf-8", "surrogatepass")):
             raise JSONDecodeError("recursion limit reached")
         try:
-            obj = _json.loads(text, parse_constant=_refuse_constant)
+            obj = _decode(text)
         except (ValueError, RecursionError) as e:
             raise JSONDecodeError(str(e).splitlines()[0] if str(e) else "invalid JSON") from None
-        if _SURROGATE_ESCAPE.search(text.encode("utf-8")):
+        if "\\u" in text and _SURROGATE_ESCAPE.search(text.encode("utf-8")):
             try:
                 _all_strings_utf8(obj)
             except UnicodeEncodeError:
