@@ -563,13 +563,21 @@ def run_load(real_py, api_socket, concurrency, n_vms, keys, warmup, duration, se
     return res
 
 
-def cli_startup(real_py, api_socket, runs, warmup=3):
-    """Wall time of `vmmessage query VM KEY` (the console script) vs `python -c pass`, interleaved."""
+def cli_startup(real_py, api_socket, runs, workdir, warmup=3):
+    """Wall time of `vmmessage query VM KEY` vs `python -c pass`, interleaved, both from a fresh
+    venv with the project installed from its wheel, as a host installs it (the development venv's
+    editable-install hook slows every interpreter start, which would flatter the ratio)."""
+    from guest_agent import install_wheel_venv  # the same installation as the guest benchmark
+
+    try:
+        venv_bin = install_wheel_venv(workdir, real_py)
+    except Exception as e:  # guest_agent's own BenchError: report it as ours
+        raise BenchError(str(e)) from None
     env = dict(os.environ, VMMESSAGE_BRIDGE=api_socket)
     env.pop("PYTHONPATH", None)
-    base_argv, base_exe = venv_python_argv(real_py, ["-c", "pass"])
+    base_argv, base_exe = [os.path.join(venv_bin, "python"), "-c", "pass"], real_py
     vm, key = guest_name(1), key_name(1)
-    cli_argv = [VENV_VMMESSAGE, "query", vm, key]
+    cli_argv = [os.path.join(venv_bin, "vmmessage"), "query", vm, key]
     expect = "returned value '%s'" % value_for(vm, 1)
 
     def one(argv, exe, check):
@@ -777,7 +785,7 @@ def main(argv=None):
             r["bridge_cpu_s"] = proc_cpu_ticks(bridge.pid) / float(CLK_TCK)
             last = i == args.rounds - 1
             if last:
-                res["cli"] = cli_startup(real_py, api_socket, args.cli_runs)
+                res["cli"] = cli_startup(real_py, api_socket, args.cli_runs, rdir)
             r["stop_status"], r["stop_s"] = bridge.stop()
             bridge = None
             r["order"] = [1] + r["order"]

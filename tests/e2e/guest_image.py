@@ -95,7 +95,7 @@ _STDLIB_SKIP_PREFIX = ("config-3",)
 _DYNLOAD_SKIP = re.compile(r"^(_test|_xx|xxlimited|_curses|_dbm|readline|nis|ossaudiodev|_ssl|"
                            r"_hashlib|_sqlite3|_tkinter|_ctypes_test|audioop)")
 _SOURCE_DIRS = ("ovmproto", "guestagent", "hostbridge")
-_SOURCE_FILES = ("pyproject.toml", "README.md", "bin/ovmd")
+_SOURCE_FILES = ("pyproject.toml", "README.md", "bin/ovmd", "bin/vmmessage")
 
 
 class ImageError(Exception):
