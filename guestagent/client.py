@@ -18,9 +18,8 @@ never holds a value.
 import _socket
 
 from ovmproto.errors import OvmError
+from ovmproto import compactjson
 from ovmproto.limits import FRAME_MAX
-
-from . import compactjson
 
 # Exit codes of the ovmd command (docs/cli.md).
 EXIT_OK = 0

@@ -10,7 +10,7 @@ Imports only compactjson, os and time (all cheap): the CLI's fast path uses it.
 import os
 import time
 
-from .compactjson import dumps as _compact_dumps
+from ovmproto.compactjson import dumps as _compact_dumps
 
 _ENCODING_ERRORS = "backslashreplace"  # a lone surrogate prints as "\\udcxx", never a traceback
 

@@ -245,7 +245,7 @@ def test_it_should_not_import_click_aiohttp_asyncio_or_socket_on_the_fast_path(s
     r, mods = imported_modules(served, *args)
     assert r.returncode == 0, r.stderr[-500:]
     assert "hostbridge.cli" in mods and "_socket" in mods  # the measurement is real
-    assert not mods & {"click", "aiohttp", "asyncio", "socket", "ssl", "http.client", "orjson"}
+    assert not mods & {"click", "aiohttp", "asyncio", "socket", "ssl", "http.client", "orjson", "json"}
 
 
 def test_it_should_import_click_on_the_other_paths(served):

@@ -1,4 +1,4 @@
-"""guestagent.compactjson must give exactly what the json package gives, without importing it."""
+"""ovmproto.compactjson must give exactly what the json package gives, without importing it."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guestagent import compactjson
+from ovmproto import compactjson
 
 text = st.text(max_size=30)
 scalars = st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | text | \
@@ -63,7 +63,7 @@ def test_loads_should_read_every_number_and_escape_json_reads(data):
 
 def test_the_cli_hot_path_should_not_import_json_or_re():
     # A request as the CLI sends it, and a reply as the daemon writes it (compact, a float ts).
-    code = ("import sys; from guestagent import compactjson as c; "
+    code = ("import sys; from ovmproto import compactjson as c; "
             "c.dumps({'t': 'get', 'id': 1, 'key': 'k\\u00e9'}); "
             "c.dumps({'t': 'put', 'id': 2, 'items': [['a', 'b=c']]}); "
             "r = c.loads(b'{\"t\":\"ok\",\"id\":1,\"value\":\"v\\\\n\",\"ts\":1763.25,'"

@@ -1,8 +1,8 @@
-"""Compact JSON for the CLI's hot path, without importing the json package.
+"""Compact JSON for the CLIs' hot paths (ovmd, vmmessage), without importing the json package.
 
-`import json` pulls in re and enum: ~7 ms at every `ovmd -g`, against a ~13 ms interpreter start,
-and scripts call `ovmd -g` in loops. The CLI only writes small flat objects and reads the daemon's
-flat replies, so the C accelerator _json (always built with CPython) does the string work here.
+`import json` pulls in re and enum: ~7 ms at every `ovmd -g` or `vmmessage query`, against a
+~12 ms interpreter start, and scripts call them in loops. The CLIs write small flat objects and
+read flat replies (the daemon's frames, the bridge API's answers), so the C accelerator _json (always built with CPython) does the string work here.
 Anything this module does not recognise is handed to the json package, imported only then: the
 result is always exactly what json would give, errors included (a ValueError).
 """
