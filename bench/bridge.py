@@ -29,7 +29,6 @@ a direct `get` round trip to one simulated guest (no bridge in between), measure
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import resource
@@ -72,24 +71,11 @@ GOAL_RSS_MB = 200.0
 GOAL_CLI_RATIO = 2.5
 
 
-class BenchError(Exception):
-    """A failure that ends the run with a one-line message (after cleanup)."""
-
-
-# ---------------------------------------------------------------- interpreter and processes --
-# The conventions of bench/guest_agent.py: the venv's real interpreter, exec'd by its real path
-# with argv[0] naming the venv's python (no shim, the venv stays active); processes ended by pid.
-
-def real_interpreter():
-    real = os.path.realpath(VENV_PY)
-    with open(real, "rb") as f:
-        if f.read(4) != b"\x7fELF":
-            raise BenchError("%s resolves to %s, which is not an ELF binary (a shim?)" % (VENV_PY, real))
-    return real
-
-
-def venv_python_argv(real, args):
-    return [VENV_PY] + list(args), real
+# The conventions and helpers of bench/guest_agent.py (this directory is on sys.path when a bench
+# script runs): the venv's real interpreter, exec'd by its real path with argv[0] naming the venv's
+# python (no shim, the venv stays active); processes read from /proc and ended by pid.
+from guest_agent import (BenchError, install_wheel_venv, percentile, proc_cpu_ticks,  # noqa: E402
+                         proc_rss_kib, proc_threads, real_interpreter, venv_python_argv)
 
 
 def kill_pid(pid, grace=5.0):
@@ -115,30 +101,6 @@ def kill_pid(pid, grace=5.0):
         return os.waitstatus_to_exitcode(status)
     except (ProcessLookupError, ChildProcessError):
         return None
-
-
-def proc_cpu_ticks(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return int(rest[11]) + int(rest[12])
-
-
-def proc_rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def proc_threads(pid):
-    return len(os.listdir("/proc/%d/task" % pid))
-
-
-def percentile(sorted_samples, p):
-    """Nearest-rank percentile of an ascending list."""
-    k = max(0, int(math.ceil(p / 100.0 * len(sorted_samples))) - 1)
-    return sorted_samples[k]
 
 
 def cpu_used_s(pids=()):
@@ -567,12 +529,7 @@ def cli_startup(real_py, api_socket, runs, workdir, warmup=3):
     """Wall time of `vmmessage query VM KEY` vs `python -c pass`, interleaved, both from a fresh
     venv with the project installed from its wheel, as a host installs it (the development venv's
     editable-install hook slows every interpreter start, which would flatter the ratio)."""
-    from guest_agent import install_wheel_venv  # the same installation as the guest benchmark
-
-    try:
-        venv_bin = install_wheel_venv(workdir, real_py)
-    except Exception as e:  # guest_agent's own BenchError: report it as ours
-        raise BenchError(str(e)) from None
+    venv_bin = install_wheel_venv(workdir, real_py)  # the guest benchmark's installation
     env = dict(os.environ, VMMESSAGE_BRIDGE=api_socket)
     env.pop("PYTHONPATH", None)
     base_argv, base_exe = [os.path.join(venv_bin, "python"), "-c", "pass"], real_py
