@@ -74,8 +74,9 @@ GOAL_CLI_RATIO = 2.5
 # The conventions and helpers of bench/guest_agent.py (this directory is on sys.path when a bench
 # script runs): the venv's real interpreter, exec'd by its real path with argv[0] naming the venv's
 # python (no shim, the venv stays active); processes read from /proc and ended by pid.
-from guest_agent import (BenchError, install_wheel_venv, percentile, proc_cpu_ticks,  # noqa: E402
-                         proc_rss_kib, proc_threads, real_interpreter, venv_python_argv)
+from guest_agent import (BenchError, install_wheel_venv, interleaved_walls, percentile,  # noqa: E402
+                         proc_cpu_ticks, proc_rss_kib, proc_threads, real_interpreter,
+                         venv_python_argv)
 
 
 def kill_pid(pid, grace=5.0):
@@ -532,36 +533,11 @@ def cli_startup(real_py, api_socket, runs, workdir, warmup=3):
     venv_bin = install_wheel_venv(workdir, real_py)  # the guest benchmark's installation
     env = dict(os.environ, VMMESSAGE_BRIDGE=api_socket)
     env.pop("PYTHONPATH", None)
-    base_argv, base_exe = [os.path.join(venv_bin, "python"), "-c", "pass"], real_py
     vm, key = guest_name(1), key_name(1)
-    cli_argv = [os.path.join(venv_bin, "vmmessage"), "query", vm, key]
     expect = "returned value '%s'" % value_for(vm, 1)
-
-    def one(argv, exe, check):
-        t0 = time.perf_counter()
-        done = subprocess.run(argv, executable=exe, env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
-        dt = time.perf_counter() - t0
-        if done.returncode != 0 or (check is not None and check not in done.stdout.decode()):
-            raise BenchError("%s failed (status %d): %s" % (
-                " ".join(argv), done.returncode,
-                done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
-                or done.stdout[:200]))
-        return dt * 1000.0
-
-    base, cli = [], []
-    for i in range(warmup + runs):
-        pair = [("base", base_argv, base_exe, None), ("cli", cli_argv, None, expect)]
-        if i % 2:
-            pair.reverse()
-        for kind, argv, exe, check in pair:
-            ms = one(argv, exe, check)
-            if i >= warmup:
-                (base if kind == "base" else cli).append(ms)
-    return {"runs": runs, "python_c_pass_ms": statistics.median(base),
-            "vmmessage_query_ms": statistics.median(cli),
-            "ratio": statistics.median(cli) / statistics.median(base),
-            "python_c_pass_min_ms": min(base), "vmmessage_query_min_ms": min(cli)}
+    return interleaved_walls(([os.path.join(venv_bin, "python"), "-c", "pass"], real_py),
+                             ([os.path.join(venv_bin, "vmmessage"), "query", vm, key], None),
+                             lambda out: expect in out, env, runs, "vmmessage_query", warmup)
 
 
 # -------------------------------------------------------------------------------- the report --

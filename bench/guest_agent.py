@@ -758,37 +758,45 @@ def idle_period(peers, seconds, phase):
     return result
 
 
-def cli_startup(ours, real_py, runs, warmup=3):
-    """Wall time of `ovmd -g KEY` (the console script) against `python -c pass`, interleaved."""
-    env = dict(os.environ, OVMD_SOCKET=ours.socket)
-    env.pop("PYTHONPATH", None)
-    base_argv, base_exe = [ours.venv_python, "-c", "pass"], real_py  # the agent's own venv
-    cli_argv = [ours.ovmd_script, "-g", KEY_CLI]
-
+def interleaved_walls(base, cli, ok, env, runs, name, warmup=3):
+    """Whole-process wall times (ms) of ``cli`` against ``base`` (``python -c pass``), run in
+    alternating order so drifts in the machine's load hit both alike. Each is (argv, executable);
+    ``ok(stdout_text)`` checks every cli run's output. Medians, minima and the median ratio."""
     def one(argv, exe, check):
         t0 = time.perf_counter()
         done = subprocess.run(argv, executable=exe, env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
         dt = time.perf_counter() - t0
-        if done.returncode != 0 or (check is not None and done.stdout.decode().strip() != check):
+        if done.returncode != 0 or (check is not None and not check(done.stdout.decode())):
             raise BenchError("%s failed (status %d): %s" % (
                 " ".join(argv), done.returncode,
-                done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or done.stdout[:80]))
+                done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+                or done.stdout[:200]))
         return dt * 1000.0
 
-    base, cli = [], []
+    times = {"base": [], "cli": []}
     for i in range(warmup + runs):
-        pair = [("base", base_argv, base_exe, None), ("cli", cli_argv, None, VALUE_CLI)]
+        pair = [("base",) + tuple(base) + (None,), ("cli",) + tuple(cli) + (ok,)]
         if i % 2:
             pair.reverse()
         for kind, argv, exe, check in pair:
             ms = one(argv, exe, check)
             if i >= warmup:
-                (base if kind == "base" else cli).append(ms)
-    return {"runs": runs, "python_c_pass_ms": statistics.median(base),
-            "ovmd_g_ms": statistics.median(cli),
-            "ratio": statistics.median(cli) / statistics.median(base),
-            "python_c_pass_min_ms": min(base), "ovmd_g_min_ms": min(cli)}
+                times[kind].append(ms)
+    base_ms, cli_ms = times["base"], times["cli"]
+    return {"runs": runs, "python_c_pass_ms": statistics.median(base_ms),
+            name + "_ms": statistics.median(cli_ms),
+            "ratio": statistics.median(cli_ms) / statistics.median(base_ms),
+            "python_c_pass_min_ms": min(base_ms), name + "_min_ms": min(cli_ms)}
+
+
+def cli_startup(ours, real_py, runs, warmup=3):
+    """Wall time of `ovmd -g KEY` against `python -c pass`, both from the agent's own venv."""
+    env = dict(os.environ, OVMD_SOCKET=ours.socket)
+    env.pop("PYTHONPATH", None)
+    return interleaved_walls(([ours.venv_python, "-c", "pass"], real_py),
+                             ([ours.ovmd_script, "-g", KEY_CLI], None),
+                             lambda out: out.strip() == VALUE_CLI, env, runs, "ovmd_g", warmup)
 
 
 # -------------------------------------------------------------------------------- the report --
