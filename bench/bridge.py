@@ -49,8 +49,8 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 import orjson  # noqa: E402  (a project dependency: the venv has it)
-
 from guest_sim import guest_name, key_name, value_for  # noqa: E402
+
 from ovmproto.codec import Reader, encode  # noqa: E402
 from ovmproto.handshake import Handshake  # noqa: E402
 from ovmproto.messages import Get, Ok  # noqa: E402
@@ -74,9 +74,17 @@ GOAL_CLI_RATIO = 2.5
 # The conventions and helpers of bench/guest_agent.py (this directory is on sys.path when a bench
 # script runs): the venv's real interpreter, exec'd by its real path with argv[0] naming the venv's
 # python (no shim, the venv stays active); processes read from /proc and ended by pid.
-from guest_agent import (BenchError, install_wheel_venv, interleaved_walls, percentile,  # noqa: E402
-                         proc_cpu_ticks, proc_rss_kib, proc_threads, real_interpreter,
-                         venv_python_argv)
+from guest_agent import (
+    BenchError,
+    install_wheel_venv,
+    interleaved_walls,
+    percentile,
+    proc_cpu_ticks,
+    proc_rss_kib,
+    proc_threads,
+    real_interpreter,
+    venv_python_argv,
+)
 
 
 def kill_pid(pid, grace=5.0):
@@ -118,14 +126,18 @@ def cpu_used_s(pids=()):
 
 # ------------------------------------------------------------------------ a tiny HTTP client --
 
+
 def http_get(sock_path, target, timeout=10.0):
     """One GET over the API's unix socket (Connection: close); (status, body bytes)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
         s.connect(sock_path)
-        s.sendall(("GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-                   % target).encode("ascii"))
+        s.sendall(
+            ("GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % target).encode(
+                "ascii"
+            )
+        )
         chunks = []
         while True:
             c = s.recv(1 << 20)
@@ -145,6 +157,7 @@ def http_get(sock_path, target, timeout=10.0):
 # Runs in its own process (`bridge.py --loadgen ...`) so that its CPU is not the bridge's and the
 # two can use both cores. Callback-driven asyncio protocols: a reply triggers the next request on
 # the same keep-alive connection, so the generator spends as little CPU per request as it can.
+
 
 class _Conn(asyncio.Protocol):
     REQ = "GET /v1/vms/%s/keys/%s HTTP/1.1\r\nHost: localhost\r\n\r\n"
@@ -195,24 +208,26 @@ class _Conn(asyncio.Protocol):
             self.status = int(head[9:12])
             i = head.find(b"content-length:")
             if i < 0:
-                self.gen.errors["no_content_length"] = self.gen.errors.get("no_content_length", 0) + 1
+                self.gen.errors["no_content_length"] = (
+                    self.gen.errors.get("no_content_length", 0) + 1
+                )
                 self.transport.close()
                 return
             j = head.find(b"\r\n", i)
-            length = int(head[i + 15:j if j >= 0 else len(head)])
+            length = int(head[i + 15 : j if j >= 0 else len(head)])
             self.body_at = end + 4
             self.total = end + 4 + length
         if len(buf) < self.total:
             return
         t1 = time.perf_counter()
-        body = bytes(buf[self.body_at:self.total])
-        del buf[:self.total]
+        body = bytes(buf[self.body_at : self.total])
+        del buf[: self.total]
         self.total = -1
         self.gen.record(self, self.status, body, t1)
         self.send_next()
 
 
-class _LoadGen(object):
+class _LoadGen:
     def __init__(self, vms, keys, seed):
         self.vms = vms
         self.keys = keys
@@ -282,12 +297,16 @@ async def _loadgen_main(args):
     lat = sorted(gen.lat)
     window = gen.win_end - gen.win_start
     res = {
-        "concurrency": args.concurrency, "window_s": window, "completed": gen.done_in_window,
+        "concurrency": args.concurrency,
+        "window_s": window,
+        "completed": gen.done_in_window,
         "qps": gen.done_in_window / window,
         "p50_ms": percentile(lat, 50) * 1000 if lat else None,
         "p99_ms": percentile(lat, 99) * 1000 if lat else None,
         "max_ms": lat[-1] * 1000 if lat else None,
-        "total_requests": gen.done_total, "stale": gen.stale, "wrong_value": gen.wrong,
+        "total_requests": gen.done_total,
+        "stale": gen.stale,
+        "wrong_value": gen.wrong,
         "errors": gen.errors,
         "loadgen_cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
     }
@@ -311,7 +330,8 @@ def loadgen_main(argv):
 
 # --------------------------------------------------------------------------------- the parts --
 
-class GuestSim(object):
+
+class GuestSim:
     def __init__(self, workdir, real_py, count, keys):
         self.dir = os.path.join(workdir, "guests")
         os.mkdir(self.dir)
@@ -319,12 +339,26 @@ class GuestSim(object):
         self.keys = keys
         self.stats_path = os.path.join(workdir, "guest_sim.stats.json")
         self.log_path = os.path.join(workdir, "guest_sim.log")
-        argv, exe = venv_python_argv(real_py, [GUEST_SIM, "--dir", self.dir, "--count", str(count),
-                                               "--keys", str(keys), "--extra", "1",
-                                               "--stats", self.stats_path])
+        argv, exe = venv_python_argv(
+            real_py,
+            [
+                GUEST_SIM,
+                "--dir",
+                self.dir,
+                "--count",
+                str(count),
+                "--keys",
+                str(keys),
+                "--extra",
+                "1",
+                "--stats",
+                self.stats_path,
+            ],
+        )
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, executable=exe, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=self._log)
+        self.proc = subprocess.Popen(
+            argv, executable=exe, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log
+        )
         self.pid = self.proc.pid
         line = self.proc.stdout.readline().decode().strip()
         if not line.startswith("ready"):
@@ -344,7 +378,7 @@ class GuestSim(object):
             return status, None
 
 
-class Bridge(object):
+class Bridge:
     """One run of the real bridge; stop() ends it by pid."""
 
     def __init__(self, workdir, tag, config_path, db, api_socket, opts, real_py):
@@ -363,8 +397,13 @@ class Bridge(object):
         else:
             argv, exe = [VENV_HOSTBRIDGE] + flags, None  # the console script, as deployed
         self.t_start = time.monotonic()
-        self.proc = subprocess.Popen(argv, executable=exe, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv,
+            executable=exe,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         self.pid = self.proc.pid
 
     def alive(self):
@@ -393,11 +432,20 @@ class Bridge(object):
 
 
 def write_config(path, db, api_socket, sim):
-    lines = ["[bridge]", "db = %s" % json.dumps(db), "api_socket = %s" % json.dumps(api_socket),
-             "discover = false", ""]
+    lines = [
+        "[bridge]",
+        "db = %s" % json.dumps(db),
+        "api_socket = %s" % json.dumps(api_socket),
+        "discover = false",
+        "",
+    ]
     for i in range(sim.count):
-        lines += ["[[vm]]", "name = %s" % json.dumps(guest_name(i)),
-                  "channel = %s" % json.dumps("unix:" + sim.path(i)), ""]
+        lines += [
+            "[[vm]]",
+            "name = %s" % json.dumps(guest_name(i)),
+            "channel = %s" % json.dumps("unix:" + sim.path(i)),
+            "",
+        ]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -407,8 +455,9 @@ def mirrored_count(db, keys):
     try:
         con = sqlite3.connect("file:%s?mode=ro" % db, uri=True, timeout=1.0)
         try:
-            return con.execute("SELECT COUNT(*) FROM vms WHERE gid IS NOT NULL AND gseq >= ?",
-                               (keys,)).fetchone()[0]
+            return con.execute(
+                "SELECT COUNT(*) FROM vms WHERE gid IS NOT NULL AND gseq >= ?", (keys,)
+            ).fetchone()[0]
         finally:
             con.close()
     except sqlite3.Error:
@@ -424,8 +473,10 @@ def wait_synced(bridge, n, keys, timeout, check_mirror=True):
     next_db_check = 0.0
     while time.monotonic() < deadline:
         if not bridge.alive():
-            raise BenchError("the bridge exited with status %s during startup:\n%s"
-                             % (bridge.proc.poll(), bridge.log_tail()))
+            raise BenchError(
+                "the bridge exited with status %s during startup:\n%s"
+                % (bridge.proc.poll(), bridge.log_tail())
+            )
         now = time.monotonic()
         if t_sync is None:
             h = bridge.health()
@@ -443,8 +494,10 @@ def wait_synced(bridge, n, keys, timeout, check_mirror=True):
             break
         time.sleep(0.05)
     if t_sync is None:
-        raise BenchError("only %d of %d guests synced within %.0f s:\n%s"
-                         % (last_connected, n, timeout, bridge.log_tail()))
+        raise BenchError(
+            "only %d of %d guests synced within %.0f s:\n%s"
+            % (last_connected, n, timeout, bridge.log_tail())
+        )
     return {"api_up_s": t_api, "synced_s": t_sync, "mirrored_s": t_mirror}
 
 
@@ -487,21 +540,44 @@ def direct_round_trips(path, n, warmup=100):
 
 def run_load(real_py, api_socket, concurrency, n_vms, keys, warmup, duration, seed, pids):
     """One load phase in a separate process; its result plus every process's CPU in the window."""
-    argv, exe = venv_python_argv(real_py, [os.path.abspath(__file__), "--loadgen",
-                                           "--socket", api_socket,
-                                           "--concurrency", str(concurrency),
-                                           "--vms", str(n_vms), "--keys", str(keys),
-                                           "--warmup", str(warmup), "--duration", str(duration),
-                                           "--seed", str(seed)])
-    proc = subprocess.Popen(argv, executable=exe, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv, exe = venv_python_argv(
+        real_py,
+        [
+            os.path.abspath(__file__),
+            "--loadgen",
+            "--socket",
+            api_socket,
+            "--concurrency",
+            str(concurrency),
+            "--vms",
+            str(n_vms),
+            "--keys",
+            str(keys),
+            "--warmup",
+            str(warmup),
+            "--duration",
+            str(duration),
+            "--seed",
+            str(seed),
+        ],
+    )
+    proc = subprocess.Popen(
+        argv,
+        executable=exe,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
+
         def expect(word):
             line = proc.stdout.readline().decode().strip()
             if line != word:
                 err = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
-                raise BenchError("load generator: expected %r, got %r; %s"
-                                 % (word, line, err[-1:] or "no error output"))
+                raise BenchError(
+                    "load generator: expected %r, got %r; %s"
+                    % (word, line, err[-1:] or "no error output")
+                )
 
         expect("window-start")
         t0 = time.monotonic()
@@ -535,12 +611,19 @@ def cli_startup(real_py, api_socket, runs, workdir, warmup=3):
     env.pop("PYTHONPATH", None)
     vm, key = guest_name(1), key_name(1)
     expect = "returned value '%s'" % value_for(vm, 1)
-    return interleaved_walls(([os.path.join(venv_bin, "python"), "-c", "pass"], real_py),
-                             ([os.path.join(venv_bin, "vmmessage"), "query", vm, key], None),
-                             lambda out: expect in out, env, runs, "vmmessage_query", warmup)
+    return interleaved_walls(
+        ([os.path.join(venv_bin, "python"), "-c", "pass"], real_py),
+        ([os.path.join(venv_bin, "vmmessage"), "query", vm, key], None),
+        lambda out: expect in out,
+        env,
+        runs,
+        "vmmessage_query",
+        warmup,
+    )
 
 
 # -------------------------------------------------------------------------------- the report --
+
 
 def fmt(v, spec="%.0f"):
     return "n/a" if v is None else spec % v
@@ -559,12 +642,25 @@ def build_summary(res):
         rows.append({"figure": label, "ours": ours, "goal": goal, "met": met, "spec": spec})
 
     sync = med([r["sync"]["synced_s"] for r in rounds])
-    row("a. start -> all %d guests synced (s)" % res["guests"], sync, "< %g s" % GOAL_SYNC_S,
-        None if sync is None else sync < GOAL_SYNC_S, "%.2f")
-    row("   start -> API answers (s)", med([r["sync"]["api_up_s"] for r in rounds]), "-",
-        spec="%.2f")
-    row("   start -> all mirrors refreshed and saved (s)",
-        med([r["sync"]["mirrored_s"] for r in rounds]), "-", spec="%.2f")
+    row(
+        "a. start -> all %d guests synced (s)" % res["guests"],
+        sync,
+        "< %g s" % GOAL_SYNC_S,
+        None if sync is None else sync < GOAL_SYNC_S,
+        "%.2f",
+    )
+    row(
+        "   start -> API answers (s)",
+        med([r["sync"]["api_up_s"] for r in rounds]),
+        "-",
+        spec="%.2f",
+    )
+    row(
+        "   start -> all mirrors refreshed and saved (s)",
+        med([r["sync"]["mirrored_s"] for r in rounds]),
+        "-",
+        spec="%.2f",
+    )
     rs = res.get("restart")
     if rs:
         row("   restart on the same database -> all synced (s)", rs["synced_s"], "-", spec="%.2f")
@@ -576,22 +672,45 @@ def build_summary(res):
         goal_met = None
         if c != 1:
             goal_met = qps is not None and p99 is not None and qps >= GOAL_QPS and p99 < GOAL_P99_MS
-        row("b. GET key, %d conn: queries/s" % c, qps,
-            ">= %d and p99 < %g ms" % (GOAL_QPS, GOAL_P99_MS) if c != 1 else "-", goal_met)
+        row(
+            "b. GET key, %d conn: queries/s" % c,
+            qps,
+            ">= %d and p99 < %g ms" % (GOAL_QPS, GOAL_P99_MS) if c != 1 else "-",
+            goal_met,
+        )
         row("b. GET key, %d conn: p50 (ms)" % c, p50, "-", spec="%.2f")
-        row("b. GET key, %d conn: p99 (ms)" % c, p99, "< %g ms" % GOAL_P99_MS if c != 1 else "-",
-            None if c == 1 or p99 is None else p99 < GOAL_P99_MS, "%.2f")
+        row(
+            "b. GET key, %d conn: p99 (ms)" % c,
+            p99,
+            "< %g ms" % GOAL_P99_MS if c != 1 else "-",
+            None if c == 1 or p99 is None else p99 < GOAL_P99_MS,
+            "%.2f",
+        )
     direct = med([r["direct"]["p50_us"] for r in rounds])
-    row("   yardstick: direct get to one guest, p50 (ms)", None if direct is None else direct / 1000,
-        "-", spec="%.3f")
+    row(
+        "   yardstick: direct get to one guest, p50 (ms)",
+        None if direct is None else direct / 1000,
+        "-",
+        spec="%.3f",
+    )
     rss = med([r["rss_after_load_kib"] for r in rounds])
     rss_mb = None if rss is None else rss * 1024 / 1e6
-    row("c. bridge RSS after (b) (MB = 10^6 B)", rss_mb, "< %g MB" % GOAL_RSS_MB,
-        None if rss_mb is None else rss_mb < GOAL_RSS_MB, "%.1f")
+    row(
+        "c. bridge RSS after (b) (MB = 10^6 B)",
+        rss_mb,
+        "< %g MB" % GOAL_RSS_MB,
+        None if rss_mb is None else rss_mb < GOAL_RSS_MB,
+        "%.1f",
+    )
     cli = res.get("cli")
     if cli:
-        row("d. `vmmessage query` wall / `python -c pass`", cli["ratio"], "<= %g" % GOAL_CLI_RATIO,
-            cli["ratio"] <= GOAL_CLI_RATIO, "%.2fx")
+        row(
+            "d. `vmmessage query` wall / `python -c pass`",
+            cli["ratio"],
+            "<= %g" % GOAL_CLI_RATIO,
+            cli["ratio"] <= GOAL_CLI_RATIO,
+            "%.2fx",
+        )
         row("   `vmmessage query` wall (ms)", cli["vmmessage_query_ms"], "-", spec="%.1f")
         row("   `python -c pass` wall (ms)", cli["python_c_pass_ms"], "-", spec="%.1f")
     return rows
@@ -605,8 +724,9 @@ def print_summary(rows, out=sys.stdout):
         table.append((r["figure"], fmt(r["ours"], r["spec"]), r["goal"], met))
     widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
     for n, t in enumerate(table):
-        cells = [str(c).rjust(widths[i]) if i == 1 else str(c).ljust(widths[i])
-                 for i, c in enumerate(t)]
+        cells = [
+            str(c).rjust(widths[i]) if i == 1 else str(c).ljust(widths[i]) for i, c in enumerate(t)
+        ]
         print("  ".join(cells).rstrip(), file=out)
         if n == 0:
             print("  ".join("-" * w for w in widths), file=out)
@@ -614,23 +734,46 @@ def print_summary(rows, out=sys.stdout):
 
 def print_round(r, i):
     s = r["sync"]
-    print("round %d: synced %.2f s (API up %.2f s, mirrors saved %s s); direct get p50 %.0f us; "
-          "RSS %.1f MB after sync, %.1f MB after load; bridge stop %.2f s (status %s)"
-          % (i + 1, s["synced_s"], s["api_up_s"], fmt(s["mirrored_s"], "%.2f"),
-             r["direct"]["p50_us"], r["rss_after_sync_kib"] * 1024 / 1e6,
-             r["rss_after_load_kib"] * 1024 / 1e6, r.get("stop_s", float("nan")),
-             r.get("stop_status")))
+    print(
+        "round %d: synced %.2f s (API up %.2f s, mirrors saved %s s); direct get p50 %.0f us; "
+        "RSS %.1f MB after sync, %.1f MB after load; bridge stop %.2f s (status %s)"
+        % (
+            i + 1,
+            s["synced_s"],
+            s["api_up_s"],
+            fmt(s["mirrored_s"], "%.2f"),
+            r["direct"]["p50_us"],
+            r["rss_after_sync_kib"] * 1024 / 1e6,
+            r["rss_after_load_kib"] * 1024 / 1e6,
+            r.get("stop_s", float("nan")),
+            r.get("stop_status"),
+        )
+    )
     for c in r["order"]:
         x = r["load"][str(c)]
         cpu = x["cpu_pct"]
-        print("    %2d conn: %6.0f q/s  p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  stale %d  "
-              "wrong %d  errors %s  CPU%% bridge %.0f, guest_sim %.0f, loadgen %.0f"
-              % (c, x["qps"], x["p50_ms"], x["p99_ms"], x["max_ms"], x["stale"], x["wrong_value"],
-                 x["errors"] or "none", cpu["bridge"], cpu["guest_sim"], cpu["loadgen"]))
+        print(
+            "    %2d conn: %6.0f q/s  p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  stale %d  "
+            "wrong %d  errors %s  CPU%% bridge %.0f, guest_sim %.0f, loadgen %.0f"
+            % (
+                c,
+                x["qps"],
+                x["p50_ms"],
+                x["p99_ms"],
+                x["max_ms"],
+                x["stale"],
+                x["wrong_value"],
+                x["errors"] or "none",
+                cpu["bridge"],
+                cpu["guest_sim"],
+                cpu["loadgen"],
+            )
+        )
     sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------- the run --
+
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -640,15 +783,26 @@ def parse_args(argv):
     ap.add_argument("--guests", type=int, default=1000, help="simulated guests (default 1000)")
     ap.add_argument("--keys", type=int, default=4, help="keys pre-set in each guest (default 4)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    ap.add_argument("--bridge-debug", type=int, choices=(0, 1, 2), default=1,
-                    help="the bridge's -d level (default 1, its own default: info, which includes "
-                    "aiohttp's access log line per request)")
-    ap.add_argument("--bridge-script", metavar="FILE",
-                    help="run this Python script with the bridge's flags instead of the hostbridge "
-                    "console script (e.g. a patched variant, for comparison)")
-    ap.add_argument("--profile", metavar="OUT",
-                    help="run every bridge under cProfile (OUT.round1 ...) and print the hot spots "
-                    "of the last round; the figures of such a run are NOT representative")
+    ap.add_argument(
+        "--bridge-debug",
+        type=int,
+        choices=(0, 1, 2),
+        default=1,
+        help="the bridge's -d level (default 1, its own default: info, which includes "
+        "aiohttp's access log line per request)",
+    )
+    ap.add_argument(
+        "--bridge-script",
+        metavar="FILE",
+        help="run this Python script with the bridge's flags instead of the hostbridge "
+        "console script (e.g. a patched variant, for comparison)",
+    )
+    ap.add_argument(
+        "--profile",
+        metavar="OUT",
+        help="run every bridge under cProfile (OUT.round1 ...) and print the hot spots "
+        "of the last round; the figures of such a run are NOT representative",
+    )
     args = ap.parse_args(argv)
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (figures are medians over rounds)")
@@ -675,22 +829,38 @@ def main(argv=None):
     api_socket = os.path.join(workdir, "api.sock")
     sim = bridge = None
     concurrencies = [64, 16]
-    res = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(),
-           "cpus": os.cpu_count(), "interpreter": real_py, "quick": args.quick,
-           "guests": args.guests, "keys_per_guest": args.keys, "rounds": [],
-           "concurrencies": concurrencies + [1], "window_s": args.duration,
-           "sequential_window_s": args.seq_duration}
-    print("host bridge benchmark: the real hostbridge, %d simulated guests (%d keys each)%s"
-          % (args.guests, args.keys, " (--quick)" if args.quick else ""))
-    print("machine: %d CPUs, load average %.2f %.2f %.2f at start; interpreter %s (via %s)"
-          % ((res["cpus"],) + tuple(res["loadavg_start"]) + (real_py, VENV_PY)))
-    res["bridge_command"] = "%s --config FILE -d %d" % (args.bridge_script or VENV_HOSTBRIDGE,
-                                                         args.bridge_debug)
+    res = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_start": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "interpreter": real_py,
+        "quick": args.quick,
+        "guests": args.guests,
+        "keys_per_guest": args.keys,
+        "rounds": [],
+        "concurrencies": concurrencies + [1],
+        "window_s": args.duration,
+        "sequential_window_s": args.seq_duration,
+    }
+    print(
+        "host bridge benchmark: the real hostbridge, %d simulated guests (%d keys each)%s"
+        % (args.guests, args.keys, " (--quick)" if args.quick else "")
+    )
+    print(
+        "machine: %d CPUs, load average %.2f %.2f %.2f at start; interpreter %s (via %s)"
+        % ((res["cpus"],) + tuple(res["loadavg_start"]) + (real_py, VENV_PY))
+    )
+    res["bridge_command"] = "%s --config FILE -d %d" % (
+        args.bridge_script or VENV_HOSTBRIDGE,
+        args.bridge_debug,
+    )
     print("bridge: %s%s" % (res["bridge_command"], " (under cProfile)" if args.profile else ""))
     sys.stdout.flush()
     try:
         sim = GuestSim(workdir, real_py, args.guests, args.keys)
-        print("guest_sim (pid %d) listens on %d sockets in %s" % (sim.pid, args.guests + 1, sim.dir))
+        print(
+            "guest_sim (pid %d) listens on %d sockets in %s" % (sim.pid, args.guests + 1, sim.dir)
+        )
         res["guest_sim_rss_kib"] = proc_rss_kib(sim.pid)
         sys.stdout.flush()
         last_db = None
@@ -700,19 +870,39 @@ def main(argv=None):
             db = os.path.join(rdir, "bridge.sqlite3")
             cfg = os.path.join(rdir, "bridge.toml")
             write_config(cfg, db, api_socket, sim)
-            r = {"order": concurrencies if i % 2 == 0 else list(reversed(concurrencies)),
-                 "load": {}}
+            r = {
+                "order": concurrencies if i % 2 == 0 else list(reversed(concurrencies)),
+                "load": {},
+            }
             bridge = Bridge(workdir, "round%d" % (i + 1), cfg, db, api_socket, args, real_py)
             r["sync"] = wait_synced(bridge, args.guests, args.keys, args.sync_timeout)
             r["rss_after_sync_kib"] = proc_rss_kib(bridge.pid)
             r["direct"] = direct_round_trips(sim.path(args.guests), 1000)
             pids = {"bridge": bridge.pid, "guest_sim": sim.pid}
             # The sequential run first: it measures the bridge's own cost per query, unloaded.
-            r["load"]["1"] = run_load(real_py, api_socket, 1, args.guests, args.keys,
-                                      args.warmup, args.seq_duration, 1000 + i, pids)
+            r["load"]["1"] = run_load(
+                real_py,
+                api_socket,
+                1,
+                args.guests,
+                args.keys,
+                args.warmup,
+                args.seq_duration,
+                1000 + i,
+                pids,
+            )
             for c in r["order"]:
-                r["load"][str(c)] = run_load(real_py, api_socket, c, args.guests, args.keys,
-                                             args.warmup, args.duration, 100 * i + c, pids)
+                r["load"][str(c)] = run_load(
+                    real_py,
+                    api_socket,
+                    c,
+                    args.guests,
+                    args.keys,
+                    args.warmup,
+                    args.duration,
+                    100 * i + c,
+                    pids,
+                )
             r["rss_after_load_kib"] = proc_rss_kib(bridge.pid)
             r["threads"] = proc_threads(bridge.pid)
             r["bridge_cpu_s"] = proc_cpu_ticks(bridge.pid) / float(CLK_TCK)
@@ -727,16 +917,20 @@ def main(argv=None):
             last_db = (cfg, db)
             used = cpu_used_s([sim.pid])
             if used > CPU_BUDGET_S:
-                raise BenchError("CPU budget exceeded (%.0f s of %.0f s); stopping"
-                                 % (used, CPU_BUDGET_S))
+                raise BenchError(
+                    "CPU budget exceeded (%.0f s of %.0f s); stopping" % (used, CPU_BUDGET_S)
+                )
         # A restart on the last round's database: mirrors and epochs are on disk already.
         bridge = Bridge(workdir, "restart", last_db[0], last_db[1], api_socket, args, real_py)
-        res["restart"] = wait_synced(bridge, args.guests, args.keys, args.sync_timeout,
-                                     check_mirror=False)
+        res["restart"] = wait_synced(
+            bridge, args.guests, args.keys, args.sync_timeout, check_mirror=False
+        )
         res["restart"]["stop_status"], res["restart"]["stop_s"] = bridge.stop()
         bridge = None
-        print("restart on the same database: synced %.2f s (API up %.2f s)"
-              % (res["restart"]["synced_s"], res["restart"]["api_up_s"]))
+        print(
+            "restart on the same database: synced %.2f s (API up %.2f s)"
+            % (res["restart"]["synced_s"], res["restart"]["api_up_s"])
+        )
         res["loadavg_end"] = os.getloadavg()
         res["guest_sim_cpu_s"] = proc_cpu_ticks(sim.pid) / float(CLK_TCK)
         res["cpu_used_s"] = cpu_used_s([sim.pid])
@@ -762,48 +956,82 @@ def main(argv=None):
     rows = build_summary(res)
     res["summary"] = [{k: v for k, v in r.items() if k != "spec"} for r in rows]
     print()
-    print("summary: medians over %d rounds (each a fresh bridge and database); load windows %g s "
-          "(sequential %g s); %d guests x %d keys" % (args.rounds, args.duration, args.seq_duration,
-                                                      args.guests, args.keys))
+    print(
+        "summary: medians over %d rounds (each a fresh bridge and database); load windows %g s "
+        "(sequential %g s); %d guests x %d keys"
+        % (args.rounds, args.duration, args.seq_duration, args.guests, args.keys)
+    )
     print_summary(rows)
     print()
     for c in res["concurrencies"]:
         cpu = [r["load"][str(c)]["cpu_pct"] for r in res["rounds"]]
-        print("CPU during the %d-connection windows (%% of one core; 200%% = both cores): bridge "
-              "%.0f%%, guest_sim %.0f%%, load generator %.0f%% (medians)"
-              % (c, med([x["bridge"] for x in cpu]), med([x["guest_sim"] for x in cpu]),
-                 med([x["loadgen"] for x in cpu])))
+        print(
+            "CPU during the %d-connection windows (%% of one core; 200%% = both cores): bridge "
+            "%.0f%%, guest_sim %.0f%%, load generator %.0f%% (medians)"
+            % (
+                c,
+                med([x["bridge"] for x in cpu]),
+                med([x["guest_sim"] for x in cpu]),
+                med([x["loadgen"] for x in cpu]),
+            )
+        )
     problems = []
     for r in res["rounds"]:
         for c, x in r["load"].items():
             if x["stale"] or x["wrong_value"] or x["errors"]:
-                problems.append("round %d, %s conn: stale %d, wrong %d, errors %s"
-                                % (res["rounds"].index(r) + 1, c, x["stale"], x["wrong_value"],
-                                   x["errors"]))
-    print("answers checked (status 200, the expected value, stale false): %s"
-          % ("all good" if not problems else "; ".join(problems)))
+                problems.append(
+                    "round %d, %s conn: stale %d, wrong %d, errors %s"
+                    % (res["rounds"].index(r) + 1, c, x["stale"], x["wrong_value"], x["errors"])
+                )
+    print(
+        "answers checked (status 200, the expected value, stale false): %s"
+        % ("all good" if not problems else "; ".join(problems))
+    )
     stats = res.get("guest_sim_stats")
     if stats:
         total_api = sum(x["total_requests"] for r in res["rounds"] for x in r["load"].values())
-        print("guest_sim answered: %s; connections accepted %d (API key queries sent in all: %d)"
-              % (", ".join("%s %d" % kv for kv in sorted(stats["requests"].items())),
-                 stats["connects"], total_api))
-    print("peer: there is no public peer for a host bridge. Yardstick: a direct get round trip to "
-          "one simulated guest (no bridge) p50 %.0f us; the bridge's sequential query p50 is %.2f ms "
-          "(HTTP over the unix socket + the bridge + the guest round trip)."
-          % (med([r["direct"]["p50_us"] for r in res["rounds"]]),
-             med([r["load"]["1"]["p50_ms"] for r in res["rounds"]])))
+        print(
+            "guest_sim answered: %s; connections accepted %d (API key queries sent in all: %d)"
+            % (
+                ", ".join("%s %d" % kv for kv in sorted(stats["requests"].items())),
+                stats["connects"],
+                total_api,
+            )
+        )
+    print(
+        "peer: there is no public peer for a host bridge. Yardstick: a direct get round trip to "
+        "one simulated guest (no bridge) p50 %.0f us; the bridge's sequential query p50 is %.2f ms "
+        "(HTTP over the unix socket + the bridge + the guest round trip)."
+        % (
+            med([r["direct"]["p50_us"] for r in res["rounds"]]),
+            med([r["load"]["1"]["p50_ms"] for r in res["rounds"]]),
+        )
+    )
     if "cli" in res:
         c = res["cli"]
-        print("d: %d runs each, interleaved; medians vmmessage query %.1f ms, python -c pass %.1f ms "
-              "(minima %.1f / %.1f ms)" % (c["runs"], c["vmmessage_query_ms"], c["python_c_pass_ms"],
-                                           c["vmmessage_query_min_ms"], c["python_c_pass_min_ms"]))
-    print("bridge threads after load: %s; guest_sim RSS at start %.1f MB"
-          % (", ".join(str(r["threads"]) for r in res["rounds"]),
-             res["guest_sim_rss_kib"] * 1024 / 1e6))
-    print("load average %.2f %.2f %.2f at start, %.2f %.2f %.2f at end; CPU used by this run "
-          "(harness + children): %.0f s" % (tuple(res["loadavg_start"]) + tuple(res["loadavg_end"])
-                                            + (res["cpu_used_s"],)))
+        print(
+            "d: %d runs each, interleaved; medians vmmessage query %.1f ms, python -c pass %.1f ms "
+            "(minima %.1f / %.1f ms)"
+            % (
+                c["runs"],
+                c["vmmessage_query_ms"],
+                c["python_c_pass_ms"],
+                c["vmmessage_query_min_ms"],
+                c["python_c_pass_min_ms"],
+            )
+        )
+    print(
+        "bridge threads after load: %s; guest_sim RSS at start %.1f MB"
+        % (
+            ", ".join(str(r["threads"]) for r in res["rounds"]),
+            res["guest_sim_rss_kib"] * 1024 / 1e6,
+        )
+    )
+    print(
+        "load average %.2f %.2f %.2f at start, %.2f %.2f %.2f at end; CPU used by this run "
+        "(harness + children): %.0f s"
+        % (tuple(res["loadavg_start"]) + tuple(res["loadavg_end"]) + (res["cpu_used_s"],))
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

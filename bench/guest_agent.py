@@ -48,11 +48,19 @@ VENV_OVMD = os.path.join(ROOT, ".venv", "bin", "ovmd")
 QEMU_GA = shutil.which("qemu-ga") or "/usr/sbin/qemu-ga"
 
 # qemu-ga may run only these; everything else its `-b ?` lists is blocked.
-QGA_ALLOWED = ("guest-sync", "guest-sync-delimited", "guest-ping", "guest-info",
-               "guest-file-open", "guest-file-read", "guest-file-write", "guest-file-close",
-               "guest-file-seek")
+QGA_ALLOWED = (
+    "guest-sync",
+    "guest-sync-delimited",
+    "guest-ping",
+    "guest-info",
+    "guest-file-open",
+    "guest-file-read",
+    "guest-file-write",
+    "guest-file-close",
+    "guest-file-seek",
+)
 
-VALUE_8K = ("0123456789abcdef" * 512)  # 8,192 bytes of ASCII: no JSON escaping on either side
+VALUE_8K = "0123456789abcdef" * 512  # 8,192 bytes of ASCII: no JSON escaping on either side
 assert len(VALUE_8K.encode()) == 8192
 KEY_8K = "com.example.bench.value8k"
 KEY_CLI = "com.example.bench.cli"
@@ -71,12 +79,15 @@ class BenchError(Exception):
 
 # ---------------------------------------------------------------- interpreter and processes --
 
+
 def real_interpreter():
     """The real ELF behind the venv's python (a symlink chain, never a shell shim)."""
     real = os.path.realpath(VENV_PY)
     with open(real, "rb") as f:
         if f.read(4) != b"\x7fELF":
-            raise BenchError("%s resolves to %s, which is not an ELF binary (a shim?)" % (VENV_PY, real))
+            raise BenchError(
+                "%s resolves to %s, which is not an ELF binary (a shim?)" % (VENV_PY, real)
+            )
     return real
 
 
@@ -165,6 +176,7 @@ def check_cpu_budget(peers=()):
 
 # ----------------------------------------------------------------------------- the pty link --
 
+
 def make_raw_pty():
     """A pty pair, both ends raw. TCSANOW: the default TCSAFLUSH would discard pending input."""
     master, slave = os.openpty()
@@ -177,7 +189,7 @@ class AgentGone(BenchError):
     pass
 
 
-class Link(object):
+class Link:
     """The host end of one pty: non-blocking I/O with poll, and a reply decoder.
 
     decode(bytes) returns a list of (request id or None, reply object).
@@ -190,7 +202,7 @@ class Link(object):
         self.poller = select.poll()
         self.poller.register(master, select.POLLIN)
         self.decode = decode
-        self.replies = {}   # id -> reply, for replies that arrived while waiting for another id
+        self.replies = {}  # id -> reply, for replies that arrived while waiting for another id
         self._next_id = 1
         self.bytes_in = 0
 
@@ -208,7 +220,9 @@ class Link(object):
             except BlockingIOError:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise BenchError("%s: could not write to the pty for %.0f s" % (self.name, timeout))
+                    raise BenchError(
+                        "%s: could not write to the pty for %.0f s" % (self.name, timeout)
+                    )
                 self.read_available(0)  # keep the agent's replies flowing while we wait
                 select.select([], [self.fd], [], min(left, 0.05))
                 continue
@@ -235,7 +249,9 @@ class Link(object):
             return rep
         deadline = time.monotonic() + timeout
         while True:
-            for got_id, obj in self.read_available(max(0, int((deadline - time.monotonic()) * 1000))):
+            for got_id, obj in self.read_available(
+                max(0, int((deadline - time.monotonic()) * 1000))
+            ):
                 if got_id == rid:
                     # Anything that came with it is kept for a later wait (rare: sequential use).
                     rep = obj
@@ -244,7 +260,9 @@ class Link(object):
             if rep is not None:
                 return rep
             if time.monotonic() >= deadline:
-                raise BenchError("%s: no reply to request %d within %.0f s" % (self.name, rid, timeout))
+                raise BenchError(
+                    "%s: no reply to request %d within %.0f s" % (self.name, rid, timeout)
+                )
 
     def drain(self):
         while self.read_available(0):
@@ -263,6 +281,7 @@ def ours_decoder():
                 out.append((ev.id, ev))
             # Changed notifications, Resync events and protocol errors are not replies.
         return out
+
     return decode, reader
 
 
@@ -275,7 +294,7 @@ def qga_decoder():
         if nl < 0:
             return []
         lines = bytes(buf[:nl]).replace(b"\xff", b"").split(b"\n")
-        del buf[:nl + 1]
+        del buf[: nl + 1]
         out = []
         for line in lines:
             if not line.strip():
@@ -288,12 +307,14 @@ def qga_decoder():
                 rid = obj.get("id")
                 out.append((rid if type(rid) is int else None, obj))
         return out
+
     return decode
 
 
 # --------------------------------------------------------------------------------- the peers --
 
-class Peer(object):
+
+class Peer:
     """One agent process on its own raw pty, and the requests the figures send it."""
 
     name = ""
@@ -325,16 +346,20 @@ class Peer(object):
         deadline = time.monotonic() + timeout
         while True:
             if not alive(self.proc):
-                raise BenchError("%s exited with status %s before it answered; its log:\n%s"
-                                 % (self.name, self.proc.poll(), self.log_tail()))
+                raise BenchError(
+                    "%s exited with status %s before it answered; its log:\n%s"
+                    % (self.name, self.proc.poll(), self.log_tail())
+                )
             try:
                 if self._sync_once(0.5):
                     break
             except AgentGone:
                 time.sleep(0.1)  # the agent has not opened its end yet
             if time.monotonic() > deadline:
-                raise BenchError("%s did not answer the sync within %.0f s; its log:\n%s"
-                                 % (self.name, timeout, self.log_tail()))
+                raise BenchError(
+                    "%s did not answer the sync within %.0f s; its log:\n%s"
+                    % (self.name, timeout, self.log_tail())
+                )
         if self.slave is not None:
             # Only the agent keeps the port open now, as in a guest.
             os.close(self.slave)
@@ -385,9 +410,11 @@ def install_wheel_venv(workdir, real_py, with_orjson=False):
     wheels = os.path.join(workdir, "wheel")
     venv = os.path.join(workdir, "wheel-venv")
     python = os.path.join(venv, "bin", "python")
-    for cmd in ([VENV_PY, "-m", "build", "--wheel", "--outdir", wheels, ROOT],
-                [real_py, "-m", "venv", venv],
-                None):
+    for cmd in (
+        [VENV_PY, "-m", "build", "--wheel", "--outdir", wheels, ROOT],
+        [real_py, "-m", "venv", venv],
+        None,
+    ):
         if cmd is None:
             wheel = os.path.join(wheels, [n for n in os.listdir(wheels) if n.endswith(".whl")][0])
             # By default without orjson, as pip installs it and the distribution packages run it;
@@ -395,8 +422,10 @@ def install_wheel_venv(workdir, real_py, with_orjson=False):
             cmd = [python, "-m", "pip", "install", "-q", wheel + ("[fast]" if with_orjson else "")]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise BenchError("%s failed: %s (try --ovmd-launcher script)" % (
-                " ".join(cmd[:4]), (done.stderr.strip().splitlines() or ["?"])[-1]))
+            raise BenchError(
+                "%s failed: %s (try --ovmd-launcher script)"
+                % (" ".join(cmd[:4]), (done.stderr.strip().splitlines() or ["?"])[-1])
+            )
     return os.path.join(venv, "bin")
 
 
@@ -419,8 +448,17 @@ class Ours(Peer):
 
     def start(self):
         os.mkdir(self.state_dir, 0o700)
-        flags = ["--daemon", "--channel", "PTY", "--socket", self.socket,
-                 "--state-dir", self.state_dir, "-d", "1"]
+        flags = [
+            "--daemon",
+            "--channel",
+            "PTY",
+            "--socket",
+            self.socket,
+            "--state-dir",
+            self.state_dir,
+            "-d",
+            "1",
+        ]
         if self.launcher == "wheel":
             venv_bin = install_wheel_venv(self.workdir, self.real_py, self.with_orjson)
             self.venv_python = os.path.join(venv_bin, "python")
@@ -438,8 +476,14 @@ class Ours(Peer):
         argv = [self.pty_path if a == "PTY" else a for a in argv]
         self.command = " ".join(argv)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, executable=exe, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            argv,
+            executable=exe,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
         decode, self.reader = ours_decoder()
         self.link = Link(self.master, decode, self.name)
 
@@ -510,20 +554,39 @@ class QemuGa(Peer):
         with open(self.scratch, "w") as f:
             f.write(VALUE_8K)
         self.master, self.slave, self.pty_path = make_raw_pty()
-        argv = [QEMU_GA, "-m", "isa-serial", "-p", self.pty_path, "-t", self.state_dir,
-                "-f", os.path.join(self.workdir, "qemu-ga.pid"), "-b", ",".join(self.blocked)]
+        argv = [
+            QEMU_GA,
+            "-m",
+            "isa-serial",
+            "-p",
+            self.pty_path,
+            "-t",
+            self.state_dir,
+            "-f",
+            os.path.join(self.workdir, "qemu-ga.pid"),
+            "-b",
+            ",".join(self.blocked),
+        ]
         self.command = " ".join(argv[:-1]) + " <%d commands blocked>" % len(self.blocked)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
         self.link = Link(self.master, qga_decoder(), self.name)
 
     def _sync_once(self, wait):
         # QEMU's own resync: 0xFF drops the agent's partial input; the reply to
         # guest-sync-delimited starts with 0xFF and echoes our fresh id.
         token = int.from_bytes(os.urandom(4), "big")
-        self.link.write_all(b"\xff" + orjson.dumps(
-            {"execute": "guest-sync-delimited", "arguments": {"id": token}}) + b"\n")
+        self.link.write_all(
+            b"\xff"
+            + orjson.dumps({"execute": "guest-sync-delimited", "arguments": {"id": token}})
+            + b"\n"
+        )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             for _, obj in self.link.read_available(50):
@@ -551,7 +614,9 @@ class QemuGa(Peer):
 
     def read8k_request(self, rid):
         return b'{"execute":"guest-file-read","arguments":{"handle":%d,"count":8192},"id":%d}\n' % (
-            self.handle, rid)
+            self.handle,
+            rid,
+        )
 
     def before_read8k(self):
         self.call("guest-file-seek", {"handle": self.handle, "offset": 0, "whence": "set"})
@@ -569,29 +634,52 @@ class QemuGa(Peer):
 
 # ------------------------------------------------------------------------------- the figures --
 
+
 def host_decode_costs():
     """What the harness itself spends decoding one reply, per side (a calibration, in µs)."""
     import base64
     import timeit
+
     ours, _ = ours_decoder()
     qga = qga_decoder()
     ping_o = b'{"t":"ok","id":123456}\n'
     ping_q = b'{"return": {}, "id": 123456}\n'
-    big_o = orjson.dumps({"t": "ok", "id": 123456, "key": KEY_8K, "value": VALUE_8K,
-                          "ts": 1.5, "origin": "host"}) + b"\n"
-    big_q = orjson.dumps({"return": {"count": 8192, "buf-b64": base64.b64encode(
-        VALUE_8K.encode()).decode(), "eof": False}, "id": 123456}) + b"\n"
+    big_o = (
+        orjson.dumps(
+            {"t": "ok", "id": 123456, "key": KEY_8K, "value": VALUE_8K, "ts": 1.5, "origin": "host"}
+        )
+        + b"\n"
+    )
+    big_q = (
+        orjson.dumps(
+            {
+                "return": {
+                    "count": 8192,
+                    "buf-b64": base64.b64encode(VALUE_8K.encode()).decode(),
+                    "eof": False,
+                },
+                "id": 123456,
+            }
+        )
+        + b"\n"
+    )
 
     def cost(fn, data, n):
         return min(timeit.repeat(lambda: fn(data), number=n, repeat=3)) / n * 1e6
-    return {"ours_ping": cost(ours, ping_o, 20000), "qga_ping": cost(qga, ping_q, 20000),
-            "ours_8k": cost(ours, big_o, 2000), "qga_8k": cost(qga, big_q, 2000)}
+
+    return {
+        "ours_ping": cost(ours, ping_o, 20000),
+        "qga_ping": cost(qga, ping_q, 20000),
+        "ours_8k": cost(ours, big_o, 2000),
+        "qga_8k": cost(qga, big_q, 2000),
+    }
 
 
 def idle_interpreter_rss(real_py, code):
     """VmRSS (KiB) of the venv's interpreter sitting idle after running `code` (a yardstick)."""
-    argv, exe = venv_python_argv(real_py, ["-c", code + "\nimport sys\nprint('ready', flush=True)"
-                                            "\nsys.stdin.read()"])
+    argv, exe = venv_python_argv(
+        real_py, ["-c", code + "\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()"]
+    )
     proc = subprocess.Popen(argv, executable=exe, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         if proc.stdout.readline().strip() != b"ready":
@@ -650,7 +738,7 @@ def pipelined(peer, total, window, deadline_s=90.0, stall_s=1.0):
     link._next_id += total
     got = bytearray(total)
     received = errors = 0
-    frontier = -1          # highest index answered (or presumed lost)
+    frontier = -1  # highest index answered (or presumed lost)
     sent = 0
     out = bytearray()
     stalls = 0
@@ -716,9 +804,17 @@ def pipelined(peer, total, window, deadline_s=90.0, stall_s=1.0):
                 got[k] = 1
                 received += 1
     active = max(1e-9, (t_last - t_start) - stall_time)
-    return {"sent": sent, "expected": total, "received": received, "lost": total - received,
-            "errors": errors, "ops_s": received / active, "stalls": stalls,
-            "deadline_hit": deadline_hit, "window": window}
+    return {
+        "sent": sent,
+        "expected": total,
+        "received": received,
+        "lost": total - received,
+        "errors": errors,
+        "ops_s": received / active,
+        "stalls": stalls,
+        "deadline_hit": deadline_hit,
+        "window": window,
+    }
 
 
 def idle_period(peers, seconds, phase):
@@ -752,9 +848,15 @@ def idle_period(peers, seconds, phase):
         cpu0, cs0 = before[p.name]
         cpu = (proc_cpu_ticks(p.pid) - cpu0) * 1000.0 / CLK_TCK
         cs = proc_ctxt_switches(p.pid) - cs0
-        result[p.name] = {"phase": phase, "alive": True, "seconds": seconds, "cpu_ms": cpu,
-                          "wakeups": cs, "wakeups_per_s": cs / seconds,
-                          "bytes_sent_by_agent": p.link.bytes_in - bytes_before[p.name]}
+        result[p.name] = {
+            "phase": phase,
+            "alive": True,
+            "seconds": seconds,
+            "cpu_ms": cpu,
+            "wakeups": cs,
+            "wakeups_per_s": cs / seconds,
+            "bytes_sent_by_agent": p.link.bytes_in - bytes_before[p.name],
+        }
     return result
 
 
@@ -762,16 +864,29 @@ def interleaved_walls(base, cli, ok, env, runs, name, warmup=3):
     """Whole-process wall times (ms) of ``cli`` against ``base`` (``python -c pass``), run in
     alternating order so drifts in the machine's load hit both alike. Each is (argv, executable);
     ``ok(stdout_text)`` checks every cli run's output. Medians, minima and the median ratio."""
+
     def one(argv, exe, check):
         t0 = time.perf_counter()
-        done = subprocess.run(argv, executable=exe, env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        done = subprocess.run(
+            argv,
+            executable=exe,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=30,
+        )
         dt = time.perf_counter() - t0
         if done.returncode != 0 or (check is not None and not check(done.stdout.decode())):
-            raise BenchError("%s failed (status %d): %s" % (
-                " ".join(argv), done.returncode,
-                done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
-                or done.stdout[:200]))
+            raise BenchError(
+                "%s failed (status %d): %s"
+                % (
+                    " ".join(argv),
+                    done.returncode,
+                    done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+                    or done.stdout[:200],
+                )
+            )
         return dt * 1000.0
 
     times = {"base": [], "cli": []}
@@ -784,22 +899,33 @@ def interleaved_walls(base, cli, ok, env, runs, name, warmup=3):
             if i >= warmup:
                 times[kind].append(ms)
     base_ms, cli_ms = times["base"], times["cli"]
-    return {"runs": runs, "python_c_pass_ms": statistics.median(base_ms),
-            name + "_ms": statistics.median(cli_ms),
-            "ratio": statistics.median(cli_ms) / statistics.median(base_ms),
-            "python_c_pass_min_ms": min(base_ms), name + "_min_ms": min(cli_ms)}
+    return {
+        "runs": runs,
+        "python_c_pass_ms": statistics.median(base_ms),
+        name + "_ms": statistics.median(cli_ms),
+        "ratio": statistics.median(cli_ms) / statistics.median(base_ms),
+        "python_c_pass_min_ms": min(base_ms),
+        name + "_min_ms": min(cli_ms),
+    }
 
 
 def cli_startup(ours, real_py, runs, warmup=3):
     """Wall time of `ovmd -g KEY` against `python -c pass`, both from the agent's own venv."""
     env = dict(os.environ, OVMD_SOCKET=ours.socket)
     env.pop("PYTHONPATH", None)
-    return interleaved_walls(([ours.venv_python, "-c", "pass"], real_py),
-                             ([ours.ovmd_script, "-g", KEY_CLI], None),
-                             lambda out: out.strip() == VALUE_CLI, env, runs, "ovmd_g", warmup)
+    return interleaved_walls(
+        ([ours.venv_python, "-c", "pass"], real_py),
+        ([ours.ovmd_script, "-g", KEY_CLI], None),
+        lambda out: out.strip() == VALUE_CLI,
+        env,
+        runs,
+        "ovmd_g",
+        warmup,
+    )
 
 
 # -------------------------------------------------------------------------------- the report --
+
 
 def med(rounds, peer, fig, field):
     vals = [r[peer][fig][field] for r in rounds if peer in r and fig in r[peer]]
@@ -819,8 +945,17 @@ def build_summary(res):
     rows = []
 
     def row(label, ours, qga, rat, goal, met=None, spec="%.0f"):
-        rows.append({"figure": label, "ours": ours, "qemu_ga": qga, "ratio": rat, "goal": goal,
-                     "met": met, "spec": spec})
+        rows.append(
+            {
+                "figure": label,
+                "ours": ours,
+                "qemu_ga": qga,
+                "ratio": rat,
+                "goal": goal,
+                "met": met,
+                "spec": spec,
+            }
+        )
 
     for fig, title in (("ping", "1. ping round trip"), ("read8k", "2. 8 KB read round trip")):
         o50, q50 = med(rounds, OURS, fig, "p50_us"), med(rounds, QGA, fig, "p50_us")
@@ -831,8 +966,13 @@ def build_summary(res):
     for w in res["windows"]:
         fig = "pipe%d" % w
         ol, ql = med(rounds, OURS, fig, "lost"), med(rounds, QGA, fig, "lost")
-        row("3. pipelined w=%d: replies lost (of %d)" % (w, res["pipeline_total"]), ol, ql, None,
-            "- (none set)")
+        row(
+            "3. pipelined w=%d: replies lost (of %d)" % (w, res["pipeline_total"]),
+            ol,
+            ql,
+            None,
+            "- (none set)",
+        )
         oo, qo = med(rounds, OURS, fig, "ops_s"), med(rounds, QGA, fig, "ops_s")
         row("3. pipelined w=%d: ops/s" % w, oo, qo, ratio(oo, qo), "- (higher is better)")
     rss = res.get("rss_kib", {})
@@ -840,8 +980,15 @@ def build_summary(res):
     q_rss = rss.get(QGA)
     o_mb = None if o_rss is None else o_rss * 1024 / 1e6
     q_mb = None if q_rss is None else q_rss * 1024 / 1e6
-    row("4. RSS after the runs (MB = 10^6 B)", o_mb, q_mb, ratio(o_mb, q_mb), "ours <= 15 MB",
-        None if o_mb is None else o_mb <= 15.0, "%.1f")
+    row(
+        "4. RSS after the runs (MB = 10^6 B)",
+        o_mb,
+        q_mb,
+        ratio(o_mb, q_mb),
+        "ours <= 15 MB",
+        None if o_mb is None else o_mb <= 15.0,
+        "%.1f",
+    )
     for phase in ("connected", "absent"):
         idle = res.get("idle_" + phase, {})
         o, q = idle.get(OURS, {}), idle.get(QGA, {})
@@ -857,8 +1004,15 @@ def build_summary(res):
             row(lab, ov, qv, ratio(ov, qv), "-")
     cli = res.get("cli")
     if cli:
-        row("5. `ovmd -g` wall (ms) vs `python -c pass`", cli["ovmd_g_ms"], cli["python_c_pass_ms"],
-            cli["ratio"], "<= 2.0x", cli["ratio"] <= 2.0, "%.1f")
+        row(
+            "5. `ovmd -g` wall (ms) vs `python -c pass`",
+            cli["ovmd_g_ms"],
+            cli["python_c_pass_ms"],
+            cli["ratio"],
+            "<= 2.0x",
+            cli["ratio"] <= 2.0,
+            "%.1f",
+        )
     return rows
 
 
@@ -867,17 +1021,29 @@ def print_summary(rows, out=sys.stdout):
     table = [head]
     for r in rows:
         met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
-        table.append((r["figure"], fmt(r["ours"], r["spec"]), fmt(r["qemu_ga"], r["spec"]),
-                      fmt(r["ratio"], "%.2fx"), r["goal"], met))
+        table.append(
+            (
+                r["figure"],
+                fmt(r["ours"], r["spec"]),
+                fmt(r["qemu_ga"], r["spec"]),
+                fmt(r["ratio"], "%.2fx"),
+                r["goal"],
+                met,
+            )
+        )
     widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
     for n, t in enumerate(table):
-        cells = [str(c).ljust(widths[i]) if i == 0 or i == 4 else str(c).rjust(widths[i])
-                 for i, c in enumerate(t)]
+        cells = [
+            str(c).ljust(widths[i]) if i == 0 or i == 4 else str(c).rjust(widths[i])
+            for i, c in enumerate(t)
+        ]
         print("  ".join(cells).rstrip(), file=out)
         if n == 0:
             print("  ".join("-" * w for w in widths), file=out)
-    print("* for figure 5 the qemu-ga column holds `python -c pass` by the same interpreter.",
-          file=out)
+    print(
+        "* for figure 5 the qemu-ga column holds `python -c pass` by the same interpreter.",
+        file=out,
+    )
 
 
 def print_round(r, i, order):
@@ -891,8 +1057,10 @@ def print_round(r, i, order):
             s.append("8k p50 %.0f/p99 %.0f us" % (d["read8k"]["p50_us"], d["read8k"]["p99_us"]))
         for k in sorted((x for x in d if x.startswith("pipe")), key=lambda x: int(x[4:])):
             p = d[k]
-            s.append("w%d %.0f ops/s lost %d%s" % (p["window"], p["ops_s"], p["lost"],
-                                                   " (deadline!)" if p["deadline_hit"] else ""))
+            s.append(
+                "w%d %.0f ops/s lost %d%s"
+                % (p["window"], p["ops_s"], p["lost"], " (deadline!)" if p["deadline_hit"] else "")
+            )
         parts.append("%s: %s" % (name, "; ".join(s)))
     print("round %d (%s first)" % (i + 1, order[0]))
     for p in parts:
@@ -902,23 +1070,33 @@ def print_round(r, i, order):
 
 # ---------------------------------------------------------------------------------- the run --
 
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run (fewer requests, 3 s idle)")
     ap.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (at least 3; default 3)")
-    ap.add_argument("--peers", default="%s,%s" % (OURS, QGA),
-                    help="comma-separated subset of ovmd,qemu-ga (default both)")
+    ap.add_argument(
+        "--peers",
+        default="%s,%s" % (OURS, QGA),
+        help="comma-separated subset of ovmd,qemu-ga (default both)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    ap.add_argument("--ovmd-launcher", choices=("wheel", "auto", "script", "module"),
-                    default="wheel",
-                    help="wheel (default): install the project from its wheel into a fresh venv, "
-                    "as a guest does, and run that `ovmd --daemon`; script: the development "
-                    "venv's `.venv/bin/ovmd --daemon` (editable install); module: `python -m "
-                    "guestagent.daemon`; auto: script when its --help offers --daemon, else module")
-    ap.add_argument("--with-orjson", action="store_true",
-                    help="with the wheel launcher: install ovmd[fast] (orjson); by default it runs "
-                    "without, as pip installs it and the .deb and .rpm packages run it")
+    ap.add_argument(
+        "--ovmd-launcher",
+        choices=("wheel", "auto", "script", "module"),
+        default="wheel",
+        help="wheel (default): install the project from its wheel into a fresh venv, "
+        "as a guest does, and run that `ovmd --daemon`; script: the development "
+        "venv's `.venv/bin/ovmd --daemon` (editable install); module: `python -m "
+        "guestagent.daemon`; auto: script when its --help offers --daemon, else module",
+    )
+    ap.add_argument(
+        "--with-orjson",
+        action="store_true",
+        help="with the wheel launcher: install ovmd[fast] (orjson); by default it runs "
+        "without, as pip installs it and the .deb and .rpm packages run it",
+    )
     args = ap.parse_args(argv)
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (figures are medians over rounds)")
@@ -940,13 +1118,26 @@ def main(argv=None):
     real_py = real_interpreter()
     workdir = tempfile.mkdtemp(prefix="ovmbench-")
     peers = []
-    res = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(),
-           "cpus": os.cpu_count(), "interpreter": real_py, "quick": args.quick,
-           "rounds": [], "windows": [64, 256], "pipeline_total": args.pipe_total,
-           "rtt_requests": args.rtt_n, "idle_seconds": args.idle_s}
-    print("guest-agent benchmark: ovmd vs qemu-ga over raw ptys%s" % (" (--quick)" if args.quick else ""))
-    print("machine: %d CPUs, load average %.2f %.2f %.2f at start; interpreter %s (via %s)"
-          % ((res["cpus"],) + tuple(res["loadavg_start"]) + (real_py, VENV_PY)))
+    res = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_start": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "interpreter": real_py,
+        "quick": args.quick,
+        "rounds": [],
+        "windows": [64, 256],
+        "pipeline_total": args.pipe_total,
+        "rtt_requests": args.rtt_n,
+        "idle_seconds": args.idle_s,
+    }
+    print(
+        "guest-agent benchmark: ovmd vs qemu-ga over raw ptys%s"
+        % (" (--quick)" if args.quick else "")
+    )
+    print(
+        "machine: %d CPUs, load average %.2f %.2f %.2f at start; interpreter %s (via %s)"
+        % ((res["cpus"],) + tuple(res["loadavg_start"]) + (real_py, VENV_PY))
+    )
     sys.stdout.flush()
     try:
         if OURS in args.peers:
@@ -973,8 +1164,14 @@ def main(argv=None):
             for p in order:
                 r[p.name]["ping"] = round_trips(p, p.ping_request, args.rtt_n, args.rtt_warmup)
             for p in order:
-                r[p.name]["read8k"] = round_trips(p, p.read8k_request, args.rtt_n, args.rtt_warmup,
-                                                  check=p.check_read8k, before=p.before_read8k)
+                r[p.name]["read8k"] = round_trips(
+                    p,
+                    p.read8k_request,
+                    args.rtt_n,
+                    args.rtt_warmup,
+                    check=p.check_read8k,
+                    before=p.before_read8k,
+                )
             for w in res["windows"]:
                 for p in order:
                     r[p.name]["pipe%d" % w] = pipelined(p, args.pipe_total, w)
@@ -994,7 +1191,9 @@ def main(argv=None):
         res["rss_kib_yardsticks"] = {
             "python -c pass (idle)": idle_interpreter_rss(real_py, "pass"),
             "python + import orjson, ovmproto.codec": idle_interpreter_rss(
-                real_py, "import orjson, ovmproto.codec")}
+                real_py, "import orjson, ovmproto.codec"
+            ),
+        }
         res["threads"] = {p.name: proc_threads(p.pid) for p in peers if alive(p.proc)}
         for p in peers:
             p.link.drain()
@@ -1004,8 +1203,9 @@ def main(argv=None):
         time.sleep(0.5)  # let the hangup be handled; the steady state is what we measure
         res["idle_absent"] = idle_period(peers, args.idle_s, "absent")
         res["loadavg_end"] = os.getloadavg()
-        res["agent_cpu_s"] = {p.name: proc_cpu_ticks(p.pid) / float(CLK_TCK)
-                              for p in peers if alive(p.proc)}
+        res["agent_cpu_s"] = {
+            p.name: proc_cpu_ticks(p.pid) / float(CLK_TCK) for p in peers if alive(p.proc)
+        }
         res["cpu_used_s"] = check_cpu_budget(peers)
     except BenchError as e:
         print("benchmark failed: %s" % e, file=sys.stderr)
@@ -1024,52 +1224,92 @@ def main(argv=None):
     rows = build_summary(res)
     res["summary"] = [{k: v for k, v in r.items() if k != "spec"} for r in rows]
     print()
-    print("summary: medians over %d rounds; ratio = ovmd / qemu-ga (lower is better except ops/s)"
-          % args.rounds)
+    print(
+        "summary: medians over %d rounds; ratio = ovmd / qemu-ga (lower is better except ops/s)"
+        % args.rounds
+    )
     print_summary(rows)
     print()
     for phase in ("connected", "absent"):
         for n, d in sorted(res.get("idle_" + phase, {}).items()):
             if d.get("alive"):
-                print("idle, host %s, %s: %.0f ms CPU, %d wakeups (%.1f/s), %d bytes sent"
-                      % (phase, n, d["cpu_ms"], d["wakeups"], d["wakeups_per_s"],
-                         d["bytes_sent_by_agent"]))
+                print(
+                    "idle, host %s, %s: %.0f ms CPU, %d wakeups (%.1f/s), %d bytes sent"
+                    % (
+                        phase,
+                        n,
+                        d["cpu_ms"],
+                        d["wakeups"],
+                        d["wakeups_per_s"],
+                        d["bytes_sent_by_agent"],
+                    )
+                )
             else:
-                print("idle, host %s, %s: the agent had exited (status %s)"
-                      % (phase, n, d.get("exit_status")))
-    print("caveat: 'host absent' closes the pty master. On the real virtio-serial port the agent "
-          "instead sees POLLHUP with reads returning EOF at once, over and over, and the same "
-          "descriptor works again when a host reconnects; a closed pty master hangs the pty up "
-          "for good. So this phase shows how each agent reacts to a hangup, not the port's exact "
-          "behaviour.")
+                print(
+                    "idle, host %s, %s: the agent had exited (status %s)"
+                    % (phase, n, d.get("exit_status"))
+                )
+    print(
+        "caveat: 'host absent' closes the pty master. On the real virtio-serial port the agent "
+        "instead sees POLLHUP with reads returning EOF at once, over and over, and the same "
+        "descriptor works again when a host reconnects; a closed pty master hangs the pty up "
+        "for good. So this phase shows how each agent reacts to a hangup, not the port's exact "
+        "behaviour."
+    )
     if "cli" in res:
         c = res["cli"]
-        print("figure 5: %d runs each, interleaved; medians ovmd -g %.1f ms, python -c pass %.1f ms "
-              "(minima %.1f / %.1f ms)" % (c["runs"], c["ovmd_g_ms"], c["python_c_pass_ms"],
-                                           c["ovmd_g_min_ms"], c["python_c_pass_min_ms"]))
-    print("RSS at start (MB): %s; threads after the runs: %s" % (
-        ", ".join("%s %.1f" % (k, v * 1024 / 1e6) for k, v in sorted(res["rss_kib_start"].items())),
-        ", ".join("%s %d" % kv for kv in sorted(res.get("threads", {}).items()))))
-    print("RSS yardsticks, the same interpreter idle (MB): %s" % "; ".join(
-        "%s %.1f" % (k, v * 1024 / 1e6) for k, v in res["rss_kib_yardsticks"].items()))
-    print("host-side decode of one reply (in every round trip above): ovmd ping %.1f us, 8 KB "
-          "%.1f us (ovmproto Reader); qemu-ga ping %.1f us, 8 KB %.1f us (orjson)"
-          % tuple(res["host_decode_us"][k] for k in ("ours_ping", "ours_8k", "qga_ping", "qga_8k")))
+        print(
+            "figure 5: %d runs each, interleaved; medians ovmd -g %.1f ms, python -c pass %.1f ms "
+            "(minima %.1f / %.1f ms)"
+            % (
+                c["runs"],
+                c["ovmd_g_ms"],
+                c["python_c_pass_ms"],
+                c["ovmd_g_min_ms"],
+                c["python_c_pass_min_ms"],
+            )
+        )
+    print(
+        "RSS at start (MB): %s; threads after the runs: %s"
+        % (
+            ", ".join(
+                "%s %.1f" % (k, v * 1024 / 1e6) for k, v in sorted(res["rss_kib_start"].items())
+            ),
+            ", ".join("%s %d" % kv for kv in sorted(res.get("threads", {}).items())),
+        )
+    )
+    print(
+        "RSS yardsticks, the same interpreter idle (MB): %s"
+        % "; ".join("%s %.1f" % (k, v * 1024 / 1e6) for k, v in res["rss_kib_yardsticks"].items())
+    )
+    print(
+        "host-side decode of one reply (in every round trip above): ovmd ping %.1f us, 8 KB "
+        "%.1f us (ovmproto Reader); qemu-ga ping %.1f us, 8 KB %.1f us (orjson)"
+        % tuple(res["host_decode_us"][k] for k in ("ours_ping", "ours_8k", "qga_ping", "qga_8k"))
+    )
     adjusted = []
-    for fig, label, ko, kq in (("ping", "ping", "ours_ping", "qga_ping"),
-                               ("read8k", "8 KB read", "ours_8k", "qga_8k")):
+    for fig, label, ko, kq in (
+        ("ping", "ping", "ours_ping", "qga_ping"),
+        ("read8k", "8 KB read", "ours_8k", "qga_8k"),
+    ):
         o50 = med(res["rounds"], OURS, fig, "p50_us")
         q50 = med(res["rounds"], QGA, fig, "p50_us")
         if o50 is not None and q50 is not None:
             dec = res["host_decode_us"]
             adjusted.append("%s %.2fx" % (label, (o50 - dec[ko]) / (q50 - dec[kq])))
     if adjusted:
-        print("p50 ratios with that host-side decode subtracted on each side (for judging the "
-              "agents alone; the table keeps the raw figures): %s" % ", ".join(adjusted))
-    print("CPU of the agents: %s" % ", ".join(
-        "%s %.1f s" % kv for kv in sorted(res.get("agent_cpu_s", {}).items())))
-    print("load average %.2f %.2f %.2f at end; CPU used by this run (harness + agents + other "
-          "children): %.0f s" % (tuple(res["loadavg_end"]) + (res["cpu_used_s"],)))
+        print(
+            "p50 ratios with that host-side decode subtracted on each side (for judging the "
+            "agents alone; the table keeps the raw figures): %s" % ", ".join(adjusted)
+        )
+    print(
+        "CPU of the agents: %s"
+        % ", ".join("%s %.1f s" % kv for kv in sorted(res.get("agent_cpu_s", {}).items()))
+    )
+    print(
+        "load average %.2f %.2f %.2f at end; CPU used by this run (harness + agents + other "
+        "children): %.0f s" % (tuple(res["loadavg_end"]) + (res["cpu_used_s"],))
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -43,8 +43,18 @@ from ovmproto.codec import Reader, encode  # noqa: E402
 from ovmproto.errors import ProtocolError  # noqa: E402
 from ovmproto.framing import Resync  # noqa: E402
 from ovmproto.handshake import answer_hello  # noqa: E402
-from ovmproto.messages import (Changed, Delete, Err, Get, Hello, Item, List,  # noqa: E402
-                               Ok, Ping, Set)
+from ovmproto.messages import (
+    Changed,
+    Delete,
+    Err,
+    Get,
+    Hello,
+    Item,
+    List,
+    Ok,
+    Ping,
+    Set,
+)
 
 AGENT = "guest_sim 0.1"
 READ_SIZE = 65536
@@ -63,11 +73,24 @@ def value_for(name, j):
     return "v-%s-%d" % (name, j)
 
 
-class Guest(object):
+class Guest:
     """One simulated guest: its cache, its sequence positions, and at most one host connection."""
 
-    __slots__ = ("name", "path", "listener", "conn", "reader", "out", "want_write", "data", "gid",
-                 "gseq", "epoch", "hseq", "synced")
+    __slots__ = (
+        "name",
+        "path",
+        "listener",
+        "conn",
+        "reader",
+        "out",
+        "want_write",
+        "data",
+        "gid",
+        "gseq",
+        "epoch",
+        "hseq",
+        "synced",
+    )
 
     def __init__(self, name, path, keys):
         self.name = name
@@ -87,7 +110,7 @@ class Guest(object):
         self.synced = False
 
 
-class Sim(object):
+class Sim:
     def __init__(self, directory, count, keys, extra):
         self.sel = selectors.DefaultSelector()
         self.guests = []
@@ -196,23 +219,30 @@ class Sim(object):
                 if entry is None:
                     self._send(g, encode(Err(id=ev.id, code="not_found", msg="no such key")))
                 else:
-                    self._send(g, encode(Ok(id=ev.id, key=ev.key, value=entry[0], ts=entry[1],
-                                            origin=entry[2])))
+                    self._send(
+                        g,
+                        encode(
+                            Ok(id=ev.id, key=ev.key, value=entry[0], ts=entry[1], origin=entry[2])
+                        ),
+                    )
             elif t is Hello:
                 self._count("hello")
                 if ev.epoch is not None and ev.epoch != g.epoch:
                     g.epoch, g.hseq = ev.epoch, 0  # a new host stream starts over
                 g.out.clear()  # replies to requests before this hello: the host ignores them
-                self._send(g, answer_hello(ev, AGENT, g.gid, g.gseq, g.epoch, g.hseq,
-                                           PROTOCOL_VERSION))
+                self._send(
+                    g, answer_hello(ev, AGENT, g.gid, g.gseq, g.epoch, g.hseq, PROTOCOL_VERSION)
+                )
                 g.synced = True
             elif t is Ping:
                 self._count("ping")
                 self._send(g, encode(Ok(id=ev.id)))
             elif t is List:
                 self._count("list")
-                frames = [encode(Item(id=ev.id, key=k, value=v[0], ts=v[1], origin=v[2]))
-                          for k, v in g.data.items()]
+                frames = [
+                    encode(Item(id=ev.id, key=k, value=v[0], ts=v[1], origin=v[2]))
+                    for k, v in g.data.items()
+                ]
                 frames.append(encode(Ok(id=ev.id, count=len(g.data))))
                 self._send(g, b"".join(frames))
             elif t is Set or t is Delete:
@@ -227,8 +257,16 @@ class Sim(object):
                     self._send(g, encode(Err(id=rid, code=ev.code, msg=ev.message)))
             elif getattr(ev, "id", None) is not None and t not in (Ok, Err, Item):
                 self._count("refused")
-                self._send(g, encode(Err(id=ev.id, code="bad_request",
-                                         msg="%r is not accepted from the host" % t.TYPE)))
+                self._send(
+                    g,
+                    encode(
+                        Err(
+                            id=ev.id,
+                            code="bad_request",
+                            msg="%r is not accepted from the host" % t.TYPE,
+                        )
+                    ),
+                )
 
     def _host_change(self, g, msg):
         if not g.synced:
@@ -244,8 +282,9 @@ class Sim(object):
             g.data.pop(msg.key, None)  # a set moves the key to the end, as the real cache
             g.data[msg.key] = (msg.value, ts, "host")
             g.gseq += 1
-            change = Changed(gseq=g.gseq, op="set", ts=ts, origin="host", key=msg.key,
-                             value=msg.value)
+            change = Changed(
+                gseq=g.gseq, op="set", ts=ts, origin="host", key=msg.key, value=msg.value
+            )
             self._send(g, encode(Ok(id=msg.id, seq=msg.seq)))
         else:
             found = g.data.pop(msg.key, None) is not None
@@ -287,7 +326,9 @@ def main(argv=None):
     ap.add_argument("--dir", required=True, help="directory for the guests' sockets")
     ap.add_argument("--count", type=int, default=1000, help="guests (default 1000)")
     ap.add_argument("--keys", type=int, default=4, help="keys pre-set in each guest (origin guest)")
-    ap.add_argument("--extra", type=int, default=0, help="more guests after --count, for yardsticks")
+    ap.add_argument(
+        "--extra", type=int, default=0, help="more guests after --count, for yardsticks"
+    )
     ap.add_argument("--stats", metavar="FILE", help="write request counts here (JSON) on exit")
     args = ap.parse_args(argv)
     sim = Sim(args.dir, args.count, args.keys, args.extra)

@@ -42,10 +42,25 @@ def pty_agent(workdir):
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "guestagent.daemon", "--channel", path,
-         "--socket", os.path.join(workdir, "pty-ovmd.sock"),
-         "--state-dir", os.path.join(workdir, "pty-state"), "--config", "/nonexistent", "-d", "0"],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "guestagent.daemon",
+            "--channel",
+            path,
+            "--socket",
+            os.path.join(workdir, "pty-ovmd.sock"),
+            "--state-dir",
+            os.path.join(workdir, "pty-state"),
+            "--config",
+            "/nonexistent",
+            "-d",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     os.close(slave)
     return proc, master
 
@@ -57,7 +72,7 @@ def pty_pings(master, count):
 
     def write(data):
         while data:
-            data = data[os.write(master, data):]
+            data = data[os.write(master, data) :]
 
     return ping_over(write, read, count)
 
@@ -76,17 +91,25 @@ def main():
 
     t = time.monotonic()
     image = build_image()
-    print("image %s: %.1f MB (kernel + initrd), %s" % (
-        image.key, image.size / 1e6,
-        "built in %.1f s" % image.build_seconds if image.build_seconds else
-        "from the cache (%.1f s to check)" % (time.monotonic() - t)))
+    print(
+        "image %s: %.1f MB (kernel + initrd), %s"
+        % (
+            image.key,
+            image.size / 1e6,
+            "built in %.1f s" % image.build_seconds
+            if image.build_seconds
+            else "from the cache (%.1f s to check)" % (time.monotonic() - t),
+        )
+    )
     workdir = tempfile.mkdtemp(prefix="real-port-", dir="/tmp")
     guest = boot(image, workdir, agent=True)
     proc = master = None
     try:
         ping_round_trips(guest.agent_socket, 1, timeout=120)
-        print("boot: %.1f s from QEMU start to the agent answering through the port"
-              % (time.monotonic() - guest.started))
+        print(
+            "boot: %.1f s from QEMU start to the agent answering through the port"
+            % (time.monotonic() - guest.started)
+        )
         proc, master = pty_agent(workdir)
         port, pty = [], []
         for _ in range(args.rounds):
@@ -94,12 +117,18 @@ def main():
             pty.append(summary(pty_pings(master, args.count)))
         port_p50 = statistics.median(p for p, _ in port)
         pty_p50 = statistics.median(p for p, _ in pty)
-        print("ping round trip, %d pings x %d rounds (medians of the rounds):"
-              % (args.count, args.rounds))
-        print("  real port (QEMU guest): p50 %.3f ms, p90 %.3f ms"
-              % (port_p50 * 1e3, statistics.median(p for _, p in port) * 1e3))
-        print("  raw pty (host agent):   p50 %.3f ms, p90 %.3f ms"
-              % (pty_p50 * 1e3, statistics.median(p for _, p in pty) * 1e3))
+        print(
+            "ping round trip, %d pings x %d rounds (medians of the rounds):"
+            % (args.count, args.rounds)
+        )
+        print(
+            "  real port (QEMU guest): p50 %.3f ms, p90 %.3f ms"
+            % (port_p50 * 1e3, statistics.median(p for _, p in port) * 1e3)
+        )
+        print(
+            "  raw pty (host agent):   p50 %.3f ms, p90 %.3f ms"
+            % (pty_p50 * 1e3, statistics.median(p for _, p in pty) * 1e3)
+        )
         print("  ratio port / pty (p50): %.1fx" % (port_p50 / pty_p50))
     finally:
         if proc is not None:

@@ -21,7 +21,7 @@ class CacheError(OvmError):
     """A request the cache refuses; ``code`` is an error code of docs/protocol.md."""
 
 
-class Entry(object):
+class Entry:
     __slots__ = ("key", "value", "ts", "origin")
 
     def __init__(self, key, value, ts, origin):
@@ -32,13 +32,21 @@ class Entry(object):
 
     def __eq__(self, other):
         return isinstance(other, Entry) and (self.key, self.value, self.ts, self.origin) == (
-            other.key, other.value, other.ts, other.origin)
+            other.key,
+            other.value,
+            other.ts,
+            other.origin,
+        )
 
     __hash__ = None
 
     def __repr__(self):  # never the value: it may be a password
         return "Entry(key=%r, value=<%d chars>, ts=%r, origin=%r)" % (
-            self.key, len(self.value), self.ts, self.origin)
+            self.key,
+            len(self.value),
+            self.ts,
+            self.origin,
+        )
 
 
 def _new_gid():
@@ -51,13 +59,13 @@ def _validate(key, value):
         raise CacheError(problem[1], problem[0])
 
 
-class Cache(object):
+class Cache:
     def __init__(self, max_keys=DEFAULT_MAX_KEYS, max_events=DEFAULT_MAX_EVENTS, gid=None):
         self.max_keys = max_keys
         self.gid = gid or _new_gid()  # a fresh identity tells the host its mirror is void
-        self.gseq = 0                 # counts every change, of any origin
-        self.epoch = None             # the host stream we follow
-        self.hseq = 0                 # the last host seq applied in that epoch
+        self.gseq = 0  # counts every change, of any origin
+        self.epoch = None  # the host stream we follow
+        self.hseq = 0  # the last host seq applied in that epoch
         # A dict keeps insertion order; re-setting a key pops and re-inserts it, so iteration
         # order is the order keys were (last) set, which is what `ovmd -l` prints.
         self._entries = {}
@@ -138,12 +146,17 @@ class Cache(object):
     # -- persistence --------------------------------------------------------------------------
 
     def to_bytes(self):
-        return jsonlib.dumps({
-            "format": FORMAT, "gid": self.gid, "gseq": self.gseq, "epoch": self.epoch,
-            "hseq": self.hseq,
-            "entries": [[e.key, e.value, e.ts, e.origin] for e in self._entries.values()],
-            "events": [[e.value, e.ts] for e in self._events],
-        })
+        return jsonlib.dumps(
+            {
+                "format": FORMAT,
+                "gid": self.gid,
+                "gseq": self.gseq,
+                "epoch": self.epoch,
+                "hseq": self.hseq,
+                "entries": [[e.key, e.value, e.ts, e.origin] for e in self._entries.values()],
+                "events": [[e.value, e.ts] for e in self._events],
+            }
+        )
 
     @classmethod
     def from_bytes(cls, data, max_keys=DEFAULT_MAX_KEYS, max_events=DEFAULT_MAX_EVENTS):
@@ -169,8 +182,9 @@ class Cache(object):
                     raise ValueError("bad event")
                 cache._events.append(Entry(EVENT_KEY, value, float(ts), ORIGIN_HOST))
         except (ValueError, KeyError, TypeError, AttributeError, jsonlib.JSONDecodeError) as e:
-            raise CacheError("cache file is corrupt: %s" % (str(e).splitlines() or ["?"])[0],
-                             "corrupt") from None
+            raise CacheError(
+                "cache file is corrupt: %s" % (str(e).splitlines() or ["?"])[0], "corrupt"
+            ) from None
         return cache
 
     # -- internals ----------------------------------------------------------------------------
@@ -178,8 +192,11 @@ class Cache(object):
     def _check_quota(self, keys):
         new = len(set(k for k in keys if k not in self._entries))
         if new and len(self._entries) + new > self.max_keys:
-            raise CacheError("the cache holds %d keys, the limit is %d keys"
-                             % (len(self._entries), self.max_keys), "quota")
+            raise CacheError(
+                "the cache holds %d keys, the limit is %d keys"
+                % (len(self._entries), self.max_keys),
+                "quota",
+            )
 
     def _store(self, key, value, origin, ts):
         self._entries.pop(key, None)

@@ -44,7 +44,7 @@ def find_port(default=DEFAULT_PATH, sysfs=SYSFS_PORTS, dev="/dev", name=PORT_NAM
     return None
 
 
-class Channel(object):
+class Channel:
     """One open descriptor on the port (or a pty). Non-blocking; read/write never block."""
 
     __slots__ = ("path", "fd", "is_tty")

@@ -16,7 +16,7 @@ from ovmproto import __version__
 from ovmproto.limits import check_key, check_value
 
 from . import output
-from .client import (DEFAULT_TIMEOUT, EXIT_OK, EXIT_USAGE, BadInput, Client, ClientError)
+from .client import DEFAULT_TIMEOUT, EXIT_OK, EXIT_USAGE, BadInput, Client, ClientError
 from .config import DEFAULT_PATH as DEFAULT_CONFIG
 from .config import DEFAULT_SOCKET, ConfigError, read_file
 
@@ -39,26 +39,46 @@ Exit codes:
 141  stdout is a pipe nobody reads any more (quietly, as if killed by SIGPIPE)"""
 
 
-class Plan(object):
+class Plan:
     """What one invocation asks for, whichever parser read it."""
 
-    __slots__ = ("action", "socket", "config", "key", "pairs", "value", "as_json", "changed",
-                 "timeout")
+    __slots__ = (
+        "action",
+        "socket",
+        "config",
+        "key",
+        "pairs",
+        "value",
+        "as_json",
+        "changed",
+        "timeout",
+    )
 
-    def __init__(self, action, socket=None, config=None, key=None, pairs=(), value=None,
-                 as_json=False, changed=False, timeout=None):
-        self.action = action    # list, get, set, delete, clear, event, wait, events
-        self.socket = socket    # --socket, or None: $OVMD_SOCKET, the config file, the default
-        self.config = config    # --config: where to look for the socket path
+    def __init__(
+        self,
+        action,
+        socket=None,
+        config=None,
+        key=None,
+        pairs=(),
+        value=None,
+        as_json=False,
+        changed=False,
+        timeout=None,
+    ):
+        self.action = action  # list, get, set, delete, clear, event, wait, events
+        self.socket = socket  # --socket, or None: $OVMD_SOCKET, the config file, the default
+        self.config = config  # --config: where to look for the socket path
         self.key = key
-        self.pairs = pairs      # -p arguments as given ("KEY=VALUE")
-        self.value = value      # -e EVENT
+        self.pairs = pairs  # -p arguments as given ("KEY=VALUE")
+        self.value = value  # -e EVENT
         self.as_json = as_json
         self.changed = changed
         self.timeout = timeout  # -w --timeout, seconds; None waits forever
 
 
 # -- the executor ----------------------------------------------------------------------------------
+
 
 def socket_path(option, config_path=None, environ=None):
     """--socket, else $OVMD_SOCKET, else `socket` in the config file's [ovmd], else the default."""
@@ -121,8 +141,9 @@ def _one_entry(reply, plan):
     if type(value) is not str:
         raise ClientError("the daemon's answer has no value")
     if plan.as_json:
-        return output.entry_line({"key": plan.key, "value": value, "ts": reply.get("ts"),
-                                  "origin": reply.get("origin")})
+        return output.entry_line(
+            {"key": plan.key, "value": value, "ts": reply.get("ts"), "origin": reply.get("origin")}
+        )
     return output.value_line(value)
 
 
@@ -236,6 +257,7 @@ def emit(data):
 
 # -- the fast parser -------------------------------------------------------------------------------
 
+
 def _plain(arg):
     # An argument click would also read as a value. Anything starting with '-' is left to click,
     # so the two parsers never disagree about an odd command line.
@@ -256,8 +278,11 @@ def fast_plan(args):
             return Plan("clear", socket=socket)
     elif n == 2 and args[0] in ("-g", "-r") and _plain(args[1]):
         return Plan("get" if args[0] == "-g" else "delete", socket=socket, key=args[1])
-    elif n >= 2 and n % 2 == 0 and all(
-            args[i] == "-p" and _plain(args[i + 1]) for i in range(0, n, 2)):
+    elif (
+        n >= 2
+        and n % 2 == 0
+        and all(args[i] == "-p" and _plain(args[i + 1]) for i in range(0, n, 2))
+    ):
         return Plan("set", socket=socket, pairs=tuple(args[1::2]))
     return None
 
@@ -279,11 +304,19 @@ def main(argv=None):
 # (an unknown option, a value-less flag, -d2) goes to click, which explains what is wrong. A test
 # checks that this table names exactly click's options that apply to --daemon.
 DAEMON_OPTIONS = {
-    "--channel": "channel", "--socket": "socket", "--state-dir": "state_dir",
-    "--config": "config", "--max-keys": "max_keys", "--max-events": "max_events",
-    "--group": "group", "-d": "debug", "--debug": "debug",
-    "-f": None, "--pid-file": None,       # accepted for compatibility; unused
-    "-t": None, "--time-period": None,    # accepted for compatibility; ignored
+    "--channel": "channel",
+    "--socket": "socket",
+    "--state-dir": "state_dir",
+    "--config": "config",
+    "--max-keys": "max_keys",
+    "--max-events": "max_events",
+    "--group": "group",
+    "-d": "debug",
+    "--debug": "debug",
+    "-f": None,
+    "--pid-file": None,  # accepted for compatibility; unused
+    "-t": None,
+    "--time-period": None,  # accepted for compatibility; ignored
 }
 
 
@@ -334,13 +367,18 @@ def plan_from_options(opts):
 
     Raise BadInput for combinations that make no sense (one action per call).
     """
-    given = [(flag, action) for param, flag, action in _ACTION_FLAGS
-             if opts.get(param) not in (None, False, ())]
+    given = [
+        (flag, action)
+        for param, flag, action in _ACTION_FLAGS
+        if opts.get(param) not in (None, False, ())
+    ]
     if not given:
         raise BadInput("no action given; try 'ovmd --help'")
     if len(given) > 1:
-        raise BadInput("%s cannot be combined; give one action per call"
-                       % " and ".join(flag for flag, _ in given))
+        raise BadInput(
+            "%s cannot be combined; give one action per call"
+            % " and ".join(flag for flag, _ in given)
+        )
     flag, action = given[0]
     if flag == "-s":
         raise BadInput("-s (template configuration scripts) is not supported by this ovmd")
@@ -357,14 +395,25 @@ def plan_from_options(opts):
     if opts.get("json") and action not in ("list", "get", "wait", "events"):
         raise BadInput("--json applies to -l, -g, -w and --events only")
     if action != "wait" and (opts.get("changed") or opts.get("timeout") is not None):
-        raise BadInput("--%s applies to -w only"
-                       % ("changed" if opts.get("changed") else "timeout"))
-    key = {"get": opts.get("get_param"), "delete": opts.get("delete_param"),
-           "wait": opts.get("wait")}.get(action)
-    return Plan(action, socket=opts.get("socket"), config=opts.get("config"), key=key,
-                pairs=tuple(opts.get("set_param") or ()), value=opts.get("event"),
-                as_json=bool(opts.get("json")), changed=bool(opts.get("changed")),
-                timeout=opts.get("timeout"))
+        raise BadInput(
+            "--%s applies to -w only" % ("changed" if opts.get("changed") else "timeout")
+        )
+    key = {
+        "get": opts.get("get_param"),
+        "delete": opts.get("delete_param"),
+        "wait": opts.get("wait"),
+    }.get(action)
+    return Plan(
+        action,
+        socket=opts.get("socket"),
+        config=opts.get("config"),
+        key=key,
+        pairs=tuple(opts.get("set_param") or ()),
+        value=opts.get("event"),
+        as_json=bool(opts.get("json")),
+        changed=bool(opts.get("changed")),
+        timeout=opts.get("timeout"),
+    )
 
 
 def run_daemon(opts):
@@ -398,49 +447,103 @@ def build_command():
     context = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     epilog = "\b\n" + EXIT_CODES_HELP + "\n\n\b\nSee docs/cli.md for the details."
 
-    @click.command(name=PROG, context_settings=context, epilog=epilog,
-                   help="Read and write the key/value pairs shared with the Oracle VM host, "
-                        "or run the daemon (--daemon).")
-    @click.option("-l", "--list-params", is_flag=True,
-                  help="Print every pair, one JSON object per line.")
+    @click.command(
+        name=PROG,
+        context_settings=context,
+        epilog=epilog,
+        help="Read and write the key/value pairs shared with the Oracle VM host, "
+        "or run the daemon (--daemon).",
+    )
+    @click.option(
+        "-l", "--list-params", is_flag=True, help="Print every pair, one JSON object per line."
+    )
     @click.option("-g", "--get-param", metavar="KEY", help="Print the value of KEY.")
-    @click.option("-p", "--set-param", metavar="KEY=VALUE", multiple=True,
-                  help="Set KEY (repeatable: all pairs are set together, or none).")
+    @click.option(
+        "-p",
+        "--set-param",
+        metavar="KEY=VALUE",
+        multiple=True,
+        help="Set KEY (repeatable: all pairs are set together, or none).",
+    )
     @click.option("-r", "--delete-param", metavar="KEY", help="Delete KEY.")
     @click.option("-x", "--delete-params", is_flag=True, help="Delete every pair.")
     @click.option("-e", "--event", metavar="EVENT", help="Inject an event, as if the host sent it.")
-    @click.option("-w", "--wait", metavar="KEY",
-                  help="Wait until KEY exists (or, with --changed, is next set); print its value.")
-    @click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS",
-                  help="With -w: give up after SECONDS (exit 1).")
+    @click.option(
+        "-w",
+        "--wait",
+        metavar="KEY",
+        help="Wait until KEY exists (or, with --changed, is next set); print its value.",
+    )
+    @click.option(
+        "--timeout",
+        type=click.FloatRange(min=0),
+        metavar="SECONDS",
+        help="With -w: give up after SECONDS (exit 1).",
+    )
     @click.option("--changed", is_flag=True, help="With -w: wait for the next set of KEY.")
     @click.option("--events", is_flag=True, help="Print the recent events from the host.")
-    @click.option("--json", is_flag=True,
-                  help="With -l, -g, -w, --events: print entries with value, set time (ISO 8601 "
-                       "UTC) and origin.")
-    @click.option("--socket", metavar="PATH",
-                  help="The daemon's socket (default: $OVMD_SOCKET, else `socket` in "
-                       "/etc/ovmd.conf, else /run/ovmd/ovmd.sock).")
-    @click.option("--config", metavar="FILE",
-                  help="The configuration file (default /etc/ovmd.conf).")
+    @click.option(
+        "--json",
+        is_flag=True,
+        help="With -l, -g, -w, --events: print entries with value, set time (ISO 8601 "
+        "UTC) and origin.",
+    )
+    @click.option(
+        "--socket",
+        metavar="PATH",
+        help="The daemon's socket (default: $OVMD_SOCKET, else `socket` in "
+        "/etc/ovmd.conf, else /run/ovmd/ovmd.sock).",
+    )
+    @click.option(
+        "--config", metavar="FILE", help="The configuration file (default /etc/ovmd.conf)."
+    )
     @click.option("-s", "--script", metavar="SCRIPT", help="Not supported (exit 2).")
-    @click.option("-d", "--debug", type=click.IntRange(0, 2), metavar="LEVEL",
-                  help="Daemon logging: 0 off, 1 stderr, 2 syslog/journal (default 2).")
+    @click.option(
+        "-d",
+        "--debug",
+        type=click.IntRange(0, 2),
+        metavar="LEVEL",
+        help="Daemon logging: 0 off, 1 stderr, 2 syslog/journal (default 2).",
+    )
     @click.option("-f", "--pid-file", metavar="FILE", help="Accepted for compatibility; unused.")
-    @click.option("-t", "--time-period", type=click.FloatRange(min=0), metavar="SECS",
-                  help="Accepted for compatibility; ignored (the daemon does not poll).")
+    @click.option(
+        "-t",
+        "--time-period",
+        type=click.FloatRange(min=0),
+        metavar="SECS",
+        help="Accepted for compatibility; ignored (the daemon does not poll).",
+    )
     @click.option("--daemon", is_flag=True, help="Run the daemon.")
-    @click.option("--channel", metavar="PATH",
-                  help="With --daemon: the port (default: found by name com.oracle.ovmd).")
+    @click.option(
+        "--channel",
+        metavar="PATH",
+        help="With --daemon: the port (default: found by name com.oracle.ovmd).",
+    )
     @click.option("--state-dir", metavar="DIR", help="With --daemon: where the cache is stored.")
-    @click.option("--max-keys", type=click.IntRange(min=1), metavar="N",
-                  help="With --daemon: the most keys the cache holds.")
-    @click.option("--max-events", type=click.IntRange(min=1), metavar="N",
-                  help="With --daemon: how many recent events are kept.")
-    @click.option("--group", metavar="NAME",
-                  help="With --daemon: members of this group may use the socket.")
-    @click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True,
-                  callback=_print_version, help="Print the version.")
+    @click.option(
+        "--max-keys",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="With --daemon: the most keys the cache holds.",
+    )
+    @click.option(
+        "--max-events",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="With --daemon: how many recent events are kept.",
+    )
+    @click.option(
+        "--group", metavar="NAME", help="With --daemon: members of this group may use the socket."
+    )
+    @click.option(
+        "-v",
+        "--version",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_print_version,
+        help="Print the version.",
+    )
     def command(**opts):
         try:
             plan = plan_from_options(opts)

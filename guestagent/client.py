@@ -17,16 +17,16 @@ never holds a value.
 
 import _socket
 
-from ovmproto.errors import OvmError
 from ovmproto import compactjson
+from ovmproto.errors import OvmError
 from ovmproto.limits import FRAME_MAX
 
 # Exit codes of the ovmd command (docs/cli.md).
 EXIT_OK = 0
-EXIT_NOT_FOUND = 1    # no such key, or a wait timed out
-EXIT_USAGE = 2        # bad command line or invalid input
+EXIT_NOT_FOUND = 1  # no such key, or a wait timed out
+EXIT_USAGE = 2  # bad command line or invalid input
 EXIT_UNREACHABLE = 3  # cannot talk to the daemon
-EXIT_REFUSED = 4      # the daemon refused (quota, denied, internal, ...)
+EXIT_REFUSED = 4  # the daemon refused (quota, denied, internal, ...)
 
 # How long to wait for an answer before calling the daemon unreachable. Generous: a loaded guest
 # may take a while to fsync. A wait request allows this much beyond its own timeout.
@@ -35,8 +35,18 @@ DEFAULT_TIMEOUT = 60.0
 _RECV_SIZE = 65536
 
 # err codes that mean the input was at fault (the CLI validates first, so the daemon seldom says so)
-_USAGE_CODES = frozenset(("key_too_long", "value_too_long", "invalid_key", "invalid_value",
-                          "bad_request", "frame_too_long", "bad_frame", "unknown_type"))
+_USAGE_CODES = frozenset(
+    (
+        "key_too_long",
+        "value_too_long",
+        "invalid_key",
+        "invalid_value",
+        "bad_request",
+        "frame_too_long",
+        "bad_frame",
+        "unknown_type",
+    )
+)
 _MISSING_CODES = frozenset(("not_found", "timeout"))
 
 
@@ -75,10 +85,10 @@ class DaemonError(ClientError):
 
 def _one_line(text, limit=300):
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class Client(object):
+class Client:
     """One connection to the daemon. Requests are answered in order; ids are ours."""
 
     __slots__ = ("path", "timeout", "_sock", "_buf", "_next_id")
@@ -156,8 +166,10 @@ class Client(object):
         if len(data) > FRAME_MAX:
             # Several -p values of up to 8 KiB each can add up past one frame; the daemon would
             # discard the request, so refuse it here, naming the limit.
-            raise BadInput("the request is %d bytes, the limit is %d bytes: set fewer or smaller "
-                           "values in one call" % (len(data), FRAME_MAX))
+            raise BadInput(
+                "the request is %d bytes, the limit is %d bytes: set fewer or smaller "
+                "values in one call" % (len(data), FRAME_MAX)
+            )
         try:
             self._sock.sendall(data)
         except OSError as e:
@@ -190,8 +202,10 @@ class Client(object):
             if kind == "err" and (mid == rid or mid is None):
                 code = msg.get("code")
                 text = msg.get("msg")
-                raise DaemonError(_one_line(text if type(text) is str and text else code),
-                                  code if type(code) is str else "internal")
+                raise DaemonError(
+                    _one_line(text if type(text) is str and text else code),
+                    code if type(code) is str else "internal",
+                )
             if mid != rid or kind not in ("ok", "item"):
                 continue  # not for us (a reply to nothing we asked, or a notification)
             return msg
@@ -201,9 +215,9 @@ class Client(object):
             nl = self._buf.find(b"\n")
             if nl >= 0:
                 frame = self._buf[:nl]
-                self._buf = self._buf[nl + 1:]
+                self._buf = self._buf[nl + 1 :]
                 if b"\xff" in frame:  # RESYNC: whatever came before it is a stale partial frame
-                    frame = frame[frame.rfind(b"\xff") + 1:]
+                    frame = frame[frame.rfind(b"\xff") + 1 :]
                 if frame.strip():
                     return frame
                 continue
@@ -214,17 +228,20 @@ class Client(object):
             except OSError as e:
                 raise self._unreachable(e) from None
             if not chunk:
-                raise Unreachable("the ovmd daemon at %s closed the connection without answering"
-                                  % self.path)
+                raise Unreachable(
+                    "the ovmd daemon at %s closed the connection without answering" % self.path
+                )
             self._buf += chunk
 
     def _unreachable(self, e):
         if isinstance(e, _socket.timeout):
-            return Unreachable("the ovmd daemon at %s did not answer within %g s"
-                               % (self.path, self.timeout))
+            return Unreachable(
+                "the ovmd daemon at %s did not answer within %g s" % (self.path, self.timeout)
+            )
         reason = e.strerror or str(e) or type(e).__name__
         return Unreachable("cannot reach the ovmd daemon at %s: %s" % (self.path, reason))
 
     def _garbled(self, what):
-        return Unreachable("the program at %s does not speak the ovmd protocol (it sent %s)"
-                           % (self.path, what))
+        return Unreachable(
+            "the program at %s does not speak the ovmd protocol (it sent %s)" % (self.path, what)
+        )

@@ -136,7 +136,7 @@ _FIELDS = {
 }
 
 
-class Config(object):
+class Config:
     """Validated settings. ``channel`` None means: find the port (default link, then sysfs)."""
 
     __slots__ = ("path",) + tuple(_FIELDS)

@@ -31,7 +31,7 @@ def status_text(state, path):
     return "host connected"
 
 
-class Daemon(object):
+class Daemon:
     def __init__(self, config, notifier=None):
         self.config = config
         self.notifier = notifier if notifier is not None else Notifier()
@@ -54,8 +54,14 @@ class Daemon(object):
         store = CacheStore(config.state_dir, config.max_keys, config.max_events)
         self.service = Service(store)
         cache = self.service.cache
-        log.info("cache %s: %d keys, gid %s, gseq %d; JSON by %s", store.path, len(cache), cache.gid,
-                 cache.gseq, jsonlib.BACKEND)
+        log.info(
+            "cache %s: %d keys, gid %s, gseq %d; JSON by %s",
+            store.path,
+            len(cache),
+            cache.gid,
+            cache.gseq,
+            jsonlib.BACKEND,
+        )
         self.server = LocalServer(self.loop, self.service, config.socket, config.group)
         self.server.start()
         self.link = HostLink(loop, self.service, config.channel, on_state=self._on_state)
@@ -104,8 +110,9 @@ def run(config):
             log.error("cannot start: %s", e.message)
             return 1
         except OSError as e:
-            log.error("cannot start: %s%s", e.strerror or e,
-                      ": %s" % e.filename if e.filename else "")
+            log.error(
+                "cannot start: %s%s", e.strerror or e, ": %s" % e.filename if e.filename else ""
+            )
             return 1
         log.info("ovmd ready (pid %d)", os.getpid())
         daemon.serve()
@@ -119,6 +126,7 @@ def main(argv=None):
     """``python -m guestagent.daemon [options]`` is ``ovmd --daemon [options]``: one parser (the
     CLI's) for the daemon's options, so the two spellings cannot drift apart."""
     from .cli import main as cli_main
+
     return cli_main(["--daemon"] + list(sys.argv[1:] if argv is None else argv))
 
 

@@ -41,12 +41,12 @@ BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
 
 
-class HostLink(object):
+class HostLink:
     def __init__(self, loop, service, path=None, on_state=None, outbox_limit=OUTBOX_LIMIT):
         self.loop = loop
         self.service = service
         self.configured_path = path  # None: find the port (udev link, then sysfs)
-        self.on_state = on_state     # on_state(state, path) after every change of state
+        self.on_state = on_state  # on_state(state, path) after every change of state
         self.state = DISCONNECTED
         self.channel = None
         self.bad_frames = 0
@@ -57,14 +57,18 @@ class HostLink(object):
         self._retry = None
         self._backoff = BACKOFF_FIRST
         self._proven = False  # bytes arrived since the channel was opened
-        self._quiet = False   # opens keep failing at once (a pty hung up for good): log less
+        self._quiet = False  # opens keep failing at once (a pty hung up for good): log less
         self._closed = False
         self._log_open = RateLimited(log, 300.0)
         self._log_bad = RateLimited(log, 60.0)
         self._log_io = RateLimited(log, 60.0)
         self._handlers = {
-            Ping: self._on_ping, Get: self._on_get, List: self._on_list,
-            Set: self._on_set, Delete: self._on_delete, Hello: self._on_hello,
+            Ping: self._on_ping,
+            Get: self._on_get,
+            List: self._on_list,
+            Set: self._on_set,
+            Delete: self._on_delete,
+            Hello: self._on_hello,
         }
         service.add_listener(self.announce)
 
@@ -112,16 +116,18 @@ class HostLink(object):
             return
         path = self.configured_path or find_port()
         if path is None:
-            self._log_open.log(logging.WARNING, "no virtio port %s yet; waiting for it to appear",
-                               DEFAULT_PATH)
+            self._log_open.log(
+                logging.WARNING, "no virtio port %s yet; waiting for it to appear", DEFAULT_PATH
+            )
             self._schedule_open()
             return
         try:
             channel = Channel.open(path)
         except OSError as e:
             if e.errno == errno.EBUSY:
-                self._log_open.warning("%s is held by another process (only one may open it); "
-                                       "retrying", path)
+                self._log_open.warning(
+                    "%s is held by another process (only one may open it); retrying", path
+                )
             elif e.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
                 self._log_open.warning("%s is not there yet; waiting for it to appear", path)
             else:
@@ -133,8 +139,12 @@ class HostLink(object):
         self._reader.reset()
         self._outbox.clear()
         self._want_out = False
-        log.log(logging.DEBUG if self._quiet else logging.INFO, "opened %s%s", path,
-                " (a tty, set raw)" if channel.is_tty else "")
+        log.log(
+            logging.DEBUG if self._quiet else logging.INFO,
+            "opened %s%s",
+            path,
+            " (a tty, set raw)" if channel.is_tty else "",
+        )
         self.loop.add(channel.fd, IN | ET, self._on_events)
         # Read now: learn whether a host is there (EAGAIN) or not (EOF on the real port), and
         # take what it already wrote (edge-triggered, so nothing may be left behind).
@@ -199,8 +209,9 @@ class HostLink(object):
                 if channel.is_tty and is_hangup(e):
                     self._hangup()
                 else:
-                    self._log_io.warning("read error on %s: %s; reopening", channel.path,
-                                         e.strerror or e)
+                    self._log_io.warning(
+                        "read error on %s: %s; reopening", channel.path, e.strerror or e
+                    )
                     self._close_channel()
                     self._schedule_open()
                 return
@@ -240,15 +251,22 @@ class HostLink(object):
                 if self.state == SYNCED:
                     self._set_state(CONNECTED)
             elif getattr(event, "id", None) is not None and type(event) not in (Ok, Err, Item):
-                self._send(encode(Err(id=event.id, code="bad_request",
-                                      msg="%r is a local request, not accepted from the host"
-                                      % event.TYPE)))
+                self._send(
+                    encode(
+                        Err(
+                            id=event.id,
+                            code="bad_request",
+                            msg="%r is a local request, not accepted from the host" % event.TYPE,
+                        )
+                    )
+                )
             # ok, err, item and changed from the host are never answered
 
     def _on_bad(self, err):
         self.bad_frames += 1
-        self._log_bad.warning("bad frame from the host (%d so far): %s", self.bad_frames,
-                              err.message)
+        self._log_bad.warning(
+            "bad frame from the host (%d so far): %s", self.bad_frames, err.message
+        )
         request_id = getattr(err, "request_id", None)
         if request_id is not None:
             self._send(error_reply(request_id, err))
@@ -268,12 +286,16 @@ class HostLink(object):
         # and the RESYNC leading the reply makes it drop a partly sent frame.
         self._outbox.clear()
         self._stop_out()
-        self._send(answer_hello(msg, AGENT, cache.gid, cache.gseq, cache.epoch, cache.hseq,
-                                PROTOCOL_VERSION))
+        self._send(
+            answer_hello(
+                msg, AGENT, cache.gid, cache.gseq, cache.epoch, cache.hseq, PROTOCOL_VERSION
+            )
+        )
         if msg.v >= MIN_VERSION and self.channel is not None:
             self._set_state(SYNCED)
-            log.info("host synced (epoch %s, hseq %d, gseq %d)", cache.epoch, cache.hseq,
-                     cache.gseq)
+            log.info(
+                "host synced (epoch %s, hseq %d, gseq %d)", cache.epoch, cache.hseq, cache.gseq
+            )
 
     def _on_ping(self, msg):
         self._send(ok_frame(msg.id))
@@ -283,8 +305,17 @@ class HostLink(object):
         if entry is None:
             self._send(encode(Err(id=msg.id, code="not_found", msg="no such key")))
         else:
-            self._send(encode(Ok(id=msg.id, key=entry.key, value=entry.value, ts=entry.ts,
-                                 origin=entry.origin)))
+            self._send(
+                encode(
+                    Ok(
+                        id=msg.id,
+                        key=entry.key,
+                        value=entry.value,
+                        ts=entry.ts,
+                        origin=entry.origin,
+                    )
+                )
+            )
 
     def _on_list(self, msg):
         self._send_stream(list_frames(msg.id, self.service.entries(), self.service.cache.gseq))
@@ -292,8 +323,15 @@ class HostLink(object):
     def _refuse_unsynced(self, msg):
         if self.state == SYNCED:
             return False
-        self._send(encode(Err(id=msg.id, code="busy", msg="send hello first: this connection "
-                                                          "is not synchronized")))
+        self._send(
+            encode(
+                Err(
+                    id=msg.id,
+                    code="busy",
+                    msg="send hello first: this connection is not synchronized",
+                )
+            )
+        )
         return True
 
     def _on_set(self, msg):
@@ -318,8 +356,7 @@ class HostLink(object):
         except OvmError as e:
             self._send(error_reply(msg.id, e))
         else:
-            self._send(encode(Ok(id=msg.id, seq=msg.seq, found=found,
-                                 dup=True if dup else None)))
+            self._send(encode(Ok(id=msg.id, seq=msg.seq, found=found, dup=True if dup else None)))
         self._release_held()
 
     def _release_held(self):
@@ -394,8 +431,10 @@ class HostLink(object):
                 self._set_state(CONNECTED)
 
     def _overflow(self):
-        log.warning("the host is not reading: dropped %d bytes of output; it must send hello "
-                    "again", self._outbox.size)
+        log.warning(
+            "the host is not reading: dropped %d bytes of output; it must send hello again",
+            self._outbox.size,
+        )
         self._outbox.clear()
         self._stop_out()
         if self.state == SYNCED:

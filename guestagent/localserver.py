@@ -19,8 +19,21 @@ import struct
 from ovmproto.codec import Reader, encode
 from ovmproto.errors import OvmError, ProtocolError
 from ovmproto.handshake import answer_hello
-from ovmproto.messages import (Clear, Delete, Err, Events, Get, Hello, List, Ok, Ping, PostEvent,
-                               Put, Set, Wait)
+from ovmproto.messages import (
+    Clear,
+    Delete,
+    Err,
+    Events,
+    Get,
+    Hello,
+    List,
+    Ok,
+    Ping,
+    PostEvent,
+    Put,
+    Set,
+    Wait,
+)
 
 from .logsetup import RateLimited
 from .loop import ERR, HUP, IN, OUT, Outbox
@@ -58,12 +71,24 @@ def _write_to(sock):
             return sock.send(data)
         except BlockingIOError:
             return 0
+
     return write
 
 
-class _Client(object):
-    __slots__ = ("sock", "fd", "pid", "uid", "reader", "outbox", "write", "waits", "mask", "eof",
-                 "closed")
+class _Client:
+    __slots__ = (
+        "sock",
+        "fd",
+        "pid",
+        "uid",
+        "reader",
+        "outbox",
+        "write",
+        "waits",
+        "mask",
+        "eof",
+        "closed",
+    )
 
     def __init__(self, sock, pid, uid, outbox_limit):
         self.sock = sock
@@ -74,14 +99,15 @@ class _Client(object):
         self.outbox = Outbox(outbox_limit)
         self.write = _write_to(sock)
         self.waits = {}  # token -> (Waiter, Timer or None)
-        self.mask = IN       # the epoll events we asked for
-        self.eof = False     # the client shut its writing side: answer what it asked, then close
+        self.mask = IN  # the epoll events we asked for
+        self.eof = False  # the client shut its writing side: answer what it asked, then close
         self.closed = False
 
 
-class LocalServer(object):
-    def __init__(self, loop, service, path, group=None, max_clients=MAX_CLIENTS,
-                 outbox_limit=OUTBOX_LIMIT):
+class LocalServer:
+    def __init__(
+        self, loop, service, path, group=None, max_clients=MAX_CLIENTS, outbox_limit=OUTBOX_LIMIT
+    ):
         self.loop = loop
         self.service = service
         self.path = path
@@ -97,9 +123,17 @@ class LocalServer(object):
         self._log_refused = RateLimited(log, 60.0)
         self._log_bad = RateLimited(log, 60.0)
         self._handlers = {
-            Ping: self._on_ping, Get: self._on_get, List: self._on_list, Set: self._on_set,
-            Put: self._on_put, Delete: self._on_delete, Clear: self._on_clear, Wait: self._on_wait,
-            Events: self._on_events, PostEvent: self._on_event, Hello: self._on_hello,
+            Ping: self._on_ping,
+            Get: self._on_get,
+            List: self._on_list,
+            Set: self._on_set,
+            Put: self._on_put,
+            Delete: self._on_delete,
+            Clear: self._on_clear,
+            Wait: self._on_wait,
+            Events: self._on_events,
+            PostEvent: self._on_event,
+            Hello: self._on_hello,
         }
 
     # -- the listening socket ---------------------------------------------------------------
@@ -117,8 +151,9 @@ class LocalServer(object):
                 os.makedirs(parent, 0o755)
                 os.chmod(parent, 0o755)  # makedirs' mode passes through the umask
             self._remove_stale()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                                 | socket.SOCK_CLOEXEC)
+            sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+            )
             try:
                 old = os.umask(0o177)  # no window in which the socket is open to others
                 try:
@@ -133,7 +168,9 @@ class LocalServer(object):
                 sock.close()
                 raise
         except OSError as e:
-            raise LocalServerError("cannot listen on %s: %s" % (self.path, e.strerror or e)) from None
+            raise LocalServerError(
+                "cannot listen on %s: %s" % (self.path, e.strerror or e)
+            ) from None
         self._sock = sock
         self._ino = os.stat(self.path).st_ino
         self.loop.add(sock.fileno(), IN, self._on_accept)
@@ -183,16 +220,27 @@ class LocalServer(object):
                 return
             sock.setblocking(False)
             pid, uid, gid = _PEERCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
             if not self._allowed(pid, uid, gid):
-                self._log_refused.warning("refused local client pid %d uid %d: not root, uid %d "
-                                          "or in group %s", pid, uid, self._uid, self.group)
-                self._refuse(sock, "denied", "uid %d may not use ovmd (root, uid %d or group %s)"
-                             % (uid, self._uid, self.group or "-"))
+                self._log_refused.warning(
+                    "refused local client pid %d uid %d: not root, uid %d or in group %s",
+                    pid,
+                    uid,
+                    self._uid,
+                    self.group,
+                )
+                self._refuse(
+                    sock,
+                    "denied",
+                    "uid %d may not use ovmd (root, uid %d or group %s)"
+                    % (uid, self._uid, self.group or "-"),
+                )
                 continue
             if len(self.clients) >= self.max_clients:
-                self._log_refused.warning("refused local client pid %d: %d clients already",
-                                          pid, len(self.clients))
+                self._log_refused.warning(
+                    "refused local client pid %d: %d clients already", pid, len(self.clients)
+                )
                 self._refuse(sock, "busy", "too many clients (%d)" % self.max_clients)
                 continue
             client = _Client(sock, pid, uid, self.outbox_limit)
@@ -259,16 +307,20 @@ class LocalServer(object):
             if handler is not None:
                 handler(client, event)
             elif isinstance(event, ProtocolError):
-                self._log_bad.warning("bad frame from local client pid %d: %s", client.pid,
-                                      event.message)
+                self._log_bad.warning(
+                    "bad frame from local client pid %d: %s", client.pid, event.message
+                )
                 # Answer even without a usable id: a local client waits for one answer, and
                 # silence would look like a hung daemon (the host link, by contrast, never
                 # answers id-less garbage: it may be stale bytes of an earlier connection).
                 self._send(client, error_reply(getattr(event, "request_id", None), event))
-            elif getattr(event, "id", None) is not None and event.TYPE not in ("ok", "err",
-                                                                                "item"):
-                self._send(client, encode(Err(id=event.id, code="bad_request",
-                                              msg="%r is not a request" % event.TYPE)))
+            elif getattr(event, "id", None) is not None and event.TYPE not in ("ok", "err", "item"):
+                self._send(
+                    client,
+                    encode(
+                        Err(id=event.id, code="bad_request", msg="%r is not a request" % event.TYPE)
+                    ),
+                )
 
     def _send(self, client, data):
         if client.closed:
@@ -312,8 +364,11 @@ class LocalServer(object):
             self.loop.modify(client.fd, mask)
 
     def _overflow(self, client):
-        self._log_refused.warning("local client pid %d does not read its replies (%d bytes "
-                                  "waiting); disconnected", client.pid, client.outbox.size)
+        self._log_refused.warning(
+            "local client pid %d does not read its replies (%d bytes waiting); disconnected",
+            client.pid,
+            client.outbox.size,
+        )
         self._drop(client)
 
     # -- requests -----------------------------------------------------------------------------
@@ -329,28 +384,30 @@ class LocalServer(object):
 
     def _on_hello(self, client, msg):
         cache = self.service.cache
-        self._send(client, answer_hello(msg, AGENT, cache.gid, cache.gseq, cache.epoch,
-                                        cache.hseq))
+        self._send(client, answer_hello(msg, AGENT, cache.gid, cache.gseq, cache.epoch, cache.hseq))
 
     def _on_get(self, client, msg):
         entry = self.service.get(msg.key)
         if entry is None:
             self._err(client, msg.id, "not_found", "no such key")
         else:
-            self._ok(client, msg.id, key=entry.key, value=entry.value, ts=entry.ts,
-                     origin=entry.origin)
+            self._ok(
+                client, msg.id, key=entry.key, value=entry.value, ts=entry.ts, origin=entry.origin
+            )
 
     def _on_list(self, client, msg):
-        self._send_stream(client, list_frames(msg.id, self.service.entries(),
-                                              self.service.cache.gseq))
+        self._send_stream(
+            client, list_frames(msg.id, self.service.entries(), self.service.cache.gseq)
+        )
 
     def _on_events(self, client, msg):
         self._send_stream(client, list_frames(msg.id, self.service.events()))
 
     def _mutate(self, client, msg, operation, *args):
         if getattr(msg, "seq", None) is not None:
-            self._err(client, msg.id, "bad_request", "seq is for the host; local requests "
-                                                     "have none")
+            self._err(
+                client, msg.id, "bad_request", "seq is for the host; local requests have none"
+            )
             return False, None
         try:
             return True, operation(*args)
@@ -397,24 +454,31 @@ class LocalServer(object):
         def woken(entry):
             _, timer = client.waits.pop(token, (None, None))
             self.loop.cancel(timer)
-            self._ok(client, msg.id, key=entry.key, value=entry.value, ts=entry.ts,
-                     origin=entry.origin)
+            self._ok(
+                client, msg.id, key=entry.key, value=entry.value, ts=entry.ts, origin=entry.origin
+            )
             self._update(client)
 
         result = self.service.wait(msg.key, woken, changed=bool(msg.changed))
         if not isinstance(result, Waiter):
-            self._ok(client, msg.id, key=result.key, value=result.value, ts=result.ts,
-                     origin=result.origin)
+            self._ok(
+                client,
+                msg.id,
+                key=result.key,
+                value=result.value,
+                ts=result.ts,
+                origin=result.origin,
+            )
             return
 
         def expired():
             waiter, _ = client.waits.pop(token, (None, None))
             if waiter is not None:
                 waiter.cancel()
-                self._err(client, msg.id, "timeout", "key %r was not set within %gs"
-                          % (msg.key, timeout))
+                self._err(
+                    client, msg.id, "timeout", "key %r was not set within %gs" % (msg.key, timeout)
+                )
                 self._update(client)  # a half-closed client may be finished now
 
         timer = self.loop.call_later(timeout, expired) if timeout is not None else None
         client.waits[token] = (result, timer)
-

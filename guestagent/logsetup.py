@@ -57,7 +57,7 @@ def setup(level, stream=None, environ=None):
     return handler
 
 
-class RateLimited(object):
+class RateLimited:
     """Log a repeating message at most once per ``interval`` seconds, with how many were held back.
 
     One instance per kind of failure (a bad peer, a failing disk): a flood of the same warning

@@ -27,7 +27,7 @@ HUP = select.EPOLLHUP
 ERR = select.EPOLLERR
 
 
-class Timer(object):
+class Timer:
     __slots__ = ("when", "callback", "args", "cancelled")
 
     def __init__(self, when, callback, args):
@@ -47,7 +47,7 @@ def _noop_handler(signum, frame):
     """Python needs a handler for the signal to be caught; the work happens in the loop."""
 
 
-class Loop(object):
+class Loop:
     """Callbacks for descriptors (``callback(events)``), timers and signals, in one thread."""
 
     def __init__(self, clock=time.monotonic):
@@ -191,7 +191,7 @@ class Loop(object):
         self._epoll.close()
 
 
-class Outbox(object):
+class Outbox:
     """What a non-blocking descriptor could not take yet: bytes, then lazily produced parts.
 
     A part is bytes or an iterator of bytes (a long listing is encoded only as the peer reads,
@@ -204,7 +204,7 @@ class Outbox(object):
 
     STREAM_WEIGHT = 16 * 1024
     LOW_WATER = 64 * 1024  # refill the buffer from parts below this
-    CHUNK = 64 * 1024      # most bytes handed to one write()
+    CHUNK = 64 * 1024  # most bytes handed to one write()
 
     def __init__(self, limit):
         self.limit = limit
@@ -276,7 +276,7 @@ class Outbox(object):
                         buf += chunk
             if not buf:
                 return True
-            n = write(buf[:self.CHUNK])
+            n = write(buf[: self.CHUNK])
             if n <= 0:
                 return False
             del buf[:n]

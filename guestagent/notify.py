@@ -47,7 +47,7 @@ def watchdog_interval(environ=None, pid=None):
     return usec / 2e6
 
 
-class BuiltinSender(object):
+class BuiltinSender:
     """Sends notify datagrams without systemd-python."""
 
     def __init__(self, address):
@@ -73,10 +73,11 @@ def _systemd_sender():
 
     def send(text):
         daemon.notify(text)
+
     return send
 
 
-class Notifier(object):
+class Notifier:
     """Tells systemd how the daemon is doing. Failures are logged (rate-limited), never raised:
     a missing supervisor must not stop the agent."""
 

@@ -72,4 +72,4 @@ def write_all(fd, data):
     """Write every byte of ``data`` to ``fd``; OSError (e.g. BrokenPipeError) propagates."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]

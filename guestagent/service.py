@@ -34,7 +34,7 @@ class ServiceError(OvmError):
     code = "internal"
 
 
-class Waiter(object):
+class Waiter:
     """A pending ``wait``: ``callback(entry)`` runs once when ``key`` is next set."""
 
     __slots__ = ("key", "callback", "_service")
@@ -50,7 +50,7 @@ class Waiter(object):
             self._service = None
 
 
-class Service(object):
+class Service:
     def __init__(self, store, clock=time.time):
         self.store = store
         self.clock = clock

@@ -29,7 +29,7 @@ def write_atomic(path, data):
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -57,7 +57,7 @@ def read(path):
         raise StoreError("cannot read %s: %s" % (path, e.strerror or e)) from e
 
 
-class CacheStore(object):
+class CacheStore:
     """The cache's file (``cache.json`` in the state directory)."""
 
     FILENAME = "cache.json"

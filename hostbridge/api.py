@@ -42,7 +42,6 @@ MAX_AUDIT_LIMIT = 1000
 DEFAULT_AUDIT_LIMIT = 100
 
 
-
 def _app_key(name, kind):
     # web.AppKey (aiohttp >= 3.9) keeps newer aiohttp quiet; Debian 12's 3.8.4 takes plain strings.
     make = getattr(web, "AppKey", None)
@@ -71,11 +70,14 @@ def _one_line(text: str) -> str:
 
 
 def _json(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
-    return web.Response(body=jsonlib.dumps(data), status=status, content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        body=jsonlib.dumps(data), status=status, content_type="application/json", headers=headers
+    )
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None
+) -> web.Response:
     return _json({"error": {"code": code, "message": _one_line(message)}}, status, headers)
 
 
@@ -118,9 +120,12 @@ async def _errors(request: web.Request, handler):
             message = "method %s not allowed on %s" % (request.method, request.path)
         else:
             message = exc.reason
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
-        return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_%d" % exc.status), message,
-                              headers)
+        headers = {
+            k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")
+        }
+        return error_response(
+            exc.status, _HTTP_CODES.get(exc.status, "http_%d" % exc.status), message, headers
+        )
     except CredentialFileError as exc:
         log.error("%s", exc)
         return error_response(500, "internal", "the bridge cannot read its credentials file")
@@ -140,6 +145,7 @@ async def _authenticate(request: web.Request, handler):
 
 
 # ---- input checks (types here; limits via ovmproto.limits so the codes match the guest's) ----
+
 
 def _check_key(key: Any) -> str:
     problem = limits.check_key(key)
@@ -195,6 +201,7 @@ def _bool_field(doc: dict, name: str, default: bool) -> bool:
 
 # ---- handlers ----
 
+
 async def health(request: web.Request) -> web.Response:
     stats = request.app[BRIDGE].stats()
     return _json({"status": "ok", **stats})
@@ -224,10 +231,15 @@ async def send_message(request: web.Request) -> web.Response:
     if problem is not None:
         raise InvalidInput(problem[1], problem[0])
     result = await bridge.send(
-        vm, key, value,
+        vm,
+        key,
+        value,
         log=_bool_field(doc, "log", True),
         queue=_bool_field(doc, "queue", True),
-        timeout=_timeout(doc["timeout"]) if "timeout" in doc else request.app[SETTINGS].default_timeout)
+        timeout=_timeout(doc["timeout"])
+        if "timeout" in doc
+        else request.app[SETTINGS].default_timeout,
+    )
     data = result.to_json()
     return _json(data, 202 if data.get("outcome") == "queued" else 200)
 
@@ -272,11 +284,14 @@ def make_app(bridge, config) -> web.Application:
     """The aiohttp application serving ``bridge`` (a hostbridge.bridge.Bridge or a stand-in)."""
     app = web.Application(middlewares=[_errors, _authenticate], client_max_size=MAX_BODY)
     app[BRIDGE] = bridge
-    app[AUTH] = Authenticator(getattr(config, "tokens_file", None), getattr(config, "users_file", None))
+    app[AUTH] = Authenticator(
+        getattr(config, "tokens_file", None), getattr(config, "users_file", None)
+    )
     with open(OPENAPI_PATH, "rb") as f:
         spec = f.read()
-    app[SETTINGS] = _Settings(default_timeout=float(getattr(config, "query_timeout", 5.0) or 5.0),
-                              openapi=spec)
+    app[SETTINGS] = _Settings(
+        default_timeout=float(getattr(config, "query_timeout", 5.0) or 5.0), openapi=spec
+    )
     r = app.router
     r.add_get("/v1/health", health)
     r.add_get("/v1/vms", list_vms)
@@ -291,6 +306,7 @@ def make_app(bridge, config) -> web.Application:
 
 
 # ---- listeners ----
+
 
 @dataclass
 class ApiServer:
@@ -327,8 +343,10 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ApiConfigError("cannot load the TLS certificate %s / key %s: %s" % (
-            cert, key, getattr(exc, "strerror", None) or exc)) from None
+        raise ApiConfigError(
+            "cannot load the TLS certificate %s / key %s: %s"
+            % (cert, key, getattr(exc, "strerror", None) or exc)
+        ) from None
     return ctx
 
 
@@ -364,9 +382,13 @@ async def start(app: web.Application, config) -> ApiServer:
     ctx = None
     if tcp:
         if not (cert and key):
-            raise ApiConfigError("the TCP API is served only with TLS: give --tls-cert and --tls-key")
+            raise ApiConfigError(
+                "the TCP API is served only with TLS: give --tls-cert and --tls-key"
+            )
         if not app[AUTH].configured:
-            raise ApiConfigError("the TCP API needs credentials: give --tokens-file or --users-file")
+            raise ApiConfigError(
+                "the TCP API needs credentials: give --tokens-file or --users-file"
+            )
         ctx = tls_context(cert, key)
     # aiohttp's access log writes a line per request: thousands a second into the journal under
     # load (~10% of the bridge's time in the benchmark's profile). Only at -d 2 and above.
@@ -376,15 +398,19 @@ async def start(app: web.Application, config) -> ApiServer:
     server = ApiServer(runner)
     try:
         if unix_path:
-            await _start_unix(runner, unix_path, getattr(config, "api_group", None),
-                              getattr(config, "api_socket_mode", 0o660))
+            await _start_unix(
+                runner,
+                unix_path,
+                getattr(config, "api_group", None),
+                getattr(config, "api_socket_mode", 0o660),
+            )
             server.unix_path = unix_path
             log.info("API listening on unix socket %s", unix_path)
         if tcp:
             host, port = tcp
             site = web.TCPSite(runner, host, int(port), ssl_context=ctx)
             await site.start()
-            for sock in site._server.sockets if site._server else ():  # noqa: SLF001 (the real port)
+            for sock in site._server.sockets if site._server else ():
                 server.tcp_addresses.append(sock.getsockname()[:2])
             log.info("API listening on https://%s:%s", host, port)
     except OSError as exc:

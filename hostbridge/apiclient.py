@@ -12,7 +12,6 @@ JSON goes through ovmproto.compactjson: the json package would import re and enu
 
 from ovmproto import compactjson
 
-
 DEFAULT_SOCKET = "/run/hostbridge/api.sock"
 DEFAULT_TCP_PORT = 8443
 ENV_BRIDGE = "VMMESSAGE_BRIDGE"
@@ -64,8 +63,10 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 
 def quote(segment):
     """Percent-encode one path segment (every byte but RFC 3986's unreserved ones, '/' included)."""
-    return "".join(chr(b) if b in _UNRESERVED else "%%%02X" % b
-                   for b in segment.encode("utf-8", "surrogatepass"))
+    return "".join(
+        chr(b) if b in _UNRESERVED else "%%%02X" % b
+        for b in segment.encode("utf-8", "surrogatepass")
+    )
 
 
 def path(*segments, query=None):
@@ -87,7 +88,9 @@ def _decode_body(status, body):
             raise ApiError(err["code"], str(err.get("message", "")), status)
         raise ApiError("internal", "the bridge answered HTTP %d" % status, status)
     if not isinstance(doc, dict):
-        raise ApiError("internal", "the bridge answered with something that is not a JSON object", status)
+        raise ApiError(
+            "internal", "the bridge answered with something that is not a JSON object", status
+        )
     return doc
 
 
@@ -102,7 +105,7 @@ def _dechunk(data):
         if size == 0:
             return b"".join(out)
         start = eol + 2
-        out.append(data[start:start + size])
+        out.append(data[start : start + size])
         pos = start + size + 2
 
 
@@ -131,7 +134,7 @@ def parse_response(raw):
 
 
 def split_hostport(hostport, default_port=DEFAULT_TCP_PORT):
-    """"host", "host:port", "[v6]:port" -> (host, port); ApiError("usage") when malformed."""
+    """ "host", "host:port", "[v6]:port" -> (host, port); ApiError("usage") when malformed."""
     if hostport.startswith("["):
         host, _, rest = hostport[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else rest
@@ -147,7 +150,9 @@ def split_hostport(hostport, default_port=DEFAULT_TCP_PORT):
 class Client:
     """Talks to one bridge. ``url``: a unix socket path (or ``unix:PATH``) or ``https://host[:port]``."""
 
-    def __init__(self, url=None, *, token=None, user=None, password=None, cacert=None, timeout=30.0):
+    def __init__(
+        self, url=None, *, token=None, user=None, password=None, cacert=None, timeout=30.0
+    ):
         if not url:
             url = DEFAULT_SOCKET
         self.url = url
@@ -157,15 +162,17 @@ class Client:
         self.cacert = cacert
         self.timeout = timeout
         if url.startswith("https://"):
-            hostport = url[len("https://"):].rstrip("/")
+            hostport = url[len("https://") :].rstrip("/")
             if "/" in hostport:
                 raise ApiError("usage", "a bridge URL is https://HOST[:PORT] with no path")
             self._tcp = split_hostport(hostport)
             self._unix = None
         elif url.startswith("http://"):
-            raise ApiError("usage", "plain http is not served; use https://HOST:PORT or the unix socket path")
+            raise ApiError(
+                "usage", "plain http is not served; use https://HOST:PORT or the unix socket path"
+            )
         else:
-            self._unix = url[len("unix:"):] if url.startswith("unix:") else url
+            self._unix = url[len("unix:") :] if url.startswith("unix:") else url
             self._tcp = None
 
     def request(self, method, target, body=None, timeout=None):
@@ -181,8 +188,10 @@ class Client:
     def _unix_request(self, method, target, payload, timeout):
         import _socket
 
-        head = "%s %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: application/json\r\n" % (
-            method, target)
+        head = (
+            "%s %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: application/json\r\n"
+            % (method, target)
+        )
         if payload is not None:
             head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(payload)
         data = (head + "\r\n").encode("ascii") + (payload or b"")
@@ -192,11 +201,16 @@ class Client:
             try:
                 sock.connect(self._unix)
             except PermissionError:
-                raise ApiError("unauthorized", "permission denied on the bridge socket %s "
-                               "(is your user in its group?)" % self._unix) from None
+                raise ApiError(
+                    "unauthorized",
+                    "permission denied on the bridge socket %s "
+                    "(is your user in its group?)" % self._unix,
+                ) from None
             except OSError as exc:
-                raise ApiError("unreachable", "cannot connect to the bridge at %s: %s"
-                               % (self._unix, exc.strerror or exc)) from None
+                raise ApiError(
+                    "unreachable",
+                    "cannot connect to the bridge at %s: %s" % (self._unix, exc.strerror or exc),
+                ) from None
             chunks = []
             total = 0
             try:
@@ -208,19 +222,28 @@ class Client:
                     chunks.append(chunk)
                     total += len(chunk)
                     if total > _MAX_RESPONSE:
-                        raise ApiError("internal", "the bridge's answer is over %d bytes" % _MAX_RESPONSE)
+                        raise ApiError(
+                            "internal", "the bridge's answer is over %d bytes" % _MAX_RESPONSE
+                        )
             except TimeoutError:
-                raise ApiError("unreachable", "the bridge at %s did not answer within %g s"
-                               % (self._unix, timeout)) from None
+                raise ApiError(
+                    "unreachable",
+                    "the bridge at %s did not answer within %g s" % (self._unix, timeout),
+                ) from None
             except OSError as exc:
-                raise ApiError("unreachable", "lost the connection to the bridge at %s: %s"
-                               % (self._unix, exc.strerror or exc)) from None
+                raise ApiError(
+                    "unreachable",
+                    "lost the connection to the bridge at %s: %s"
+                    % (self._unix, exc.strerror or exc),
+                ) from None
         finally:
             sock.close()
         try:
             return parse_response(b"".join(chunks))
         except ValueError as exc:
-            raise ApiError("unreachable", "bad answer from the bridge at %s: %s" % (self._unix, exc)) from None
+            raise ApiError(
+                "unreachable", "bad answer from the bridge at %s: %s" % (self._unix, exc)
+            ) from None
 
     def _https_request(self, method, target, payload, timeout):
         import base64
@@ -248,13 +271,21 @@ class Client:
             data = resp.read(_MAX_RESPONSE + 1)
             status = resp.status
         except ssl.SSLError as exc:
-            raise ApiError("unreachable", "TLS with the bridge at %s failed: %s" % (
-                where, getattr(exc, "verify_message", None) or exc.reason or exc)) from None
+            raise ApiError(
+                "unreachable",
+                "TLS with the bridge at %s failed: %s"
+                % (where, getattr(exc, "verify_message", None) or exc.reason or exc),
+            ) from None
         except TimeoutError:
-            raise ApiError("unreachable", "the bridge at %s did not answer within %g s" % (where, timeout)) from None
+            raise ApiError(
+                "unreachable", "the bridge at %s did not answer within %g s" % (where, timeout)
+            ) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise ApiError("unreachable", "cannot reach the bridge at %s: %s" % (
-                where, getattr(exc, "strerror", None) or exc)) from None
+            raise ApiError(
+                "unreachable",
+                "cannot reach the bridge at %s: %s"
+                % (where, getattr(exc, "strerror", None) or exc),
+            ) from None
         finally:
             conn.close()
         return status, data
@@ -278,7 +309,9 @@ class Client:
 
     def query(self, vm, key, *, timeout=None):
         q = {"timeout": timeout} if timeout is not None else None
-        return self.request("GET", path("vms", vm, "keys", key, query=q), timeout=self._wait(timeout))
+        return self.request(
+            "GET", path("vms", vm, "keys", key, query=q), timeout=self._wait(timeout)
+        )
 
     def keys(self, vm):
         return self.request("GET", path("vms", vm, "keys"))

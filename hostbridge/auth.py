@@ -46,7 +46,12 @@ def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int
     salt = os.urandom(_SALT_BYTES)
     digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=_HASH_BYTES)
     return "scrypt$%d$%d$%d$%s$%s" % (
-        n, r, p, base64.b64encode(salt).decode("ascii"), base64.b64encode(digest).decode("ascii"))
+        n,
+        r,
+        p,
+        base64.b64encode(salt).decode("ascii"),
+        base64.b64encode(digest).decode("ascii"),
+    )
 
 
 def verify_password(password: str, encoded: str) -> bool:
@@ -57,8 +62,9 @@ def verify_password(password: str, encoded: str) -> bool:
             return False
         salt = base64.b64decode(salt_b64, validate=True)
         expected = base64.b64decode(hash_b64, validate=True)
-        digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=int(n), r=int(r), p=int(p),
-                                dklen=len(expected))
+        digest = hashlib.scrypt(
+            password.encode("utf-8"), salt=salt, n=int(n), r=int(r), p=int(p), dklen=len(expected)
+        )
     except (ValueError, binascii.Error):
         return False
     return hmac.compare_digest(digest, expected)
@@ -66,8 +72,12 @@ def verify_password(password: str, encoded: str) -> bool:
 
 # Verified against when the user is unknown, so that "no such user" takes as long as "wrong password".
 _DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
-    SCRYPT_N, SCRYPT_R, SCRYPT_P, base64.b64encode(b"\0" * _SALT_BYTES).decode(),
-    base64.b64encode(b"\0" * _HASH_BYTES).decode())
+    SCRYPT_N,
+    SCRYPT_R,
+    SCRYPT_P,
+    base64.b64encode(b"\0" * _SALT_BYTES).decode(),
+    base64.b64encode(b"\0" * _HASH_BYTES).decode(),
+)
 
 
 class CredentialFileError(Exception):
@@ -156,11 +166,15 @@ class _WatchedFile:
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             if stamp is None:
-                log.warning("credentials file %s does not exist: nobody can log in with it", self.path)
+                log.warning(
+                    "credentials file %s does not exist: nobody can log in with it", self.path
+                )
                 self._data = self._parse([], self.path)
             else:
                 if st.st_mode & 0o007:
-                    log.warning("credentials file %s is readable by others; chmod 600 it", self.path)
+                    log.warning(
+                        "credentials file %s is readable by others; chmod 600 it", self.path
+                    )
                 with open(self.path, encoding="utf-8") as f:
                     self._data = self._parse(f.read().splitlines(), self.path)
             self._stamp = stamp
@@ -222,7 +236,9 @@ class Authenticator:
     async def authenticate(self, header: str | None) -> Principal:
         """Return the Principal for ``header`` or raise Unauthorized (one reason, never the secret)."""
         if not header:
-            raise Unauthorized("authentication required: send a bearer token or a user and password")
+            raise Unauthorized(
+                "authentication required: send a bearer token or a user and password"
+            )
         scheme, _, credentials = header.strip().partition(" ")
         scheme = scheme.lower()
         credentials = credentials.strip()
@@ -233,7 +249,9 @@ class Authenticator:
             return Principal("token", name)
         if scheme == "basic":
             try:
-                user, sep, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+                user, sep, password = (
+                    base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+                )
             except (ValueError, binascii.Error, UnicodeDecodeError):
                 raise Unauthorized("malformed Basic credentials") from None
             if not sep:
@@ -253,8 +271,11 @@ class Authenticator:
 
     async def _check_password(self, user: str, password: str) -> bool:
         encoded = self._users.get().get(user)
-        mark = hmac.new(self._cache_key, ("%s\0%s\0%s" % (user, password, encoded)).encode(
-            "utf-8", "surrogateescape"), hashlib.sha256).digest()
+        mark = hmac.new(
+            self._cache_key,
+            ("%s\0%s\0%s" % (user, password, encoded)).encode("utf-8", "surrogateescape"),
+            hashlib.sha256,
+        ).digest()
         now = time.monotonic()
         expires = self._verified.get(mark)
         if expires is not None and expires > now and encoded is not None:
@@ -262,7 +283,8 @@ class Authenticator:
         # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(
-            None, verify_password, password, encoded if encoded is not None else _DUMMY_HASH)
+            None, verify_password, password, encoded if encoded is not None else _DUMMY_HASH
+        )
         ok = ok and encoded is not None
         if ok:
             if len(self._verified) >= _CACHE_MAX:

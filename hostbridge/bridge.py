@@ -65,8 +65,9 @@ class Bridge:
             self._attach(spec)
         loop = asyncio.get_running_loop()
         if self.config.discovery_enabled:
-            self.discovery = Discovery(self.config.libvirt_dirs, self._found, self._lost,
-                                       self.config.discover_interval)
+            self.discovery = Discovery(
+                self.config.libvirt_dirs, self._found, self._lost, self.config.discover_interval
+            )
             await self.discovery.scan_once()
             self._tasks.append(loop.create_task(self.discovery.run(), name="discovery"))
         self._tasks.append(loop.create_task(self._flush_loop(), name="flush"))
@@ -110,8 +111,12 @@ class Bridge:
 
     def _attach(self, spec: VmSpec) -> None:
         s = self._session(spec.name, spec.channel, spec.source)
-        s.attach(open_channel(spec.channel, self.config.limits.write_buffer,
-                              self.config.limits.reconnect_max), spec.source)
+        s.attach(
+            open_channel(
+                spec.channel, self.config.limits.write_buffer, self.config.limits.reconnect_max
+            ),
+            spec.source,
+        )
 
     async def _found(self, name: str, path: str) -> None:
         if any(vm.name == name or vm.path == path for vm in self.config.vms):
@@ -157,10 +162,17 @@ class Bridge:
         return self._info(s, self.store.queued(s.name))
 
     def _info(self, s: Session, queued: int) -> VmInfo:
-        return VmInfo(name=s.name, channel=s.channel_spec, source=s.source, agent=s.state.agent,
-                      agent_version=s.agent_version, last_seen=s.last_seen,
-                      queued=queued, connected_since=s.connected_since,
-                      counters=dict(s.counters))
+        return VmInfo(
+            name=s.name,
+            channel=s.channel_spec,
+            source=s.source,
+            agent=s.state.agent,
+            agent_version=s.agent_version,
+            last_seen=s.last_seen,
+            queued=queued,
+            connected_since=s.connected_since,
+            counters=dict(s.counters),
+        )
 
     def stats(self) -> dict:
         return {
@@ -171,8 +183,10 @@ class Bridge:
 
     def audit(self, name: str, *, limit: int = 100) -> list[AuditRow]:
         self._get(name)
-        return [AuditRow(id=r[0], vm=r[1], key=r[2], size=r[3], ts=r[4], outcome=r[5], value=r[6])
-                for r in self.store.audit(name, limit)]
+        return [
+            AuditRow(id=r[0], vm=r[1], key=r[2], size=r[3], ts=r[4], outcome=r[5], value=r[6])
+            for r in self.store.audit(name, limit)
+        ]
 
     async def query(self, name: str, key: str, *, timeout: float = 5.0) -> KeyValue:
         """The key's value, from the live agent when it is synced (stale=False).
@@ -186,21 +200,39 @@ class Bridge:
         if s.state is State.SYNCED:
             try:
                 ok, _ = await s.request(lambda i: Get(id=i, key=key), timeout)
-                return KeyValue(vm=name, key=key, value=ok.value or "", ts=float(ok.ts or 0.0),
-                                origin=ok.origin or "guest", stale=False, last_seen=s.last_seen)
+                return KeyValue(
+                    vm=name,
+                    key=key,
+                    value=ok.value or "",
+                    ts=float(ok.ts or 0.0),
+                    origin=ok.origin or "guest",
+                    stale=False,
+                    last_seen=s.last_seen,
+                )
             except errors.NotFound:
                 raise errors.NotFound("VM %r has no key %r" % (name, key)) from None
             except (errors.AgentTimeout, errors.AgentNotConnected):
                 pass  # answer from the mirror below
         e = s.mirror.entries.get(key)
         if e is None:
-            raise errors.NotFound("VM %r has no key %r (from the bridge's copy; the agent is "
-                                  "not connected)" % (name, key))
+            raise errors.NotFound(
+                "VM %r has no key %r (from the bridge's copy; the agent is "
+                "not connected)" % (name, key)
+            )
         if e.value is None:
-            raise errors.NotFound("the value of key %r in VM %r was sent with log off and is not "
-                                  "kept on disk; the agent is not connected" % (key, name))
-        return KeyValue(vm=name, key=key, value=e.value, ts=e.ts, origin=e.origin, stale=True,
-                        last_seen=s.last_seen)
+            raise errors.NotFound(
+                "the value of key %r in VM %r was sent with log off and is not "
+                "kept on disk; the agent is not connected" % (key, name)
+            )
+        return KeyValue(
+            vm=name,
+            key=key,
+            value=e.value,
+            ts=e.ts,
+            origin=e.origin,
+            stale=True,
+            last_seen=s.last_seen,
+        )
 
     async def keys(self, name: str, *, timeout: float = 5.0) -> KeyList:
         """Every key, live when synced, else (or on timeout) from the mirror marked stale."""
@@ -208,20 +240,56 @@ class Bridge:
         if s.state is State.SYNCED:
             try:
                 _, items = await s.request(lambda i: List(id=i), timeout, collect=True)
-                return KeyList(vm=name, stale=False, last_seen=s.last_seen, entries=[
-                    KeyValue(vm=name, key=i.key, value=i.value, ts=float(i.ts), origin=i.origin,
-                             stale=False, last_seen=s.last_seen) for i in items])
+                return KeyList(
+                    vm=name,
+                    stale=False,
+                    last_seen=s.last_seen,
+                    entries=[
+                        KeyValue(
+                            vm=name,
+                            key=i.key,
+                            value=i.value,
+                            ts=float(i.ts),
+                            origin=i.origin,
+                            stale=False,
+                            last_seen=s.last_seen,
+                        )
+                        for i in items
+                    ],
+                )
             except (errors.AgentTimeout, errors.AgentNotConnected):
                 pass
-        return KeyList(vm=name, stale=True, last_seen=s.last_seen, entries=[
-            KeyValue(vm=name, key=k, value=e.value, ts=e.ts, origin=e.origin, stale=True,
-                     last_seen=s.last_seen)
-            for k, e in s.mirror.entries.items() if e.value is not None])
+        return KeyList(
+            vm=name,
+            stale=True,
+            last_seen=s.last_seen,
+            entries=[
+                KeyValue(
+                    vm=name,
+                    key=k,
+                    value=e.value,
+                    ts=e.ts,
+                    origin=e.origin,
+                    stale=True,
+                    last_seen=s.last_seen,
+                )
+                for k, e in s.mirror.entries.items()
+                if e.value is not None
+            ],
+        )
 
     # -- writing --------------------------------------------------------------------------------
 
-    async def send(self, name: str, key: str, value: str, *, log: bool = True, queue: bool = True,
-                   timeout: float = 5.0) -> SendResult:
+    async def send(
+        self,
+        name: str,
+        key: str,
+        value: str,
+        *,
+        log: bool = True,
+        queue: bool = True,
+        timeout: float = 5.0,
+    ) -> SendResult:
         """Send key=value to the VM's guest.
 
         "delivered": the guest acknowledged it after storing it durably. "queued": the agent is
@@ -233,22 +301,26 @@ class Bridge:
         _check(key, value, check_val=True)
         return await self._submit(self._get(name), key, value, log, queue, timeout)
 
-    async def delete(self, name: str, key: str, *, timeout: float = 5.0,
-                     queue: bool = True) -> SendResult:
+    async def delete(
+        self, name: str, key: str, *, timeout: float = 5.0, queue: bool = True
+    ) -> SendResult:
         """Delete key in the guest: a sequenced host `del`, queued like a send."""
         _check(key)
         return await self._submit(self._get(name), key, None, True, queue, timeout)
 
-    async def _submit(self, s: Session, key: str, value: str | None, log_value: bool, queue: bool,
-                      timeout: float) -> SendResult:
+    async def _submit(
+        self, s: Session, key: str, value: str | None, log_value: bool, queue: bool, timeout: float
+    ) -> SendResult:
         name = s.name
         if not queue and s.state is not State.SYNCED:
             self.store.audit_refused(name, key, value, False)
-            raise errors.AgentNotConnected("the agent in VM %r is not connected; nothing was "
-                                           "queued" % name)
+            raise errors.AgentNotConnected(
+                "the agent in VM %r is not connected; nothing was queued" % name
+            )
         if s.outstanding >= self.config.limits.max_outstanding:
-            raise errors.Busy("VM %r has %d requests outstanding, the limit"
-                              % (name, s.outstanding))
+            raise errors.Busy(
+                "VM %r has %d requests outstanding, the limit" % (name, s.outstanding)
+            )
         row = self.store.enqueue(name, key, value, log_value)
         if value is not None and not log_value:
             s.mirror.hide(key)
@@ -263,20 +335,24 @@ class Bridge:
             s.forget_waiter(row.seq)
             if queue:
                 return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
-            raise errors.AgentTimeout("the agent in VM %r did not acknowledge within %.1f s; the "
-                                      "message stays queued, as it may have arrived"
-                                      % (name, timeout)) from None
+            raise errors.AgentTimeout(
+                "the agent in VM %r did not acknowledge within %.1f s; the "
+                "message stays queued, as it may have arrived" % (name, timeout)
+            ) from None
         except LinkReset:
             if queue:
                 return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
             if not s.was_written(row.seq):
                 self.store.finish(name, [row.seq], "refused")
-                raise errors.AgentNotConnected("the agent in VM %r disconnected; nothing was "
-                                               "queued" % name) from None
-            raise errors.AgentNotConnected("the agent in VM %r disconnected before acknowledging; "
-                                           "the message stays queued, as it may have arrived"
-                                           % name) from None
+                raise errors.AgentNotConnected(
+                    "the agent in VM %r disconnected; nothing was queued" % name
+                ) from None
+            raise errors.AgentNotConnected(
+                "the agent in VM %r disconnected before acknowledging; "
+                "the message stays queued, as it may have arrived" % name
+            ) from None
         except GuestError as e:
-            raise GuestError("the agent in VM %r refused key %r: %s" % (name, key, e.message),
-                             e.code) from None
+            raise GuestError(
+                "the agent in VM %r refused key %r: %s" % (name, key, e.message), e.code
+            ) from None
         return SendResult(vm=name, key=key, outcome="delivered", seq=row.seq)

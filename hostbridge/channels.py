@@ -108,12 +108,12 @@ class UnixChannel(Channel):
                 # limit: the StreamReader pauses the socket beyond this, which bounds our buffer
                 # and pushes back on a flooding guest.
                 self._reader, self._writer = await asyncio.open_unix_connection(
-                    self.path, limit=READ_SIZE)
+                    self.path, limit=READ_SIZE
+                )
             except OSError as e:
                 self._failures += 1
                 level = logging.INFO if self._failures == 1 else logging.DEBUG
-                log.log(level, "cannot connect to %s: %s; retrying", self.path,
-                        e.strerror or e)
+                log.log(level, "cannot connect to %s: %s; retrying", self.path, e.strerror or e)
                 # Full jitter: a host restart must not make 1,000 bridges' sessions retry in step.
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))
                 delay = min(delay * 2, self.backoff_max)
@@ -142,8 +142,10 @@ class UnixChannel(Channel):
         if writer is None or writer.is_closing():
             raise ChannelClosed("not connected to %s" % self.path)
         if writer.transport.get_write_buffer_size() + len(data) > self.write_limit:
-            raise ChannelFull("the guest behind %s is not reading (%d bytes pending)"
-                              % (self.path, writer.transport.get_write_buffer_size()))
+            raise ChannelFull(
+                "the guest behind %s is not reading (%d bytes pending)"
+                % (self.path, writer.transport.get_write_buffer_size())
+            )
         writer.write(data)
 
     def disconnect(self) -> None:
@@ -243,8 +245,10 @@ class PtyChannel(Channel):
         if not self._present or self._master is None:
             raise ChannelClosed("no guest program has %s open" % self.path)
         if len(self._out) + len(data) > self.write_limit:
-            raise ChannelFull("the guest behind %s is not reading (%d bytes pending)"
-                              % (self.path, len(self._out)))
+            raise ChannelFull(
+                "the guest behind %s is not reading (%d bytes pending)"
+                % (self.path, len(self._out))
+            )
         self._out += data
         self._flush()
 
@@ -303,4 +307,4 @@ def open_channel(spec: str, write_limit: int = 1024 * 1024, backoff_max: float =
     raise BridgeError("unknown channel kind %r" % kind)
 
 
-__all__ = ["Channel", "UnixChannel", "PtyChannel", "ChannelClosed", "ChannelFull", "open_channel"]
+__all__ = ["Channel", "ChannelClosed", "ChannelFull", "PtyChannel", "UnixChannel", "open_channel"]

@@ -18,7 +18,7 @@ import sys
 import time
 
 from hostbridge import humanize
-from hostbridge.apiclient import (ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client, exit_code)
+from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client, exit_code
 
 PROG = "vmmessage"
 ENV_TOKEN = "VMMESSAGE_TOKEN"
@@ -36,7 +36,9 @@ EXIT_HELP = """Exit status:
   6  unauthorized (no or bad token / user and password, or no permission on the socket)
   7  any other error of the bridge (busy, internal)"""
 
-_QUEUED = "Message queued: the agent in VM '%s' is not connected; it will be delivered when it connects."
+_QUEUED = (
+    "Message queued: the agent in VM '%s' is not connected; it will be delivered when it connects."
+)
 
 
 def _out(line):
@@ -45,7 +47,9 @@ def _out(line):
 
 def _fail(exc, prog=PROG):
     """Report an ApiError on one line of stderr; return its exit status."""
-    sys.stderr.write("%s: error: %s\n" % (prog, humanize.escape(" ".join(str(exc.message).split()))))
+    sys.stderr.write(
+        "%s: error: %s\n" % (prog, humanize.escape(" ".join(str(exc.message).split())))
+    )
     return exit_code(exc.code)
 
 
@@ -69,7 +73,8 @@ def stale_line(last_seen, now):
 def query_lines(doc, now):
     """The human lines for a query answer (the original tool's phrases, then the stale marker)."""
     lines = [
-        "Query for Key : '%s' returned value '%s'." % (humanize.escape(doc["key"]), humanize.escape(doc["value"])),
+        "Query for Key : '%s' returned value '%s'."
+        % (humanize.escape(doc["key"]), humanize.escape(doc["value"])),
         "Key set %s." % _ago(doc.get("ts"), now),
     ]
     if doc.get("stale"):
@@ -84,6 +89,7 @@ def send_line(doc):
 
 
 # ---- operations shared by the fast path, click and compat ----
+
 
 def run_query(client, vm, key, *, as_json=False, timeout=None):
     try:
@@ -127,10 +133,20 @@ def run_list(client, *, as_json=False):
     now = time.time()
     rows = [("NAME", "AGENT", "LAST SEEN", "QUEUED", "CHANNEL")]
     for vm in vms:
-        seen = "now" if vm.get("agent") == "connected" else (
-            _ago(vm.get("last_seen"), now) if vm.get("last_seen") is not None else "never")
-        rows.append((humanize.escape(vm["name"]), vm.get("agent", "?"), seen, str(vm.get("queued", 0)),
-                     humanize.escape(vm.get("channel", ""))))
+        seen = (
+            "now"
+            if vm.get("agent") == "connected"
+            else (_ago(vm.get("last_seen"), now) if vm.get("last_seen") is not None else "never")
+        )
+        rows.append(
+            (
+                humanize.escape(vm["name"]),
+                vm.get("agent", "?"),
+                seen,
+                str(vm.get("queued", 0)),
+                humanize.escape(vm.get("channel", "")),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         _out("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
@@ -149,13 +165,21 @@ def status_lines(vm, now):
         "Agent: %s" % agent,
     ]
     if vm.get("connected_since") is not None and vm.get("agent") == "connected":
-        lines.append("Connected since: %s (%s)" % (_fmt_time(vm["connected_since"]), _ago(vm["connected_since"], now)))
+        lines.append(
+            "Connected since: %s (%s)"
+            % (_fmt_time(vm["connected_since"]), _ago(vm["connected_since"], now))
+        )
     last = vm.get("last_seen")
-    lines.append("Last seen: %s" % ("%s (%s)" % (_fmt_time(last), _ago(last, now)) if last is not None else "never"))
+    lines.append(
+        "Last seen: %s"
+        % ("%s (%s)" % (_fmt_time(last), _ago(last, now)) if last is not None else "never")
+    )
     lines.append("Queued messages: %s" % vm.get("queued", 0))
     counters = vm.get("counters") or {}
     if counters:
-        lines.append("Counters: " + ", ".join("%s=%s" % (k, v) for k, v in sorted(counters.items())))
+        lines.append(
+            "Counters: " + ", ".join("%s=%s" % (k, v) for k, v in sorted(counters.items()))
+        )
     return lines
 
 
@@ -182,8 +206,15 @@ def run_keys(client, vm, *, as_json=False):
         return EXIT_OK
     now = time.time()
     for e in doc.get("entries", []):
-        _out("%s = '%s'  (set %s by the %s)" % (humanize.escape(e["key"]), humanize.escape(e["value"]),
-                                               _ago(e.get("ts"), now), e.get("origin", "?")))
+        _out(
+            "%s = '%s'  (set %s by the %s)"
+            % (
+                humanize.escape(e["key"]),
+                humanize.escape(e["value"]),
+                _ago(e.get("ts"), now),
+                e.get("origin", "?"),
+            )
+        )
     if not doc.get("entries"):
         _out("(no keys)")
     if doc.get("stale"):
@@ -199,8 +230,10 @@ def run_rm(client, vm, key, *, as_json=False):
     if as_json:
         _emit_json(doc)
     elif doc.get("outcome") == "queued":
-        _out("Deletion queued: the agent in VM '%s' is not connected; it will be done when it connects."
-             % humanize.escape(vm))
+        _out(
+            "Deletion queued: the agent in VM '%s' is not connected; it will be done when it connects."
+            % humanize.escape(vm)
+        )
     else:
         _out("Key '%s' deleted." % humanize.escape(key))
     return EXIT_OK
@@ -217,8 +250,16 @@ def run_audit(client, vm, *, limit=None, as_json=False):
     for row in doc.get("entries", []):
         value = row.get("value")
         shown = "'%s'" % humanize.escape(value) if value is not None else "(not logged)"
-        _out("%s  %-9s  %s  %d bytes  %s" % (_fmt_time(row.get("ts")), row.get("outcome", "?"),
-                                           humanize.escape(row.get("key", "")), row.get("size", 0), shown))
+        _out(
+            "%s  %-9s  %s  %d bytes  %s"
+            % (
+                _fmt_time(row.get("ts")),
+                row.get("outcome", "?"),
+                humanize.escape(row.get("key", "")),
+                row.get("size", 0),
+                shown,
+            )
+        )
     if not doc.get("entries"):
         _out("(no audit rows)")
     return EXIT_OK
@@ -226,15 +267,21 @@ def run_audit(client, vm, *, limit=None, as_json=False):
 
 # ---- the manager CLI's form: sendVmMessage Vm name=X key=foo message=bar log=no ----
 
+
 def manager_time(now):
     """``2026-11-22 09:04:29,890 UTC`` (the manager CLI's Time: line, always in UTC)."""
-    return "%s,%03d UTC" % (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)), int(now * 1000) % 1000)
+    return "%s,%03d UTC" % (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)),
+        int(now * 1000) % 1000,
+    )
 
 
 def parse_manager_args(args):
     """``Vm name=X key=foo message=bar log=no`` -> dict; raise ValueError with a one-line reason."""
     if not args or args[0].lower() != "vm":
-        raise ValueError("the object type must be 'Vm' (sendVmMessage Vm name=NAME key=KEY message=VALUE [log=yes|no])")
+        raise ValueError(
+            "the object type must be 'Vm' (sendVmMessage Vm name=NAME key=KEY message=VALUE [log=yes|no])"
+        )
     fields = {}
     for arg in args[1:]:
         name, sep, value = arg.partition("=")
@@ -264,9 +311,13 @@ def run_manager_send(client, args):
         _out("Error Msg: %s" % humanize.escape(str(exc)))
         return EXIT_USAGE
     try:
-        doc = client.send(fields["name"], fields["key"], fields["message"],
-                          log=fields.get("log", "yes").lower() in ("yes", "true"),
-                          queue=fields.get("queue", "yes").lower() in ("yes", "true"))
+        doc = client.send(
+            fields["name"],
+            fields["key"],
+            fields["message"],
+            log=fields.get("log", "yes").lower() in ("yes", "true"),
+            queue=fields.get("queue", "yes").lower() in ("yes", "true"),
+        )
     except ApiError as exc:
         _out("Status: Failure")
         _out("Time: %s" % manager_time(time.time()))
@@ -281,11 +332,16 @@ def run_manager_send(client, args):
 
 # ---- entry points ----
 
+
 def _env_client():
     """The client the fast path uses: everything from the environment, as click's defaults."""
-    return Client(os.environ.get(ENV_BRIDGE), token=os.environ.get(ENV_TOKEN),
-                  user=os.environ.get(ENV_USER), password=os.environ.get(ENV_PASSWORD),
-                  cacert=os.environ.get(ENV_CACERT))
+    return Client(
+        os.environ.get(ENV_BRIDGE),
+        token=os.environ.get(ENV_TOKEN),
+        user=os.environ.get(ENV_USER),
+        password=os.environ.get(ENV_PASSWORD),
+        cacert=os.environ.get(ENV_CACERT),
+    )
 
 
 def _plain(arg):
@@ -339,24 +395,49 @@ def _build_cli(click):
     epilog = "\b\n" + EXIT_HELP  # \b: click must not rewrap the table
 
     def connection_options(f):
-        f = click.option("--bridge", metavar="URL", default=None,
-                         help="unix socket path (default $%s or /run/hostbridge/api.sock) or https://HOST:PORT"
-                         % ENV_BRIDGE)(f)
-        f = click.option("--token", default=None, help="bearer token for https (default $%s)" % ENV_TOKEN)(f)
-        f = click.option("-u", "--user", default=None, help="user for https (default $%s)" % ENV_USER)(f)
-        f = click.option("-p", "--password", default=None,
-                         help="password for https (default $%s; asked when -u is given without it)" % ENV_PASSWORD)(f)
-        f = click.option("--cacert", default=None, type=click.Path(dir_okay=False),
-                         help="CA certificate file to verify the bridge's TLS certificate (default $%s)" % ENV_CACERT)(f)
+        f = click.option(
+            "--bridge",
+            metavar="URL",
+            default=None,
+            help="unix socket path (default $%s or /run/hostbridge/api.sock) or https://HOST:PORT"
+            % ENV_BRIDGE,
+        )(f)
+        f = click.option(
+            "--token", default=None, help="bearer token for https (default $%s)" % ENV_TOKEN
+        )(f)
+        f = click.option(
+            "-u", "--user", default=None, help="user for https (default $%s)" % ENV_USER
+        )(f)
+        f = click.option(
+            "-p",
+            "--password",
+            default=None,
+            help="password for https (default $%s; asked when -u is given without it)"
+            % ENV_PASSWORD,
+        )(f)
+        f = click.option(
+            "--cacert",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="CA certificate file to verify the bridge's TLS certificate (default $%s)"
+            % ENV_CACERT,
+        )(f)
         return f
 
     def json_option(f):
-        return click.option("--json", "as_json", is_flag=True, default=None, help="print the API's JSON answer")(f)
+        return click.option(
+            "--json", "as_json", is_flag=True, default=None, help="print the API's JSON answer"
+        )(f)
 
     def client_for(ctx, bridge, token, user, password, cacert):
         top = ctx.find_root().params
-        pick = lambda mine, name, env: (mine if mine is not None else  # noqa: E731
-                                        top.get(name) if top.get(name) is not None else os.environ.get(env))
+        pick = lambda mine, name, env: (
+            mine
+            if mine is not None
+            else top.get(name)
+            if top.get(name) is not None
+            else os.environ.get(env)
+        )
         bridge = pick(bridge, "bridge", ENV_BRIDGE)
         token = pick(token, "token", ENV_TOKEN)
         user = pick(user, "user", ENV_USER)
@@ -383,29 +464,54 @@ def _build_cli(click):
             f = connection_options(f)
             f = click.pass_context(f)
             return cli.command(name, epilog=epilog, **kw)(f)
+
         return wrap
 
     @command("send")
     @click.argument("vm")
     @click.argument("key")
     @click.argument("value")
-    @click.option("--no-log", is_flag=True, help="keep the value out of the bridge's audit trail and logs")
-    @click.option("--no-queue", is_flag=True, help="fail (exit 5) instead of queueing when the agent is not connected")
-    @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=300), default=None,
-                  help="seconds to wait for the guest's acknowledgement (default: the bridge's, 5)")
+    @click.option(
+        "--no-log", is_flag=True, help="keep the value out of the bridge's audit trail and logs"
+    )
+    @click.option(
+        "--no-queue",
+        is_flag=True,
+        help="fail (exit 5) instead of queueing when the agent is not connected",
+    )
+    @click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True, max=300),
+        default=None,
+        help="seconds to wait for the guest's acknowledgement (default: the bridge's, 5)",
+    )
     def send_cmd(ctx, vm, key, value, no_log, no_queue, timeout, as_json, **conn):
         """Send KEY=VALUE to the agent in VM (queued until it connects unless --no-queue)."""
-        return run_send(client_for(ctx, **conn), vm, key, value, log=not no_log, queue=not no_queue,
-                        timeout=timeout, as_json=want_json(ctx, as_json))
+        return run_send(
+            client_for(ctx, **conn),
+            vm,
+            key,
+            value,
+            log=not no_log,
+            queue=not no_queue,
+            timeout=timeout,
+            as_json=want_json(ctx, as_json),
+        )
 
     @command("query")
     @click.argument("vm")
     @click.argument("key")
-    @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=300), default=None,
-                  help="seconds to wait for the live agent before answering from the mirror")
+    @click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True, max=300),
+        default=None,
+        help="seconds to wait for the live agent before answering from the mirror",
+    )
     def query_cmd(ctx, vm, key, timeout, as_json, **conn):
         """Print the value of KEY in VM and when it was set (stale when answered from the mirror)."""
-        return run_query(client_for(ctx, **conn), vm, key, as_json=want_json(ctx, as_json), timeout=timeout)
+        return run_query(
+            client_for(ctx, **conn), vm, key, as_json=want_json(ctx, as_json), timeout=timeout
+        )
 
     @command("list")
     def list_cmd(ctx, as_json, **conn):
@@ -433,13 +539,18 @@ def _build_cli(click):
 
     @command("audit")
     @click.argument("vm")
-    @click.option("--limit", type=click.IntRange(1, 1000), default=None, help="rows to show (default 100)")
+    @click.option(
+        "--limit", type=click.IntRange(1, 1000), default=None, help="rows to show (default 100)"
+    )
     def audit_cmd(ctx, vm, limit, as_json, **conn):
         """Show the audit trail of messages sent to VM, newest first."""
         return run_audit(client_for(ctx, **conn), vm, limit=limit, as_json=want_json(ctx, as_json))
 
-    @cli.command("sendVmMessage", epilog=epilog,
-                 context_settings={"ignore_unknown_options": True, "help_option_names": ["--help"]})
+    @cli.command(
+        "sendVmMessage",
+        epilog=epilog,
+        context_settings={"ignore_unknown_options": True, "help_option_names": ["--help"]},
+    )
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     @connection_options
     @click.pass_context
@@ -449,9 +560,15 @@ def _build_cli(click):
 
     @cli.command("adduser", epilog=epilog)
     @click.argument("user")
-    @click.option("--users-file", required=True, type=click.Path(dir_okay=False),
-                  help="the bridge's users file (created if missing, mode 0600)")
-    @click.option("--password-stdin", is_flag=True, help="read the password from the first line of stdin")
+    @click.option(
+        "--users-file",
+        required=True,
+        type=click.Path(dir_okay=False),
+        help="the bridge's users file (created if missing, mode 0600)",
+    )
+    @click.option(
+        "--password-stdin", is_flag=True, help="read the password from the first line of stdin"
+    )
     def adduser_cmd(user, users_file, password_stdin):
         """Add USER (or change their password) in the bridge's users file, for https with -u/-p."""
         from hostbridge.auth import add_user
@@ -459,7 +576,9 @@ def _build_cli(click):
         if password_stdin:
             password = sys.stdin.readline().rstrip("\r\n")
         else:
-            password = click.prompt("Password for %s" % user, hide_input=True, confirmation_prompt=True)
+            password = click.prompt(
+                "Password for %s" % user, hide_input=True, confirmation_prompt=True
+            )
         try:
             added = add_user(users_file, user, password)
         except (ValueError, OSError) as exc:
@@ -469,8 +588,12 @@ def _build_cli(click):
 
     @cli.command("newtoken", epilog=epilog)
     @click.argument("name")
-    @click.option("--tokens-file", required=True, type=click.Path(dir_okay=False),
-                  help="the bridge's tokens file (created if missing, mode 0600)")
+    @click.option(
+        "--tokens-file",
+        required=True,
+        type=click.Path(dir_okay=False),
+        help="the bridge's tokens file (created if missing, mode 0600)",
+    )
     def newtoken_cmd(name, tokens_file):
         """Append a new random bearer token named NAME to the tokens file and print it."""
         from hostbridge.auth import new_token

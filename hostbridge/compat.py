@@ -29,20 +29,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser():
-    p = _Parser(prog=PROG, add_help=False,
-                description="Send a message to, or query a key of, the ovmd agent in a VM (compatible "
-                            "with Oracle VM's ovm_vmmessage).",
-                epilog=cli.EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog=PROG,
+        add_help=False,
+        description="Send a message to, or query a key of, the ovmd agent in a VM (compatible "
+        "with Oracle VM's ovm_vmmessage).",
+        epilog=cli.EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--help", action="help", help="show this help and exit")
     p.add_argument("-u", dest="user", help="user name (for a remote bridge)")
     p.add_argument("-p", dest="password", help="password (for a remote bridge)")
-    p.add_argument("-h", dest="host", default="localhost",
-                   help="bridge host[:port]; localhost (default) or empty = the local unix socket")
+    p.add_argument(
+        "-h",
+        dest="host",
+        default="localhost",
+        help="bridge host[:port]; localhost (default) or empty = the local unix socket",
+    )
     p.add_argument("-v", dest="vm", required=True, help="the VM's name")
     p.add_argument("-k", dest="key", help="key of the message to send")
     p.add_argument("-V", dest="value", help="value of the message to send")
     p.add_argument("-q", dest="query", help="key to query")
-    p.add_argument("--cacert", help="CA certificate to verify a remote bridge (default $%s)" % cli.ENV_CACERT)
+    p.add_argument(
+        "--cacert", help="CA certificate to verify a remote bridge (default $%s)" % cli.ENV_CACERT
+    )
     return p
 
 
@@ -50,8 +60,12 @@ def client_for(host, user, password, cacert):
     host = (host or "").strip()
     if host in ("", "localhost") or host.startswith("/"):
         return Client(host if host.startswith("/") else os.environ.get(ENV_BRIDGE))
-    return Client("https://" + host, user=user, password=password,
-                  cacert=cacert or os.environ.get(cli.ENV_CACERT))
+    return Client(
+        "https://" + host,
+        user=user,
+        password=password,
+        cacert=cacert or os.environ.get(cli.ENV_CACERT),
+    )
 
 
 def _status_word(vm):
@@ -60,13 +74,17 @@ def _status_word(vm):
 
 
 def _error(exc):
-    sys.stderr.write("%s: error: %s\n" % (PROG, humanize.escape(" ".join(str(exc.message).split()))))
+    sys.stderr.write(
+        "%s: error: %s\n" % (PROG, humanize.escape(" ".join(str(exc.message).split())))
+    )
     return exit_code(exc.code)
 
 
 def run(args):
     if args.key is None and args.query is None:
-        sys.stderr.write("%s: error: give -k KEY -V VALUE to send, or -q KEY to query (see --help)\n" % PROG)
+        sys.stderr.write(
+            "%s: error: give -k KEY -V VALUE to send, or -q KEY to query (see --help)\n" % PROG
+        )
         return EXIT_USAGE
     if (args.key is None) != (args.value is None):
         sys.stderr.write("%s: error: -k and -V go together (see --help)\n" % PROG)

@@ -1,33 +1,34 @@
 """The bridge's configuration: one Config object built from a TOML file and command-line flags.
 
-    [bridge]                      # every key optional
-    db = "/var/lib/hostbridge/bridge.sqlite3"
-    discover = true
-    libvirt_dirs = ["/var/lib/libvirt/qemu/channel/target"]
-    api_socket = "/run/hostbridge/api.sock"
-    api_group = "ovm"
-    api_tcp = "0.0.0.0:8443"      # with tls_cert and tls_key: TCP is always TLS
-    tls_cert = "/etc/hostbridge/cert.pem"
-    tls_key = "/etc/hostbridge/key.pem"
-    tokens_file = "/etc/hostbridge/tokens"
-    users_file = "/etc/hostbridge/users"
-    query_timeout = 5.0
-    log = true                    # default of a send's log flag
+[bridge]                      # every key optional
+db = "/var/lib/hostbridge/bridge.sqlite3"
+discover = true
+libvirt_dirs = ["/var/lib/libvirt/qemu/channel/target"]
+api_socket = "/run/hostbridge/api.sock"
+api_group = "ovm"
+api_tcp = "0.0.0.0:8443"      # with tls_cert and tls_key: TCP is always TLS
+tls_cert = "/etc/hostbridge/cert.pem"
+tls_key = "/etc/hostbridge/key.pem"
+tokens_file = "/etc/hostbridge/tokens"
+users_file = "/etc/hostbridge/users"
+query_timeout = 5.0
+log = true                    # default of a send's log flag
 
-    [limits]                      # per VM; see Limits
-    max_outstanding = 64
+[limits]                      # per VM; see Limits
+max_outstanding = 64
 
-    [[vm]]
-    name = "web1"
-    channel = "unix:/var/lib/libvirt/qemu/channel/target/domain-1-web1/com.oracle.ovmd"
+[[vm]]
+name = "web1"
+channel = "unix:/var/lib/libvirt/qemu/channel/target/domain-1-web1/com.oracle.ovmd"
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass, field
+
+import tomllib
 
 from .errors import BridgeError
 
@@ -135,8 +136,9 @@ def parse_vm_flag(text: str, source: str = "flag") -> VmSpec:
 
 def check_vm_name(name: str) -> str:
     if not isinstance(name, str) or not _VM_NAME.match(name):
-        raise ConfigError("VM name %r is empty, too long, or has '/' or control characters"
-                          % (name,))
+        raise ConfigError(
+            "VM name %r is empty, too long, or has '/' or control characters" % (name,)
+        )
     return name
 
 
@@ -148,9 +150,19 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 
 _BRIDGE_KEYS = {
-    "db": str, "discover": bool, "libvirt_dirs": list, "api_socket": str, "api_group": str,
-    "api_tcp": str, "tls_cert": str, "tls_key": str, "tokens_file": str, "users_file": str,
-    "query_timeout": (int, float), "log": bool, "discover_interval": (int, float),
+    "db": str,
+    "discover": bool,
+    "libvirt_dirs": list,
+    "api_socket": str,
+    "api_group": str,
+    "api_tcp": str,
+    "tls_cert": str,
+    "tls_key": str,
+    "tokens_file": str,
+    "users_file": str,
+    "query_timeout": (int, float),
+    "log": bool,
+    "discover_interval": (int, float),
 }
 
 
@@ -180,12 +192,19 @@ def load_file(path: str, config: Config | None = None) -> Config:
         setattr(config, key, value)
     limit_fields = {f.name: f.type for f in dataclasses.fields(Limits)}
     for key, value in doc.get("limits", {}).items():
-        if key not in limit_fields or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if (
+            key not in limit_fields
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float))
+        ):
             raise ConfigError("config %s: bad setting [limits] %s" % (path, key))
         setattr(config.limits, key, type(getattr(config.limits, key))(value))
     for i, table in enumerate(doc.get("vm", [])):
         if not isinstance(table, dict) or "name" not in table or "channel" not in table:
             raise ConfigError("config %s: [[vm]] number %d needs name and channel" % (path, i + 1))
-        config.vms.append(VmSpec(check_vm_name(str(table["name"])),
-                                 parse_channel(str(table["channel"])), "config"))
+        config.vms.append(
+            VmSpec(
+                check_vm_name(str(table["name"])), parse_channel(str(table["channel"])), "config"
+            )
+        )
     return config

@@ -1,9 +1,9 @@
 """The `hostbridge` daemon: parse flags, build the Bridge and the API, serve until SIGTERM/SIGINT.
 
-    hostbridge [--config FILE] [--vm NAME=unix:PATH]... [--vm NAME=pty:PATH]...
-               [--discover|--no-discover] [--libvirt-dir DIR]... [--db PATH]
-               [--api-socket PATH] [--api-tcp HOST:PORT --tls-cert F --tls-key F]
-               [--tokens-file F] [--users-file F] [-d LEVEL]
+hostbridge [--config FILE] [--vm NAME=unix:PATH]... [--vm NAME=pty:PATH]...
+           [--discover|--no-discover] [--libvirt-dir DIR]... [--db PATH]
+           [--api-socket PATH] [--api-tcp HOST:PORT --tls-cert F --tls-key F]
+           [--tokens-file F] [--users-file F] [-d LEVEL]
 """
 
 from __future__ import annotations
@@ -27,17 +27,33 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hostbridge",
-                                description="Relay messages between managers and ovmd guest agents.")
+    p = argparse.ArgumentParser(
+        prog="hostbridge", description="Relay messages between managers and ovmd guest agents."
+    )
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--vm", action="append", default=[], metavar="NAME=unix:PATH|NAME=pty:PATH",
-                   help="a VM and its channel (repeatable)")
+    p.add_argument(
+        "--vm",
+        action="append",
+        default=[],
+        metavar="NAME=unix:PATH|NAME=pty:PATH",
+        help="a VM and its channel (repeatable)",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--discover", dest="discover", action="store_true", default=None,
-                   help="find libvirt guests' channels (default when no VM is given)")
+    g.add_argument(
+        "--discover",
+        dest="discover",
+        action="store_true",
+        default=None,
+        help="find libvirt guests' channels (default when no VM is given)",
+    )
     g.add_argument("--no-discover", dest="discover", action="store_false")
-    p.add_argument("--libvirt-dir", action="append", default=None, metavar="DIR",
-                   help="a libvirt channel directory to scan (repeatable)")
+    p.add_argument(
+        "--libvirt-dir",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a libvirt channel directory to scan (repeatable)",
+    )
     p.add_argument("--db", metavar="PATH", help="the state database")
     p.add_argument("--api-socket", metavar="PATH", help="the API's unix socket ('' for none)")
     p.add_argument("--api-tcp", metavar="HOST:PORT", help="also serve the API on TCP, with TLS")
@@ -45,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", metavar="FILE")
     p.add_argument("--tokens-file", metavar="FILE")
     p.add_argument("--users-file", metavar="FILE")
-    p.add_argument("-d", "--debug", type=int, choices=(0, 1, 2, 3), default=None,
-                   help="0 warnings, 1 info (default), 2 debug, 3 debug with asyncio's")
+    p.add_argument(
+        "-d",
+        "--debug",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=None,
+        help="0 warnings, 1 info (default), 2 debug, 3 debug with asyncio's",
+    )
     return p
 
 
@@ -73,8 +95,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def setup_logging(level: int) -> None:
     levels = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
-    logging.basicConfig(stream=sys.stderr, level=levels.get(level, logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=levels.get(level, logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
     if level < 3:
         logging.getLogger("asyncio").setLevel(logging.WARNING)
 

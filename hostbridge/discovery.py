@@ -58,8 +58,9 @@ def scan(dirs) -> list[Found]:
                 continue
             if not stat.S_ISSOCK(st.st_mode):
                 continue
-            found.append(Found(int(m.group(1)), m.group(2), path,
-                               (st.st_dev, st.st_ino, st.st_ctime_ns)))
+            found.append(
+                Found(int(m.group(1)), m.group(2), path, (st.st_dev, st.st_ino, st.st_ctime_ns))
+            )
     return found
 
 
@@ -110,8 +111,13 @@ class NameResolver:
     async def _lookup(self, found: Found) -> str | None:
         name = await self._query(found.dom_id)
         if name is not None and not name.startswith(found.short_name):
-            log.warning("libvirt names domain %d %r, which does not match its channel directory "
-                        "%r; using the directory's", found.dom_id, name, found.short_name)
+            log.warning(
+                "libvirt names domain %d %r, which does not match its channel directory "
+                "%r; using the directory's",
+                found.dom_id,
+                name,
+                found.short_name,
+            )
             return None
         return name
 
@@ -129,8 +135,15 @@ class NameResolver:
     async def _lookup_virsh(self, dom_id: int) -> str | None:
         try:
             proc = await asyncio.create_subprocess_exec(
-                self._virsh, "-c", self.uri, "domname", str(dom_id),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                self._virsh,
+                "-c",
+                self.uri,
+                "domname",
+                str(dom_id),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
         except OSError as e:
             log.debug("cannot run virsh: %s", e)
             return None
@@ -148,8 +161,9 @@ class NameResolver:
 class Discovery:
     """Rescan every ``interval`` seconds; call on_found(name, path) / on_lost(name) on changes."""
 
-    def __init__(self, dirs, on_found, on_lost, interval: float = 2.0,
-                 resolver: NameResolver | None = None):
+    def __init__(
+        self, dirs, on_found, on_lost, interval: float = 2.0, resolver: NameResolver | None = None
+    ):
         self.dirs = list(dirs)
         self.on_found = on_found
         self.on_lost = on_lost

@@ -20,7 +20,11 @@ class Entry:
 
     def __repr__(self) -> str:  # never the value
         return "Entry(size=%s, ts=%r, origin=%r, hidden=%r)" % (
-            None if self.value is None else len(self.value), self.ts, self.origin, self.hidden)
+            None if self.value is None else len(self.value),
+            self.ts,
+            self.origin,
+            self.hidden,
+        )
 
 
 def _size(key: str, value: str | None) -> int:
@@ -123,7 +127,9 @@ class Mirror:
     def _put(self, key: str, entry: Entry, mark: bool = True) -> bool:
         old = self.entries.get(key)
         grow = _size(key, entry.value) - (_size(key, old.value) if old else 0)
-        if (old is None and len(self.entries) >= self.max_keys) or self.bytes + grow > self.max_bytes:
+        if (
+            old is None and len(self.entries) >= self.max_keys
+        ) or self.bytes + grow > self.max_bytes:
             self.dropped += 1
             return False
         if old is not None:

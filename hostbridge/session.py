@@ -45,7 +45,7 @@ from .store import MirrorRow, Store
 
 log = logging.getLogger(__name__)
 
-REFRESH_TIMEOUT = 15.0   # a full list of a large cache over a slow port
+REFRESH_TIMEOUT = 15.0  # a full list of a large cache over a slow port
 HELD_CHANGES_MAX = 4096  # changes held during one refresh; past that, list again
 
 
@@ -58,8 +58,12 @@ class State(enum.Enum):
     @property
     def agent(self) -> str:
         """VmInfo.agent: connected (synced) | connecting (link up, no answer yet) | disconnected."""
-        return {"synced": "connected", "syncing": "connecting", "connecting": "disconnected",
-                "disconnected": "disconnected"}[self.value]
+        return {
+            "synced": "connected",
+            "syncing": "connecting",
+            "connecting": "disconnected",
+            "disconnected": "disconnected",
+        }[self.value]
 
 
 class GuestError(errors.BridgeError):
@@ -82,8 +86,14 @@ class _Pending:
 
 
 class Session:
-    def __init__(self, name: str, store: Store, limits: Limits, channel_spec: str | None = None,
-                 source: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        limits: Limits,
+        channel_spec: str | None = None,
+        source: str | None = None,
+    ):
         self.name = name
         self.channel: Channel | None = None  # attach() gives it one
         self.store = store
@@ -100,8 +110,15 @@ class Session:
         self.state = State.DISCONNECTED
         self.agent_version: str | None = None
         self.connected_since: float | None = None
-        self.counters = {"frames_in": 0, "frames_out": 0, "bad_frames": 0,
-                         "dropped_rate_limited": 0, "timeouts": 0, "resyncs": 0, "reconnects": 0}
+        self.counters = {
+            "frames_in": 0,
+            "frames_out": 0,
+            "bad_frames": 0,
+            "dropped_rate_limited": 0,
+            "timeouts": 0,
+            "resyncs": 0,
+            "reconnects": 0,
+        }
         self._ids = itertools.count(1)  # never reused, so a late reply never matches a new request
         self._pending: dict[int, _Pending] = {}
         self._handshake: Handshake | None = None
@@ -197,9 +214,13 @@ class Session:
                     await asyncio.sleep(0)
                     delay = max(delay, self._frames_delay)
                     if delay > 0:
-                        self.warn.warn("rate", "guest sends faster than %.0f frames/s or %.0f "
-                                       "bytes/s; reading it is slowed down",
-                                       self.limits.frames_per_s, self.limits.bytes_per_s)
+                        self.warn.warn(
+                            "rate",
+                            "guest sends faster than %.0f frames/s or %.0f "
+                            "bytes/s; reading it is slowed down",
+                            self.limits.frames_per_s,
+                            self.limits.bytes_per_s,
+                        )
                         await asyncio.sleep(min(delay, 5.0))
             except (ChannelClosed, ChannelFull) as e:
                 self.log.info("link lost: %s", e.message)
@@ -233,8 +254,9 @@ class Session:
         rid = getattr(err, "request_id", None)
         pending = self._pending.get(rid) if rid is not None else None
         if pending is not None and not pending.fut.done():
-            pending.fut.set_exception(errors.BridgeError("the guest sent a malformed reply: %s"
-                                                         % err.message, err.code))
+            pending.fut.set_exception(
+                errors.BridgeError("the guest sent a malformed reply: %s" % err.message, err.code)
+            )
 
     def _on_syncing_frame(self, msg) -> None:
         hs = self._handshake
@@ -267,11 +289,16 @@ class Session:
             if pending is None or pending.items is None or pending.fut.done():
                 return
             pending.item_bytes += len(msg.key) + len(msg.value)
-            if (len(pending.items) >= self.limits.mirror_keys
-                    or pending.item_bytes > self.limits.mirror_bytes):
-                pending.fut.set_exception(errors.BridgeError(
-                    "the guest's answer passed %d keys or %d bytes" %
-                    (self.limits.mirror_keys, self.limits.mirror_bytes)))
+            if (
+                len(pending.items) >= self.limits.mirror_keys
+                or pending.item_bytes > self.limits.mirror_bytes
+            ):
+                pending.fut.set_exception(
+                    errors.BridgeError(
+                        "the guest's answer passed %d keys or %d bytes"
+                        % (self.limits.mirror_keys, self.limits.mirror_bytes)
+                    )
+                )
                 pending.items = None
                 return
             pending.items.append(msg)
@@ -280,8 +307,15 @@ class Session:
         elif t is Ping:
             self._write(encode(Ok(id=msg.id)))
         elif t.TYPE in REQUEST_TYPES:
-            self._write(encode(Err(id=msg.id, code="bad_request",
-                                   msg="the host does not accept %r requests" % t.TYPE)))
+            self._write(
+                encode(
+                    Err(
+                        id=msg.id,
+                        code="bad_request",
+                        msg="the host does not accept %r requests" % t.TYPE,
+                    )
+                )
+            )
 
     # -- handshake --------------------------------------------------------------------------------
 
@@ -289,9 +323,12 @@ class Session:
         if self.state is State.SYNCED:
             self.counters["resyncs"] += 1
         self._set_state(State.SYNCING)
-        self._fail_pending(LinkReset("the link to VM %r is resynchronizing (%s)" % (self.name, why)))
-        self._handshake = Handshake(request_id=next(self._ids), nonce=os.urandom(8).hex(),
-                                    epoch=self.epoch)
+        self._fail_pending(
+            LinkReset("the link to VM %r is resynchronizing (%s)" % (self.name, why))
+        )
+        self._handshake = Handshake(
+            request_id=next(self._ids), nonce=os.urandom(8).hex(), epoch=self.epoch
+        )
         self.log.debug("hello (%s)", why)
         try:
             self._write(self._handshake.opening())
@@ -338,8 +375,9 @@ class Session:
 
     def _guard(self) -> None:
         if self.state is not State.SYNCED:
-            raise errors.AgentNotConnected("the agent in VM %r is not connected (link %s)"
-                                           % (self.name, self.state.value))
+            raise errors.AgentNotConnected(
+                "the agent in VM %r is not connected (link %s)" % (self.name, self.state.value)
+            )
 
     async def request(self, make, timeout: float, collect: bool = False, internal: bool = False):
         """Send the request ``make(id)`` and wait for its reply: (Ok, items or None).
@@ -349,8 +387,9 @@ class Session:
         """
         self._guard()
         if not internal and len(self._pending) >= self.limits.max_outstanding:
-            raise errors.Busy("VM %r has %d requests outstanding, the limit"
-                              % (self.name, len(self._pending)))
+            raise errors.Busy(
+                "VM %r has %d requests outstanding, the limit" % (self.name, len(self._pending))
+            )
         rid = next(self._ids)
         msg = make(rid)
         fut = asyncio.get_running_loop().create_future()
@@ -364,12 +403,14 @@ class Session:
             raise errors.AgentNotConnected(e.message) from None
         except asyncio.TimeoutError:
             self.counters["timeouts"] += 1
-            self.warn.warn("timeout", "no answer to %r within %.1f s; resynchronizing",
-                           msg.TYPE, timeout)
+            self.warn.warn(
+                "timeout", "no answer to %r within %.1f s; resynchronizing", msg.TYPE, timeout
+            )
             if self.state is State.SYNCED and self.channel is not None and self.channel.connected:
                 self._start_handshake("request timed out")
-            raise errors.AgentTimeout("the agent in VM %r did not answer within %.1f s"
-                                      % (self.name, timeout)) from None
+            raise errors.AgentTimeout(
+                "the agent in VM %r did not answer within %.1f s" % (self.name, timeout)
+            ) from None
         finally:
             self._pending.pop(rid, None)
 
@@ -396,7 +437,8 @@ class Session:
             self._keepalive_timer.cancel()
         if self.limits.keepalive > 0:
             self._keepalive_timer = asyncio.get_running_loop().call_later(
-                self.limits.keepalive / 2, self._keepalive)
+                self.limits.keepalive / 2, self._keepalive
+            )
 
     def _keepalive(self) -> None:
         self._keepalive_timer = None
@@ -434,8 +476,13 @@ class Session:
         if known and msg.gseq < expected:
             return True  # already mirrored
         if not self.mirror.apply(msg.op, msg.key, msg.value, float(msg.ts), msg.origin):
-            self.warn.warn("quota", "mirror quota reached (%d keys, %d bytes); key %r not mirrored",
-                           self.limits.mirror_keys, self.limits.mirror_bytes, msg.key)
+            self.warn.warn(
+                "quota",
+                "mirror quota reached (%d keys, %d bytes); key %r not mirrored",
+                self.limits.mirror_keys,
+                self.limits.mirror_bytes,
+                msg.key,
+            )
         if known and msg.gseq == expected:
             self.mirror.gseq = msg.gseq
             return True
@@ -452,16 +499,20 @@ class Session:
 
     async def _do_refresh(self) -> None:
         try:
-            ok, items = await self.request(lambda i: List(id=i), REFRESH_TIMEOUT, collect=True,
-                                           internal=True)
+            ok, items = await self.request(
+                lambda i: List(id=i), REFRESH_TIMEOUT, collect=True, internal=True
+            )
         except errors.BridgeError as e:
             self._refreshing = False
             self.log.info("mirror refresh failed: %s", e.message)  # the next sync retries
             return
         # ok.gseq is the change counter the listing reflects (an agent too old to say: None).
         listed = ok.gseq
-        self.mirror.replace([(i.key, i.value, float(i.ts), i.origin) for i in items],
-                            self._guest_gid, listed if listed is not None else self._seen_gseq)
+        self.mirror.replace(
+            [(i.key, i.value, float(i.ts), i.origin) for i in items],
+            self._guest_gid,
+            listed if listed is not None else self._seen_gseq,
+        )
         self.log.debug("mirror refreshed: %d keys", len(items))
         self._refreshing = False
         held, self._held_changes = self._held_changes, []
@@ -479,8 +530,15 @@ class Session:
             return
         rows, deleted, unhidden, replace = self.mirror.take_dirty()
         self.store.save_mirror(
-            self.name, [MirrorRow(k, e.value, e.ts, e.origin, e.hidden) for k, e in rows],
-            deleted, replace, self.last_seen, self.mirror.gid, self.mirror.gseq, unhidden)
+            self.name,
+            [MirrorRow(k, e.value, e.ts, e.origin, e.hidden) for k, e in rows],
+            deleted,
+            replace,
+            self.last_seen,
+            self.mirror.gid,
+            self.mirror.gseq,
+            unhidden,
+        )
         self._flushed_seen = self.last_seen
 
     # -- the outbox -------------------------------------------------------------------------------
@@ -514,11 +572,14 @@ class Session:
     async def _deliver(self, row) -> bool:
         """Send one outbox message and wait for its ack; False when the link failed."""
         if row.value is None:
+
             def make(i, row=row):
                 return Delete(id=i, key=row.key, seq=row.seq)
         else:
+
             def make(i, row=row):
                 return Set(id=i, key=row.key, value=row.value, seq=row.seq)
+
         self._written_seq = max(self._written_seq, row.seq)
         try:
             await self.request(make, self.limits.delivery_timeout, internal=True)
@@ -531,8 +592,9 @@ class Session:
                 if self.state is State.SYNCED and channel is not None and channel.connected:
                     self._start_handshake("the guest answered busy")
                 return False
-            self.warn.warn("refused", "the guest refused message %d (key %r): %s",
-                           row.seq, row.key, e.message)
+            self.warn.warn(
+                "refused", "the guest refused message %d (key %r): %s", row.seq, row.key, e.message
+            )
             self.store.finish(self.name, [row.seq], "failed")
             self._after_delivery([row.seq], e)
             return True
@@ -548,8 +610,11 @@ class Session:
 
     def _delivered(self, rows) -> None:
         for row in rows:
-            if (row.value is not None and row.log
-                    and not self.store.secret_pending(self.name, row.key, row.seq)):
+            if (
+                row.value is not None
+                and row.log
+                and not self.store.secret_pending(self.name, row.key, row.seq)
+            ):
                 self.mirror.unhide(row.key)  # the guest now holds a value we may keep on disk
         seqs = [row.seq for row in rows]
         self.store.finish(self.name, seqs, "delivered")

@@ -106,8 +106,12 @@ class OutboxRow:
 
     def __repr__(self) -> str:  # never the value
         return "OutboxRow(vm=%r, seq=%d, key=%r, size=%s, log=%r)" % (
-            self.vm, self.seq, self.key,
-            None if self.value is None else len(self.value.encode("utf-8")), self.log)
+            self.vm,
+            self.seq,
+            self.key,
+            None if self.value is None else len(self.value.encode("utf-8")),
+            self.log,
+        )
 
 
 @dataclass
@@ -156,34 +160,45 @@ class Store:
     def vm(self, name: str, channel: str | None = None, source: str | None = None) -> VmRow:
         """The VM's row, created with a fresh random epoch when new."""
         with self._tx() as db:
-            row = db.execute("SELECT name, epoch, seq, last_seen, gid, gseq, channel, source "
-                             "FROM vms WHERE name=?", (name,)).fetchone()
+            row = db.execute(
+                "SELECT name, epoch, seq, last_seen, gid, gseq, channel, source "
+                "FROM vms WHERE name=?",
+                (name,),
+            ).fetchone()
             if row is None:
                 epoch = os.urandom(8).hex()
-                db.execute("INSERT INTO vms (name, epoch, channel, source) VALUES (?,?,?,?)",
-                           (name, epoch, channel, source))
+                db.execute(
+                    "INSERT INTO vms (name, epoch, channel, source) VALUES (?,?,?,?)",
+                    (name, epoch, channel, source),
+                )
                 return VmRow(name, epoch, 0, None, None, None, channel, source)
             if channel is not None and (channel, source) != (row[6], row[7]):
-                db.execute("UPDATE vms SET channel=?, source=? WHERE name=?",
-                           (channel, source, name))
+                db.execute(
+                    "UPDATE vms SET channel=?, source=? WHERE name=?", (channel, source, name)
+                )
                 row = row[:6] + (channel, source)
             return VmRow(*row)
 
     def vms(self) -> list[VmRow]:
-        rows = self._db.execute("SELECT name, epoch, seq, last_seen, gid, gseq, channel, source "
-                                "FROM vms ORDER BY name").fetchall()
+        rows = self._db.execute(
+            "SELECT name, epoch, seq, last_seen, gid, gseq, channel, source FROM vms ORDER BY name"
+        ).fetchall()
         return [VmRow(*r) for r in rows]
 
-    def save_seen(self, name: str, last_seen: float | None, gid: str | None,
-                  gseq: int | None) -> None:
+    def save_seen(
+        self, name: str, last_seen: float | None, gid: str | None, gseq: int | None
+    ) -> None:
         with self._tx() as db:
-            db.execute("UPDATE vms SET last_seen=?, gid=?, gseq=? WHERE name=?",
-                       (last_seen, gid, gseq, name))
+            db.execute(
+                "UPDATE vms SET last_seen=?, gid=?, gseq=? WHERE name=?",
+                (last_seen, gid, gseq, name),
+            )
 
     # -- outbox -------------------------------------------------------------------------------
 
-    def enqueue(self, vm: str, key: str, value: str | None, log_value: bool,
-                ts: float | None = None) -> OutboxRow:
+    def enqueue(
+        self, vm: str, key: str, value: str | None, log_value: bool, ts: float | None = None
+    ) -> OutboxRow:
         """Durably add a host set (value) or del (value None); audit it as "queued"."""
         ts = time.time() if ts is None else ts
         with self._tx() as db:
@@ -196,20 +211,31 @@ class Store:
             if not log_value and value is not None:
                 # Before the guest can announce the value back: its mirror row stays valueless.
                 db.execute("INSERT OR IGNORE INTO hidden (vm, key) VALUES (?,?)", (vm, key))
-            db.execute("INSERT INTO outbox (vm, seq, key, value, log, created, audit_id) "
-                       "VALUES (?,?,?,?,?,?,?)", (vm, seq, key, value, int(log_value), ts, audit_id))
+            db.execute(
+                "INSERT INTO outbox (vm, seq, key, value, log, created, audit_id) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (vm, seq, key, value, int(log_value), ts, audit_id),
+            )
         return OutboxRow(vm, seq, key, value, log_value, ts, audit_id)
 
     def outbox(self, vm: str, after: int = 0, limit: int = 100) -> list[OutboxRow]:
         rows = self._db.execute(
             "SELECT vm, seq, key, value, log, created, audit_id FROM outbox "
-            "WHERE vm=? AND seq>? ORDER BY seq LIMIT ?", (vm, after, limit)).fetchall()
+            "WHERE vm=? AND seq>? ORDER BY seq LIMIT ?",
+            (vm, after, limit),
+        ).fetchall()
         return [OutboxRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
 
     def secret_pending(self, vm: str, key: str, after: int) -> bool:
         """Whether a later outbox row sets ``key`` with log off."""
-        return self._db.execute("SELECT 1 FROM outbox WHERE vm=? AND key=? AND seq>? AND log=0 "
-                                "AND value IS NOT NULL LIMIT 1", (vm, key, after)).fetchone() is not None
+        return (
+            self._db.execute(
+                "SELECT 1 FROM outbox WHERE vm=? AND key=? AND seq>? AND log=0 "
+                "AND value IS NOT NULL LIMIT 1",
+                (vm, key, after),
+            ).fetchone()
+            is not None
+        )
 
     def queued(self, vm: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM outbox WHERE vm=?", (vm,)).fetchone()[0]
@@ -228,8 +254,10 @@ class Store:
         secret = False
         with self._tx() as db:
             for seq in seqs:
-                row = db.execute("SELECT log, audit_id, value IS NOT NULL FROM outbox "
-                                 "WHERE vm=? AND seq=?", (vm, seq)).fetchone()
+                row = db.execute(
+                    "SELECT log, audit_id, value IS NOT NULL FROM outbox WHERE vm=? AND seq=?",
+                    (vm, seq),
+                ).fetchone()
                 if row is None:
                     continue
                 secret = secret or (not row[0] and row[2])
@@ -251,15 +279,18 @@ class Store:
         size = 0 if value is None else len(value.encode("utf-8"))
         kept = truncate_utf8(value) if (log_value and value is not None) else None
         op = op or ("set" if value is not None else "del")
-        cur = db.execute("INSERT INTO audit (vm, key, size, ts, outcome, value, op) "
-                         "VALUES (?,?,?,?,?,?,?)", (vm, key, size, ts, outcome, kept, op))
+        cur = db.execute(
+            "INSERT INTO audit (vm, key, size, ts, outcome, value, op) VALUES (?,?,?,?,?,?,?)",
+            (vm, key, size, ts, outcome, kept, op),
+        )
         audit_id = cur.lastrowid
         if audit_id % 1000 == 0:
             db.execute("DELETE FROM audit WHERE vm=? AND id <= ?", (vm, audit_id - AUDIT_KEEP))
         return audit_id
 
-    def audit_refused(self, vm: str, key: str, value: str | None, log_value: bool,
-                      outcome: str = "refused") -> None:
+    def audit_refused(
+        self, vm: str, key: str, value: str | None, log_value: bool, outcome: str = "refused"
+    ) -> None:
         """Record a send that was not accepted (nothing else is kept)."""
         with self._tx() as db:
             self._audit(db, vm, key, value, time.time(), outcome, log_value)
@@ -268,21 +299,32 @@ class Store:
         """(id, vm, key, size, ts, outcome, value, op), newest first."""
         return self._db.execute(
             "SELECT id, vm, key, size, ts, outcome, value, op FROM audit WHERE vm=? "
-            "ORDER BY id DESC LIMIT ?", (vm, max(0, int(limit)))).fetchall()
+            "ORDER BY id DESC LIMIT ?",
+            (vm, max(0, int(limit))),
+        ).fetchall()
 
     # -- mirror -------------------------------------------------------------------------------
 
     def mirror(self, vm: str) -> list[MirrorRow]:
-        rows = self._db.execute("SELECT key, value, ts, origin, hidden FROM mirror WHERE vm=? "
-                                "ORDER BY rowid", (vm,)).fetchall()
+        rows = self._db.execute(
+            "SELECT key, value, ts, origin, hidden FROM mirror WHERE vm=? ORDER BY rowid", (vm,)
+        ).fetchall()
         return [MirrorRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
     def hidden(self, vm: str) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT key FROM hidden WHERE vm=?", (vm,))}
 
-    def save_mirror(self, vm: str, rows: list[MirrorRow], deleted: list[str], replace: bool,
-                    last_seen: float | None, gid: str | None, gseq: int | None,
-                    unhidden: list[str] = ()) -> None:
+    def save_mirror(
+        self,
+        vm: str,
+        rows: list[MirrorRow],
+        deleted: list[str],
+        replace: bool,
+        last_seen: float | None,
+        gid: str | None,
+        gseq: int | None,
+        unhidden: list[str] = (),
+    ) -> None:
         """Write mirror changes in one transaction; ``replace`` drops the VM's old rows first.
 
         A hidden row is written without its value; ``unhidden`` keys leave the hidden table.
@@ -295,11 +337,14 @@ class Store:
             for key in deleted:
                 db.execute("DELETE FROM mirror WHERE vm=? AND key=?", (vm, key))
             for r in rows:
-                db.execute("INSERT OR REPLACE INTO mirror (vm, key, value, ts, origin, hidden) "
-                           "VALUES (?,?,?,?,?,?)",
-                           (vm, r.key, None if r.hidden else r.value, r.ts, r.origin, int(r.hidden)))
-            db.execute("UPDATE vms SET last_seen=?, gid=?, gseq=? WHERE name=?",
-                       (last_seen, gid, gseq, vm))
+                db.execute(
+                    "INSERT OR REPLACE INTO mirror (vm, key, value, ts, origin, hidden) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (vm, r.key, None if r.hidden else r.value, r.ts, r.origin, int(r.hidden)),
+                )
+            db.execute(
+                "UPDATE vms SET last_seen=?, gid=?, gseq=? WHERE name=?", (last_seen, gid, gseq, vm)
+            )
 
 
 class _Tx:

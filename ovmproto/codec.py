@@ -37,13 +37,14 @@ def decode(frame):
         # The same test as a known type's id: an id over 2**63-1 cannot be echoed in an Err.
         rid = rid if _is_int(rid) else None
         if type(t) is not str:
-            raise BadMessage("frame has no \"t\" string naming its type", frame, request_id=rid)
-        raise BadMessage("unknown message type %r" % t[:32], frame, code="unknown_type",
-                         request_id=rid)
+            raise BadMessage('frame has no "t" string naming its type', frame, request_id=rid)
+        raise BadMessage(
+            "unknown message type %r" % t[:32], frame, code="unknown_type", request_id=rid
+        )
     return cls.from_wire(obj, frame)
 
 
-class Reader(object):
+class Reader:
     """Bytes in, events out: typed messages, Resync events, and ProtocolError instances."""
 
     __slots__ = ("_frames",)
@@ -71,4 +72,4 @@ class Reader(object):
         return events
 
 
-__all__ = ["encode", "decode", "Reader", "Resync"]
+__all__ = ["Reader", "Resync", "decode", "encode"]

@@ -26,6 +26,7 @@ def dumps(obj):
         except _Unsupported:
             pass
     import json
+
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -70,6 +71,7 @@ def loads(data):
         if obj is not None:
             return obj
     import json
+
     return json.loads(text)
 
 
@@ -129,6 +131,6 @@ def _number(tok):
         raise ValueError(tok)
     if dot and not fraction.isdigit():
         raise ValueError(tok)
-    if e and not exponent.lstrip("+-").isdigit() or exponent[1:2] in ("+", "-"):
+    if (e and not exponent.lstrip("+-").isdigit()) or exponent[1:2] in ("+", "-"):
         raise ValueError(tok)
     return float(tok) if (dot or e) else int(tok)

@@ -17,7 +17,7 @@ DELIMITER = b"\n"
 RESYNC = b"\xff"
 
 
-class Resync(object):
+class Resync:
     """Event: the peer sent RESYNC; ``dropped`` bytes of partial frame were discarded."""
 
     __slots__ = ("dropped",)
@@ -32,7 +32,7 @@ class Resync(object):
         return "Resync(dropped=%d)" % self.dropped
 
 
-class FrameDecoder(object):
+class FrameDecoder:
     """Splits a byte stream into frames (bytes, without the delimiter).
 
     feed() returns a list whose items are frames (bytes), Resync events and FrameTooLong errors.

@@ -15,7 +15,7 @@ from .framing import RESYNC
 from .messages import Err, Hello, Ok
 
 
-class HelloResult(object):
+class HelloResult:
     """What the guest said about itself in its hello reply."""
 
     __slots__ = ("version", "agent", "gid", "gseq", "epoch", "hseq")
@@ -23,17 +23,23 @@ class HelloResult(object):
     def __init__(self, version, agent, gid, gseq, epoch, hseq):
         self.version = version
         self.agent = agent
-        self.gid = gid        # identity of the guest's cache; a new one means it was recreated
-        self.gseq = gseq      # the guest's change counter
-        self.epoch = epoch    # the host stream the guest follows
-        self.hseq = hseq      # the last host seq the guest applied in that epoch
+        self.gid = gid  # identity of the guest's cache; a new one means it was recreated
+        self.gseq = gseq  # the guest's change counter
+        self.epoch = epoch  # the host stream the guest follows
+        self.hseq = hseq  # the last host seq the guest applied in that epoch
 
     def __repr__(self):
         return "HelloResult(v=%d, agent=%r, gid=%r, gseq=%d, epoch=%r, hseq=%d)" % (
-            self.version, self.agent, self.gid, self.gseq, self.epoch, self.hseq)
+            self.version,
+            self.agent,
+            self.gid,
+            self.gseq,
+            self.epoch,
+            self.hseq,
+        )
 
 
-class Handshake(object):
+class Handshake:
     __slots__ = ("request_id", "nonce", "epoch", "version")
 
     def __init__(self, request_id, nonce, epoch=None, version=PROTOCOL_VERSION):
@@ -44,8 +50,9 @@ class Handshake(object):
 
     def opening(self):
         """The bytes to write: RESYNC, then the Hello."""
-        return RESYNC + encode(Hello(id=self.request_id, v=self.version, nonce=self.nonce,
-                                     epoch=self.epoch))
+        return RESYNC + encode(
+            Hello(id=self.request_id, v=self.version, nonce=self.nonce, epoch=self.epoch)
+        )
 
     def accept(self, msg):
         """Return a HelloResult for the reply that echoes our nonce, None for anything else.
@@ -59,10 +66,13 @@ class Handshake(object):
             return None
         v = msg.v if msg.v is not None else MIN_VERSION
         if not MIN_VERSION <= v <= self.version:
-            raise RemoteError("guest chose protocol version %d; we speak %d..%d"
-                              % (v, MIN_VERSION, self.version), "unsupported_version")
-        return HelloResult(v, msg.agent or "", msg.gid or "", msg.gseq or 0, msg.epoch,
-                           msg.hseq or 0)
+            raise RemoteError(
+                "guest chose protocol version %d; we speak %d..%d" % (v, MIN_VERSION, self.version),
+                "unsupported_version",
+            )
+        return HelloResult(
+            v, msg.agent or "", msg.gid or "", msg.gseq or 0, msg.epoch, msg.hseq or 0
+        )
 
 
 def answer_hello(hello, agent, gid, gseq, epoch, hseq, max_version=PROTOCOL_VERSION):
@@ -71,8 +81,23 @@ def answer_hello(hello, agent, gid, gseq, epoch, hseq, max_version=PROTOCOL_VERS
     The leading RESYNC makes the host drop any stale partial frame in front of the reply.
     """
     if hello.v < MIN_VERSION:
-        return RESYNC + encode(Err(id=hello.id, code="unsupported_version",
-                                   msg="host speaks protocol %d; this agent speaks %d..%d"
-                                   % (hello.v, MIN_VERSION, max_version)))
-    return RESYNC + encode(Ok(id=hello.id, v=min(hello.v, max_version), nonce=hello.nonce,
-                              agent=agent, gid=gid, gseq=gseq, epoch=epoch, hseq=hseq))
+        return RESYNC + encode(
+            Err(
+                id=hello.id,
+                code="unsupported_version",
+                msg="host speaks protocol %d; this agent speaks %d..%d"
+                % (hello.v, MIN_VERSION, max_version),
+            )
+        )
+    return RESYNC + encode(
+        Ok(
+            id=hello.id,
+            v=min(hello.v, max_version),
+            nonce=hello.nonce,
+            agent=agent,
+            gid=gid,
+            gseq=gseq,
+            epoch=epoch,
+            hseq=hseq,
+        )
+    )

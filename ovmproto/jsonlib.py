@@ -91,7 +91,8 @@ else:
         else:
             text = data
         if text.count("[") + text.count("{") > FALLBACK_NESTING_MAX and not _depth_ok(
-                text.encode("utf-8", "surrogatepass")):
+            text.encode("utf-8", "surrogatepass")
+        ):
             raise JSONDecodeError("recursion limit reached")
         try:
             obj = _decode(text)

@@ -44,7 +44,9 @@ def check_key(key):
         return INVALID_KEY, "key contains '=', which is not allowed"
     for ch in key:
         if _is_control(ch):
-            return INVALID_KEY, "key contains control character U+%04X, which is not allowed" % ord(ch)
+            return INVALID_KEY, "key contains control character U+%04X, which is not allowed" % ord(
+                ch
+            )
     return None
 
 

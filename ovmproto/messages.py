@@ -39,8 +39,13 @@ def _is_items(v):
 
 
 INT, STR, BOOL, NUM, ITEMS = _is_int, _is_str, _is_bool, _is_num, _is_items
-_KIND_NAMES = {_is_int: "an integer", _is_str: "a string", _is_bool: "a boolean",
-               _is_num: "a number", _is_items: "a list of [key, value] pairs"}
+_KIND_NAMES = {
+    _is_int: "an integer",
+    _is_str: "a string",
+    _is_bool: "a boolean",
+    _is_num: "a number",
+    _is_items: "a list of [key, value] pairs",
+}
 
 # Fields whose content may be secret: repr shows their size only.
 _SECRET = frozenset(("value", "items"))
@@ -62,7 +67,7 @@ def _secret_size(v):
     return len(v)
 
 
-class Message(object):
+class Message:
     """Base class. Subclasses set TYPE, REQUIRED and OPTIONAL as tuples of (name, kind)."""
 
     __slots__ = ()
@@ -98,20 +103,25 @@ class Message(object):
             v = obj.get(name)
             if v is None or not kind(v):
                 what = "missing" if v is None else "not %s" % _KIND_NAMES[kind]
-                raise BadMessage("%r message: field %r is %s" % (cls.TYPE, name, what),
-                                 raw, request_id=rid)
+                raise BadMessage(
+                    "%r message: field %r is %s" % (cls.TYPE, name, what), raw, request_id=rid
+                )
             setattr(self, name, v)
         for name, kind in cls.OPTIONAL:
             v = obj.get(name)
             if v is not None and not kind(v):
-                raise BadMessage("%r message: field %r is not %s" % (cls.TYPE, name, _KIND_NAMES[kind]),
-                                 raw, request_id=rid)
+                raise BadMessage(
+                    "%r message: field %r is not %s" % (cls.TYPE, name, _KIND_NAMES[kind]),
+                    raw,
+                    request_id=rid,
+                )
             setattr(self, name, v)
         return self
 
     def __eq__(self, other):
         return type(self) is type(other) and all(
-            getattr(self, n) == getattr(other, n) for n, _ in self.REQUIRED + self.OPTIONAL)
+            getattr(self, n) == getattr(other, n) for n, _ in self.REQUIRED + self.OPTIONAL
+        )
 
     def __ne__(self, other):
         return not self == other
@@ -135,59 +145,147 @@ class Message(object):
 def _define(name, type_, required=(), optional=(), doc=""):
     """Make a Message subclass; __slots__ keeps instances small and attribute access fast."""
     slots = tuple(n for n, _ in required) + tuple(n for n, _ in optional)
-    return type(name, (Message,), {"__slots__": slots, "TYPE": type_, "REQUIRED": tuple(required),
-                                   "OPTIONAL": tuple(optional), "__doc__": doc})
+    return type(
+        name,
+        (Message,),
+        {
+            "__slots__": slots,
+            "TYPE": type_,
+            "REQUIRED": tuple(required),
+            "OPTIONAL": tuple(optional),
+            "__doc__": doc,
+        },
+    )
 
 
 # ---- requests (carry "id"; answered by Ok or Err, List and Events by Items then Ok) ------------
 
-Hello = _define("Hello", "hello", [("id", INT), ("v", INT), ("nonce", STR)], [("epoch", STR)],
-                "Host -> guest: resynchronize. Sent right after a RESYNC byte on every (re)connect "
-                "and after every timeout. epoch names the host's sequence stream for this guest.")
+Hello = _define(
+    "Hello",
+    "hello",
+    [("id", INT), ("v", INT), ("nonce", STR)],
+    [("epoch", STR)],
+    "Host -> guest: resynchronize. Sent right after a RESYNC byte on every (re)connect "
+    "and after every timeout. epoch names the host's sequence stream for this guest.",
+)
 Ping = _define("Ping", "ping", [("id", INT)], doc="Either way: the cheapest request.")
-Set = _define("Set", "set", [("id", INT), ("key", STR), ("value", STR)], [("seq", INT)],
-              "Set a key. From the host it carries seq (exactly-once, in order); from a local "
-              "client it has none and the origin is the guest.")
-Delete = _define("Delete", "del", [("id", INT), ("key", STR)], [("seq", INT)],
-                 "Delete a key. seq as for Set.")
+Set = _define(
+    "Set",
+    "set",
+    [("id", INT), ("key", STR), ("value", STR)],
+    [("seq", INT)],
+    "Set a key. From the host it carries seq (exactly-once, in order); from a local "
+    "client it has none and the origin is the guest.",
+)
+Delete = _define(
+    "Delete", "del", [("id", INT), ("key", STR)], [("seq", INT)], "Delete a key. seq as for Set."
+)
 Get = _define("Get", "get", [("id", INT), ("key", STR)], doc="Read one key.")
-List = _define("List", "list", [("id", INT)],
-               doc="Read every key: answered by one Item per key, in set order, then Ok(count).")
-Put = _define("Put", "put", [("id", INT), ("items", ITEMS)],
-              doc="Local client: set several keys at once (all or none), origin guest.")
+List = _define(
+    "List",
+    "list",
+    [("id", INT)],
+    doc="Read every key: answered by one Item per key, in set order, then Ok(count).",
+)
+Put = _define(
+    "Put",
+    "put",
+    [("id", INT), ("items", ITEMS)],
+    doc="Local client: set several keys at once (all or none), origin guest.",
+)
 Clear = _define("Clear", "clear", [("id", INT)], doc="Local client: delete every key.")
-Wait = _define("Wait", "wait", [("id", INT), ("key", STR)], [("changed", BOOL), ("timeout", NUM)],
-               "Local client: answer when key exists (or, with changed, when it is next set).")
-Events = _define("Events", "events", [("id", INT)],
-                 doc="Local client: the recent host events, as Items (key VMAPIEvent) then Ok.")
-PostEvent = _define("PostEvent", "event", [("id", INT), ("value", STR)],
-                    doc="Local client: inject an event (ovmd -e), as if the host had sent it.")
+Wait = _define(
+    "Wait",
+    "wait",
+    [("id", INT), ("key", STR)],
+    [("changed", BOOL), ("timeout", NUM)],
+    "Local client: answer when key exists (or, with changed, when it is next set).",
+)
+Events = _define(
+    "Events",
+    "events",
+    [("id", INT)],
+    doc="Local client: the recent host events, as Items (key VMAPIEvent) then Ok.",
+)
+PostEvent = _define(
+    "PostEvent",
+    "event",
+    [("id", INT), ("value", STR)],
+    doc="Local client: inject an event (ovmd -e), as if the host had sent it.",
+)
 
 # ---- replies --------------------------------------------------------------------------------
 
-Ok = _define("Ok", "ok", [("id", INT)], [
-    ("v", INT), ("nonce", STR), ("agent", STR), ("gid", STR), ("gseq", INT), ("epoch", STR),
-    ("hseq", INT),                      # hello reply: versions, identity, sequence positions
-    ("seq", INT), ("dup", BOOL),        # set/del reply: the seq applied, or already applied before
-    ("found", BOOL),                    # del reply: whether the key existed
-    ("key", STR), ("value", STR), ("ts", NUM), ("origin", STR),  # get / wait reply
-    ("count", INT),                     # list / events reply: how many Items preceded it
-], "Success reply to request id; which optional fields are set depends on the request.")
-Err = _define("Err", "err", [("code", STR), ("msg", STR)], [("id", INT)],
-              "Failure reply. id is absent when the failed frame had no usable id.")
-Item = _define("Item", "item", [("id", INT), ("key", STR), ("value", STR), ("ts", NUM),
-                                ("origin", STR)], doc="One entry of a List or Events answer.")
+Ok = _define(
+    "Ok",
+    "ok",
+    [("id", INT)],
+    [
+        ("v", INT),
+        ("nonce", STR),
+        ("agent", STR),
+        ("gid", STR),
+        ("gseq", INT),
+        ("epoch", STR),
+        ("hseq", INT),  # hello reply: versions, identity, sequence positions
+        ("seq", INT),
+        ("dup", BOOL),  # set/del reply: the seq applied, or already applied before
+        ("found", BOOL),  # del reply: whether the key existed
+        ("key", STR),
+        ("value", STR),
+        ("ts", NUM),
+        ("origin", STR),  # get / wait reply
+        ("count", INT),  # list / events reply: how many Items preceded it
+    ],
+    "Success reply to request id; which optional fields are set depends on the request.",
+)
+Err = _define(
+    "Err",
+    "err",
+    [("code", STR), ("msg", STR)],
+    [("id", INT)],
+    "Failure reply. id is absent when the failed frame had no usable id.",
+)
+Item = _define(
+    "Item",
+    "item",
+    [("id", INT), ("key", STR), ("value", STR), ("ts", NUM), ("origin", STR)],
+    doc="One entry of a List or Events answer.",
+)
 
 # ---- notifications (no id, never answered) --------------------------------------------------
 
-Changed = _define("Changed", "changed", [("gseq", INT), ("op", STR), ("ts", NUM), ("origin", STR)],
-                  [("key", STR), ("value", STR)],
-                  "Guest -> host: the cache changed (any origin). gseq counts every change, so "
-                  "a gap tells the host its mirror missed something and must be refreshed.")
+Changed = _define(
+    "Changed",
+    "changed",
+    [("gseq", INT), ("op", STR), ("ts", NUM), ("origin", STR)],
+    [("key", STR), ("value", STR)],
+    "Guest -> host: the cache changed (any origin). gseq counts every change, so "
+    "a gap tells the host its mirror missed something and must be refreshed.",
+)
 
-MESSAGE_TYPES = {cls.TYPE: cls for cls in (
-    Hello, Ping, Set, Delete, Get, List, Put, Clear, Wait, Events, PostEvent, Ok, Err, Item, Changed)}
+MESSAGE_TYPES = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Ping,
+        Set,
+        Delete,
+        Get,
+        List,
+        Put,
+        Clear,
+        Wait,
+        Events,
+        PostEvent,
+        Ok,
+        Err,
+        Item,
+        Changed,
+    )
+}
 
 # Types that are requests, i.e. that the receiver must answer.
-REQUEST_TYPES = frozenset(("hello", "ping", "set", "del", "get", "list", "put", "clear", "wait",
-                           "events", "event"))
+REQUEST_TYPES = frozenset(
+    ("hello", "ping", "set", "del", "get", "list", "put", "clear", "wait", "events", "event")
+)

@@ -23,11 +23,13 @@ def say(text):
 
 def show(argv, env=None, expect=0):
     """Run a CLI as a user would and print what they would see."""
-    words = [os.path.basename(argv[0])] + [a if len(a) <= 60 else "%s...(%d chars)" % (a[:8], len(a))
-                                           for a in argv[1:]]
+    words = [os.path.basename(argv[0])] + [
+        a if len(a) <= 60 else "%s...(%d chars)" % (a[:8], len(a)) for a in argv[1:]
+    ]
     shown = " ".join(w if " " not in w else repr(w) for w in words)
-    out = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60
+    )
     print("$ %s" % shown, flush=True)
     for line in out.stdout.splitlines():
         print("  " + line, flush=True)
@@ -44,7 +46,7 @@ def wait_for(what, condition, timeout=TIMEOUT):
         time.sleep(0.05)
 
 
-class Demo(object):
+class Demo:
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="ovmd-bridge-demo-")
         self.api = os.path.join(self.dir, "api.sock")
@@ -56,11 +58,15 @@ class Demo(object):
 
     def start(self, name, argv):
         log = open(self.path(name + ".log"), "ab")
-        self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=log, close_fds=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True
+        )
         log.close()
-        print("   started %s (pid %d), log %s" % (name, self.procs[name].pid,
-                                                 self.path(name + ".log")), flush=True)
+        print(
+            "   started %s (pid %d), log %s"
+            % (name, self.procs[name].pid, self.path(name + ".log")),
+            flush=True,
+        )
 
     def stop(self, name):
         proc = self.procs.pop(name)
@@ -71,23 +77,42 @@ class Demo(object):
 
     def start_agent(self, vm):
         os.makedirs(self.path(vm), exist_ok=True)
-        self.start("agent-" + vm, [os.path.join(BIN, "ovmd"), "--daemon",
-                                   "--channel", self.path(vm, "com.oracle.ovmd"),
-                                   "--socket", self.path(vm, "ovmd.sock"),
-                                   "--state-dir", self.path(vm, "state"),
-                                   "--config", "/nonexistent", "-d", "1"])
+        self.start(
+            "agent-" + vm,
+            [
+                os.path.join(BIN, "ovmd"),
+                "--daemon",
+                "--channel",
+                self.path(vm, "com.oracle.ovmd"),
+                "--socket",
+                self.path(vm, "ovmd.sock"),
+                "--state-dir",
+                self.path(vm, "state"),
+                "--config",
+                "/nonexistent",
+                "-d",
+                "1",
+            ],
+        )
 
     def ovmd(self, vm, *args, expect=0):
-        return show([os.path.join(BIN, "ovmd"), "--socket", self.path(vm, "ovmd.sock")] +
-                    list(args), expect=expect)
+        return show(
+            [os.path.join(BIN, "ovmd"), "--socket", self.path(vm, "ovmd.sock")] + list(args),
+            expect=expect,
+        )
 
     def vmmessage(self, *args, expect=0):
         return show([os.path.join(BIN, "vmmessage")] + list(args), env=self.env, expect=expect)
 
     def agent_state(self, vm):
-        out = subprocess.run([os.path.join(BIN, "vmmessage"), "--json", "status", vm],
-                             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            [os.path.join(BIN, "vmmessage"), "--json", "status", vm],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            timeout=30,
+        )
         try:
             return json.loads(out.stdout).get("agent")
         except ValueError:
@@ -97,18 +122,31 @@ class Demo(object):
         say("start the host bridge with two VMs whose channels are ptys (as QEMU's -chardev pty)")
         for vm in ("web1", "db1"):
             os.makedirs(self.path(vm), exist_ok=True)
-        self.start("bridge", [os.path.join(BIN, "hostbridge"),
-                              "--vm", "web1=pty:" + self.path("web1", "com.oracle.ovmd"),
-                              "--vm", "db1=pty:" + self.path("db1", "com.oracle.ovmd"),
-                              "--db", self.path("bridge.sqlite3"), "--api-socket", self.api,
-                              "-d", "1"])
+        self.start(
+            "bridge",
+            [
+                os.path.join(BIN, "hostbridge"),
+                "--vm",
+                "web1=pty:" + self.path("web1", "com.oracle.ovmd"),
+                "--vm",
+                "db1=pty:" + self.path("db1", "com.oracle.ovmd"),
+                "--db",
+                self.path("bridge.sqlite3"),
+                "--api-socket",
+                self.api,
+                "-d",
+                "1",
+            ],
+        )
         wait_for("the bridge's API socket", lambda: os.path.exists(self.api))
 
         say("start a guest agent in each VM (each opens its VM's end of the channel)")
         for vm in ("web1", "db1"):
             self.start_agent(vm)
         for vm in ("web1", "db1"):
-            wait_for("the agent of %s to sync" % vm, lambda vm=vm: self.agent_state(vm) == "connected")
+            wait_for(
+                "the agent of %s to sync" % vm, lambda vm=vm: self.agent_state(vm) == "connected"
+            )
         self.vmmessage("list")
 
         say("send a message to web1: its agent is connected, so it is delivered and acknowledged")
@@ -117,8 +155,9 @@ class Demo(object):
 
         say("stop db1's agent (as during a reboot), then send to it: the bridge queues the message")
         self.stop("agent-db1")
-        wait_for("the bridge to see db1's agent gone",
-                 lambda: self.agent_state("db1") == "disconnected")
+        wait_for(
+            "the bridge to see db1's agent gone", lambda: self.agent_state("db1") == "disconnected"
+        )
         self.vmmessage("send", "db1", "com.example.role", "database")
         self.vmmessage("send", "db1", "com.example.root-password", "s3cret!", "--no-log")
         self.vmmessage("list")
@@ -126,23 +165,37 @@ class Demo(object):
         say("restart db1's agent: the queued messages are delivered in order, exactly once")
         self.start_agent("db1")
         wait_for("the queue of db1 to drain", lambda: self.agent_state("db1") == "connected")
-        wait_for("db1's messages to arrive", lambda: subprocess.run(
-            [os.path.join(BIN, "ovmd"), "--socket", self.path("db1", "ovmd.sock"), "-g",
-             "com.example.root-password"], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL).returncode == 0)
+        wait_for(
+            "db1's messages to arrive",
+            lambda: (
+                subprocess.run(
+                    [
+                        os.path.join(BIN, "ovmd"),
+                        "--socket",
+                        self.path("db1", "ovmd.sock"),
+                        "-g",
+                        "com.example.root-password",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ).returncode
+                == 0
+            ),
+        )
         self.ovmd("db1", "-l", "--json")
         self.vmmessage("audit", "db1")
 
         say("inside web1, set a key; the host queries it (live from the agent)")
         self.ovmd("web1", "-p", "com.example.app.status=ready")
         self.vmmessage("query", "web1", "com.example.app.status")
-        self.vmmessage("sendVmMessage", "Vm", "name=web1", "key=foo", "message=bar",
-                                  "log=no")
+        self.vmmessage("sendVmMessage", "Vm", "name=web1", "key=foo", "message=bar", "log=no")
 
         say("stop web1's agent: a query now answers from the bridge's mirror, marked stale")
         self.stop("agent-web1")
-        wait_for("the bridge to see web1's agent gone",
-                 lambda: self.agent_state("web1") == "disconnected")
+        wait_for(
+            "the bridge to see web1's agent gone",
+            lambda: self.agent_state("web1") == "disconnected",
+        )
         self.vmmessage("query", "web1", "com.example.app.status")
 
         say("errors are one line with a documented exit code")

@@ -22,7 +22,7 @@ from ovmproto.messages import Changed, Get, Ok, Set  # noqa: E402
 BIN = os.path.join(os.path.dirname(sys.executable), "ovmd")
 
 
-class HostPeer(object):
+class HostPeer:
     """The host's end of the channel: the pty master, speaking the wire protocol."""
 
     def __init__(self, master):
@@ -47,8 +47,11 @@ class HostPeer(object):
             if select.select([self.fd], [], [], 0.2)[0]:
                 for ev in self.reader.feed(os.read(self.fd, 65536)):
                     if isinstance(ev, Changed):
-                        say("host", "the guest announced: %s %s (origin %s, change #%d)"
-                            % (ev.op, ev.key, ev.origin, ev.gseq))
+                        say(
+                            "host",
+                            "the guest announced: %s %s (origin %s, change #%d)"
+                            % (ev.op, ev.key, ev.origin, ev.gseq),
+                        )
                     elif not isinstance(ev, Exception):
                         self.pending.append(ev)
 
@@ -64,8 +67,13 @@ def say(who, text):
 
 
 def ovmd(sock, *args):
-    out = subprocess.run([BIN] + list(args), env=dict(os.environ, OVMD_SOCKET=sock),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = subprocess.run(
+        [BIN] + list(args),
+        env=dict(os.environ, OVMD_SOCKET=sock),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     shown = [a if len(a) <= 40 else "%s...(%d chars)" % (a[:12], len(a)) for a in args]
     say("guest", "$ ovmd %s   (exit %d)" % (" ".join(shown), out.returncode))
     for line in out.stdout.splitlines():
@@ -81,9 +89,21 @@ def main():
     sock = os.path.join(work, "ovmd.sock")
     say("demo", "starting the guest agent on the pty %s (local socket %s)" % (path, sock))
     log = open(os.path.join(work, "ovmd.log"), "w")
-    agent = subprocess.Popen([BIN, "--daemon", "--channel", path, "--socket", sock,
-                              "--state-dir", os.path.join(work, "state"), "-d", "1"],
-                             stderr=log)
+    agent = subprocess.Popen(
+        [
+            BIN,
+            "--daemon",
+            "--channel",
+            path,
+            "--socket",
+            sock,
+            "--state-dir",
+            os.path.join(work, "state"),
+            "-d",
+            "1",
+        ],
+        stderr=log,
+    )
     # Hold the slave open too: a pty master reads EIO whenever no process has the slave open,
     # which would race with the agent opening it.
     try:
@@ -93,15 +113,24 @@ def main():
         host.send(hs.opening())
         hello = host.receive(lambda m: hs.accept(m) is not None)
         result = hs.accept(hello)
-        say("host", "synced with %s: protocol v%d, cache %s, %d changes so far"
-            % (result.agent, result.version, result.gid, result.gseq))
+        say(
+            "host",
+            "synced with %s: protocol v%d, cache %s, %d changes so far"
+            % (result.agent, result.version, result.gid, result.gseq),
+        )
 
         reply = host.request(lambda rid: Set(id=rid, seq=1, key="foo", value="bar"))
-        say("host", "sent foo=bar as message #1: acknowledged (%s)" % ("ok" if type(reply) is Ok
-                                                                       else reply.msg))
+        say(
+            "host",
+            "sent foo=bar as message #1: acknowledged (%s)"
+            % ("ok" if type(reply) is Ok else reply.msg),
+        )
         reply = host.request(lambda rid: Set(id=rid, seq=1, key="foo", value="bar"))
-        say("host", "redelivered message #1 (as after a reconnect): duplicate=%s, not applied twice"
-            % reply.dup)
+        say(
+            "host",
+            "redelivered message #1 (as after a reconnect): duplicate=%s, not applied twice"
+            % reply.dup,
+        )
 
         ovmd(sock, "-p", "mykey=myvalue")
         host.request(lambda rid: Get(id=rid, key="mykey"))  # reads the announcement on the way
@@ -115,8 +144,11 @@ def main():
         ovmd(sock, "-p", "k" * 257 + "=v")
 
         reply = host.request(lambda rid: Get(id=rid, key="newkey"))
-        say("host", "queried newkey: %r, set by the %s %.1f s ago"
-            % (reply.value, reply.origin, time.time() - reply.ts))
+        say(
+            "host",
+            "queried newkey: %r, set by the %s %.1f s ago"
+            % (reply.value, reply.origin, time.time() - reply.ts),
+        )
     finally:
         agent.terminate()
         code = agent.wait(10)

@@ -28,7 +28,8 @@ def python39():
 needs_py39 = pytest.mark.skipif(
     python39() is None,
     reason="no Python 3.9 interpreter here (%s or python3.9 on PATH); vermin still ran"
-           % PYENV_PY39)
+    % PYENV_PY39,
+)
 
 
 def source_files():
@@ -62,22 +63,31 @@ def test_vermin_should_find_nothing_that_needs_more_than_python_39():
     result = subprocess.run(
         [vermin, "-t=3.9-", "--no-tips", "--violations"]
         + [os.path.join(ROOT, p) for p in PACKAGES],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout
 
 
 @needs_py39
 def test_every_file_should_byte_compile_with_python_39(tmp_path):
     env = dict(os.environ, PYTHONPYCACHEPREFIX=str(tmp_path))  # keep 3.9's .pyc out of the tree
-    result = subprocess.run([python39(), "-m", "py_compile"] + source_files(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, env=env, timeout=120)
+    result = subprocess.run(
+        [python39(), "-m", "py_compile"] + source_files(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout
 
 
 # Enough of orjson's surface for modules to import when 3.9 has no orjson of its own (module-level
 # code only needs the names; nothing here is called).
-_ORJSON_STUB = textwrap.dedent('''\
+_ORJSON_STUB = textwrap.dedent("""\
     import json
     JSONDecodeError = json.JSONDecodeError
     JSONEncodeError = TypeError
@@ -89,24 +99,38 @@ _ORJSON_STUB = textwrap.dedent('''\
         if name.startswith("OPT_"):
             return 0
         raise AttributeError(name)
-    ''')
+    """)
 
 
 @needs_py39
 def test_every_module_should_import_with_python_39(tmp_path):
     py = python39()
     paths = [ROOT]
-    has_orjson = subprocess.run([py, "-c", "import orjson"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+    has_orjson = (
+        subprocess.run(
+            [py, "-c", "import orjson"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        ).returncode
+        == 0
+    )
     if not has_orjson:
         stub = tmp_path / "stub"
         stub.mkdir()
         (stub / "orjson.py").write_text(_ORJSON_STUB)
         paths.append(str(stub))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths),
-               PYTHONPYCACHEPREFIX=str(tmp_path / "pyc"))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONPYCACHEPREFIX=str(tmp_path / "pyc")
+    )
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
-    result = subprocess.run([py, "-c", code] + module_names(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, universal_newlines=True, env=env,
-                            cwd=str(tmp_path), timeout=120)
+    result = subprocess.run(
+        [py, "-c", code] + module_names(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout

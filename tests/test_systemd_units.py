@@ -20,7 +20,8 @@ EXPOSURE_LIMIT = 2.5
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(
-    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (apt-get install systemd)")
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (apt-get install systemd)"
+)
 
 
 def unit_settings(path=UNIT):
@@ -54,8 +55,13 @@ def runnable_copy(tmp_path, text=None):
 
 
 def analyze(*args):
-    return subprocess.run([SYSTEMD_ANALYZE] + list(args), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    return subprocess.run(
+        [SYSTEMD_ANALYZE] + list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+    )
 
 
 def lines_about_us(text):
@@ -99,14 +105,30 @@ def test_the_unit_should_run_the_installed_daemon_as_a_notify_service():
     service = unit_settings()["Service"]
     assert service["ExecStart"] == ["/usr/bin/ovmd --daemon"]
     expected = {
-        "Type": "notify", "Restart": "on-failure", "RestartSec": "1", "WatchdogSec": "30",
-        "RuntimeDirectory": "ovmd", "RuntimeDirectoryMode": "0755", "UMask": "0077",
-        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "NoNewPrivileges": "yes", "PrivateNetwork": "yes", "DevicePolicy": "closed",
-        "RestrictAddressFamilies": "AF_UNIX", "SystemCallArchitectures": "native",
-        "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
-        "ProtectControlGroups": "yes", "RestrictNamespaces": "yes", "LockPersonality": "yes",
-        "MemoryDenyWriteExecute": "yes", "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes",
+        "Type": "notify",
+        "Restart": "on-failure",
+        "RestartSec": "1",
+        "WatchdogSec": "30",
+        "RuntimeDirectory": "ovmd",
+        "RuntimeDirectoryMode": "0755",
+        "UMask": "0077",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "PrivateNetwork": "yes",
+        "DevicePolicy": "closed",
+        "RestrictAddressFamilies": "AF_UNIX",
+        "SystemCallArchitectures": "native",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictNamespaces": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes",
     }
     assert {k: service.get(k, [None])[-1] for k in expected} == expected
     assert service["SystemCallFilter"][0] == "@system-service"
@@ -142,7 +164,7 @@ def parse_rule(line):
     tokens, pos = [], 0
     while pos < len(line):
         m = _RULE_TOKEN.match(line, pos)
-        assert m, "cannot parse the rule at %r" % line[pos:pos + 40]
+        assert m, "cannot parse the rule at %r" % line[pos : pos + 40]
         key, attr, op, value, sep = m.groups()
         if op in ("==", "!="):
             assert key in _MATCH_KEYS, "%s cannot be matched" % key
@@ -160,12 +182,21 @@ def test_the_udev_rule_should_pass_udevadm_verify_when_this_systemd_has_it():
     udevadm = shutil.which("udevadm")
     if udevadm is None:
         pytest.skip("udevadm is not installed")
-    probe = subprocess.run([udevadm, "verify", "--help"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=30)
+    probe = subprocess.run(
+        [udevadm, "verify", "--help"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=30,
+    )
     if probe.returncode != 0:
         pytest.skip("this udevadm has no verify (systemd < 254)")
-    result = subprocess.run([udevadm, "verify", RULES], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+    result = subprocess.run(
+        [udevadm, "verify", RULES],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -188,9 +219,13 @@ def test_the_unit_should_bind_to_the_device_the_udev_rule_names():
     escape = shutil.which("systemd-escape")
     if escape is None:
         pytest.skip("systemd-escape is not installed")
-    device = subprocess.run([escape, "-p", "--suffix=device", "/dev/" + link],
-                            stdout=subprocess.PIPE, universal_newlines=True, check=True,
-                            timeout=30).stdout.strip()
+    device = subprocess.run(
+        [escape, "-p", "--suffix=device", "/dev/" + link],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
     unit = unit_settings()["Unit"]
     assert unit["BindsTo"] == [device]
     assert unit["After"] == [device]
@@ -198,6 +233,7 @@ def test_the_unit_should_bind_to_the_device_the_udev_rule_names():
 
 def test_the_daemon_should_look_for_the_port_where_udev_puts_it():
     from guestagent import channel
+
     link = [v for k, a, op, v in parse_rule(rule_lines()[0]) if k == "SYMLINK"][0]
     assert channel.DEFAULT_PATH == "/dev/" + link
 
@@ -254,9 +290,21 @@ def test_the_bridge_sandbox_should_keep_the_exposure_score_within_its_limit(tmp_
 def test_the_exposure_check_should_notice_a_bridge_unit_without_its_sandbox(tmp_path):
     with open(BRIDGE_UNIT, encoding="utf-8") as f:
         text = f.read()
-    bare = "\n".join(line for line in text.splitlines()
-                     if not line.startswith(("Protect", "Private", "Restrict", "SystemCall",
-                                             "Capability", "NoNewPrivileges", "IPAddress")))
+    bare = "\n".join(
+        line
+        for line in text.splitlines()
+        if not line.startswith(
+            (
+                "Protect",
+                "Private",
+                "Restrict",
+                "SystemCall",
+                "Capability",
+                "NoNewPrivileges",
+                "IPAddress",
+            )
+        )
+    )
     assert exposure(runnable_bridge_copy(tmp_path, bare)) > EXPOSURE_LIMIT
 
 
@@ -264,13 +312,25 @@ def test_the_bridge_unit_should_run_the_installed_daemon_as_a_notify_service():
     service = unit_settings(BRIDGE_UNIT)["Service"]
     assert service["ExecStart"] == [BRIDGE_EXEC]
     expected = {
-        "Type": "notify", "NotifyAccess": "main", "Restart": "on-failure",
-        "StateDirectory": "hostbridge", "RuntimeDirectory": "hostbridge", "UMask": "0077",
-        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "NoNewPrivileges": "yes", "RestrictAddressFamilies": "AF_UNIX",
-        "SystemCallArchitectures": "native", "ProtectKernelTunables": "yes",
-        "ProtectKernelModules": "yes", "ProtectControlGroups": "yes", "RestrictNamespaces": "yes",
-        "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes", "RestrictSUIDSGID": "yes",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "Restart": "on-failure",
+        "StateDirectory": "hostbridge",
+        "RuntimeDirectory": "hostbridge",
+        "UMask": "0077",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "RestrictAddressFamilies": "AF_UNIX",
+        "SystemCallArchitectures": "native",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictNamespaces": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "RestrictSUIDSGID": "yes",
     }
     assert {k: service.get(k, [None])[-1] for k in expected} == expected
     assert service["SystemCallFilter"][0] == "@system-service"

@@ -84,16 +84,38 @@ GUEST_STDLIB = "/usr/lib/python3.11"
 BUSYBOX = "/bin/busybox"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # In load order; any that the kernel has built in is simply absent from the package.
-VIRTIO_MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-                  "virtio_pci", "virtio_console")
+VIRTIO_MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_console",
+)
 
 # Parts of the standard library the guest never imports: kept out to keep the image small.
-_STDLIB_SKIP_DIRS = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
-                     "pydoc_data", "distutils", "site-packages", "dist-packages", "__pycache__",
-                     "venv", "sqlite3", "curses", "dbm"}
+_STDLIB_SKIP_DIRS = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "distutils",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "venv",
+    "sqlite3",
+    "curses",
+    "dbm",
+}
 _STDLIB_SKIP_PREFIX = ("config-3",)
-_DYNLOAD_SKIP = re.compile(r"^(_test|_xx|xxlimited|_curses|_dbm|readline|nis|ossaudiodev|_ssl|"
-                           r"_hashlib|_sqlite3|_tkinter|_ctypes_test|audioop)")
+_DYNLOAD_SKIP = re.compile(
+    r"^(_test|_xx|xxlimited|_curses|_dbm|readline|nis|ossaudiodev|_ssl|"
+    r"_hashlib|_sqlite3|_tkinter|_ctypes_test|audioop)"
+)
 _SOURCE_DIRS = ("ovmproto", "guestagent", "hostbridge")
 _SOURCE_FILES = ("pyproject.toml", "README.md", "bin/ovmd", "bin/vmmessage")
 
@@ -114,18 +136,21 @@ class Image:
 
 def _run(argv, **kw):
     try:
-        return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, **kw)
+        return subprocess.run(
+            argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+        )
     except FileNotFoundError:
         raise ImageError("%s not found (see scripts/packages-test.txt)" % argv[0]) from None
     except subprocess.CalledProcessError as e:
         tail = (e.stderr or e.stdout or "").strip().splitlines()[-1:] or ["no output"]
-        raise ImageError("%s failed (exit %d): %s" % (" ".join(map(str, argv[:3])), e.returncode,
-                                                     tail[0])) from None
+        raise ImageError(
+            "%s failed (exit %d): %s" % (" ".join(map(str, argv[:3])), e.returncode, tail[0])
+        ) from None
 
 
 def kernel_package():
     """The versioned kernel package behind linux-image-cloud-amd64, e.g. linux-image-6.1.0-56-..."""
+
     def depends():
         try:
             out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE]).stdout
@@ -139,8 +164,10 @@ def kernel_package():
         _run(["apt-get", "update", "-qq"])
         m = depends()
     if not m:
-        raise ImageError("apt-cache depends %s names no linux-image package (apt-get update?)"
-                         % KERNEL_META_PACKAGE)
+        raise ImageError(
+            "apt-cache depends %s names no linux-image package (apt-get update?)"
+            % KERNEL_META_PACKAGE
+        )
     return m.group(1)
 
 
@@ -148,12 +175,19 @@ def _inputs():
     """(name, path) of every file the image is made from, names independent of where they are."""
     files = [(f, REPO / f) for f in _SOURCE_FILES if (REPO / f).exists()]
     for d in _SOURCE_DIRS:
-        files += [(os.path.relpath(p, REPO), p) for p in (REPO / d).rglob("*")
-                  if p.is_file() and "__pycache__" not in p.parts
-                  and p.suffix in (".py", ".json", ".typed")]
+        files += [
+            (os.path.relpath(p, REPO), p)
+            for p in (REPO / d).rglob("*")
+            if p.is_file()
+            and "__pycache__" not in p.parts
+            and p.suffix in (".py", ".json", ".typed")
+        ]
     files.append(("builder", Path(__file__).resolve()))
-    files += [("guest/" + os.path.relpath(p, GUEST_FILES), p) for p in GUEST_FILES.rglob("*")
-              if p.is_file() and "__pycache__" not in p.parts]
+    files += [
+        ("guest/" + os.path.relpath(p, GUEST_FILES), p)
+        for p in GUEST_FILES.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     return sorted(files)
 
 
@@ -193,8 +227,9 @@ def _fetch_kernel(cache_dir, kpkg):
 
 def _ldd(path):
     """Absolute paths of the shared libraries ``path`` needs (including the loader)."""
-    out = subprocess.run(["ldd", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True).stdout
+    out = subprocess.run(
+        ["ldd", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ).stdout
     libs = []
     for line in out.splitlines():
         m = re.search(r"=>\s*(/\S+)", line) or re.match(r"\s*(/\S+)\s", line)
@@ -215,8 +250,11 @@ def _copy_stdlib(root):
     src = Path(GUEST_STDLIB)
     libs = set(_ldd(GUEST_PYTHON))
     for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS
-                       and not d.startswith(_STDLIB_SKIP_PREFIX)]
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d not in _STDLIB_SKIP_DIRS and not d.startswith(_STDLIB_SKIP_PREFIX)
+        ]
         rel = Path(dirpath).relative_to(src)
         for name in filenames:
             p = Path(dirpath) / name
@@ -257,22 +295,50 @@ def _install_project(root, work):
     site = root / "usr/lib/python3/dist-packages"
     # The host's click version, from the index or pip's cache (a pure-Python wheel).
     click = "click==%s" % importlib.metadata.version("click")
-    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
-          "--target", str(site), "--python-version", "3.11", "--only-binary=:all:",
-          str(wheel), click])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(site),
+            "--python-version",
+            "3.11",
+            "--only-binary=:all:",
+            str(wheel),
+            click,
+        ]
+    )
     shutil.rmtree(site / "bin", ignore_errors=True)  # scripts with the host's shebang
     # What a distribution's package installs: the console script, for the guest's interpreter.
     script = root / "usr/bin/ovmd"
-    script.write_text("#!/usr/bin/python3.11\nimport sys\nfrom guestagent.cli import main\n"
-                      "sys.exit(main())\n")
+    script.write_text(
+        "#!/usr/bin/python3.11\nimport sys\nfrom guestagent.cli import main\nsys.exit(main())\n"
+    )
     script.chmod(0o755)
     return wheel.name
 
 
 def _install_busybox(root):
     _copy(BUSYBOX, root, "/bin/busybox")
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp", "root",
-              "etc", "lib/modules"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "root",
+        "etc",
+        "lib/modules",
+    ):
         (root / d).mkdir(parents=True, exist_ok=True)
     os.symlink("busybox", root / "bin/sh")
 
@@ -308,10 +374,25 @@ def _install_guest_files(root):
 def _compile(root):
     # Byte-compile with the guest's own interpreter (same magic number); unchecked-hash pycs are
     # trusted without a stat of the source: nothing in the image changes after the build.
-    _run([GUEST_PYTHON, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode",
-          "unchecked-hash", "-s", str(root), "-p", "/",
-          str(root / "usr/lib/python3.11"), str(root / "usr/lib/python3/dist-packages"),
-          str(root / "usr/lib/ovmd-test")])
+    _run(
+        [
+            GUEST_PYTHON,
+            "-m",
+            "compileall",
+            "-q",
+            "-j",
+            "0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            "-s",
+            str(root),
+            "-p",
+            "/",
+            str(root / "usr/lib/python3.11"),
+            str(root / "usr/lib/python3/dist-packages"),
+            str(root / "usr/lib/ovmd-test"),
+        ]
+    )
 
 
 def _write_cpio(root, out_path):
@@ -323,8 +404,13 @@ def _write_cpio(root, out_path):
         for n in sorted(dirnames + filenames):
             names.append(n if rel == "." else os.path.join(rel, n))
     listing = ("\n".join(names) + "\n").encode()
-    proc = subprocess.run([BUSYBOX, "cpio", "-o", "-H", "newc"], input=listing, cwd=root,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.run(
+        [BUSYBOX, "cpio", "-o", "-H", "newc"],
+        input=listing,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     if proc.returncode != 0:
         raise ImageError("busybox cpio failed: %s" % proc.stderr.decode(errors="replace").strip())
     with gzip.open(out_path, "wb", compresslevel=6) as f:
@@ -384,11 +470,18 @@ def build_image(cache_dir=DEFAULT_CACHE_DIR):
             os.utime(entry)
         _prune(cache_dir, key)
     kernel, initrd = entry / "vmlinuz", entry / "initrd.gz"
-    return Image(kernel=str(kernel), initrd=str(initrd), key=key,
-                 size=kernel.stat().st_size + initrd.stat().st_size, build_seconds=built)
+    return Image(
+        kernel=str(kernel),
+        initrd=str(initrd),
+        key=key,
+        size=kernel.stat().st_size + initrd.stat().st_size,
+        build_seconds=built,
+    )
 
 
 if __name__ == "__main__":
     img = build_image(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_CACHE_DIR)
-    print("%s\n%s\nkey %s, %.1f MB, built in %.1f s" % (img.kernel, img.initrd, img.key,
-                                                        img.size / 1e6, img.build_seconds))
+    print(
+        "%s\n%s\nkey %s, %.1f MB, built in %.1f s"
+        % (img.kernel, img.initrd, img.key, img.size / 1e6, img.build_seconds)
+    )

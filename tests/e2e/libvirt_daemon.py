@@ -53,8 +53,9 @@ START_TIMEOUT = 90.0  # libvirtd's first start probes QEMU: ~8 s idle, much more
 VIRSH_TIMEOUT = 180.0  # `virsh create` against a stock libvirtd here: ~52 s (see the docstring)
 STOP_TIMEOUT = 20.0
 LOCK_TIMEOUT = 300.0  # another session of these tests (a few minutes at most) may hold the lock
-SESSION_LOCK = os.path.join("/run/lock" if os.path.isdir("/run/lock") else "/tmp",
-                            "ovmd-e2e-libvirt.lock")
+SESSION_LOCK = os.path.join(
+    "/run/lock" if os.path.isdir("/run/lock") else "/tmp", "ovmd-e2e-libvirt.lock"
+)
 
 
 class LibvirtError(Exception):
@@ -106,13 +107,17 @@ def _kill_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
 def _mount_namespace_works() -> bool:
     if shutil.which("unshare") is None:
         return False
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=30)
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "true"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=30,
+    )
     return r.returncode == 0
 
 
-class _Daemon(object):
+class _Daemon:
     """One daemon we started: our child, in its own session, with a pidfile and a log file."""
 
     def __init__(self, name: str, workdir: Path, argv_for_pidfile):
@@ -120,9 +125,14 @@ class _Daemon(object):
         self.pidfile = workdir / (name + ".pid")
         self.log_path = workdir / (name + ".log")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv_for_pidfile(str(self.pidfile)),
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True, close_fds=True)
+            self.proc = subprocess.Popen(
+                argv_for_pidfile(str(self.pidfile)),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -150,7 +160,7 @@ class _Daemon(object):
                 self.proc.wait(STOP_TIMEOUT)
 
 
-class Libvirt(object):
+class Libvirt:
     """libvirtd for ``qemu:///system``: ours (started by start()) or the machine's."""
 
     def __init__(self, workdir):
@@ -164,19 +174,22 @@ class Libvirt(object):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, timeout: float = START_TIMEOUT) -> "Libvirt":
+    def start(self, timeout: float = START_TIMEOUT) -> Libvirt:
         started = time.monotonic()
         for tool in ("virsh", "libvirtd", "virtlogd"):
             if shutil.which(tool) is None:
-                raise LibvirtError("%s not found (libvirt-daemon-system and libvirt-clients are in "
-                                   "scripts/packages-test.txt)" % tool)
+                raise LibvirtError(
+                    "%s not found (libvirt-daemon-system and libvirt-clients are in "
+                    "scripts/packages-test.txt)" % tool
+                )
         if _accepts(LIBVIRTD_SOCKET):
             self._wait_answers(timeout)  # the machine's: use it, never stop it
             self.start_seconds = time.monotonic() - started
             return self
         if not _accepts(VIRTLOGD_SOCKET):
-            self.virtlogd = _Daemon("virtlogd", self.workdir, lambda pidfile: [
-                "virtlogd", "-p", pidfile])
+            self.virtlogd = _Daemon(
+                "virtlogd", self.workdir, lambda pidfile: ["virtlogd", "-p", pidfile]
+            )
             self._wait(lambda: _accepts(VIRTLOGD_SOCKET), self.virtlogd, timeout, "virtlogd")
         self.libvirtd = self._start_libvirtd()
         self._wait_answers(timeout)
@@ -191,37 +204,58 @@ class Libvirt(object):
             stock = Path(QEMU_CONF).read_text()
         except OSError:
             stock = ""
-        conf.write_text(stock + "\n# tests/e2e/libvirt.py: probe and run QEMU as root (see its "
-                        "docstring)\nuser = \"root\"\ngroup = \"root\"\n")
+        conf.write_text(
+            stock + "\n# tests/e2e/libvirt.py: probe and run QEMU as root (see its "
+            'docstring)\nuser = "root"\ngroup = "root"\n'
+        )
         self.private_qemu_conf = True
         # unshare and sh exec: our child's pid is libvirtd's.
         script = 'mount --bind "$1" "$2" && exec libvirtd -p "$3"'
-        return _Daemon("libvirtd", self.workdir, lambda pidfile: [
-            "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-            str(conf), QEMU_CONF, pidfile])
+        return _Daemon(
+            "libvirtd",
+            self.workdir,
+            lambda pidfile: [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                str(conf),
+                QEMU_CONF,
+                pidfile,
+            ],
+        )
 
     def _wait(self, cond, daemon: _Daemon, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
             if not daemon.running():
-                raise LibvirtError("%s exited with status %s: %s" % (
-                    what, daemon.proc.returncode, daemon.log_tail().strip()))
+                raise LibvirtError(
+                    "%s exited with status %s: %s"
+                    % (what, daemon.proc.returncode, daemon.log_tail().strip())
+                )
             if time.monotonic() > deadline:
-                raise LibvirtError("%s not ready after %.0f s: %s" % (
-                    what, timeout, daemon.log_tail().strip()))
+                raise LibvirtError(
+                    "%s not ready after %.0f s: %s" % (what, timeout, daemon.log_tail().strip())
+                )
             time.sleep(0.1)
 
     def _wait_answers(self, timeout: float) -> None:
         def answers():
             return self.virsh("version", check=False, timeout=30).returncode == 0
+
         if self.libvirtd is not None:
             self._wait(answers, self.libvirtd, timeout, "libvirtd")
             return
         deadline = time.monotonic() + timeout
         while not answers():
             if time.monotonic() > deadline:
-                raise LibvirtError("the running libvirtd does not answer `virsh -c %s version`"
-                                   % URI)
+                raise LibvirtError(
+                    "the running libvirtd does not answer `virsh -c %s version`" % URI
+                )
             time.sleep(0.2)
 
     def restart_libvirtd(self, timeout: float = START_TIMEOUT) -> None:
@@ -262,11 +296,18 @@ class Libvirt(object):
     # -- virsh -------------------------------------------------------------------------------
 
     def virsh(self, *args: str, check: bool = True, timeout: float = VIRSH_TIMEOUT):
-        r = subprocess.run(["virsh", "-q", "-c", URI, *args], stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(
+            ["virsh", "-q", "-c", URI, *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and r.returncode != 0:
-            raise LibvirtError("virsh %s failed (exit %d): %s" % (
-                " ".join(args[:2]), r.returncode, (r.stderr or r.stdout).strip()))
+            raise LibvirtError(
+                "virsh %s failed (exit %d): %s"
+                % (" ".join(args[:2]), r.returncode, (r.stderr or r.stdout).strip())
+            )
         return r
 
     def create(self, xml: str) -> int:
@@ -305,8 +346,9 @@ class Libvirt(object):
         """``connected``/``disconnected`` for the virtio channel ``target`` in the live XML:
         whether a guest program has the port open (QEMU's VSERPORT_CHANGE, as libvirt saw it)."""
         xml = self.virsh("dumpxml", name).stdout
-        m = re.search(r"<target type='virtio' name='%s'(?: state='(\w+)')?" % re.escape(target),
-                      xml)
+        m = re.search(
+            r"<target type='virtio' name='%s'(?: state='(\w+)')?" % re.escape(target), xml
+        )
         return m.group(1) if m else None
 
 
@@ -321,8 +363,9 @@ def _session_lock(timeout: float = LOCK_TIMEOUT):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LibvirtError("another libvirt test session held %s for %.0f s"
-                                       % (SESSION_LOCK, timeout)) from None
+                    raise LibvirtError(
+                        "another libvirt test session held %s for %.0f s" % (SESSION_LOCK, timeout)
+                    ) from None
                 time.sleep(0.5)
         try:
             yield
@@ -353,8 +396,15 @@ def channel_dir(dom_id: int, name: str) -> str:
     return os.path.join(CHANNEL_TARGET_DIR, "domain-%d-%s" % (dom_id, name[:20]))
 
 
-def domain_xml(name: str, kernel: str, initrd: str, cmdline: str, channels=(),
-               serial_log: str | None = None, memory_mib: int = 512) -> str:
+def domain_xml(
+    name: str,
+    kernel: str,
+    initrd: str,
+    cmdline: str,
+    channels=(),
+    serial_log: str | None = None,
+    memory_mib: int = 512,
+) -> str:
     """A transient domain under software emulation with direct kernel boot.
 
     ``channels``: (target name, host socket path or None) pairs; None lets libvirt choose the
@@ -366,11 +416,15 @@ def domain_xml(name: str, kernel: str, initrd: str, cmdline: str, channels=(),
     devs = []
     for target, path in channels:
         source = "" if path is None else "<source mode='bind' path=%s/>" % quoteattr(path)
-        devs.append("<channel type='unix'>%s<target type='virtio' name=%s/></channel>"
-                    % (source, quoteattr(target)))
+        devs.append(
+            "<channel type='unix'>%s<target type='virtio' name=%s/></channel>"
+            % (source, quoteattr(target))
+        )
     if serial_log is not None:
-        devs.append("<serial type='file'><source path=%s/><target port='0'/></serial>"
-                    % quoteattr(serial_log))
+        devs.append(
+            "<serial type='file'><source path=%s/><target port='0'/></serial>"
+            % quoteattr(serial_log)
+        )
     return """<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{mem}</memory>
@@ -393,5 +447,11 @@ def domain_xml(name: str, kernel: str, initrd: str, cmdline: str, channels=(),
   </devices>
   <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
 </domain>
-""".format(name=escape(name), mem=int(memory_mib), kernel=escape(kernel),
-           initrd=escape(initrd), cmdline=escape(cmdline), devices="\n    ".join(devs))
+""".format(
+        name=escape(name),
+        mem=int(memory_mib),
+        kernel=escape(kernel),
+        initrd=escape(initrd),
+        cmdline=escape(cmdline),
+        devices="\n    ".join(devs),
+    )

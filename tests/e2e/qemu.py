@@ -42,7 +42,7 @@ class RunResult:
     stderr: bytes
 
 
-class GuestControl(object):
+class GuestControl:
     """Client of the guest's control program (protocol: guest_image.py's docstring)."""
 
     def __init__(self, path, serial_log=None):
@@ -72,8 +72,10 @@ class GuestControl(object):
                     return reply
             left = deadline - time.monotonic()
             if left <= 0:
-                raise GuestError("no answer from the guest's control program in %.0f s%s"
-                                 % (timeout, self._log_tail()))
+                raise GuestError(
+                    "no answer from the guest's control program in %.0f s%s"
+                    % (timeout, self._log_tail())
+                )
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(65536)
@@ -124,7 +126,7 @@ class GuestControl(object):
         return RunResult(r["rc"], base64.b64decode(r["stdout"]), base64.b64decode(r["stderr"]))
 
 
-class QemuGuest(object):
+class QemuGuest:
     def __init__(self, proc, workdir, agent_socket, control_socket, serial_log, started):
         self.proc = proc
         self.pid = proc.pid
@@ -194,14 +196,33 @@ def boot(image, workdir, agent=True, memory=512, extra_append=""):
     if extra_append:
         append += " " + extra_append
     argv = [
-        QEMU, "-machine", "pc,accel=tcg", "-m", str(memory), "-nodefaults", "-display", "none",
-        "-no-reboot", "-serial", "file:%s" % serial_log,
-        "-kernel", image.kernel, "-initrd", image.initrd, "-append", append,
-        "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", "socket,id=ch0,path=%s,server=on,wait=off" % agent_socket,
-        "-device", "virtserialport,bus=vser0.0,chardev=ch0,name=%s" % AGENT_PORT,
-        "-chardev", "socket,id=ch1,path=%s,server=on,wait=off" % control_socket,
-        "-device", "virtserialport,bus=vser0.0,chardev=ch1,name=%s" % CONTROL_PORT,
+        QEMU,
+        "-machine",
+        "pc,accel=tcg",
+        "-m",
+        str(memory),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "file:%s" % serial_log,
+        "-kernel",
+        image.kernel,
+        "-initrd",
+        image.initrd,
+        "-append",
+        append,
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-chardev",
+        "socket,id=ch0,path=%s,server=on,wait=off" % agent_socket,
+        "-device",
+        "virtserialport,bus=vser0.0,chardev=ch0,name=%s" % AGENT_PORT,
+        "-chardev",
+        "socket,id=ch1,path=%s,server=on,wait=off" % control_socket,
+        "-device",
+        "virtserialport,bus=vser0.0,chardev=ch1,name=%s" % CONTROL_PORT,
     ]
     started = time.monotonic()
     with open(workdir / "qemu.log", "wb") as qlog:
@@ -224,12 +245,14 @@ def ping_round_trips(socket_path, count=200, timeout=30.0):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(socket_path)
     try:
+
         def read(wait):
             sock.settimeout(wait)
             try:
                 return sock.recv(65536)
             except socket.timeout:
                 return None
+
         return ping_over(sock.sendall, read, count, timeout)
     finally:
         sock.close()

@@ -21,10 +21,16 @@ import tempfile
 import time
 
 import pytest
-
 from guest_image import AGENT_PORT, CONTROL_PORT, ImageError, build_image
+
 # Not named libvirt.py: as a top-level test module it would shadow libvirt-python for the bridge.
-from libvirt_daemon import CHANNEL_TARGET_DIR, LibvirtError, channel_dir, domain_xml, running_libvirt
+from libvirt_daemon import (
+    CHANNEL_TARGET_DIR,
+    LibvirtError,
+    channel_dir,
+    domain_xml,
+    running_libvirt,
+)
 from qemu import GuestControl
 
 BIN = os.path.dirname(sys.executable)
@@ -56,7 +62,7 @@ def _env():
     return env
 
 
-class DiscoveringBridge(object):
+class DiscoveringBridge:
     """`hostbridge` with discovery only: no --vm, no --libvirt-dir (libvirt's default dirs)."""
 
     def __init__(self, workdir):
@@ -66,7 +72,11 @@ class DiscoveringBridge(object):
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [HOSTBRIDGE, "--discover", "--db", self.db, "--api-socket", self.api, "-d", "2"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env())
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=_env(),
+            )
         wait_for(lambda: self._alive() and " ready" in self.log(), what="the bridge to be ready")
 
     def _alive(self):
@@ -88,8 +98,13 @@ class DiscoveringBridge(object):
                 self.proc.wait(30)
 
     def vmmessage(self, *args):
-        return subprocess.run([VMMESSAGE, "--bridge", self.api, *args], capture_output=True,
-                              text=True, timeout=TIMEOUT, env=_env())
+        return subprocess.run(
+            [VMMESSAGE, "--bridge", self.api, *args],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=_env(),
+        )
 
     def vms(self):
         """GET /v1/vms through `vmmessage --json list`: {name: vm}."""
@@ -102,7 +117,7 @@ class DiscoveringBridge(object):
         return self.vms().get(name)
 
 
-class Env(object):
+class Env:
     def __init__(self, lv, image, workdir, bridge):
         self.lv, self.image, self.workdir, self.bridge = lv, image, workdir, bridge
         self.control_socket = os.path.join(workdir, "control.sock")
@@ -115,9 +130,14 @@ class Env(object):
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
-        xml = domain_xml(name, self.image.kernel, self.image.initrd, self.image.cmdline,
-                         channels=[(AGENT_PORT, None), (CONTROL_PORT, self.control_socket)],
-                         serial_log=self.serial_log)
+        xml = domain_xml(
+            name,
+            self.image.kernel,
+            self.image.initrd,
+            self.image.cmdline,
+            channels=[(AGENT_PORT, None), (CONTROL_PORT, self.control_socket)],
+            serial_log=self.serial_log,
+        )
         started = time.monotonic()
         self.dom_id = self.lv.create(xml)
         print("virsh create: %.1f s, domain id %d" % (time.monotonic() - started, self.dom_id))
@@ -136,15 +156,22 @@ class Env(object):
 
         def connected():
             vm = self.bridge.vm()
-            return vm if vm and vm["channel"] == "unix:" + path and vm["agent"] == "connected" \
+            return (
+                vm
+                if vm and vm["channel"] == "unix:" + path and vm["agent"] == "connected"
                 else None
+            )
+
         try:
-            vm = wait_for(connected, BOOT_TIMEOUT, "the bridge to connect to domain %d's agent"
-                          % dom_id)
+            vm = wait_for(
+                connected, BOOT_TIMEOUT, "the bridge to connect to domain %d's agent" % dom_id
+            )
         except AssertionError as e:
             raise AssertionError("%s; the bridge lists %r" % (e, self.bridge.vms())) from None
-        print("agent connected through the bridge %.1f s after virsh create"
-              % (time.monotonic() - self.started))
+        print(
+            "agent connected through the bridge %.1f s after virsh create"
+            % (time.monotonic() - self.started)
+        )
         return vm
 
 
@@ -158,14 +185,24 @@ def env():
     bridge = None
     try:
         with running_libvirt(workdir) as lv:
-            print("\nlibvirtd %s, answering after %.1f s%s" % (
-                "started by the test" if lv.libvirtd else "already running (not ours)",
-                lv.start_seconds, ", QEMU as root (private qemu.conf)"
-                if lv.private_qemu_conf else ""))
-            has_binding = subprocess.run([sys.executable, "-c", "import libvirt"],
-                                         capture_output=True).returncode == 0
-            print("the bridge (%s) resolves names with %s" % (
-                sys.executable, "libvirt-python" if has_binding else "`virsh domname`"))
+            print(
+                "\nlibvirtd %s, answering after %.1f s%s"
+                % (
+                    "started by the test" if lv.libvirtd else "already running (not ours)",
+                    lv.start_seconds,
+                    ", QEMU as root (private qemu.conf)" if lv.private_qemu_conf else "",
+                )
+            )
+            has_binding = (
+                subprocess.run(
+                    [sys.executable, "-c", "import libvirt"], capture_output=True
+                ).returncode
+                == 0
+            )
+            print(
+                "the bridge (%s) resolves names with %s"
+                % (sys.executable, "libvirt-python" if has_binding else "`virsh domname`")
+            )
             bridge = DiscoveringBridge(workdir)
             e = Env(lv, image, workdir, bridge)
             try:
@@ -189,8 +226,9 @@ def test_the_bridge_should_find_the_libvirt_guest_under_its_full_name_with_its_a
     dom_id = env.start_domain()
     vm = env.wait_connected(dom_id)
     assert vm["source"] == "discovered"
-    assert vm["channel"].startswith("unix:/var/lib/libvirt/qemu/channel/target/domain-%d-%s/"
-                                    % (dom_id, VM[:20]))
+    assert vm["channel"].startswith(
+        "unix:/var/lib/libvirt/qemu/channel/target/domain-%d-%s/" % (dom_id, VM[:20])
+    )
     # Under its full name only: the directory's truncated name is not listed as another VM.
     assert VM[:20] not in env.bridge.vms()
     # The same "connected" as libvirt sees it (the guest has the port open) and as the guest says.
@@ -224,9 +262,14 @@ def test_discovery_should_resolve_the_full_name_through_each_libvirt_path(env, p
     if path == "libvirt-python":
         python = "/usr/bin/python3"  # python3-libvirt (scripts/packages-test.txt)
         environ["PATH"] = "/nonexistent"  # no virsh: the name can only come from libvirt-python
-    r = subprocess.run([python, "-c", _RESOLVE, str(env.dom_id), path, CHANNEL_TARGET_DIR],
-                       capture_output=True, text=True, timeout=TIMEOUT, cwd=root,
-                       env=dict(environ, PYTHONPATH=root))
+    r = subprocess.run(
+        [python, "-c", _RESOLVE, str(env.dom_id), path, CHANNEL_TARGET_DIR],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=root,
+        env=dict(environ, PYTHONPATH=root),
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["short"] == [VM[:20]]
@@ -239,8 +282,10 @@ def test_the_bridge_should_mark_a_destroyed_guest_disconnected_and_queue_for_it(
     old_dir = channel_dir(env.dom_id, VM)
     env.lv.destroy(VM)
     assert not os.path.exists(old_dir)  # libvirt removes the directory on destroy
-    vm = wait_for(lambda: (env.bridge.vm() or {}).get("agent") == "disconnected"
-                  and env.bridge.vm(), what="the bridge to notice the destroy")
+    vm = wait_for(
+        lambda: (env.bridge.vm() or {}).get("agent") == "disconnected" and env.bridge.vm(),
+        what="the bridge to notice the destroy",
+    )
     assert vm["name"] == VM  # it stays listed, with its outbox
     r = env.bridge.vmmessage("send", VM, "com.example.e2e.while-down", "queued-value-1")
     assert r.returncode == 0, r.stderr
@@ -261,14 +306,17 @@ def test_the_bridge_should_follow_the_guest_to_its_new_domain_id_and_deliver_the
     r = ctl.run(["ovmd", "-g", "com.example.e2e.while-down"])
     assert (r.rc, r.stdout) == (0, b"queued-value-1\n"), r.stderr
     r = ctl.run(["ovmd", "-l"])
-    assert r.stdout.decode().splitlines() == ['{"com.example.e2e.while-down":"queued-value-1"}',
-                                              '{"com.example.e2e.while-down-2":"v2"}']
+    assert r.stdout.decode().splitlines() == [
+        '{"com.example.e2e.while-down":"queued-value-1"}',
+        '{"com.example.e2e.while-down-2":"v2"}',
+    ]
     # And back: a key the guest sets reaches the manager through the rediscovered channel.
     assert ctl.run(["ovmd", "-p", "com.example.e2e.from-guest=hello-host"]).rc == 0
 
     def query():
         r = env.bridge.vmmessage("query", VM, "com.example.e2e.from-guest")
         return r if r.returncode == 0 else None
+
     r = wait_for(query, what="the guest's key at the bridge")
     assert "returned value 'hello-host'" in r.stdout
     # One VM under its one full name across both boots (never the directory's truncated name).
@@ -293,13 +341,19 @@ def test_the_bridge_should_not_take_another_vm_for_ours_when_libvirtd_restarts_i
     assert other_id == 1  # the id (and so the directory name) our VM had at its first boot
     path = "unix:" + os.path.join(channel_dir(other_id, other), AGENT_PORT)
     try:
-        wait_for(lambda: (env.bridge.vms().get(other) or {}).get("channel") == path,
-                 BOOT_TIMEOUT, "the bridge to find %s under its own name" % other)
+        wait_for(
+            lambda: (env.bridge.vms().get(other) or {}).get("channel") == path,
+            BOOT_TIMEOUT,
+            "the bridge to find %s under its own name" % other,
+        )
     except AssertionError as e:
         raise AssertionError("%s; the bridge lists %r" % (e, env.bridge.vms())) from None
     env.control()  # the other guest is up, its agent running
-    wait_for(lambda: env.bridge.vms()[other]["agent"] == "connected", BOOT_TIMEOUT,
-             "the other VM's agent to connect")
+    wait_for(
+        lambda: env.bridge.vms()[other]["agent"] == "connected",
+        BOOT_TIMEOUT,
+        "the other VM's agent to connect",
+    )
     ours = env.bridge.vm()
     assert ours["agent"] == "disconnected" and ours["queued"] == 1, ours
     r = env.ctl.run(["ovmd", "-g", "com.example.e2e.secret"])

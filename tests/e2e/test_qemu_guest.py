@@ -20,9 +20,8 @@ import sys
 import tempfile
 import time
 
-import pytest
-
 import guest_image
+import pytest
 from guest_image import ImageError, build_image
 from qemu import GuestControl, QemuGuest, boot, ping_round_trips
 
@@ -46,7 +45,7 @@ def wait_for(cond, timeout=TIMEOUT, what="condition", interval=0.1):
         time.sleep(interval)
 
 
-class Bridge(object):
+class Bridge:
     """The real host bridge as a process, on QEMU's socket; its database survives restarts."""
 
     def __init__(self, workdir, agent_socket):
@@ -63,11 +62,27 @@ class Bridge(object):
         self._log_from = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [HOSTBRIDGE, "--no-discover", "--vm", "%s=unix:%s" % (VM, self.agent_socket),
-                 "--db", self.db, "--api-socket", self.api, "-d", "2"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env())
-        wait_for(lambda: self._alive() and " ready" in self.log()[self._log_from:],
-                 what="the bridge to be ready")
+                [
+                    HOSTBRIDGE,
+                    "--no-discover",
+                    "--vm",
+                    "%s=unix:%s" % (VM, self.agent_socket),
+                    "--db",
+                    self.db,
+                    "--api-socket",
+                    self.api,
+                    "-d",
+                    "2",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=_env(),
+            )
+        wait_for(
+            lambda: self._alive() and " ready" in self.log()[self._log_from :],
+            what="the bridge to be ready",
+        )
         return self
 
     def _alive(self):
@@ -88,8 +103,12 @@ class Bridge(object):
             self.proc.wait(30)
 
     def vmmessage(self, *args, timeout=TIMEOUT):
-        return subprocess.run([VMMESSAGE, "--bridge", self.api, *args], capture_output=True,
-                              timeout=timeout, env=_env())
+        return subprocess.run(
+            [VMMESSAGE, "--bridge", self.api, *args],
+            capture_output=True,
+            timeout=timeout,
+            env=_env(),
+        )
 
     def status(self):
         r = self.vmmessage("--json", "status", VM)
@@ -97,14 +116,22 @@ class Bridge(object):
         return json.loads(r.stdout)
 
     def wait_synced(self, timeout=TIMEOUT):
-        return wait_for(lambda: self.status()["agent"] == "connected" and self.status(),
-                        timeout, what="the bridge to sync with the guest agent", interval=0.2)
+        return wait_for(
+            lambda: self.status()["agent"] == "connected" and self.status(),
+            timeout,
+            what="the bridge to sync with the guest agent",
+            interval=0.2,
+        )
 
     def http(self, method, path, body=None):
         conn = _UnixHTTP(self.api)
         try:
-            conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                method,
+                path,
+                body=json.dumps(body) if body is not None else None,
+                headers={"Content-Type": "application/json"},
+            )
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read() or b"null")
         finally:
@@ -129,7 +156,7 @@ def _env():
     return env
 
 
-class Env(object):
+class Env:
     def __init__(self, guest: QemuGuest, ctl: GuestControl, bridge: Bridge):
         self.guest, self.ctl, self.bridge = guest, ctl, bridge
 
@@ -153,9 +180,15 @@ def env():
         image = build_image()
     except ImageError as e:
         pytest.fail("cannot build the guest image: %s" % e)
-    print("\nimage %s: %.1f MB (kernel + initrd), built in %.1f s%s"
-          % (image.key, image.size / 1e6, image.build_seconds,
-             "" if image.build_seconds else " (cached)"))
+    print(
+        "\nimage %s: %.1f MB (kernel + initrd), built in %.1f s%s"
+        % (
+            image.key,
+            image.size / 1e6,
+            image.build_seconds,
+            "" if image.build_seconds else " (cached)",
+        )
+    )
     workdir = tempfile.mkdtemp(prefix="e2e-", dir="/tmp")
     guest = boot(image, workdir, agent=False)
     bridge = None
@@ -190,13 +223,16 @@ def test_it_should_deliver_messages_queued_before_the_agent_starts_once_and_in_o
     started = env.guest.started
     env.bridge.wait_synced()
     wait_for(lambda: env.bridge.status()["queued"] == 0, what="the outbox to drain")
-    print("agent synced with the bridge %.1f s after QEMU started (first boot, with the "
-          "test's queueing)" % (time.monotonic() - started))
+    print(
+        "agent synced with the bridge %.1f s after QEMU started (first boot, with the "
+        "test's queueing)" % (time.monotonic() - started)
+    )
 
     events = env.ovmd("--events")
     assert events.rc == 0, events.stderr
     assert [json.loads(line)["VMAPIEvent"] for line in events.stdout.splitlines()] == [
-        "early-event-%d" % i for i in range(1, 6)]
+        "early-event-%d" % i for i in range(1, 6)
+    ]
     assert env.ovmd("-g", "early.key").stdout == b"third\n"
     listing = [json.loads(line) for line in env.ovmd("-l").stdout.splitlines()]
     early = [list(d)[0] for d in listing if list(d)[0].startswith("early.")]
@@ -204,8 +240,14 @@ def test_it_should_deliver_messages_queued_before_the_agent_starts_once_and_in_o
 
 
 def test_the_guest_should_run_the_agent_installed_from_the_wheel_without_orjson(env):
-    r = env.ctl.run(["python3", "-c", "import guestagent, sys; print(guestagent.__file__); "
-                     "print(sys.version.split()[0]); import orjson"])
+    r = env.ctl.run(
+        [
+            "python3",
+            "-c",
+            "import guestagent, sys; print(guestagent.__file__); "
+            "print(sys.version.split()[0]); import orjson",
+        ]
+    )
     lines = r.stdout.decode().splitlines()
     assert lines[0] == "/usr/lib/python3/dist-packages/guestagent/__init__.py"
     assert lines[1].startswith("3.11.")
@@ -254,7 +296,8 @@ def test_it_should_answer_a_host_query_with_a_value_set_in_the_guest_and_its_tim
     assert before - 30 < answer["ts"] < after + 30
     human = env.bridge.vmmessage("query", VM, "com.example.guest.role")
     assert human.stdout.splitlines()[0] == (
-        b"Query for Key : 'com.example.guest.role' returned value 'web'.")
+        b"Query for Key : 'com.example.guest.role' returned value 'web'."
+    )
     assert human.stdout.splitlines()[1].startswith(b"Key set ")
 
 
@@ -268,7 +311,7 @@ def _max_key():
 def _max_value(seed):
     # Every kind of byte a value may hold that argv can carry: quotes, backslashes, newlines,
     # tabs, 2-, 3- and 4-byte UTF-8, JSON's escapes.
-    chunk = '%s "q" \\b\\ \n\t\u00e9\u20ac\U0001F600 <>{}[]:,' % seed
+    chunk = '%s "q" \\b\\ \n\t\u00e9\u20ac\U0001f600 <>{}[]:,' % seed
     value = ""
     while len((value + chunk).encode()) <= 8192:
         value += chunk
@@ -306,11 +349,13 @@ def test_it_should_refuse_oversized_keys_and_values_on_both_sides(env):
     r = env.bridge.vmmessage("send", VM, big_key, "v")
     assert r.returncode == 2
     assert b"257 bytes, the limit is 256 bytes" in r.stderr
-    status, body = env.bridge.http("POST", "/v1/vms/%s/messages" % VM,
-                                   {"key": "com.example.big", "value": big_value})
+    status, body = env.bridge.http(
+        "POST", "/v1/vms/%s/messages" % VM, {"key": "com.example.big", "value": big_value}
+    )
     assert (status, body["error"]["code"]) == (413, "value_too_long")
-    status, body = env.bridge.http("POST", "/v1/vms/%s/messages" % VM,
-                                   {"key": big_key, "value": "v"})
+    status, body = env.bridge.http(
+        "POST", "/v1/vms/%s/messages" % VM, {"key": big_key, "value": "v"}
+    )
     assert (status, body["error"]["code"]) == (413, "key_too_long")
 
     p = env.ovmd("-p", "com.example.big=" + big_value)
@@ -387,8 +432,10 @@ def test_it_should_use_almost_no_cpu_in_the_guest_while_no_host_is_connected(env
     elapsed = time.monotonic() - t0
     ticks = (b["utime"] + b["stime"]) - (a["utime"] + a["stime"])
     switches = sum(b["ctxt"]) - sum(a["ctxt"])
-    print("agent idle without a host: %d ticks (1/%d s) and %d context switches in %.1f s"
-          % (ticks, a["clk_tck"], switches, elapsed))
+    print(
+        "agent idle without a host: %d ticks (1/%d s) and %d context switches in %.1f s"
+        % (ticks, a["clk_tck"], switches, elapsed)
+    )
     assert a["pid"] == b["pid"]
     # A loop spinning on the port's HUP would use the whole 3 s (hundreds of ticks, tens of
     # thousands of switches); an idle agent uses none. Allow a few ticks for timers and noise.
@@ -402,6 +449,8 @@ def test_zz_round_trip_through_the_real_port(env):
     env.bridge.kill(signal.SIGTERM)
     times = ping_round_trips(env.guest.agent_socket, 200)
     times.sort()
-    print("round trip through the real port: p50 %.3f ms, p90 %.3f ms over %d pings"
-          % (statistics.median(times) * 1e3, times[int(len(times) * 0.9)] * 1e3, len(times)))
+    print(
+        "round trip through the real port: p50 %.3f ms, p90 %.3f ms over %d pings"
+        % (statistics.median(times) * 1e3, times[int(len(times) * 0.9)] * 1e3, len(times))
+    )
     assert len(times) == 200

@@ -74,7 +74,7 @@ def point_link(link, target):
     os.rename(tmp, link)
 
 
-class _Peer(object):
+class _Peer:
     """Protocol over a descriptor: request ids, decoding, and a pool of messages not yet taken.
 
     Subclasses set ``fd`` and implement ``_read()`` (bytes, b"" on EOF, None if nothing yet).
@@ -83,9 +83,9 @@ class _Peer(object):
 
     def __init__(self):
         self.reader = Reader()
-        self.pending = []   # decoded messages not yet returned (never Changed)
-        self.changed = []   # every Changed seen
-        self.events = []    # every event in arrival order, for tests of stream details
+        self.pending = []  # decoded messages not yet returned (never Changed)
+        self.changed = []  # every Changed seen
+        self.events = []  # every event in arrival order, for tests of stream details
         self.eof = False
         self._next_id = 0
 
@@ -140,14 +140,19 @@ class _Peer(object):
                     return self.pending.pop(i)
             left = deadline - time.monotonic()
             if left <= 0 or self.eof:
-                raise HarnessTimeout("no %s within %.1fs (eof=%s, pending=%r)"
-                                     % (what, timeout, self.eof, self.pending[-5:]))
+                raise HarnessTimeout(
+                    "no %s within %.1fs (eof=%s, pending=%r)"
+                    % (what, timeout, self.eof, self.pending[-5:])
+                )
             self.poll(min(left, 0.5))
 
     def reply(self, request_id, timeout=TIMEOUT):
         """The Ok or Err answering ``request_id`` (Items of a listing stay pending)."""
-        return self.take(lambda m: type(m) in (Ok, Err) and m.id == request_id, timeout,
-                         "reply to id %d" % request_id)
+        return self.take(
+            lambda m: type(m) in (Ok, Err) and m.id == request_id,
+            timeout,
+            "reply to id %d" % request_id,
+        )
 
     def request(self, cls, reply_timeout=TIMEOUT, **fields):
         """Send ``cls(id=<fresh>, **fields)`` and return its Ok or Err.
@@ -225,7 +230,7 @@ class Host(_Peer):
             for i, msg in enumerate(self.pending):
                 result = hs.accept(msg)
                 if result is not None:
-                    del self.pending[:i + 1]
+                    del self.pending[: i + 1]
                     return result
             self.pending = []
             left = deadline - time.monotonic()
@@ -298,7 +303,7 @@ class LocalClient(_Peer):
         self.close()
 
 
-class NotifySocket(object):
+class NotifySocket:
     """A datagram socket standing in for systemd's $NOTIFY_SOCKET."""
 
     def __init__(self, directory=None):
@@ -337,7 +342,7 @@ class NotifySocket(object):
         self.close()
 
 
-class Daemon(object):
+class Daemon:
     """The real daemon as a subprocess (``python -m guestagent.daemon``), logging to a file.
 
     ``state_dir`` survives restarts of the same object (start() after kill() or stop()).
@@ -354,19 +359,42 @@ class Daemon(object):
         self.proc = None
 
     def command(self):
-        return [PYTHON, "-m", "guestagent.daemon", "--channel", self.channel, "--socket",
-                self.socket, "--state-dir", self.state_dir, "--config", "/nonexistent", "-d",
-                "1"] + self.args
+        return [
+            PYTHON,
+            "-m",
+            "guestagent.daemon",
+            "--channel",
+            self.channel,
+            "--socket",
+            self.socket,
+            "--state-dir",
+            self.state_dir,
+            "--config",
+            "/nonexistent",
+            "-d",
+            "1",
+        ] + self.args
 
     def start(self):
         env = dict(os.environ)
-        for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
-                  "INVOCATION_ID"):
+        for k in (
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "JOURNAL_STREAM",
+            "INVOCATION_ID",
+        ):
             env.pop(k, None)
         env.update(self.env)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log, env=env, close_fds=True)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                close_fds=True,
+            )
         return self
 
     @property
@@ -376,10 +404,12 @@ class Daemon(object):
     def wait_ready(self, timeout=TIMEOUT):
         """Wait until the local socket accepts connections (the daemon listens before it opens
         the channel and before READY=1)."""
+
         def ready():
             if self.proc.poll() is not None:
-                raise AssertionError("daemon exited with %s:\n%s" % (self.proc.returncode,
-                                                                      self.log()))
+                raise AssertionError(
+                    "daemon exited with %s:\n%s" % (self.proc.returncode, self.log())
+                )
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(self.socket)
@@ -388,6 +418,7 @@ class Daemon(object):
                 return False
             finally:
                 s.close()
+
         wait_for(ready, timeout, what="the daemon's socket")
         return self
 

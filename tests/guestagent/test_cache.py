@@ -39,14 +39,17 @@ def test_deleting_a_missing_key_or_clearing_an_empty_cache_should_change_nothing
     assert c.gseq == 0
 
 
-@pytest.mark.parametrize("key,value,code", [
-    ("k" * (KEY_MAX + 1), "v", "key_too_long"),
-    ("é" * 128 + "x", "v", "key_too_long"),
-    ("k", "v" * (VALUE_MAX + 1), "value_too_long"),
-    ("a=b", "v", "invalid_key"),
-    ("a\nb", "v", "invalid_key"),
-    ("", "v", "invalid_key"),
-])
+@pytest.mark.parametrize(
+    "key,value,code",
+    [
+        ("k" * (KEY_MAX + 1), "v", "key_too_long"),
+        ("é" * 128 + "x", "v", "key_too_long"),
+        ("k", "v" * (VALUE_MAX + 1), "value_too_long"),
+        ("a=b", "v", "invalid_key"),
+        ("a\nb", "v", "invalid_key"),
+        ("", "v", "invalid_key"),
+    ],
+)
 def test_it_should_refuse_keys_and_values_over_the_limits_and_keep_what_it_had(key, value, code):
     c = Cache()
     c.set("keep", "me", "guest", 1.0)
@@ -117,9 +120,18 @@ def test_it_should_round_trip_through_bytes():
     assert d.entries() == c.entries() and d.events() == c.events()
 
 
-@pytest.mark.parametrize("data", [b"", b"{", b"[]", b'{"format": 99}', b'{"format": 1, "gid": "x"}',
-                                  b'{"format":1,"gid":"x","gseq":0,"epoch":null,"hseq":0,'
-                                  b'"entries":[["k",1,0,"host"]],"events":[]}'])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'{"format": 99}',
+        b'{"format": 1, "gid": "x"}',
+        b'{"format":1,"gid":"x","gseq":0,"epoch":null,"hseq":0,'
+        b'"entries":[["k",1,0,"host"]],"events":[]}',
+    ],
+)
 def test_it_should_report_a_corrupt_file_as_corrupt(data):
     with pytest.raises(CacheError) as e:
         Cache.from_bytes(data)
@@ -129,4 +141,6 @@ def test_it_should_report_a_corrupt_file_as_corrupt(data):
 def test_repr_should_never_show_a_value():
     c = Cache()
     c.set("pw", "hunter2", "guest", 1.0)
-    assert "hunter2" not in repr(c.entries()) and "hunter2" not in repr(c.set("pw", "hunter2", "guest", 2.0))
+    assert "hunter2" not in repr(c.entries()) and "hunter2" not in repr(
+        c.set("pw", "hunter2", "guest", 2.0)
+    )

@@ -2,8 +2,9 @@ import os
 import select
 import termios
 
-from guestagent.channel import Channel, find_port
 from harness import open_raw_pty
+
+from guestagent.channel import Channel, find_port
 
 
 def make_sysfs(tmp_path, ports):
@@ -22,8 +23,9 @@ def test_find_port_should_prefer_the_udev_link(tmp_path):
 
 
 def test_find_port_should_fall_back_to_the_sysfs_name(tmp_path):
-    sysfs = make_sysfs(tmp_path, {"vport0p1": "org.qemu.guest_agent.0",
-                                  "vport0p2": "com.oracle.ovmd"})
+    sysfs = make_sysfs(
+        tmp_path, {"vport0p1": "org.qemu.guest_agent.0", "vport0p2": "com.oracle.ovmd"}
+    )
     assert find_port(str(tmp_path / "nolink"), sysfs, "/dev") == "/dev/vport0p2"
 
 

@@ -15,11 +15,10 @@ import sys
 import time
 
 import pytest
-
 from harness import TIMEOUT, Daemon, Host, wait_for
-from ovmproto.messages import Ok, Set
 
 from guestagent import cli
+from ovmproto.messages import Ok, Set
 
 OVMD = os.path.join(os.path.dirname(sys.executable), "ovmd")
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -31,8 +30,9 @@ def ovmd(*args, socket=None, timeout=60, stdout=subprocess.PIPE):
     env.pop("OVMD_SOCKET", None)
     if socket is not None:
         env["OVMD_SOCKET"] = socket
-    return subprocess.run([OVMD] + list(args), stdout=stdout, stderr=subprocess.PIPE, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [OVMD] + list(args), stdout=stdout, stderr=subprocess.PIPE, env=env, timeout=timeout
+    )
 
 
 def outcome(result):
@@ -43,11 +43,23 @@ class OvmdDaemon(Daemon):
     """The harness's daemon, started the way systemd starts it: ``ovmd --daemon``."""
 
     def command(self):
-        return [OVMD, "--daemon", "--channel", self.channel, "--socket", self.socket,
-                "--state-dir", self.state_dir, "--config", "/nonexistent", "-d", "1"] + self.args
+        return [
+            OVMD,
+            "--daemon",
+            "--channel",
+            self.channel,
+            "--socket",
+            self.socket,
+            "--state-dir",
+            self.state_dir,
+            "--config",
+            "/nonexistent",
+            "-d",
+            "1",
+        ] + self.args
 
 
-class Agent(object):
+class Agent:
     """A running daemon with a synced host, and shortcuts for the tests."""
 
     def __init__(self, host, daemon):
@@ -77,12 +89,14 @@ class Agent(object):
     def host_sees(self, match):
         """Read the channel until the host saw a `changed` for which match() is true; return the
         number of `changed` seen up to and including it."""
+
         def seen():
             for i, change in enumerate(self.host.changed):
                 if match(change):
                     return i + 1
             self.host.poll(0.2)
             return None
+
         return wait_for(seen, what="the host to see the change")
 
     def drain(self):
@@ -111,6 +125,7 @@ def agent(running):
 
 # -- the original tool's interface -----------------------------------------------------------------
 
+
 def test_it_should_replay_the_documented_session_byte_for_byte(agent):
     agent.host_set("foo", "bar")
     assert agent.ok("-p", "mykey=myvalue") == b""
@@ -136,8 +151,8 @@ def test_it_should_split_a_pair_at_the_first_equals_sign(agent):
 def test_it_should_keep_unicode_keys_and_values_as_utf8(agent):
     agent.ok("-p", "ключ=значение ✓ 😀")
     agent.host_set("ホスト", "värde\tmed tab")
-    assert agent.ok("-g", "ключ") == "значение ✓ 😀\n".encode("utf-8")
-    assert agent.ok("-g", "ホスト") == "värde\tmed tab\n".encode("utf-8")
+    assert agent.ok("-g", "ключ") == "значение ✓ 😀\n".encode()
+    assert agent.ok("-g", "ホスト") == "värde\tmed tab\n".encode()
     listing = '{"ключ":"значение ✓ 😀"}\n{"ホスト":"värde\\tmed tab"}\n'
     assert agent.ok("-l") == listing.encode("utf-8")
 
@@ -227,6 +242,7 @@ def test_it_should_report_an_unreachable_daemon_the_same_through_both_parsers(tm
 
 # -- exit codes and their one-line messages --------------------------------------------------------
 
+
 def one_line(stderr):
     text = stderr.decode("utf-8")
     assert text.endswith("\n") and text.count("\n") == 1, text
@@ -234,27 +250,39 @@ def one_line(stderr):
     return text
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["-g", "missing"], 1, "ovmd: key not found: missing\n"),
-    (["-g", "k" * 257], 2, "ovmd: key is 257 bytes, the limit is 256 bytes\n"),
-    (["-p", "k" * 257 + "=v"], 2, "ovmd: key is 257 bytes, the limit is 256 bytes\n"),
-    (["-p", "k=" + "v" * 8193], 2, "ovmd: value is 8193 bytes, the limit is 8192 bytes\n"),
-    (["-g", "a=b"], 2, "ovmd: key contains '=', which is not allowed\n"),
-    (["-p", "k\x01ey=v"], 2,
-     "ovmd: key contains control character U+0001, which is not allowed\n"),
-    (["-r", "tab\tkey"], 2,
-     "ovmd: key contains control character U+0009, which is not allowed\n"),
-    (["-p", "=v"], 2, "ovmd: key is empty\n"),
-    (["-p", "s3cr3t"], 2, "ovmd: -p expects KEY=VALUE, and its argument has no '='\n"),
-    (["-e", "e" * 8193], 2, "ovmd: value is 8193 bytes, the limit is 8192 bytes\n"),
-    (["-s", "cleanup"], 2, "ovmd: -s (template configuration scripts) is not supported by "
-                           "this ovmd\n"),
-    (["--frobnicate"], 2, "ovmd: No such option: --frobnicate\n"),
-    (["-g"], 2, "ovmd: Option '-g' requires an argument.\n"),
-    (["-l", "-x"], 2, "ovmd: -l and -x cannot be combined; give one action per call\n"),
-    (["-w", "k", "--timeout", "-1"], 2, None),
-    (["-d", "7", "-l"], 2, None),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["-g", "missing"], 1, "ovmd: key not found: missing\n"),
+        (["-g", "k" * 257], 2, "ovmd: key is 257 bytes, the limit is 256 bytes\n"),
+        (["-p", "k" * 257 + "=v"], 2, "ovmd: key is 257 bytes, the limit is 256 bytes\n"),
+        (["-p", "k=" + "v" * 8193], 2, "ovmd: value is 8193 bytes, the limit is 8192 bytes\n"),
+        (["-g", "a=b"], 2, "ovmd: key contains '=', which is not allowed\n"),
+        (
+            ["-p", "k\x01ey=v"],
+            2,
+            "ovmd: key contains control character U+0001, which is not allowed\n",
+        ),
+        (
+            ["-r", "tab\tkey"],
+            2,
+            "ovmd: key contains control character U+0009, which is not allowed\n",
+        ),
+        (["-p", "=v"], 2, "ovmd: key is empty\n"),
+        (["-p", "s3cr3t"], 2, "ovmd: -p expects KEY=VALUE, and its argument has no '='\n"),
+        (["-e", "e" * 8193], 2, "ovmd: value is 8193 bytes, the limit is 8192 bytes\n"),
+        (
+            ["-s", "cleanup"],
+            2,
+            "ovmd: -s (template configuration scripts) is not supported by this ovmd\n",
+        ),
+        (["--frobnicate"], 2, "ovmd: No such option: --frobnicate\n"),
+        (["-g"], 2, "ovmd: Option '-g' requires an argument.\n"),
+        (["-l", "-x"], 2, "ovmd: -l and -x cannot be combined; give one action per call\n"),
+        (["-w", "k", "--timeout", "-1"], 2, None),
+        (["-d", "7", "-l"], 2, None),
+    ],
+)
 def test_it_should_fail_with_the_documented_code_and_one_line(agent, args, code, message):
     result = agent.run(*args)
     assert (result.returncode, result.stdout) == (code, b"")
@@ -275,9 +303,11 @@ def test_it_should_fail_with_3_when_no_daemon_listens(tmp_path):
     result = ovmd("-g", "k", socket=missing)
     assert result.returncode == 3
     assert one_line(result.stderr) == (
-        "ovmd: cannot reach the ovmd daemon at %s: No such file or directory\n" % missing)
+        "ovmd: cannot reach the ovmd daemon at %s: No such file or directory\n" % missing
+    )
 
     import socket as socket_module
+
     stale = str(tmp_path / "stale.sock")
     s = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
     s.bind(stale)  # a socket file nobody listens on (a daemon that died)
@@ -287,7 +317,8 @@ def test_it_should_fail_with_3_when_no_daemon_listens(tmp_path):
         s.close()
     assert result.returncode == 3
     assert one_line(result.stderr) == (
-        "ovmd: cannot reach the ovmd daemon at %s: Connection refused\n" % stale)
+        "ovmd: cannot reach the ovmd daemon at %s: Connection refused\n" % stale
+    )
 
 
 def test_it_should_take_the_socket_from_the_config_file(agent, tmp_path):
@@ -340,8 +371,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become 
 def test_it_should_fail_with_3_when_the_socket_is_not_ours_to_use(agent):
     rc, out, err = run_as_nobody(["--socket", agent.socket, "-g", "k"])
     assert (rc, out) == (3, b"")
-    assert one_line(err) == ("ovmd: cannot reach the ovmd daemon at %s: Permission denied\n"
-                             % agent.socket)
+    assert one_line(err) == (
+        "ovmd: cannot reach the ovmd daemon at %s: Permission denied\n" % agent.socket
+    )
 
 
 @needs_root
@@ -414,6 +446,7 @@ def test_it_should_refuse_a_bad_config_file_for_the_daemon_in_one_line(tmp_path)
 
 # -- the additions ---------------------------------------------------------------------------------
 
+
 def test_it_should_print_entries_with_time_and_origin_as_json(agent):
     before = time.time()
     agent.host_set("from-host", "h")
@@ -423,7 +456,9 @@ def test_it_should_print_entries_with_time_and_origin_as_json(agent):
     entries = [json.loads(line) for line in lines]
     assert [list(e) for e in entries] == [["key", "value", "set", "origin"]] * 2
     assert [(e["key"], e["value"], e["origin"]) for e in entries] == [
-        ("from-host", "h", "host"), ("from-guest", "g", "guest")]
+        ("from-host", "h", "host"),
+        ("from-guest", "g", "guest"),
+    ]
     for e in entries:
         assert ISO_UTC.match(e["set"]), e["set"]
         stamp = calendar.timegm(time.strptime(e["set"][:19], "%Y-%m-%dT%H:%M:%S"))
@@ -433,9 +468,12 @@ def test_it_should_print_entries_with_time_and_origin_as_json(agent):
 
 
 def test_it_should_wake_a_waiter_when_another_process_sets_the_key(agent):
-    waiter = subprocess.Popen([OVMD, "-w", "later", "--timeout", "30"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
-                              env=dict(os.environ, OVMD_SOCKET=agent.socket))
+    waiter = subprocess.Popen(
+        [OVMD, "-w", "later", "--timeout", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, OVMD_SOCKET=agent.socket),
+    )
     try:
         agent.ok("-p", "later=it came")
         set_done = time.monotonic()
@@ -458,9 +496,12 @@ def test_it_should_return_at_once_when_the_awaited_key_exists(agent):
 
 def test_it_should_wait_for_the_next_set_with_changed(agent):
     agent.ok("-p", "counter=old")
-    waiter = subprocess.Popen([OVMD, "-w", "counter", "--changed", "--timeout", "30"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=dict(os.environ, OVMD_SOCKET=agent.socket))
+    waiter = subprocess.Popen(
+        [OVMD, "-w", "counter", "--changed", "--timeout", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, OVMD_SOCKET=agent.socket),
+    )
     try:
         # The waiter may register before or after any one set: keep setting new values until it
         # answers. It must answer with one of them, never with the value it found.
@@ -488,7 +529,8 @@ def test_it_should_give_up_waiting_after_the_timeout_with_1(agent):
     assert time.monotonic() - start >= 0.5
     assert (result.returncode, result.stdout) == (1, b"")
     assert one_line(result.stderr) == (
-        "ovmd: timed out after 0.5 s waiting for key never to be set\n")
+        "ovmd: timed out after 0.5 s waiting for key never to be set\n"
+    )
 
 
 def test_it_should_print_the_recent_host_events(agent):
@@ -510,5 +552,7 @@ def test_it_should_refuse_several_values_past_one_frame_at_once_and_store_none(a
         args += ["-p", "big%d=%s" % (i, "v" * 8192)]
     code, out, err = outcome(agent.run(*args, timeout=30))
     assert code == 2 and out == b""
-    assert one_line(err).startswith("ovmd: the request is ") and "limit is 65536 bytes" in one_line(err)
+    assert one_line(err).startswith("ovmd: the request is ") and "limit is 65536 bytes" in one_line(
+        err
+    )
     assert agent.listing() == b""

@@ -11,13 +11,24 @@ import subprocess
 import sys
 
 import pytest
-
 from harness import Daemon, Host
+
 from ovmproto.messages import Clear, Ok, Set
 
 OVMD = os.path.join(os.path.dirname(sys.executable), "ovmd")
-HEAVY = ("click", "orjson", "json", "asyncio", "socket", "selectors", "enum", "dataclasses", "logging",
-         "ovmproto.messages", "ovmproto.codec")
+HEAVY = (
+    "click",
+    "orjson",
+    "json",
+    "asyncio",
+    "socket",
+    "selectors",
+    "enum",
+    "dataclasses",
+    "logging",
+    "ovmproto.messages",
+    "ovmproto.codec",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +51,13 @@ def socket_path(daemon):
 def imported_modules(args, socket_path):
     """(stdout, exit code, the modules imported by this run of ovmd, in order)."""
     env = dict(os.environ, OVMD_SOCKET=socket_path)
-    result = subprocess.run([sys.executable, "-X", "importtime", OVMD] + list(args),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", OVMD] + list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=60,
+    )
     modules = []
     for line in result.stderr.decode("utf-8", "replace").splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -53,16 +69,19 @@ def imported_modules(args, socket_path):
 
 def modules_after_startup(modules):
     """What the command itself imported (the interpreter's startup ends with `site`)."""
-    return modules[modules.index("site") + 1:] if "site" in modules else modules
+    return modules[modules.index("site") + 1 :] if "site" in modules else modules
 
 
-@pytest.mark.parametrize("args, out", [
-    (["-g", "foo"], "bär\n".encode("utf-8")),
-    (["-l"], '{"foo":"bär"}\n'.encode("utf-8")),
-    (["-r", "nothing"], b""),
-    (["-p", "a=1", "-p", "b=2"], b""),
-    (["-x"], b""),
-])
+@pytest.mark.parametrize(
+    "args, out",
+    [
+        (["-g", "foo"], "bär\n".encode()),
+        (["-l"], '{"foo":"bär"}\n'.encode()),
+        (["-r", "nothing"], b""),
+        (["-p", "a=1", "-p", "b=2"], b""),
+        (["-x"], b""),
+    ],
+)
 def test_the_fast_path_should_import_nothing_heavy(socket_path, args, out):
     stdout, code, modules = imported_modules(args, socket_path)
     assert (code, stdout) == (0, out)
@@ -73,5 +92,5 @@ def test_the_fast_path_should_import_nothing_heavy(socket_path, args, out):
 
 def test_the_click_path_should_show_up_in_the_same_log_so_the_check_above_can_fail(socket_path):
     stdout, code, modules = imported_modules(["--get-param", "foo"], socket_path)
-    assert (code, stdout) == (0, "bär\n".encode("utf-8"))
+    assert (code, stdout) == (0, "bär\n".encode())
     assert "click" in modules_after_startup(modules)

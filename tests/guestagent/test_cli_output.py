@@ -13,7 +13,7 @@ def test_it_should_print_a_pair_as_the_original_did():
 
 
 def test_it_should_keep_non_ascii_text_as_utf8():
-    line = '{"clé":"värde ✓ 😀"}\n'.encode("utf-8")
+    line = '{"clé":"värde ✓ 😀"}\n'.encode()
     assert output.pair_line("clé", "värde ✓ 😀") == line
 
 
@@ -27,7 +27,7 @@ def test_it_should_escape_what_json_must_escape_so_a_line_stays_one_line():
 def test_it_should_print_a_bare_value_and_a_newline():
     assert output.value_line("my value = 1") == b"my value = 1\n"
     assert output.value_line("") == b"\n"
-    assert output.value_line("ü") == "ü\n".encode("utf-8")
+    assert output.value_line("ü") == "ü\n".encode()
 
 
 def test_it_should_never_fail_on_a_lone_surrogate():
@@ -35,13 +35,16 @@ def test_it_should_never_fail_on_a_lone_surrogate():
     assert json.loads(output.pair_line("k", "a\udcffb")) == {"k": "a\udcffb"}
 
 
-@pytest.mark.parametrize("ts, text", [
-    (0, "1970-01-01T00:00:00.000000Z"),
-    (0.5, "1970-01-01T00:00:00.500000Z"),
-    (1795316645.123456, "2026-11-22T03:04:05.123456Z"),
-    (1795316645.9999996, "2026-11-22T03:04:06.000000Z"),  # rounds up into the next second
-    (1795316645, "2026-11-22T03:04:05.000000Z"),
-])
+@pytest.mark.parametrize(
+    "ts, text",
+    [
+        (0, "1970-01-01T00:00:00.000000Z"),
+        (0.5, "1970-01-01T00:00:00.500000Z"),
+        (1795316645.123456, "2026-11-22T03:04:05.123456Z"),
+        (1795316645.9999996, "2026-11-22T03:04:06.000000Z"),  # rounds up into the next second
+        (1795316645, "2026-11-22T03:04:05.000000Z"),
+    ],
+)
 def test_it_should_format_set_times_as_iso_8601_utc(ts, text):
     assert output.iso_utc(ts) == text
 
@@ -52,10 +55,12 @@ def test_it_should_give_none_for_something_that_is_not_a_time(ts):
 
 
 def test_it_should_print_an_entry_with_its_time_and_origin_in_this_order():
-    line = output.entry_line({"key": "k", "value": "v", "ts": 1795316645.123456,
-                              "origin": "host", "t": "item", "id": 3})
-    assert line == (b'{"key":"k","value":"v","set":"2026-11-22T03:04:05.123456Z",'
-                    b'"origin":"host"}\n')
+    line = output.entry_line(
+        {"key": "k", "value": "v", "ts": 1795316645.123456, "origin": "host", "t": "item", "id": 3}
+    )
+    assert line == (
+        b'{"key":"k","value":"v","set":"2026-11-22T03:04:05.123456Z","origin":"host"}\n'
+    )
 
 
 def test_it_should_join_lines_in_the_given_order():

@@ -9,13 +9,20 @@ import threading
 
 import pytest
 
-from guestagent.client import (EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, Client,
-                               DaemonError, Unreachable)
+from guestagent.client import (
+    EXIT_NOT_FOUND,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Client,
+    DaemonError,
+    Unreachable,
+)
 
 WAIT = 10.0  # generous: the machine is shared
 
 
-class ScriptedPeer(object):
+class ScriptedPeer:
     """A unix socket server that reads one request frame per turn and answers with raw bytes.
 
     ``script(request_dict) -> bytes`` decides what to send back (b"" sends nothing); None as the
@@ -93,8 +100,11 @@ def peer(sock_path):
 
 
 def test_it_should_send_one_compact_frame_and_return_the_matching_ok(peer, sock_path):
-    p = peer(lambda req: frame({"t": "ok", "id": req["id"], "key": "k", "value": "v",
-                                "ts": 1.5, "origin": "guest"}))
+    p = peer(
+        lambda req: frame(
+            {"t": "ok", "id": req["id"], "key": "k", "value": "v", "ts": 1.5, "origin": "guest"}
+        )
+    )
     with Client(sock_path) as c:
         reply = c.call("get", key="k")
     assert reply["value"] == "v"
@@ -105,14 +115,14 @@ def test_it_should_send_non_ascii_as_utf8_not_escapes(peer, sock_path):
     p = peer(lambda req: frame({"t": "ok", "id": req["id"]}))
     with Client(sock_path) as c:
         c.call("put", items=[["clé", "värde ✓"]])
-    assert p.frames == ['{"t":"put","id":1,"items":[["clé","värde ✓"]]}'.encode("utf-8")]
+    assert p.frames == ['{"t":"put","id":1,"items":[["clé","värde ✓"]]}'.encode()]
 
 
 def test_it_should_number_requests_and_skip_replies_to_other_ids(peer, sock_path):
     def script(req):
         # a stale reply and a notification first, then ours in two pieces
         ours = frame({"t": "ok", "id": req["id"], "found": True})
-        return (frame({"t": "ok", "id": 999}) + frame({"t": "changed", "gseq": 3}) + ours)
+        return frame({"t": "ok", "id": 999}) + frame({"t": "changed", "gseq": 3}) + ours
 
     peer(script)
     with Client(sock_path) as c:
@@ -146,9 +156,19 @@ def test_it_should_reassemble_a_reply_that_arrives_byte_by_byte(tmp_path, sock_p
 def test_it_should_collect_items_in_order_until_ok(peer, sock_path):
     def script(req):
         rid = req["id"]
-        return b"".join(frame({"t": "item", "id": rid, "key": "k%d" % i, "value": str(i),
-                               "ts": 1.0, "origin": "host"}) for i in range(50)) + \
-            frame({"t": "ok", "id": rid, "count": 50})
+        return b"".join(
+            frame(
+                {
+                    "t": "item",
+                    "id": rid,
+                    "key": "k%d" % i,
+                    "value": str(i),
+                    "ts": 1.0,
+                    "origin": "host",
+                }
+            )
+            for i in range(50)
+        ) + frame({"t": "ok", "id": rid, "count": 50})
 
     peer(script)
     with Client(sock_path) as c:
@@ -157,22 +177,30 @@ def test_it_should_collect_items_in_order_until_ok(peer, sock_path):
 
 
 def test_it_should_drop_a_partial_frame_before_a_resync_byte(peer, sock_path):
-    peer(lambda req: b'{"t":"ok","id":77,"stale' + b"\xff" + frame({"t": "ok", "id": req["id"],
-                                                                      "value": "fresh"}))
+    peer(
+        lambda req: (
+            b'{"t":"ok","id":77,"stale'
+            + b"\xff"
+            + frame({"t": "ok", "id": req["id"], "value": "fresh"})
+        )
+    )
     with Client(sock_path) as c:
         assert c.call("get", key="k")["value"] == "fresh"
 
 
-@pytest.mark.parametrize("code, exit_code", [
-    ("not_found", EXIT_NOT_FOUND),
-    ("timeout", EXIT_NOT_FOUND),
-    ("key_too_long", EXIT_USAGE),
-    ("invalid_key", EXIT_USAGE),
-    ("quota", EXIT_REFUSED),
-    ("denied", EXIT_REFUSED),
-    ("internal", EXIT_REFUSED),
-    ("something_new", EXIT_REFUSED),
-])
+@pytest.mark.parametrize(
+    "code, exit_code",
+    [
+        ("not_found", EXIT_NOT_FOUND),
+        ("timeout", EXIT_NOT_FOUND),
+        ("key_too_long", EXIT_USAGE),
+        ("invalid_key", EXIT_USAGE),
+        ("quota", EXIT_REFUSED),
+        ("denied", EXIT_REFUSED),
+        ("internal", EXIT_REFUSED),
+        ("something_new", EXIT_REFUSED),
+    ],
+)
 def test_it_should_map_err_codes_to_exit_codes(peer, sock_path, code, exit_code):
     peer(lambda req: frame({"t": "err", "id": req["id"], "code": code, "msg": "because\nreasons"}))
     with Client(sock_path) as c:
@@ -207,8 +235,7 @@ def test_it_should_report_a_missing_socket_as_unreachable(tmp_path):
     with pytest.raises(Unreachable) as ei:
         Client(path).connect()
     assert ei.value.exit_code == EXIT_UNREACHABLE
-    assert str(ei.value) == ("cannot reach the ovmd daemon at %s: No such file or directory"
-                             % path)
+    assert str(ei.value) == ("cannot reach the ovmd daemon at %s: No such file or directory" % path)
 
 
 def test_it_should_report_a_refused_connection_as_unreachable(sock_path):
@@ -243,11 +270,14 @@ def test_it_should_give_up_on_a_silent_daemon_after_its_timeout(peer, sock_path)
     assert str(ei.value) == "the ovmd daemon at %s did not answer within 0.2 s" % sock_path
 
 
-@pytest.mark.parametrize("garbage, what", [
-    (b"HTTP/1.1 400 Bad Request\n", "not JSON"),
-    (b"[1,2]\n", "not a JSON object"),
-    (b"x" * 70000, "over 65536 bytes"),
-])
+@pytest.mark.parametrize(
+    "garbage, what",
+    [
+        (b"HTTP/1.1 400 Bad Request\n", "not JSON"),
+        (b"[1,2]\n", "not a JSON object"),
+        (b"x" * 70000, "over 65536 bytes"),
+    ],
+)
 def test_it_should_refuse_a_peer_that_does_not_speak_the_protocol(peer, sock_path, garbage, what):
     peer(lambda req: garbage)
     with Client(sock_path) as c:

@@ -19,12 +19,21 @@ def test_it_should_use_the_defaults_when_the_file_is_missing(tmp_path):
 
 
 def test_it_should_read_the_ovmd_section_with_comments_and_either_spelling(tmp_path):
-    path = write(tmp_path, "# a comment\n; another\n[ovmd]\nsocket = /tmp/x.sock\n"
-                           "state-dir=/var/lib/ovmd\n  max_keys = 10  \ngroup = wheel\n"
-                           "debug = 1\nchannel = /dev/vport1p1\n\n[bridge]\nsocket = /other\n")
+    path = write(
+        tmp_path,
+        "# a comment\n; another\n[ovmd]\nsocket = /tmp/x.sock\n"
+        "state-dir=/var/lib/ovmd\n  max_keys = 10  \ngroup = wheel\n"
+        "debug = 1\nchannel = /dev/vport1p1\n\n[bridge]\nsocket = /other\n",
+    )
     c = load(path)
     assert (c.socket, c.state_dir, c.max_keys, c.group, c.debug, c.channel) == (
-        "/tmp/x.sock", "/var/lib/ovmd", 10, "wheel", 1, "/dev/vport1p1")
+        "/tmp/x.sock",
+        "/var/lib/ovmd",
+        10,
+        "wheel",
+        1,
+        "/dev/vport1p1",
+    )
 
 
 def test_keys_before_any_section_should_count_as_ovmd(tmp_path):
@@ -41,14 +50,17 @@ def test_overrides_should_win_over_the_file_and_none_should_mean_not_given(tmp_p
     assert (c.max_keys, c.socket, c.state_dir, c.debug) == (20, "/tmp/a.sock", "/s", 0)
 
 
-@pytest.mark.parametrize("text, line, key", [
-    ("[ovmd]\nmax_keys = lots\n", 2, "max_keys"),
-    ("[ovmd]\n\nmax_events = 0\n", 3, "max_events"),
-    ("[ovmd]\ndebug = 3\n", 2, "debug"),
-    ("[ovmd]\nsocket =\n", 2, "socket"),
-    ("[ovmd]\nsocket = /" + "x" * 120 + "\n", 2, "socket"),
-    ("[ovmd]\nsokcet = /tmp/s\n", 2, "sokcet"),
-])
+@pytest.mark.parametrize(
+    "text, line, key",
+    [
+        ("[ovmd]\nmax_keys = lots\n", 2, "max_keys"),
+        ("[ovmd]\n\nmax_events = 0\n", 3, "max_events"),
+        ("[ovmd]\ndebug = 3\n", 2, "debug"),
+        ("[ovmd]\nsocket =\n", 2, "socket"),
+        ("[ovmd]\nsocket = /" + "x" * 120 + "\n", 2, "socket"),
+        ("[ovmd]\nsokcet = /tmp/s\n", 2, "sokcet"),
+    ],
+)
 def test_a_bad_setting_should_be_one_line_naming_file_line_and_key(tmp_path, text, line, key):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
@@ -84,6 +96,7 @@ def test_read_file_should_return_raw_strings_and_nothing_for_a_missing_file(tmp_
 def test_the_module_should_import_nothing_heavy():
     # The CLI reads the socket path from this module on its hot path.
     import ast
+
     tree = ast.parse(open(config.__file__).read())
     imported = set()
     for node in tree.body:

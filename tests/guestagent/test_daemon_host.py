@@ -3,8 +3,8 @@
 import os
 
 import pytest
-
 from harness import Daemon, Host
+
 from ovmproto.handshake import Handshake
 from ovmproto.limits import EVENT_KEY, KEY_MAX, VALUE_MAX
 from ovmproto.messages import Delete, Err, Events, Get, List, Ok, Ping, Set
@@ -46,7 +46,7 @@ def test_replies_before_the_hello_reply_should_never_be_taken(guest):
     hs = Handshake(4242, "nonce-x", "e-x")
     host.send(hs.opening())
     first = host.take(lambda m: type(m) is Ok and m.id == 4242)
-    assert hs.accept(first) is None          # the ping's ok: no nonce
+    assert hs.accept(first) is None  # the ping's ok: no nonce
     second = host.take(lambda m: type(m) is Ok and m.id == 4242)
     assert hs.accept(second).epoch == "e-x"  # the real reply, after the guest's RESYNC
 
@@ -74,7 +74,9 @@ def test_host_changes_should_be_announced_with_consecutive_gseq(host):
     host.request(Delete, key="c1", seq=2)
     changed = host.wait_changed(2)
     assert [(c.op, c.key, c.origin, c.gseq) for c in changed] == [
-        ("set", "c1", "host", g0 + 1), ("del", "c1", "host", g0 + 2)]
+        ("set", "c1", "host", g0 + 1),
+        ("del", "c1", "host", g0 + 2),
+    ]
     assert changed[0].value == "x"
 
 
@@ -88,13 +90,17 @@ def test_a_vmapievent_should_reach_local_clients_as_an_event(guest, host):
     assert done.count == len(items)
 
 
-@pytest.mark.parametrize("key_size, value_size, code", [
-    (KEY_MAX, VALUE_MAX, None),
-    (KEY_MAX + 1, 1, "key_too_long"),
-    (1, VALUE_MAX + 1, "value_too_long"),
-])
-def test_limits_should_hold_at_exactly_the_limit_and_refuse_one_byte_over(host, key_size,
-                                                                          value_size, code):
+@pytest.mark.parametrize(
+    "key_size, value_size, code",
+    [
+        (KEY_MAX, VALUE_MAX, None),
+        (KEY_MAX + 1, 1, "key_too_long"),
+        (1, VALUE_MAX + 1, "value_too_long"),
+    ],
+)
+def test_limits_should_hold_at_exactly_the_limit_and_refuse_one_byte_over(
+    host, key_size, value_size, code
+):
     key = "k" * key_size
     value = "v" * value_size
     reply = host.request(Set, key=key, value=value, seq=1)
@@ -112,7 +118,7 @@ def test_limits_should_hold_at_exactly_the_limit_and_refuse_one_byte_over(host, 
 
 def test_unicode_keys_and_values_should_round_trip(host):
     key = "clé.ключ.鍵.🔑"
-    value = "välue ✓ 値 \u2028 \"quoted\" \\ \t tab \U0001F600"
+    value = 'välue ✓ 値 \u2028 "quoted" \\ \t tab \U0001f600'
     assert type(host.request(Set, key=key, value=value, seq=1)) is Ok
     got = host.request(Get, key=key)
     assert (got.key, got.value) == (key, value)
@@ -137,10 +143,12 @@ def test_it_should_serve_the_host_with_the_standard_library_when_orjson_is_not_i
     with Host() as host, Daemon(channel=host.link, env={"PYTHONPATH": str(tmp_path)}) as daemon:
         daemon.wait_ready()
         host.hello(epoch="no-orjson")
-        value = "pässwörd \x00\x1b[31m\n\"\\ " + "€" * 2000
+        value = 'pässwörd \x00\x1b[31m\n"\\ ' + "€" * 2000
         assert host.request(Set, key="ключ", value=value, seq=1).seq == 1
         got = host.request(Get, key="ключ")
         assert (got.value, got.origin) == (value, "host")
-        assert host.request(Set, key="k", value="v" * (VALUE_MAX + 1), seq=2).code == "value_too_long"
+        assert (
+            host.request(Set, key="k", value="v" * (VALUE_MAX + 1), seq=2).code == "value_too_long"
+        )
         daemon.stop()
         assert "JSON by json" in daemon.log()

@@ -6,6 +6,7 @@ import subprocess
 import time
 
 from harness import PYTHON, Daemon, Host, NotifySocket, wait_for
+
 from ovmproto.codec import encode
 from ovmproto.messages import Err, Get, List, Ok, Ping, Set
 
@@ -49,8 +50,11 @@ def test_sigint_should_stop_it_too():
 
 
 def test_a_bad_option_should_be_one_line_and_exit_2():
-    out = subprocess.run([PYTHON, "-m", "guestagent.daemon", "--max-keys", "many", "--config",
-                          "/nonexistent"], capture_output=True, timeout=30)
+    out = subprocess.run(
+        [PYTHON, "-m", "guestagent.daemon", "--max-keys", "many", "--config", "/nonexistent"],
+        capture_output=True,
+        timeout=30,
+    )
     assert out.returncode == 2
     lines = out.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ovmd: ") and "--max-keys" in lines[0]
@@ -62,14 +66,16 @@ def test_every_acknowledged_host_set_should_survive_kill_9():
         daemon.wait_ready()
         host.hello(epoch="crash")
         total = 400
-        frames = [encode(Set(id=1000 + seq, key="k%d" % seq, value="v%d" % seq, seq=seq))
-                  for seq in range(1, total + 1)]
+        frames = [
+            encode(Set(id=1000 + seq, key="k%d" % seq, value="v%d" % seq, seq=seq))
+            for seq in range(1, total + 1)
+        ]
         acked = set()
         sent = 0
         # Stream the sets without waiting for each answer; kill the daemon mid-stream.
         while len(acked) < 60:
             if sent < total:
-                host.send(b"".join(frames[sent:sent + 20]))
+                host.send(b"".join(frames[sent : sent + 20]))
                 sent += 20
             host.poll(0.05)
             acked.update(m.seq for m in host.pending if type(m) is Ok and m.seq)
@@ -193,15 +199,32 @@ def test_ovmd_daemon_should_not_keep_click_in_its_memory():
     # its few options without it. -X importtime lists every module the process imported.
     class Traced(Daemon):
         def command(self):
-            return [PYTHON, "-X", "importtime", OVMD_SCRIPT, "--daemon", "--channel", self.channel,
-                    "--socket", self.socket, "--state-dir", self.state_dir, "--config",
-                    "/nonexistent", "-d", "1"]
+            return [
+                PYTHON,
+                "-X",
+                "importtime",
+                OVMD_SCRIPT,
+                "--daemon",
+                "--channel",
+                self.channel,
+                "--socket",
+                self.socket,
+                "--state-dir",
+                self.state_dir,
+                "--config",
+                "/nonexistent",
+                "-d",
+                "1",
+            ]
 
     with Host() as host, Traced(channel=host.link) as daemon:
         daemon.wait_ready()
         host.hello(epoch="traced")
         daemon.stop()
-        imported = {line.split("|")[-1].strip() for line in daemon.log().splitlines()
-                    if line.startswith("import time:")}
+        imported = {
+            line.split("|")[-1].strip()
+            for line in daemon.log().splitlines()
+            if line.startswith("import time:")
+        }
     assert "guestagent.daemon" in imported
     assert "click" not in imported

@@ -9,11 +9,23 @@ import sys
 import time
 
 import pytest
-
 from harness import Daemon, Host, wait_for
+
 from ovmproto.codec import encode
-from ovmproto.messages import (Clear, Delete, Err, Events, Get, List, Ok, Ping, PostEvent, Put,
-                               Set, Wait)
+from ovmproto.messages import (
+    Clear,
+    Delete,
+    Err,
+    Events,
+    Get,
+    List,
+    Ok,
+    Ping,
+    PostEvent,
+    Put,
+    Set,
+    Wait,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +72,12 @@ def test_local_requests_should_follow_the_protocol(guest, client):
     assert (items, done.count) == ([], 0)
     # put (2 keys), the first del and the clear changed the cache; nothing else did.
     changed = host.wait_changed(before + 4)[before:]
-    assert [(c.op, c.key) for c in changed] == [("set", "p1"), ("set", "p2"), ("del", "p1"),
-                                                ("clear", None)]
+    assert [(c.op, c.key) for c in changed] == [
+        ("set", "p1"),
+        ("set", "p2"),
+        ("del", "p1"),
+        ("clear", None),
+    ]
 
 
 def test_wait_should_be_woken_by_the_change_itself(guest, client):
@@ -131,8 +147,11 @@ def test_a_half_closed_client_should_get_its_answers_then_be_closed(guest):
     s.settimeout(10)
     s.connect(daemon.socket)
     try:
-        s.sendall(encode(Set(id=1, key="half", value="closed")) + encode(List(id=2))
-                  + encode(Wait(id=3, key="never.there", timeout=0.3)))
+        s.sendall(
+            encode(Set(id=1, key="half", value="closed"))
+            + encode(List(id=2))
+            + encode(Wait(id=3, key="never.there", timeout=0.3))
+        )
         s.shutdown(socket.SHUT_WR)  # like `socat` once its input ends
         data = b""
         while True:
@@ -153,7 +172,7 @@ def test_a_large_listing_should_stream_to_a_client_that_reads(guest, client):
     value = "x" * 8192
     items = [["list%03d" % i, value] for i in range(200)]  # ~1.7 MB: far above the outbox limit
     for start in range(0, 200, 5):  # a frame holds at most 64 KiB
-        assert type(client.request(Put, items=items[start:start + 5])) is Ok
+        assert type(client.request(Put, items=items[start : start + 5])) is Ok
     got, done = client.listing(List, reply_timeout=20)
     assert done.count == 200
     assert [i.key for i in got] == [k for k, _ in items]
@@ -189,12 +208,14 @@ def test_a_stale_socket_file_should_be_replaced_and_a_live_one_refused():
 
 def _connect_as(path, uid, gid, groups=()):
     """Connect from a real process running as uid/gid; return what the daemon answered."""
-    code = ("import os, socket, sys\n"
-            "os.setgroups(%r); os.setgid(%d); os.setuid(%d)\n"
-            "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(%r)\n"
-            "try:\n    s.sendall(b'{\"t\":\"ping\",\"id\":1}\\n')\n"
-            "except OSError:\n    pass  # refused clients are closed at once\n"
-            "sys.stdout.write(s.recv(4096).decode())\n" % (list(groups), gid, uid, path))
+    code = (
+        "import os, socket, sys\n"
+        "os.setgroups(%r); os.setgid(%d); os.setuid(%d)\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(%r)\n"
+        'try:\n    s.sendall(b\'{"t":"ping","id":1}\\n\')\n'
+        "except OSError:\n    pass  # refused clients are closed at once\n"
+        "sys.stdout.write(s.recv(4096).decode())\n" % (list(groups), gid, uid, path)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return out.stdout.decode()

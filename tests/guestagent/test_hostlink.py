@@ -3,12 +3,12 @@
 import time
 
 import pytest
+from harness import HarnessTimeout, Host
 
 from guestagent.hostlink import CONNECTED, DISCONNECTED, SYNCED, HostLink
 from guestagent.loop import Loop
 from guestagent.service import Service
 from guestagent.store import CacheStore, StoreError
-from harness import Host, HarnessTimeout
 from ovmproto.limits import EVENT_KEY
 from ovmproto.messages import Delete, Err, Get, List, Ok, Ping, Put, Set
 
@@ -24,16 +24,20 @@ class FlakyStore(CacheStore):
         super().save(cache)
 
 
-class Rig(object):
+class Rig:
     def __init__(self, tmp_path, outbox_limit=1024 * 1024):
         self.loop = Loop()
         self.store = FlakyStore(str(tmp_path), 1024, 64)
         self.service = Service(self.store)
         self.host = Host()
         self.states = []
-        self.link = HostLink(self.loop, self.service, self.host.link,
-                             on_state=lambda state, path: self.states.append(state),
-                             outbox_limit=outbox_limit)
+        self.link = HostLink(
+            self.loop,
+            self.service,
+            self.host.link,
+            on_state=lambda state, path: self.states.append(state),
+            outbox_limit=outbox_limit,
+        )
         self.link.start()
 
     def settle(self, done, timeout=5.0, what="condition"):
@@ -56,11 +60,13 @@ class Rig(object):
                     found.append(m)
                     return True
             return False
+
         self.settle(replied, what="reply to %s" % cls.__name__)
         return self.host.reply(request_id, timeout=0)
 
     def hello(self, epoch="e1"):
         from ovmproto.handshake import Handshake
+
         hs = Handshake(self.host.next_id(), "n%d" % self.host.next_id(), epoch)
         self.host.send(hs.opening())
         result = []
@@ -72,6 +78,7 @@ class Rig(object):
                     result.append(r)
                     return True
             return False
+
         self.settle(accepted, what="hello reply")
         self.host.pending = []
         return result[0]

@@ -79,9 +79,15 @@ class _Proc:
 
     def start(self):
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, env=_clean_env(self.env), cwd=ROOT,
-                                         close_fds=True)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=_clean_env(self.env),
+                cwd=ROOT,
+                close_fds=True,
+            )
         return self
 
     @property
@@ -139,8 +145,21 @@ class Agent(_Proc):
         self.state_dir = os.path.join(self.dir, "state")
 
     def command(self):
-        return [PYTHON, "-m", "guestagent.daemon", "--channel", self.channel, "--socket",
-                self.socket, "--state-dir", self.state_dir, "--config", "/nonexistent", "-d", "1"]
+        return [
+            PYTHON,
+            "-m",
+            "guestagent.daemon",
+            "--channel",
+            self.channel,
+            "--socket",
+            self.socket,
+            "--state-dir",
+            self.state_dir,
+            "--config",
+            "/nonexistent",
+            "-d",
+            "1",
+        ]
 
     def wait_ready(self, timeout=TIMEOUT):
         import socket as _socket
@@ -156,14 +175,20 @@ class Agent(_Proc):
                 return False
             finally:
                 s.close()
+
         wait_for(ready, timeout, what="the agent's socket")
         return self
 
     def ovmd(self, *args) -> subprocess.CompletedProcess:
         """Run the `ovmd` CLI against this agent."""
-        return subprocess.run([OVMD, "--socket", self.socket,
-                               "--config", "/nonexistent", *args], capture_output=True,
-                              text=True, timeout=TIMEOUT, env=_clean_env(), cwd=ROOT)
+        return subprocess.run(
+            [OVMD, "--socket", self.socket, "--config", "/nonexistent", *args],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=_clean_env(),
+            cwd=ROOT,
+        )
 
     def cache_file_bytes(self) -> bytes:
         out = b""
@@ -184,8 +209,18 @@ class BridgeProc(_Proc):
         self.args = list(args)
 
     def command(self):
-        cmd = [PYTHON, "-m", "hostbridge.daemon", "--no-discover", "--db", self.db,
-               "--api-socket", self.api_socket, "-d", "2"]
+        cmd = [
+            PYTHON,
+            "-m",
+            "hostbridge.daemon",
+            "--no-discover",
+            "--db",
+            self.db,
+            "--api-socket",
+            self.api_socket,
+            "-d",
+            "2",
+        ]
         for name, channel in self.vms.items():
             cmd += ["--vm", "%s=%s" % (name, channel)]
         return cmd + self.args
@@ -195,6 +230,7 @@ class BridgeProc(_Proc):
             if not self.running:
                 raise AssertionError("bridge exited:\n" + self.log())
             return " ready" in self.log()
+
         wait_for(ready, timeout, what="the bridge to be ready")
         return self
 

@@ -18,10 +18,15 @@ from ovmproto import limits
 
 class FakeVm:
     def __init__(self, name: str, connected: bool = True):
-        self.info = VmInfo(name=name, channel="pty:/tmp/fake-%s" % name, source="flag",
-                           agent="connected" if connected else "disconnected",
-                           agent_version="fake" if connected else None,
-                           last_seen=time.time(), connected_since=time.time() if connected else None)
+        self.info = VmInfo(
+            name=name,
+            channel="pty:/tmp/fake-%s" % name,
+            source="flag",
+            agent="connected" if connected else "disconnected",
+            agent_version="fake" if connected else None,
+            last_seen=time.time(),
+            connected_since=time.time() if connected else None,
+        )
         self.keys: dict[str, tuple[str, float, str]] = {}
         self.outbox: list[tuple[int, str, str | None]] = []
         self.audit: list[AuditRow] = []
@@ -107,9 +112,15 @@ class FakeBridge:
         return SendResult(vm=name, key=key, outcome=outcome, seq=vm.seq)
 
     def _row(self, vm, key, value, log, outcome) -> AuditRow:
-        return AuditRow(id=len(vm.audit) + 1, vm=vm.info.name, key=key, size=len(value.encode("utf-8")),
-                        ts=time.time(), outcome=outcome,
-                        value=value.encode("utf-8")[:1024].decode("utf-8", "ignore") if log else None)
+        return AuditRow(
+            id=len(vm.audit) + 1,
+            vm=vm.info.name,
+            key=key,
+            size=len(value.encode("utf-8")),
+            ts=time.time(),
+            outcome=outcome,
+            value=value.encode("utf-8")[:1024].decode("utf-8", "ignore") if log else None,
+        )
 
     async def query(self, name, key, *, timeout=5.0) -> KeyValue:
         self.calls.append(("query", name, key, timeout))
@@ -118,16 +129,35 @@ class FakeBridge:
         if key not in vm.keys:
             raise NotFound("key %r is not set in VM %r" % (key, name))
         value, ts, origin = vm.keys[key]
-        return KeyValue(vm=name, key=key, value=value, ts=ts, origin=origin, stale=not vm.connected,
-                        last_seen=vm.info.last_seen)
+        return KeyValue(
+            vm=name,
+            key=key,
+            value=value,
+            ts=ts,
+            origin=origin,
+            stale=not vm.connected,
+            last_seen=vm.info.last_seen,
+        )
 
     async def keys(self, name, *, timeout=5.0) -> KeyList:
         self.calls.append(("keys", name, timeout))
         vm = self._get(name)
         self._maybe_fail("keys")
-        entries = [KeyValue(vm=name, key=k, value=v, ts=ts, origin=o, stale=not vm.connected,
-                            last_seen=vm.info.last_seen) for k, (v, ts, o) in sorted(vm.keys.items())]
-        return KeyList(vm=name, entries=entries, stale=not vm.connected, last_seen=vm.info.last_seen)
+        entries = [
+            KeyValue(
+                vm=name,
+                key=k,
+                value=v,
+                ts=ts,
+                origin=o,
+                stale=not vm.connected,
+                last_seen=vm.info.last_seen,
+            )
+            for k, (v, ts, o) in sorted(vm.keys.items())
+        ]
+        return KeyList(
+            vm=name, entries=entries, stale=not vm.connected, last_seen=vm.info.last_seen
+        )
 
     async def delete(self, name, key, *, timeout=5.0) -> SendResult:
         self.calls.append(("delete", name, key, timeout))
@@ -150,8 +180,11 @@ class FakeBridge:
         return vm.audit[:limit]
 
     def stats(self) -> dict:
-        return {"vms": len(self._vms), "connected": sum(vm.connected for vm in self._vms.values()),
-                "uptime": time.time() - self.started}
+        return {
+            "vms": len(self._vms),
+            "connected": sum(vm.connected for vm in self._vms.values()),
+            "uptime": time.time() - self.started,
+        }
 
 
 class ServedApp:
@@ -234,9 +267,17 @@ def api_config(tmp_path, **overrides):
     """A config object with the attributes hostbridge.api reads (the real Config has more)."""
     import types
 
-    values = dict(api_socket=str(tmp_path / "api.sock"), api_socket_mode=0o660, api_group=None,
-                  api_tcp=None, tls_cert=None, tls_key=None, tokens_file=None, users_file=None,
-                  query_timeout=5.0)
+    values = dict(
+        api_socket=str(tmp_path / "api.sock"),
+        api_socket_mode=0o660,
+        api_group=None,
+        api_tcp=None,
+        tls_cert=None,
+        tls_key=None,
+        tokens_file=None,
+        users_file=None,
+        query_timeout=5.0,
+    )
     values.update(overrides)
     return types.SimpleNamespace(**values)
 
@@ -246,10 +287,29 @@ def make_tls_cert(directory):
     import subprocess
 
     cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return cert, key
 
 

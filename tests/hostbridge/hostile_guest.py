@@ -25,15 +25,15 @@ import tty
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ovmproto.codec import Reader, encode  # noqa: E402
-from ovmproto.handshake import answer_hello  # noqa: E402
-from ovmproto.messages import Changed, Err, Hello, List, Ok, Set  # noqa: E402
+from ovmproto.codec import Reader, encode
+from ovmproto.handshake import answer_hello
+from ovmproto.messages import Changed, Err, Hello, List, Ok, Set
 
 
 def write_all(fd, data):
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def answer_first_hello(fd):
@@ -51,7 +51,7 @@ def main(channel, mode):
         tty.setraw(fd, termios.TCSANOW)
     print("ready", flush=True)
     if mode == "garbage":
-        junk = bytes(range(0x80, 0xff)) * 64 + b"\n"
+        junk = bytes(range(0x80, 0xFF)) * 64 + b"\n"
         while True:
             write_all(fd, junk)
     answer_first_hello(fd)
@@ -61,8 +61,18 @@ def main(channel, mode):
             batch = []
             for _ in range(100):
                 gseq += 1
-                batch.append(encode(Changed(gseq=gseq, op="set", ts=time.time(), origin="guest",
-                                            key="flood.%d" % gseq, value="x" * 100)))
+                batch.append(
+                    encode(
+                        Changed(
+                            gseq=gseq,
+                            op="set",
+                            ts=time.time(),
+                            origin="guest",
+                            key="flood.%d" % gseq,
+                            value="x" * 100,
+                        )
+                    )
+                )
             write_all(fd, b"".join(batch))
     elif mode == "half":
         write_all(fd, b'{"t":"changed","gseq":1,"op":"set","ts":1,"origin":"guest","key":"k"')
@@ -84,9 +94,20 @@ def answer_a_list_then_change(fd):
             if type(ev) is Hello:
                 write_all(fd, answer_hello(ev, "hostile 0", "racy-gid", 0, ev.epoch, 0))
             elif type(ev) is List:
-                write_all(fd, encode(Ok(id=ev.id, count=0, gseq=0)) + encode(
-                    Changed(gseq=1, op="set", ts=time.time(), origin="guest", key="late.key",
-                            value="late value")))
+                write_all(
+                    fd,
+                    encode(Ok(id=ev.id, count=0, gseq=0))
+                    + encode(
+                        Changed(
+                            gseq=1,
+                            op="set",
+                            ts=time.time(),
+                            origin="guest",
+                            key="late.key",
+                            value="late value",
+                        )
+                    ),
+                )
 
 
 def serve_after_a_restart(fd):

@@ -62,7 +62,7 @@ def main(sock_path, link):
                 view = memoryview(data)
                 while view:  # the guest end is held open, so this only waits for the guest
                     try:
-                        view = view[os.write(master, view):]
+                        view = view[os.write(master, view) :]
                     except BlockingIOError:
                         selectors.DefaultSelector().select(0.05)
             elif key.data == "guest":

@@ -11,8 +11,8 @@ import socket
 import stat
 
 import pytest
-
 from fakes import FakeBridge, ServedApp, api_config, short_dir  # noqa: F401 (short_dir is a fixture)
+
 from hostbridge import api
 from hostbridge.apiclient import ApiError, Client, parse_response
 from hostbridge.errors import AgentTimeout, Busy
@@ -52,7 +52,11 @@ def raw(served, data: bytes):
 
 def request(method, path, body=b"", extra=""):
     head = "%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n%s\r\n" % (
-        method, path, len(body), extra)
+        method,
+        path,
+        len(body),
+        extra,
+    )
     return head.encode() + body
 
 
@@ -70,16 +74,26 @@ def test_it_should_list_vms_with_channel_agent_state_last_seen_and_queued(client
 
 
 def test_it_should_answer_404_unknown_vm_for_every_vm_route(client):
-    for call in (lambda: client.vm("nope"), lambda: client.send("nope", "k", "v"),
-                 lambda: client.query("nope", "k"), lambda: client.keys("nope"),
-                 lambda: client.delete("nope", "k"), lambda: client.audit("nope")):
+    for call in (
+        lambda: client.vm("nope"),
+        lambda: client.send("nope", "k", "v"),
+        lambda: client.query("nope", "k"),
+        lambda: client.keys("nope"),
+        lambda: client.delete("nope", "k"),
+        lambda: client.audit("nope"),
+    ):
         with pytest.raises(ApiError) as e:
             call()
         assert err(e) == (404, "unknown_vm", "no VM named 'nope'")
 
 
 def test_it_should_deliver_with_200_and_queue_with_202(served, client):
-    assert client.send("vm1", "foo", "bar") == {"vm": "vm1", "key": "foo", "outcome": "delivered", "seq": 1}
+    assert client.send("vm1", "foo", "bar") == {
+        "vm": "vm1",
+        "key": "foo",
+        "outcome": "delivered",
+        "seq": 1,
+    }
     status, doc = raw(served, request("POST", "/v1/vms/vm2/messages", b'{"key":"k","value":"v"}'))
     assert (status, doc["outcome"]) == (202, "queued")
     assert client.vm("vm2")["queued"] == 1
@@ -98,7 +112,9 @@ def test_it_should_pass_log_queue_and_timeout_to_the_bridge(served, client):
     assert served.bridge.calls[-1] == ("send", "vm1", "k", True, True, 5.0)
 
 
-@pytest.mark.parametrize("key,limit,code", [("k" * 257, "256", "key_too_long"), ("é" * 129, "256", "key_too_long")])
+@pytest.mark.parametrize(
+    "key,limit,code", [("k" * 257, "256", "key_too_long"), ("é" * 129, "256", "key_too_long")]
+)
 def test_it_should_answer_413_naming_the_limit_when_the_key_is_too_long(client, key, limit, code):
     with pytest.raises(ApiError) as e:
         client.send("vm1", key, "v")
@@ -121,21 +137,24 @@ def test_it_should_answer_413_for_an_oversized_key_in_the_url(client):
     assert err(e)[:2] == (413, "key_too_long")
 
 
-@pytest.mark.parametrize("body,fragment", [
-    (b"{not json", "not valid JSON"),
-    (b"[1,2]", "JSON object"),
-    (b'{"key":"k"}', "'key' and 'value'"),
-    (b'{"key":"k","value":"v","extra":1}', "unknown field"),
-    (b'{"key":"k","value":"v","log":"no"}', "log must be true or false"),
-    (b'{"key":"k","value":"v","queue":1}', "queue must be true or false"),
-    (b'{"key":"k","value":"v","timeout":"soon"}', "timeout must be a number"),
-    (b'{"key":"k","value":"v","timeout":-1}', "timeout must be over 0"),
-    (b'{"key":"k","value":"v","timeout":true}', "timeout must be a number"),
-    (b'{"key":1,"value":"v"}', "key must be a string"),
-    (b'{"key":"k","value":null}', "value must be a string"),
-    (b'{"key":"a=b","value":"v"}', "'='"),
-    (b'{"key":"a\\u001bb","value":"v"}', "control character"),
-])
+@pytest.mark.parametrize(
+    "body,fragment",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1,2]", "JSON object"),
+        (b'{"key":"k"}', "'key' and 'value'"),
+        (b'{"key":"k","value":"v","extra":1}', "unknown field"),
+        (b'{"key":"k","value":"v","log":"no"}', "log must be true or false"),
+        (b'{"key":"k","value":"v","queue":1}', "queue must be true or false"),
+        (b'{"key":"k","value":"v","timeout":"soon"}', "timeout must be a number"),
+        (b'{"key":"k","value":"v","timeout":-1}', "timeout must be over 0"),
+        (b'{"key":"k","value":"v","timeout":true}', "timeout must be a number"),
+        (b'{"key":1,"value":"v"}', "key must be a string"),
+        (b'{"key":"k","value":null}', "value must be a string"),
+        (b'{"key":"a=b","value":"v"}', "'='"),
+        (b'{"key":"a\\u001bb","value":"v"}', "control character"),
+    ],
+)
 def test_it_should_answer_400_with_a_one_line_reason_for_bad_input(served, body, fragment):
     status, doc = raw(served, request("POST", "/v1/vms/vm1/messages", body))
     assert status == 400
@@ -151,7 +170,10 @@ def test_it_should_answer_413_request_too_large_for_a_huge_body(served):
     assert str(api.MAX_BODY) in doc["error"]["message"]
 
 
-@pytest.mark.parametrize("key", ["a/b/c", "with space", "ünïcødé ✓", "100%", "?q#frag&x", "com.oracle.linux.root-password"])
+@pytest.mark.parametrize(
+    "key",
+    ["a/b/c", "with space", "ünïcødé ✓", "100%", "?q#frag&x", "com.oracle.linux.root-password"],
+)
 def test_it_should_round_trip_keys_that_need_percent_encoding(client, key):
     client.send("vm1", key, "value of " + key)
     got = client.query("vm1", key)
@@ -173,17 +195,27 @@ def test_it_should_mark_a_query_from_the_mirror_stale_with_last_seen(served, cli
 
 
 def test_it_should_answer_504_on_agent_timeout_and_503_when_busy(served, client):
-    served.call(lambda: served.bridge.fail_with.__setitem__("query", AgentTimeout("the agent in VM 'vm1' did not answer within 5 s")))
+    served.call(
+        lambda: served.bridge.fail_with.__setitem__(
+            "query", AgentTimeout("the agent in VM 'vm1' did not answer within 5 s")
+        )
+    )
     with pytest.raises(ApiError) as e:
         client.query("vm1", "k")
     assert err(e)[:2] == (504, "agent_timeout")
-    served.call(lambda: served.bridge.fail_with.__setitem__("send", Busy("too many outstanding requests for VM 'vm1'")))
+    served.call(
+        lambda: served.bridge.fail_with.__setitem__(
+            "send", Busy("too many outstanding requests for VM 'vm1'")
+        )
+    )
     with pytest.raises(ApiError) as e:
         client.send("vm1", "k", "v")
     assert err(e)[:2] == (503, "busy")
 
 
-def test_it_should_answer_a_generic_500_without_echoing_the_value_on_an_unexpected_error(served, client, caplog):
+def test_it_should_answer_a_generic_500_without_echoing_the_value_on_an_unexpected_error(
+    served, client, caplog
+):
     served.call(lambda: served.bridge.fail_with.__setitem__("send", RuntimeError("boom " + SECRET)))
     with caplog.at_level(logging.ERROR, logger="hostbridge.api"):
         with pytest.raises(ApiError) as e:
@@ -204,7 +236,10 @@ def test_it_should_return_the_audit_newest_first_without_values_sent_with_log_of
     client.send("vm1", "a", "visible")
     client.send("vm1", "b", SECRET, log=False)
     rows = client.audit("vm1")["entries"]
-    assert [(r["key"], r["value"], r["size"]) for r in rows] == [("b", None, len(SECRET)), ("a", "visible", 7)]
+    assert [(r["key"], r["value"], r["size"]) for r in rows] == [
+        ("b", None, len(SECRET)),
+        ("a", "visible", 7),
+    ]
     assert len(client.audit("vm1", limit=1)["entries"]) == 1
     with pytest.raises(ApiError) as e:
         client.audit("vm1", limit=0)
@@ -258,5 +293,7 @@ def test_it_should_refuse_tcp_without_tls_or_without_credentials(short_dir):
         with ServedApp(FakeBridge(), api_config(short_dir, api_tcp=("127.0.0.1", 0))):
             pass
     with pytest.raises(api.ApiConfigError, match="credentials"):
-        with ServedApp(FakeBridge(), api_config(short_dir, api_tcp=("127.0.0.1", 0), tls_cert="c", tls_key="k")):
+        with ServedApp(
+            FakeBridge(), api_config(short_dir, api_tcp=("127.0.0.1", 0), tls_cert="c", tls_key="k")
+        ):
             pass

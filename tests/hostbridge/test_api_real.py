@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from bridge_harness import Agent, BridgeProc, short_tempdir, wait_for
 from fakes import make_tls_cert
 
@@ -21,7 +20,9 @@ SECRET = "real-Secret-value-never-logged-42"
 def cli(bridge, *args, prog="vmmessage"):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMMESSAGE_")}
     env["VMMESSAGE_BRIDGE"] = bridge.api_socket
-    return subprocess.run([os.path.join(BIN, prog), *args], capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(
+        [os.path.join(BIN, prog), *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def agent_state(bridge, vm):
@@ -38,7 +39,9 @@ def stack():
         agent = Agent(channel)
         try:
             agent.start().wait_ready()
-            wait_for(lambda: agent_state(bridge, "vm1") == "connected", what="vm1's agent to connect")
+            wait_for(
+                lambda: agent_state(bridge, "vm1") == "connected", what="vm1's agent to connect"
+            )
             yield bridge, agent
         finally:
             agent.close()
@@ -51,9 +54,14 @@ def test_it_should_send_query_list_status_keys_rm_and_audit_through_the_real_bri
     assert agent.ovmd("-g", "foo").stdout == "bar\n"
 
     assert agent.ovmd("-p", "newkey=newvalue").returncode == 0
-    r = wait_for(lambda: (lambda r: r if r.returncode == 0 else None)(cli(bridge, "query", "vm1", "newkey")),
-                 what="the guest's key to be visible from the host")
-    assert r.stdout.splitlines() == ["Query for Key : 'newkey' returned value 'newvalue'.", "Key set just now."]
+    r = wait_for(
+        lambda: (lambda r: r if r.returncode == 0 else None)(cli(bridge, "query", "vm1", "newkey")),
+        what="the guest's key to be visible from the host",
+    )
+    assert r.stdout.splitlines() == [
+        "Query for Key : 'newkey' returned value 'newvalue'.",
+        "Key set just now.",
+    ]
 
     r = cli(bridge, "list")
     assert r.stdout.splitlines()[1].split()[:4] == ["vm1", "connected", "now", "0"]
@@ -61,18 +69,26 @@ def test_it_should_send_query_list_status_keys_rm_and_audit_through_the_real_bri
     assert "Agent: connected (agent version ovmd" in r.stdout
     keys = json.loads(cli(bridge, "keys", "vm1", "--json").stdout)
     assert {e["key"]: (e["value"], e["origin"]) for e in keys["entries"]} == {
-        "foo": ("bar", "host"), "newkey": ("newvalue", "guest")}
+        "foo": ("bar", "host"),
+        "newkey": ("newvalue", "guest"),
+    }
 
     r = cli(bridge, "rm", "vm1", "foo")
     assert (r.returncode, r.stdout) == (0, "Key 'foo' deleted.\n")
     assert agent.ovmd("-g", "foo").returncode != 0
     assert cli(bridge, "query", "vm1", "foo").returncode == 1
 
-    assert cli(bridge, "send", "--no-log", "vm1", "com.oracle.linux.root-password", SECRET).returncode == 0
+    assert (
+        cli(bridge, "send", "--no-log", "vm1", "com.oracle.linux.root-password", SECRET).returncode
+        == 0
+    )
     assert agent.ovmd("-g", "com.oracle.linux.root-password").stdout == SECRET + "\n"
     audit = json.loads(cli(bridge, "audit", "vm1", "--json").stdout)["entries"]
-    assert (audit[0]["key"], audit[0]["value"], audit[0]["size"]) == ("com.oracle.linux.root-password", None,
-                                                                      len(SECRET))
+    assert (audit[0]["key"], audit[0]["value"], audit[0]["size"]) == (
+        "com.oracle.linux.root-password",
+        None,
+        len(SECRET),
+    )
     assert "bar" in [row["value"] for row in audit]
     assert SECRET not in cli(bridge, "audit", "vm1").stdout
     assert SECRET not in bridge.log()
@@ -83,13 +99,18 @@ def test_it_should_queue_while_the_agent_is_away_answer_stale_and_deliver_on_ret
     agent.ovmd("-p", "gk=gv")
     wait_for(lambda: cli(bridge, "query", "vm1", "gk").returncode == 0, what="gk on the host")
     agent.stop()
-    wait_for(lambda: agent_state(bridge, "vm1") != "connected", what="the bridge to see the agent gone")
+    wait_for(
+        lambda: agent_state(bridge, "vm1") != "connected", what="the bridge to see the agent gone"
+    )
 
     r = cli(bridge, "send", "--no-queue", "vm1", "k", "v")
     assert r.returncode == 5 and "not connected" in r.stderr
     r = cli(bridge, "send", "vm1", "later", "delivered-on-return")
-    assert (r.returncode, r.stdout) == (0, "Message queued: the agent in VM 'vm1' is not connected; it will be "
-                                           "delivered when it connects.\n")
+    assert (r.returncode, r.stdout) == (
+        0,
+        "Message queued: the agent in VM 'vm1' is not connected; it will be "
+        "delivered when it connects.\n",
+    )
     r = cli(bridge, "query", "vm1", "gk")
     assert r.returncode == 0
     assert r.stdout.splitlines()[0] == "Query for Key : 'gk' returned value 'gv'."
@@ -97,27 +118,59 @@ def test_it_should_queue_while_the_agent_is_away_answer_stale_and_deliver_on_ret
     assert json.loads(cli(bridge, "status", "vm1", "--json").stdout)["queued"] == 1
 
     agent.start().wait_ready()
-    wait_for(lambda: agent.ovmd("-g", "later").stdout == "delivered-on-return\n", what="the queued message")
-    wait_for(lambda: json.loads(cli(bridge, "status", "vm1", "--json").stdout)["queued"] == 0, what="empty outbox")
+    wait_for(
+        lambda: agent.ovmd("-g", "later").stdout == "delivered-on-return\n",
+        what="the queued message",
+    )
+    wait_for(
+        lambda: json.loads(cli(bridge, "status", "vm1", "--json").stdout)["queued"] == 0,
+        what="empty outbox",
+    )
 
 
 def test_it_should_run_the_compat_and_manager_forms_against_the_real_bridge(stack):
     bridge, agent = stack
-    r = cli(bridge, "-u", "admin", "-p", "x", "-h", "localhost", "-v", "vm1", "-k", "foo", "-V", "bar",
-            prog="ovm_vmmessage")
+    r = cli(
+        bridge,
+        "-u",
+        "admin",
+        "-p",
+        "x",
+        "-h",
+        "localhost",
+        "-v",
+        "vm1",
+        "-k",
+        "foo",
+        "-V",
+        "bar",
+        prog="ovm_vmmessage",
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["Oracle VM VM Message utility 0.5.2.", "Connected.",
-                                     "VM : 'vm1' has status :  Running.", "Sending message.",
-                                     "Message sent successfully."]
+    assert r.stdout.splitlines() == [
+        "Oracle VM VM Message utility 0.5.2.",
+        "Connected.",
+        "VM : 'vm1' has status :  Running.",
+        "Sending message.",
+        "Message sent successfully.",
+    ]
     agent.ovmd("-p", "newkey=newvalue")
-    wait_for(lambda: cli(bridge, "query", "vm1", "newkey").returncode == 0, what="newkey on the host")
+    wait_for(
+        lambda: cli(bridge, "query", "vm1", "newkey").returncode == 0, what="newkey on the host"
+    )
     r = cli(bridge, "-h", "localhost", "-v", "vm1", "-q", "newkey", prog="ovm_vmmessage")
-    assert r.stdout.splitlines()[3:] == ["Querying for key 'newkey'.", "Query successful.",
-                                         "Query for Key : 'newkey' returned value 'newvalue'.", "Key set just now."]
+    assert r.stdout.splitlines()[3:] == [
+        "Querying for key 'newkey'.",
+        "Query successful.",
+        "Query for Key : 'newkey' returned value 'newvalue'.",
+        "Key set just now.",
+    ]
     r = cli(bridge, "sendVmMessage", "Vm", "name=vm1", "key=mk", "message=mv", "log=no")
     assert r.returncode == 0
-    assert r.stdout.splitlines()[:2] == ["Command: sendVmMessage Vm name=vm1 key=mk message=mv log=no",
-                                         "Status: Success"]
+    assert r.stdout.splitlines()[:2] == [
+        "Command: sendVmMessage Vm name=vm1 key=mk message=mv log=no",
+        "Status: Success",
+    ]
     assert agent.ovmd("-g", "mk").stdout == "mv\n"
     r = cli(bridge, "sendVmMessage", "Vm", "name=nope", "key=mk", "message=mv")
     assert r.returncode == 1 and "Status: Failure" in r.stdout
@@ -142,14 +195,25 @@ def test_it_should_conform_to_the_openapi_document_with_the_real_bridge(with_vm)
     tokens.chmod(0o600)
     port = free_port()
     channel = str(d / "vm1.pty")
-    args = ["--api-tcp", "127.0.0.1:%d" % port, "--tls-cert", cert, "--tls-key", key, "--tokens-file", str(tokens)]
+    args = [
+        "--api-tcp",
+        "127.0.0.1:%d" % port,
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--tokens-file",
+        str(tokens),
+    ]
     with BridgeProc({"vm1": "pty:" + channel} if with_vm else {}, args=args) as bridge:
         bridge.wait_ready()
         agent = Agent(channel) if with_vm else None
         try:
             if agent:
                 agent.start().wait_ready()
-                wait_for(lambda: agent_state(bridge, "vm1") == "connected", what="vm1's agent to connect")
+                wait_for(
+                    lambda: agent_state(bridge, "vm1") == "connected", what="vm1's agent to connect"
+                )
             result = run_schemathesis(d, port, cert, "--max-examples", "10")
         finally:
             if agent:

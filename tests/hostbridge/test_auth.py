@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from fakes import FakeBridge, ServedApp, api_config, make_tls_cert, short_dir  # noqa: F401
+
 from hostbridge import auth
 from hostbridge.apiclient import ApiError, Client
 from hostbridge.errors import Unauthorized
@@ -35,8 +35,16 @@ def test_it_should_salt_each_hash():
     assert auth.hash_password("pw") != auth.hash_password("pw")
 
 
-@pytest.mark.parametrize("encoded", ["", "scrypt$1$2", "bcrypt$16384$8$1$AAAA$AAAA", "scrypt$x$8$1$AAAA$AAAA",
-                                     "scrypt$16384$8$1$not-base64!$AAAA"])
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        "",
+        "scrypt$1$2",
+        "bcrypt$16384$8$1$AAAA$AAAA",
+        "scrypt$x$8$1$AAAA$AAAA",
+        "scrypt$16384$8$1$not-base64!$AAAA",
+    ],
+)
 def test_it_should_treat_a_malformed_entry_as_no_match(encoded):
     assert auth.verify_password("pw", encoded) is False
 
@@ -81,9 +89,22 @@ def test_it_should_accept_a_listed_token_and_name_its_owner(authenticator):
     assert authenticate(authenticator, "Bearer " + TOKEN) == auth.Principal("token", "ci")
 
 
-@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer nope", "Bearer short", "Bearer " + TOKEN[:-1],
-                                    "Token " + TOKEN, "Basic !!!", basic("admin", "wrong"), basic("ghost", "pw-admin"),
-                                    "Basic " + base64.b64encode(b"no-colon").decode()])
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer nope",
+        "Bearer short",
+        "Bearer " + TOKEN[:-1],
+        "Token " + TOKEN,
+        "Basic !!!",
+        basic("admin", "wrong"),
+        basic("ghost", "pw-admin"),
+        "Basic " + base64.b64encode(b"no-colon").decode(),
+    ],
+)
 def test_it_should_refuse_missing_or_bad_credentials(authenticator, header):
     with pytest.raises(Unauthorized) as e:
         authenticate(authenticator, header)
@@ -91,9 +112,13 @@ def test_it_should_refuse_missing_or_bad_credentials(authenticator, header):
 
 
 def test_it_should_accept_a_listed_user_with_the_right_password(authenticator):
-    assert authenticate(authenticator, basic("admin", "pw-admin")) == auth.Principal("user", "admin")
+    assert authenticate(authenticator, basic("admin", "pw-admin")) == auth.Principal(
+        "user", "admin"
+    )
     # again: served from the short-lived cache of verified pairs, same answer
-    assert authenticate(authenticator, basic("admin", "pw-admin")) == auth.Principal("user", "admin")
+    assert authenticate(authenticator, basic("admin", "pw-admin")) == auth.Principal(
+        "user", "admin"
+    )
 
 
 def test_it_should_see_a_revoked_token_and_a_new_user_without_restart(authenticator, tmp_path):
@@ -105,6 +130,7 @@ def test_it_should_see_a_revoked_token_and_a_new_user_without_restart(authentica
 
 
 # ---- a real TLS listener on 127.0.0.1 ----
+
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
@@ -119,8 +145,14 @@ def tls_files(tmp_path_factory):
 
 @pytest.fixture
 def tls_served(short_dir, tls_files):
-    cfg = api_config(short_dir, api_tcp=("127.0.0.1", 0), tls_cert=tls_files["cert"], tls_key=tls_files["key"],
-                     tokens_file=tls_files["tokens"], users_file=tls_files["users"])
+    cfg = api_config(
+        short_dir,
+        api_tcp=("127.0.0.1", 0),
+        tls_cert=tls_files["cert"],
+        tls_key=tls_files["key"],
+        tokens_file=tls_files["tokens"],
+        users_file=tls_files["users"],
+    )
     bridge = FakeBridge(["vm1"])
     bridge.fake("vm1").keys["newkey"] = ("newvalue", 0.0, "guest")
     with ServedApp(bridge, cfg) as s:
@@ -137,8 +169,17 @@ def https_get(port, path, cafile, headers=None):
         return e.code, json.loads(e.read()), e.headers
 
 
-@pytest.mark.parametrize("path", ["/v1/health", "/v1/vms", "/v1/vms/vm1", "/v1/vms/vm1/keys/newkey", "/openapi.json",
-                                  "/v1/nothing"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/health",
+        "/v1/vms",
+        "/v1/vms/vm1",
+        "/v1/vms/vm1/keys/newkey",
+        "/openapi.json",
+        "/v1/nothing",
+    ],
+)
 def test_it_should_answer_401_on_tcp_without_credentials(tls_served, tls_files, path):
     status, doc, headers = https_get(tls_served.tcp_port, path, tls_files["cert"])
     assert status == 401
@@ -149,7 +190,9 @@ def test_it_should_answer_401_on_tcp_without_credentials(tls_served, tls_files, 
 def test_it_should_answer_on_tcp_with_a_token_or_a_user_and_password(tls_served, tls_files):
     port, ca = tls_served.tcp_port, tls_files["cert"]
     assert https_get(port, "/v1/vms/vm1", ca, {"Authorization": "Bearer " + TOKEN})[0] == 200
-    assert https_get(port, "/v1/vms/vm1", ca, {"Authorization": basic("admin", "pw-admin")})[0] == 200
+    assert (
+        https_get(port, "/v1/vms/vm1", ca, {"Authorization": basic("admin", "pw-admin")})[0] == 200
+    )
     assert https_get(port, "/v1/vms/vm1", ca, {"Authorization": basic("admin", "nope")})[0] == 401
     assert https_get(port, "/v1/vms/vm1", ca, {"Authorization": "Bearer " + "x" * 30})[0] == 401
 
@@ -160,8 +203,14 @@ def test_it_should_need_no_credentials_on_the_unix_socket_of_the_same_server(tls
 
 def test_it_should_work_with_the_lean_client_over_https(tls_served, tls_files):
     url = "https://127.0.0.1:%d" % tls_served.tcp_port
-    assert Client(url, token=TOKEN, cacert=tls_files["cert"]).query("vm1", "newkey")["value"] == "newvalue"
-    assert Client(url, user="admin", password="pw-admin", cacert=tls_files["cert"]).vm("vm1")["name"] == "vm1"
+    assert (
+        Client(url, token=TOKEN, cacert=tls_files["cert"]).query("vm1", "newkey")["value"]
+        == "newvalue"
+    )
+    assert (
+        Client(url, user="admin", password="pw-admin", cacert=tls_files["cert"]).vm("vm1")["name"]
+        == "vm1"
+    )
     with pytest.raises(ApiError) as e:
         Client(url, cacert=tls_files["cert"]).vm("vm1")
     assert (e.value.status, e.value.code) == (401, "unauthorized")
@@ -179,29 +228,74 @@ def run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, **kw)
 
 
-def test_it_should_let_vmmessage_use_https_with_token_or_user_and_exit_6_without(tls_served, tls_files):
+def test_it_should_let_vmmessage_use_https_with_token_or_user_and_exit_6_without(
+    tls_served, tls_files
+):
     url = "https://127.0.0.1:%d" % tls_served.tcp_port
     common = ["--bridge", url, "--cacert", tls_files["cert"]]
     r = run([VMMESSAGE, "query", "vm1", "newkey", *common, "--token", TOKEN])
-    assert (r.returncode, r.stdout.splitlines()[0]) == (0, "Query for Key : 'newkey' returned value 'newvalue'.")
+    assert (r.returncode, r.stdout.splitlines()[0]) == (
+        0,
+        "Query for Key : 'newkey' returned value 'newvalue'.",
+    )
     r = run([VMMESSAGE, *common, "-u", "admin", "-p", "pw-admin", "send", "vm1", "k", "v"])
     assert (r.returncode, r.stdout) == (0, "Message sent successfully.\n")
     r = run([VMMESSAGE, "status", "vm1", *common])
     assert r.returncode == 6
-    assert r.stderr.startswith("vmmessage: error: authentication required") and r.stderr.count("\n") == 1
+    assert (
+        r.stderr.startswith("vmmessage: error: authentication required")
+        and r.stderr.count("\n") == 1
+    )
     r = run([VMMESSAGE, "status", "vm1", *common, "-u", "admin", "-p", "bad"])
     assert r.returncode == 6
 
 
-def test_it_should_let_ovm_vmmessage_authenticate_with_u_and_p_to_a_remote_bridge(tls_served, tls_files):
+def test_it_should_let_ovm_vmmessage_authenticate_with_u_and_p_to_a_remote_bridge(
+    tls_served, tls_files
+):
     host = "127.0.0.1:%d" % tls_served.tcp_port
-    r = run([OVM_VMMESSAGE, "-u", "admin", "-p", "pw-admin", "-h", host, "-v", "vm1", "-q", "newkey",
-             "--cacert", tls_files["cert"]])
+    r = run(
+        [
+            OVM_VMMESSAGE,
+            "-u",
+            "admin",
+            "-p",
+            "pw-admin",
+            "-h",
+            host,
+            "-v",
+            "vm1",
+            "-q",
+            "newkey",
+            "--cacert",
+            tls_files["cert"],
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[:6] == [
-        "Oracle VM VM Message utility 0.5.2.", "Connected.", "VM : 'vm1' has status :  Running.",
-        "Querying for key 'newkey'.", "Query successful.", "Query for Key : 'newkey' returned value 'newvalue'."]
-    r = run([OVM_VMMESSAGE, "-u", "admin", "-p", "wrong", "-h", host, "-v", "vm1", "-q", "newkey",
-             "--cacert", tls_files["cert"]])
+        "Oracle VM VM Message utility 0.5.2.",
+        "Connected.",
+        "VM : 'vm1' has status :  Running.",
+        "Querying for key 'newkey'.",
+        "Query successful.",
+        "Query for Key : 'newkey' returned value 'newvalue'.",
+    ]
+    r = run(
+        [
+            OVM_VMMESSAGE,
+            "-u",
+            "admin",
+            "-p",
+            "wrong",
+            "-h",
+            host,
+            "-v",
+            "vm1",
+            "-q",
+            "newkey",
+            "--cacert",
+            tls_files["cert"],
+        ]
+    )
     assert r.returncode == 6
     assert r.stdout == "Oracle VM VM Message utility 0.5.2.\n"

@@ -5,11 +5,11 @@ import os
 import shutil
 
 import pytest
+from bridge_harness import Agent, async_wait_for, short_tempdir
 
 from hostbridge import errors
 from hostbridge.bridge import Bridge
 from hostbridge.config import Config, VmSpec
-from bridge_harness import Agent, async_wait_for, short_tempdir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,8 +25,11 @@ class World:
         self.bridge = None
 
     def config(self):
-        return Config(vms=[VmSpec(n, "pty:" + p, "flag") for n, p in self.channels.items()],
-                      db=self.db, discover=False)
+        return Config(
+            vms=[VmSpec(n, "pty:" + p, "flag") for n, p in self.channels.items()],
+            db=self.db,
+            discover=False,
+        )
 
     async def start_bridge(self):
         self.bridge = Bridge(self.config())
@@ -36,15 +39,17 @@ class World:
     async def start_agent(self, name):
         agent = self.agents[name]
         agent.start()
-        await async_wait_for(lambda: self.bridge.vm(name).agent == "connected",
-                             what="agent %s synced" % name)
+        await async_wait_for(
+            lambda: self.bridge.vm(name).agent == "connected", what="agent %s synced" % name
+        )
         return agent
 
     async def stop_agent(self, name, kill=False):
         agent = self.agents[name]
         agent.kill() if kill else agent.stop()
-        await async_wait_for(lambda: self.bridge.vm(name).agent == "disconnected",
-                             what="agent %s gone" % name)
+        await async_wait_for(
+            lambda: self.bridge.vm(name).agent == "disconnected", what="agent %s gone" % name
+        )
 
     async def close(self):
         if self.bridge is not None:
@@ -62,6 +67,7 @@ def run_world(names, body):
             await body(world)
         finally:
             await world.close()
+
     asyncio.run(main())
 
 
@@ -78,6 +84,7 @@ def test_a_send_to_a_connected_agent_should_be_delivered_and_stored_by_the_guest
         assert guest_value(agent, "com.example.k") == "hello"
         assert w.bridge.vm("vm1").queued == 0
         assert w.bridge.audit("vm1")[0].outcome == "delivered"
+
     run_world(["vm1"], body)
 
 
@@ -100,6 +107,7 @@ def test_sends_while_the_agent_is_away_should_queue_then_arrive_in_order_exactly
         assert guest_value(agent, "k") == "v4"
         assert s.mirror.gseq == 5  # nothing was applied twice after the reconnect
         assert [a.outcome for a in w.bridge.audit("vm1")] == ["delivered"] * 6
+
     run_world(["vm1"], body)
 
 
@@ -114,6 +122,7 @@ def test_no_queue_should_refuse_when_the_agent_is_not_connected_and_keep_nothing
         r = await w.bridge.send("vm1", "k2", "v", queue=False)
         assert r.outcome == "delivered"
         assert guest_value(agent, "k") is None
+
     run_world(["vm1"], body)
 
 
@@ -135,6 +144,7 @@ def test_query_should_be_live_when_connected_and_stale_from_the_mirror_when_not(
         assert keys.stale and [e.key for e in keys.entries] == ["guest.key"]
         with pytest.raises(errors.NotFound):
             await w.bridge.query("vm1", "missing")
+
     run_world(["vm1"], body)
 
 
@@ -152,6 +162,7 @@ def test_changes_made_while_the_bridge_was_away_should_reach_the_mirror_on_recon
             await async_wait_for(lambda: "while.away" in s.mirror.entries, what="refresh")
         finally:
             await w.close()
+
     asyncio.run(main())
 
 
@@ -170,6 +181,7 @@ def test_errors_should_name_the_problem():
         assert e.value.code == "invalid_key"
         with pytest.raises(errors.UnknownVm):
             w.bridge.vm("nope")
+
     run_world(["vm1"], body)
 
 
@@ -199,6 +211,7 @@ def test_a_log_off_value_should_never_reach_audit_logs_or_disk_after_delivery(ca
                     data += f.read()
         assert data and secret.encode() not in data
         assert secret.encode() in agent.cache_file_bytes()  # the guest has it, as it should
+
     run_world(["vm1"], body)
 
 
@@ -208,4 +221,5 @@ def test_a_second_bridge_on_the_same_database_should_be_refused():
         with pytest.raises(errors.BridgeError) as e:
             await other.start()
         assert "another bridge" in e.value.message
+
     run_world(["vm1"], body)

@@ -6,10 +6,10 @@ import os
 import shutil
 
 import pytest
+from bridge_harness import Agent, QemuStandIn, async_wait_for, short_tempdir
 
 from hostbridge.bridge import Bridge
 from hostbridge.config import Config, Limits
-from bridge_harness import Agent, QemuStandIn, async_wait_for, short_tempdir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,25 +30,34 @@ def test_the_bridge_should_follow_a_vm_through_stop_and_restart_with_a_new_id():
 
     async def main():
         os.makedirs(base)
-        bridge = Bridge(Config(db=os.path.join(d, "db.sqlite3"), libvirt_dirs=[base],
-                               discover_interval=0.2, limits=Limits(reconnect_max=0.3)))
+        bridge = Bridge(
+            Config(
+                db=os.path.join(d, "db.sqlite3"),
+                libvirt_dirs=[base],
+                discover_interval=0.2,
+                limits=Limits(reconnect_max=0.3),
+            )
+        )
         await bridge.start()
         try:
             assert bridge.vms() == []
             chan_dir, qemu, agent = boot(1)
-            await async_wait_for(lambda: [v.name for v in bridge.vms()] == ["guest-one"],
-                                 what="discovery")
+            await async_wait_for(
+                lambda: [v.name for v in bridge.vms()] == ["guest-one"], what="discovery"
+            )
             info = bridge.vm("guest-one")
             assert info.source == "discovered" and info.channel.endswith(
-                "domain-1-guest-one/com.oracle.ovmd")
+                "domain-1-guest-one/com.oracle.ovmd"
+            )
             await async_wait_for(lambda: bridge.vm("guest-one").agent == "connected", what="sync")
             assert (await bridge.send("guest-one", "k", "v1")).outcome == "delivered"
             # The VM stops: libvirt removes the directory. The VM stays known, disconnected.
             qemu.kill()
             agent.kill()
             shutil.rmtree(chan_dir)
-            await async_wait_for(lambda: bridge.vm("guest-one").agent == "disconnected",
-                                 what="stop noticed")
+            await async_wait_for(
+                lambda: bridge.vm("guest-one").agent == "disconnected", what="stop noticed"
+            )
             assert (await bridge.send("guest-one", "k", "v2")).outcome == "queued"
             # It starts again with a new id.
             _, _, agent2 = boot(2)

@@ -11,10 +11,10 @@ import shutil
 import time
 
 import pytest
+from bridge_harness import Agent, Hostile, async_wait_for, short_tempdir
 
 from hostbridge.bridge import Bridge
 from hostbridge.config import Config, Limits, VmSpec
-from bridge_harness import Agent, Hostile, async_wait_for, short_tempdir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,9 +37,12 @@ def test_a_hostile_guest_should_not_slow_another_vms_queries(mode):
     good_ch, bad_ch = os.path.join(d, "good"), os.path.join(d, "bad")
     agent = Agent(good_ch)
     hostile = Hostile(bad_ch, mode)
-    config = Config(vms=[VmSpec("good", "pty:" + good_ch), VmSpec("bad", "pty:" + bad_ch)],
-                    db=os.path.join(d, "bridge.sqlite3"), discover=False,
-                    limits=Limits(delivery_timeout=2.0))
+    config = Config(
+        vms=[VmSpec("good", "pty:" + good_ch), VmSpec("bad", "pty:" + bad_ch)],
+        db=os.path.join(d, "bridge.sqlite3"),
+        discover=False,
+        limits=Limits(delivery_timeout=2.0),
+    )
 
     async def main():
         bridge = Bridge(config)
@@ -49,12 +52,19 @@ def test_a_hostile_guest_should_not_slow_another_vms_queries(mode):
             await async_wait_for(lambda: bridge.vm("good").agent == "connected", what="good sync")
             assert agent.ovmd("-p", "probe=ok").returncode == 0
             hostile.start()
-            await async_wait_for(lambda: bridge.vm("bad").counters["frames_in"] > 0 or
-                                 bridge.vm("bad").agent != "disconnected", what="hostile guest")
+            await async_wait_for(
+                lambda: (
+                    bridge.vm("bad").counters["frames_in"] > 0
+                    or bridge.vm("bad").agent != "disconnected"
+                ),
+                what="hostile guest",
+            )
             if mode == "noread":
                 # Make the bridge write to the guest that never reads: a send waits, times out.
-                sends = [asyncio.ensure_future(bridge.send("bad", "k%d" % i, "v" * 4000,
-                                                           timeout=1.0)) for i in range(20)]
+                sends = [
+                    asyncio.ensure_future(bridge.send("bad", "k%d" % i, "v" * 4000, timeout=1.0))
+                    for i in range(20)
+                ]
             rss_before = rss_kb()
             latencies = []
             deadline = time.monotonic() + FLOOD_SECONDS
@@ -71,9 +81,17 @@ def test_a_hostile_guest_should_not_slow_another_vms_queries(mode):
             p99 = latencies[int(len(latencies) * 0.99) - 1]
             bad = bridge.vm("bad").counters
             growth = rss_kb() - rss_before
-            print("mode=%s queries=%d p50=%.1fms p99=%.1fms rss_growth=%dKB bad=%r" % (
-                mode, len(latencies), latencies[len(latencies) // 2] * 1000, p99 * 1000, growth,
-                bad))
+            print(
+                "mode=%s queries=%d p50=%.1fms p99=%.1fms rss_growth=%dKB bad=%r"
+                % (
+                    mode,
+                    len(latencies),
+                    latencies[len(latencies) // 2] * 1000,
+                    p99 * 1000,
+                    growth,
+                    bad,
+                )
+            )
             assert len(latencies) > 50
             assert p99 < LATENCY_P99
             assert growth < RSS_GROWTH_MAX_KB

@@ -5,10 +5,10 @@ import asyncio
 import os
 
 import pytest
+from bridge_harness import Hostile, async_wait_for, short_tempdir
 
 from hostbridge.bridge import Bridge
 from hostbridge.config import Config, VmSpec
-from bridge_harness import Hostile, async_wait_for, short_tempdir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -17,8 +17,9 @@ def test_a_change_right_after_the_listing_should_not_be_wiped_by_it():
     d = short_tempdir()
     channel = os.path.join(d, "vm")
     guest = Hostile(channel, "racylist")
-    config = Config(vms=[VmSpec("vm", "pty:" + channel)], db=os.path.join(d, "bridge.sqlite3"),
-                    discover=False)
+    config = Config(
+        vms=[VmSpec("vm", "pty:" + channel)], db=os.path.join(d, "bridge.sqlite3"), discover=False
+    )
 
     async def main():
         bridge = Bridge(config)
@@ -27,8 +28,10 @@ def test_a_change_right_after_the_listing_should_not_be_wiped_by_it():
             guest.start().wait_ready()
             await async_wait_for(lambda: bridge.vm("vm").agent == "connected", what="sync")
             s = bridge._sessions["vm"]
-            await async_wait_for(lambda: not s._refreshing and s.mirror.gseq == 1,
-                                 what="the refresh and the change after it")
+            await async_wait_for(
+                lambda: not s._refreshing and s.mirror.gseq == 1,
+                what="the refresh and the change after it",
+            )
             assert s.mirror.entries["late.key"].value == "late value"
         finally:
             await bridge.stop()

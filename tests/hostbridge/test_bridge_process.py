@@ -5,9 +5,9 @@ import os
 import shutil
 
 import pytest
+from bridge_harness import Agent, BridgeProc, QemuStandIn, short_tempdir, wait_for
 
 from hostbridge.apiclient import Client
-from bridge_harness import Agent, BridgeProc, QemuStandIn, short_tempdir, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -90,8 +90,10 @@ def test_a_delivered_message_should_survive_kill_9_of_both_bridge_and_agent(tmp)
 def write_config(tmp, sock):
     path = os.path.join(tmp, "bridge.toml")
     with open(path, "w") as f:
-        f.write('[limits]\ndelivery_timeout = 2.0\nkeepalive = 2.0\nreconnect_max = 0.5\n\n'
-                '[[vm]]\nname = "vm1"\nchannel = "unix:%s"\n' % sock)
+        f.write(
+            "[limits]\ndelivery_timeout = 2.0\nkeepalive = 2.0\nreconnect_max = 0.5\n\n"
+            '[[vm]]\nname = "vm1"\nchannel = "unix:%s"\n' % sock
+        )
     return path
 
 
@@ -156,8 +158,13 @@ def test_an_agent_stopping_behind_qemu_should_be_noticed_and_its_messages_queued
 def test_the_daemon_should_refuse_a_bad_flag_with_one_line(tmp):
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "hostbridge.daemon", "--vm", "nochannel"],
-                       capture_output=True, text=True, timeout=30)
+
+    r = subprocess.run(
+        [sys.executable, "-m", "hostbridge.daemon", "--vm", "nochannel"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "NAME=unix:PATH" in r.stderr
 
@@ -182,11 +189,11 @@ def test_the_daemon_should_tell_systemd_it_is_ready_then_feed_its_watchdog(tmp):
 
     try:
         bridge.start()
-        receive(lambda: "READY=1" in got and got[got.index("READY=1"):].count("WATCHDOG=1") >= 3)
+        receive(lambda: "READY=1" in got and got[got.index("READY=1") :].count("WATCHDOG=1") >= 3)
         bridge.stop()
         receive(lambda: "STOPPING=1" in got)
     finally:
         sock.close()
     assert "READY=1" in got, (got, bridge.log())
-    assert got[got.index("READY=1"):].count("WATCHDOG=1") >= 3, got
+    assert got[got.index("READY=1") :].count("WATCHDOG=1") >= 3, got
     assert got[-1] == "STOPPING=1", got

@@ -5,10 +5,10 @@ import asyncio
 import os
 
 import pytest
+from bridge_harness import Hostile, async_wait_for, short_tempdir
 
 from hostbridge.bridge import Bridge
 from hostbridge.config import Config, Limits, VmSpec
-from bridge_harness import Hostile, async_wait_for, short_tempdir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -17,8 +17,12 @@ def test_a_busy_answer_should_resync_and_deliver_the_message_once():
     d = short_tempdir()
     channel = os.path.join(d, "vm")
     guest = Hostile(channel, "restarted")
-    config = Config(vms=[VmSpec("vm", "pty:" + channel)], db=os.path.join(d, "bridge.sqlite3"),
-                    discover=False, limits=Limits(delivery_timeout=5.0))
+    config = Config(
+        vms=[VmSpec("vm", "pty:" + channel)],
+        db=os.path.join(d, "bridge.sqlite3"),
+        discover=False,
+        limits=Limits(delivery_timeout=5.0),
+    )
 
     async def main():
         bridge = Bridge(config)

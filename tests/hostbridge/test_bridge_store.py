@@ -41,7 +41,11 @@ def test_it_should_number_outbox_rows_in_order_and_survive_reopen(db_path):
     s = Store(db_path)
     rows = s.outbox("a", limit=10)
     assert [(r.seq, r.key, r.value) for r in rows] == [
-        (1, "k0", "v0"), (2, "k1", "v1"), (3, "k2", "v2"), (4, "gone", None)]
+        (1, "k0", "v0"),
+        (2, "k1", "v1"),
+        (3, "k2", "v2"),
+        (4, "gone", None),
+    ]
     assert s.queued("a") == 4
     s.finish("a", [1, 2], "delivered")
     assert [r.seq for r in s.outbox("a")] == [3, 4]
@@ -56,7 +60,11 @@ def test_it_should_record_outcomes_in_the_audit_newest_first(db_path):
     s.finish("a", [1], "delivered")
     s.audit_refused("a", "k3", "v3", False)
     rows = s.audit("a")
-    assert [(r[2], r[5]) for r in rows] == [("k3", "refused"), ("k2", "queued"), ("k1", "delivered")]
+    assert [(r[2], r[5]) for r in rows] == [
+        ("k3", "refused"),
+        ("k2", "queued"),
+        ("k1", "delivered"),
+    ]
     assert rows[2][6] == "v1" and rows[2][3] == 2
     assert rows[0][6] is None
 
@@ -92,8 +100,18 @@ def test_it_should_leave_no_trace_of_a_log_off_value_once_delivered(db_path, siz
 def test_it_should_store_a_hidden_mirror_row_without_its_value(db_path):
     s = Store(db_path)
     s.vm("a")
-    s.save_mirror("a", [MirrorRow("pw", "hunter2-secret", 1.0, "host", True),
-                        MirrorRow("k", "visible", 2.0, "guest", False)], [], True, 5.0, "g", 3)
+    s.save_mirror(
+        "a",
+        [
+            MirrorRow("pw", "hunter2-secret", 1.0, "host", True),
+            MirrorRow("k", "visible", 2.0, "guest", False),
+        ],
+        [],
+        True,
+        5.0,
+        "g",
+        3,
+    )
     s.close()
     assert b"hunter2-secret" not in file_bytes(db_path)
     s = Store(db_path)
@@ -122,7 +140,9 @@ def test_a_batch_should_commit_every_write_once_and_a_failed_write_should_undo_o
         s.save_mirror("a", [MirrorRow("k", "from a", 1.0, "guest", False)], [], True, 5.0, "g", 1)
         with pytest.raises(Exception):
             # A key sqlite3 cannot bind fails after the savepoint began, inside the batch.
-            s.save_mirror("b", [MirrorRow(object(), "x", 1.0, "guest", False)], [], True, 5.0, "g", 1)
+            s.save_mirror(
+                "b", [MirrorRow(object(), "x", 1.0, "guest", False)], [], True, 5.0, "g", 1
+            )
         s.save_mirror("b", [MirrorRow("k2", "from b", 2.0, "guest", False)], [], True, 6.0, "g", 2)
     s._db.close()  # no checkpoint: as after kill -9
     s = Store(db_path)

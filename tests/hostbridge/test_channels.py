@@ -6,9 +6,9 @@ import socket
 import termios
 
 import pytest
+from bridge_harness import short_tempdir
 
 from hostbridge.channels import ChannelClosed, ChannelFull, PtyChannel, UnixChannel
-from bridge_harness import short_tempdir
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -22,6 +22,7 @@ def tmp():
     d = short_tempdir()
     yield d
     import shutil
+
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -55,6 +56,7 @@ def test_pty_should_link_a_raw_guest_end_and_wait_for_an_opener_without_spinning
         assert not ch.connected
         await ch.aclose()
         assert not os.path.lexists(path)
+
     run(main())
 
 
@@ -72,6 +74,7 @@ def test_pty_should_accept_a_new_opener_after_the_first_closed(tmp):
                 await ch.read()
         assert ch.connects == 2
         await ch.aclose()
+
     run(main())
 
 
@@ -86,6 +89,7 @@ def test_pty_should_refuse_to_queue_without_bound_when_the_guest_never_reads(tmp
                 ch.write(b"x" * 1024)
         os.close(fd)
         await ch.aclose()
+
     run(main())
 
 
@@ -113,6 +117,7 @@ def test_unix_should_reconnect_with_backoff_until_the_socket_appears(tmp):
         assert ch.connects == 2
         await ch.aclose()
         srv.close()
+
     run(main())
 
 
@@ -130,4 +135,5 @@ def test_unix_should_refuse_writes_past_its_buffer_when_the_peer_never_reads(tmp
                 await asyncio.sleep(0)
         await ch.aclose()
         srv.close()
+
     run(main())

@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from fakes import FakeBridge, ServedApp, api_config, short_dir  # noqa: F401
+
 from hostbridge import cli
 from hostbridge.errors import AgentTimeout
 
@@ -41,23 +41,31 @@ def vmm(served, *args, env=None):
 def test_it_should_print_the_original_query_lines(served):
     r = vmm(served, "query", "vm1", "newkey")
     assert r.returncode == 0
-    assert r.stdout == "Query for Key : 'newkey' returned value 'newvalue'.\nKey set 2 minutes ago.\n"
+    assert (
+        r.stdout == "Query for Key : 'newkey' returned value 'newvalue'.\nKey set 2 minutes ago.\n"
+    )
     assert r.stderr == ""
 
 
 def test_it_should_add_the_stale_marker_when_the_answer_came_from_the_mirror(served):
     r = vmm(served, "query", "vm2", "old")
     assert r.returncode == 0
-    assert r.stdout.splitlines() == ["Query for Key : 'old' returned value 'mirrored'.", "Key set 10 minutes ago.",
-                                     "(stale: the agent was last seen 5 minutes ago)"]
+    assert r.stdout.splitlines() == [
+        "Query for Key : 'old' returned value 'mirrored'.",
+        "Key set 10 minutes ago.",
+        "(stale: the agent was last seen 5 minutes ago)",
+    ]
 
 
 def test_it_should_say_sent_or_queued(served):
     r = vmm(served, "send", "vm1", "foo", "bar")
     assert (r.returncode, r.stdout) == (0, "Message sent successfully.\n")
     r = vmm(served, "send", "vm2", "foo", "bar")
-    assert (r.returncode, r.stdout) == (0, "Message queued: the agent in VM 'vm2' is not connected; it will be "
-                                           "delivered when it connects.\n")
+    assert (r.returncode, r.stdout) == (
+        0,
+        "Message queued: the agent in VM 'vm2' is not connected; it will be "
+        "delivered when it connects.\n",
+    )
 
 
 def test_it_should_pass_no_log_no_queue_and_timeout(served):
@@ -70,23 +78,28 @@ def test_it_should_pass_no_log_no_queue_and_timeout(served):
     assert r.stderr.count("\n") == 1 and "not connected" in r.stderr
 
 
-@pytest.mark.parametrize("args,code,fragment", [
-    (["query", "vm1", "missing"], 1, "not set"),
-    (["query", "nope", "k"], 1, "no VM named 'nope'"),
-    (["status", "nope"], 1, "no VM named"),
-    (["send", "vm1", "k" * 300, "v"], 2, "the limit is 256 bytes"),
-    (["send", "vm1", "k", "v" * 8200], 2, "the limit is 8192 bytes"),
-    (["send", "vm1", "a=b", "v"], 2, "'='"),
-    (["send", "vm1", "k"], 2, "Missing argument"),
-    (["frobnicate"], 2, "No such command"),
-    (["send", "vm1", "k", "v", "--timeout", "0"], 2, "timeout"),
-])
-def test_it_should_exit_with_the_documented_status_and_one_line_errors(served, args, code, fragment):
+@pytest.mark.parametrize(
+    "args,code,fragment",
+    [
+        (["query", "vm1", "missing"], 1, "not set"),
+        (["query", "nope", "k"], 1, "no VM named 'nope'"),
+        (["status", "nope"], 1, "no VM named"),
+        (["send", "vm1", "k" * 300, "v"], 2, "the limit is 256 bytes"),
+        (["send", "vm1", "k", "v" * 8200], 2, "the limit is 8192 bytes"),
+        (["send", "vm1", "a=b", "v"], 2, "'='"),
+        (["send", "vm1", "k"], 2, "Missing argument"),
+        (["frobnicate"], 2, "No such command"),
+        (["send", "vm1", "k", "v", "--timeout", "0"], 2, "timeout"),
+    ],
+)
+def test_it_should_exit_with_the_documented_status_and_one_line_errors(
+    served, args, code, fragment
+):
     r = vmm(served, *args)
     assert r.returncode == code
     assert fragment in r.stderr
     assert "Traceback" not in r.stderr
-    if code != 2 or args[0] == "send" and len(args) == 4:
+    if code != 2 or (args[0] == "send" and len(args) == 4):
         assert r.stderr.count("\n") == 1
 
 
@@ -94,20 +107,34 @@ def test_it_should_exit_3_when_the_bridge_is_unreachable():
     for args in (["query", "vm1", "k"], ["list"], ["send", "vm1", "k", "v"], ["status", "vm1"]):
         r = vmm(None, *args)
         assert r.returncode == 3
-        assert r.stderr == "vmmessage: error: cannot connect to the bridge at /nonexistent/api.sock: " \
-                           "No such file or directory\n"
+        assert (
+            r.stderr == "vmmessage: error: cannot connect to the bridge at /nonexistent/api.sock: "
+            "No such file or directory\n"
+        )
 
 
 def test_it_should_exit_4_on_agent_timeout(served):
-    served.call(lambda: served.bridge.fail_with.__setitem__("query", AgentTimeout("the agent did not answer")))
+    served.call(
+        lambda: served.bridge.fail_with.__setitem__(
+            "query", AgentTimeout("the agent did not answer")
+        )
+    )
     r = vmm(served, "query", "vm1", "newkey")
     assert (r.returncode, r.stderr) == (4, "vmmessage: error: the agent did not answer\n")
 
 
 def test_it_should_escape_control_characters_and_escape_sequences_from_the_guest(served):
-    for args in (["query", "vm1", "hostile"], ["keys", "vm1"], ["query", "--json", "vm1", "hostile"]):
-        r = subprocess.run([VMMESSAGE, *args], capture_output=True, timeout=60,
-                           env=dict(os.environ, VMMESSAGE_BRIDGE=served.unix_path))
+    for args in (
+        ["query", "vm1", "hostile"],
+        ["keys", "vm1"],
+        ["query", "--json", "vm1", "hostile"],
+    ):
+        r = subprocess.run(
+            [VMMESSAGE, *args],
+            capture_output=True,
+            timeout=60,
+            env=dict(os.environ, VMMESSAGE_BRIDGE=served.unix_path),
+        )
         assert r.returncode == 0
         out = r.stdout.decode("utf-8")
         for bad in ("\x1b", "\x07", "\r", "\u202e", "\x9b"):
@@ -123,16 +150,30 @@ def test_it_should_list_vms_with_state_last_seen_queued_and_channel(served):
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["NAME", "AGENT", "LAST", "SEEN", "QUEUED", "CHANNEL"]
     assert lines[1].split() == ["vm1", "connected", "now", "0", "pty:/tmp/fake-vm1"]
-    assert lines[2].split() == ["vm2", "disconnected", "5", "minutes", "ago", "0", "pty:/tmp/fake-vm2"]
+    assert lines[2].split() == [
+        "vm2",
+        "disconnected",
+        "5",
+        "minutes",
+        "ago",
+        "0",
+        "pty:/tmp/fake-vm2",
+    ]
 
 
 def test_it_should_show_status_keys_rm_and_audit(served):
     r = vmm(served, "status", "vm2")
     assert r.returncode == 0
-    assert "VM : 'vm2'" in r.stdout and "Agent: disconnected" in r.stdout and "Queued messages: 0" in r.stdout
+    assert (
+        "VM : 'vm2'" in r.stdout
+        and "Agent: disconnected" in r.stdout
+        and "Queued messages: 0" in r.stdout
+    )
     r = vmm(served, "keys", "vm2")
-    assert r.stdout.splitlines() == ["old = 'mirrored'  (set 10 minutes ago by the guest)",
-                                     "(stale: the agent was last seen 5 minutes ago)"]
+    assert r.stdout.splitlines() == [
+        "old = 'mirrored'  (set 10 minutes ago by the guest)",
+        "(stale: the agent was last seen 5 minutes ago)",
+    ]
     assert vmm(served, "send", "vm1", "gone", "soon").returncode == 0
     r = vmm(served, "rm", "vm1", "gone")
     assert (r.returncode, r.stdout) == (0, "Key 'gone' deleted.\n")
@@ -143,12 +184,24 @@ def test_it_should_show_status_keys_rm_and_audit(served):
     r = vmm(served, "audit", "vm1")
     assert r.returncode == 0
     first = r.stdout.splitlines()[0]
-    assert "delivered" in first and " pw " in first and "(not logged)" in first and "hunter2" not in r.stdout
+    assert (
+        "delivered" in first
+        and " pw " in first
+        and "(not logged)" in first
+        and "hunter2" not in r.stdout
+    )
 
 
 def test_it_should_print_json_for_each_command(served):
-    for args in (["list"], ["status", "vm1"], ["keys", "vm1"], ["query", "vm1", "newkey"], ["audit", "vm1"],
-                 ["send", "vm1", "j", "son"], ["rm", "vm1", "j"]):
+    for args in (
+        ["list"],
+        ["status", "vm1"],
+        ["keys", "vm1"],
+        ["query", "vm1", "newkey"],
+        ["audit", "vm1"],
+        ["send", "vm1", "j", "son"],
+        ["rm", "vm1", "j"],
+    ):
         for where in ("before", "after"):
             argv = ["--json", *args] if where == "before" else [*args, "--json"]
             if args[0] == "rm":
@@ -177,35 +230,62 @@ def test_it_should_accept_the_manager_cli_form(served):
 def test_it_should_document_the_exit_statuses_in_help():
     r = subprocess.run([VMMESSAGE, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
-    for line in ("0  success", "1  not found", "2  usage", "3  the bridge is unreachable", "4  the agent did not",
-                 "5  the agent is not connected", "6  unauthorized"):
+    for line in (
+        "0  success",
+        "1  not found",
+        "2  usage",
+        "3  the bridge is unreachable",
+        "4  the agent did not",
+        "5  the agent is not connected",
+        "6  unauthorized",
+    ):
         assert line in r.stdout
-    assert "Exit status" in subprocess.run([VMMESSAGE, "send", "--help"], capture_output=True, text=True).stdout
+    assert (
+        "Exit status"
+        in subprocess.run([VMMESSAGE, "send", "--help"], capture_output=True, text=True).stdout
+    )
 
 
 def test_it_should_add_a_user_and_a_token(tmp_path):
     from hostbridge import auth
 
     users = tmp_path / "users"
-    r = subprocess.run([VMMESSAGE, "adduser", "admin", "--users-file", str(users), "--password-stdin"],
-                       input="pw-1\n", capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [VMMESSAGE, "adduser", "admin", "--users-file", str(users), "--password-stdin"],
+        input="pw-1\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (r.returncode, r.stdout) == (0, "User 'admin' added.\n")
     assert auth.verify_password("pw-1", users.read_text().split(":", 1)[1].strip())
     tokens = tmp_path / "tokens"
-    r = subprocess.run([VMMESSAGE, "newtoken", "ci", "--tokens-file", str(tokens)], capture_output=True, text=True)
+    r = subprocess.run(
+        [VMMESSAGE, "newtoken", "ci", "--tokens-file", str(tokens)], capture_output=True, text=True
+    )
     assert r.returncode == 0
     assert tokens.read_text() == "ci:%s\n" % r.stdout.strip()
 
 
 # ---- the fast path ----
 
-CASES = [["query", "vm1", "newkey"], ["query", "vm2", "old"], ["query", "vm1", "missing"], ["query", "nope", "k"],
-         ["query", "vm1", "hostile"], ["send", "vm1", "fk", "fv"], ["send", "vm2", "fk", "fv"],
-         ["send", "vm1", "k" * 300, "v"], ["query", "vm1", "a=b"]]
+CASES = [
+    ["query", "vm1", "newkey"],
+    ["query", "vm2", "old"],
+    ["query", "vm1", "missing"],
+    ["query", "nope", "k"],
+    ["query", "vm1", "hostile"],
+    ["send", "vm1", "fk", "fv"],
+    ["send", "vm2", "fk", "fv"],
+    ["send", "vm1", "k" * 300, "v"],
+    ["query", "vm1", "a=b"],
+]
 
 
 @pytest.mark.parametrize("argv", CASES, ids=lambda a: " ".join(x[:12] for x in a))
-def test_it_should_print_the_same_through_the_fast_path_and_click(served, argv, capsys, monkeypatch):
+def test_it_should_print_the_same_through_the_fast_path_and_click(
+    served, argv, capsys, monkeypatch
+):
     monkeypatch.setenv("VMMESSAGE_BRIDGE", served.unix_path)
     fast_status = cli.fast_path(argv)
     assert fast_status is not None  # the shape is the fast one
@@ -223,16 +303,29 @@ def test_it_should_exit_identically_through_both_paths_when_unreachable(capsys, 
     assert fast == slow and fast[0] == 3
 
 
-@pytest.mark.parametrize("argv", [["query", "vm1"], ["query", "--json", "vm1", "k"], ["query", "vm1", "-k"],
-                                  ["list"], ["send", "vm1", "k", "-v"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["query", "vm1"],
+        ["query", "--json", "vm1", "k"],
+        ["query", "vm1", "-k"],
+        ["list"],
+        ["send", "vm1", "k", "-v"],
+    ],
+)
 def test_it_should_leave_every_other_shape_to_click(argv):
     assert cli.fast_path(argv) is None
 
 
 def imported_modules(served, *args):
     env = dict(os.environ, VMMESSAGE_BRIDGE=served.unix_path)
-    r = subprocess.run([sys.executable, "-X", "importtime", VMMESSAGE, *args], capture_output=True, text=True,
-                       timeout=60, env=env)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", VMMESSAGE, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     mods = set()
     for line in r.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -245,7 +338,16 @@ def test_it_should_not_import_click_aiohttp_asyncio_or_socket_on_the_fast_path(s
     r, mods = imported_modules(served, *args)
     assert r.returncode == 0, r.stderr[-500:]
     assert "hostbridge.cli" in mods and "_socket" in mods  # the measurement is real
-    assert not mods & {"click", "aiohttp", "asyncio", "socket", "ssl", "http.client", "orjson", "json"}
+    assert not mods & {
+        "click",
+        "aiohttp",
+        "asyncio",
+        "socket",
+        "ssl",
+        "http.client",
+        "orjson",
+        "json",
+    }
 
 
 def test_it_should_import_click_on_the_other_paths(served):

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from fakes import FakeBridge, ServedApp, api_config, short_dir  # noqa: F401
 
 OVM_VMMESSAGE = os.path.join(os.path.dirname(sys.executable), "ovm_vmmessage")
@@ -26,23 +25,62 @@ def served(short_dir):
 def ovm(served, *args, bridge=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMMESSAGE_")}
     env["VMMESSAGE_BRIDGE"] = bridge or served.unix_path
-    return subprocess.run([OVM_VMMESSAGE, *args], capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(
+        [OVM_VMMESSAGE, *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def test_it_should_print_the_original_lines_when_sending(served):
-    r = ovm(served, "-u", "admin", "-p", "secret", "-h", "localhost", "-v", "ol6u3apitest", "-k", "foo", "-V", "bar")
+    r = ovm(
+        served,
+        "-u",
+        "admin",
+        "-p",
+        "secret",
+        "-h",
+        "localhost",
+        "-v",
+        "ol6u3apitest",
+        "-k",
+        "foo",
+        "-V",
+        "bar",
+    )
     assert r.returncode == 0
-    assert r.stdout.splitlines() == [BANNER, "Connected.", "VM : 'ol6u3apitest' has status :  Running.",
-                                     "Sending message.", "Message sent successfully."]
+    assert r.stdout.splitlines() == [
+        BANNER,
+        "Connected.",
+        "VM : 'ol6u3apitest' has status :  Running.",
+        "Sending message.",
+        "Message sent successfully.",
+    ]
     assert served.bridge.fake("ol6u3apitest").keys["foo"][0] == "bar"
 
 
 def test_it_should_print_the_original_lines_when_querying(served):
-    r = ovm(served, "-u", "admin", "-p", "secret", "-h", "localhost", "-v", "ol6u3apitest", "-q", "newkey")
+    r = ovm(
+        served,
+        "-u",
+        "admin",
+        "-p",
+        "secret",
+        "-h",
+        "localhost",
+        "-v",
+        "ol6u3apitest",
+        "-q",
+        "newkey",
+    )
     assert r.returncode == 0
-    assert r.stdout.splitlines() == [BANNER, "Connected.", "VM : 'ol6u3apitest' has status :  Running.",
-                                     "Querying for key 'newkey'.", "Query successful.",
-                                     "Query for Key : 'newkey' returned value 'newvalue'.", "Key set 2 minutes ago."]
+    assert r.stdout.splitlines() == [
+        BANNER,
+        "Connected.",
+        "VM : 'ol6u3apitest' has status :  Running.",
+        "Querying for key 'newkey'.",
+        "Query successful.",
+        "Query for Key : 'newkey' returned value 'newvalue'.",
+        "Key set 2 minutes ago.",
+    ]
 
 
 def test_it_should_use_the_local_socket_when_the_host_is_empty_or_omitted(served):
@@ -55,19 +93,24 @@ def test_it_should_say_queued_and_not_running_for_a_vm_whose_agent_is_away(serve
     r = ovm(served, "-h", "localhost", "-v", "down", "-k", "foo", "-V", "bar")
     assert r.returncode == 0
     assert r.stdout.splitlines()[2:] == [
-        "VM : 'down' has status :  Not connected.", "Sending message.",
-        "Message queued: the agent in VM 'down' is not connected; it will be delivered when it connects."]
+        "VM : 'down' has status :  Not connected.",
+        "Sending message.",
+        "Message queued: the agent in VM 'down' is not connected; it will be delivered when it connects.",
+    ]
 
 
-@pytest.mark.parametrize("args,code,fragment", [
-    (["-v", "ghost", "-q", "k"], 1, "no VM named 'ghost'"),
-    (["-v", "ol6u3apitest", "-q", "missing"], 1, "not set"),
-    (["-v", "ol6u3apitest", "-k", "foo"], 2, "-k and -V go together"),
-    (["-v", "ol6u3apitest"], 2, "give -k KEY -V VALUE"),
-    (["-q", "k"], 2, "-v"),
-    (["-v", "ol6u3apitest", "-k", "x" * 300, "-V", "v"], 2, "the limit is 256 bytes"),
-    (["-v", "x", "--bogus"], 2, "unrecognized"),
-])
+@pytest.mark.parametrize(
+    "args,code,fragment",
+    [
+        (["-v", "ghost", "-q", "k"], 1, "no VM named 'ghost'"),
+        (["-v", "ol6u3apitest", "-q", "missing"], 1, "not set"),
+        (["-v", "ol6u3apitest", "-k", "foo"], 2, "-k and -V go together"),
+        (["-v", "ol6u3apitest"], 2, "give -k KEY -V VALUE"),
+        (["-q", "k"], 2, "-v"),
+        (["-v", "ol6u3apitest", "-k", "x" * 300, "-V", "v"], 2, "the limit is 256 bytes"),
+        (["-v", "x", "--bogus"], 2, "unrecognized"),
+    ],
+)
 def test_it_should_fail_with_one_line_and_the_documented_status(served, args, code, fragment):
     r = ovm(served, *args)
     assert r.returncode == code
@@ -83,7 +126,11 @@ def test_it_should_exit_3_when_the_bridge_is_unreachable(served):
 
 
 def test_it_should_escape_a_hostile_value(served):
-    served.call(lambda: served.bridge.fake("ol6u3apitest").keys.__setitem__("evil", ("a\x1b[31mb\nc", 0.0, "guest")))
+    served.call(
+        lambda: served.bridge.fake("ol6u3apitest").keys.__setitem__(
+            "evil", ("a\x1b[31mb\nc", 0.0, "guest")
+        )
+    )
     r = ovm(served, "-v", "ol6u3apitest", "-q", "evil")
     assert "Query for Key : 'evil' returned value 'a\\x1b[31mb\\nc'." in r.stdout
     assert "\x1b" not in r.stdout

@@ -5,9 +5,9 @@ import os
 import socket
 
 import pytest
+from bridge_harness import short_tempdir
 
 from hostbridge.discovery import Discovery, Found, NameResolver, scan
-from bridge_harness import short_tempdir
 
 
 def make_channel(base, dom_id, name):
@@ -24,6 +24,7 @@ def base():
     d = short_tempdir()
     yield d
     import shutil
+
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -68,15 +69,21 @@ def test_it_should_follow_vms_that_start_stop_and_restart_with_a_new_id(base):
         await disc.scan_once()  # nothing new: no event
         s1.close()
         import shutil
+
         shutil.rmtree(d1)
         await disc.scan_once()
         d3, s3 = make_channel(base, 7, "alpha")  # restarted: a new id
         await disc.scan_once()
         for s in (s2, s3):
             s.close()
+
     asyncio.run(main())
-    assert events == [("found", "alpha", "domain-1-alpha"), ("found", "beta", "domain-2-beta"),
-                      ("lost", "alpha"), ("found", "alpha", "domain-7-alpha")]
+    assert events == [
+        ("found", "alpha", "domain-1-alpha"),
+        ("found", "beta", "domain-2-beta"),
+        ("lost", "alpha"),
+        ("found", "alpha", "domain-7-alpha"),
+    ]
 
 
 def test_it_should_use_the_full_name_from_libvirt_and_fall_back_to_the_directorys(base):
@@ -100,7 +107,9 @@ def test_it_should_use_the_full_name_from_libvirt_and_fall_back_to_the_directory
 
 def test_it_should_ask_virsh_for_the_name_when_it_exists(base, tmp_path):
     virsh = tmp_path / "virsh"
-    virsh.write_text("#!/bin/sh\n[ \"$3\" = domname ] && [ \"$4\" = 9 ] && echo 'full-name-from-virsh-x'\n")
+    virsh.write_text(
+        '#!/bin/sh\n[ "$3" = domname ] && [ "$4" = 9 ] && echo \'full-name-from-virsh-x\'\n'
+    )
     virsh.chmod(0o755)
     resolver = NameResolver()
     resolver._libvirt = None
@@ -125,6 +134,7 @@ def test_a_new_socket_in_a_directory_seen_before_should_be_resolved_again(base):
     assert asyncio.run(resolver.resolve(first)) == prefix + "-vm-a"
     s.close()
     import shutil
+
     shutil.rmtree(d)
     resolver.retain(scan([base]))
     resolver.names = {1: prefix + "-vm-b"}

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from fakes import FakeBridge, ServedApp, api_config, make_tls_cert, short_dir  # noqa: F401
+
 from hostbridge import api
 
 ST = os.path.join(os.path.dirname(sys.executable), "st")
@@ -34,19 +35,47 @@ def test_it_should_publish_a_valid_openapi_3_document():
         doc = json.load(f)
     assert doc["openapi"].startswith("3.")
     ops = {(path, method) for path, item in doc["paths"].items() for method in item}
-    assert ops == {("/v1/health", "get"), ("/v1/vms", "get"), ("/v1/vms/{vm}", "get"),
-                   ("/v1/vms/{vm}/messages", "post"), ("/v1/vms/{vm}/keys", "get"),
-                   ("/v1/vms/{vm}/keys/{key}", "get"), ("/v1/vms/{vm}/keys/{key}", "delete"),
-                   ("/v1/vms/{vm}/audit", "get"), ("/openapi.json", "get")}
+    assert ops == {
+        ("/v1/health", "get"),
+        ("/v1/vms", "get"),
+        ("/v1/vms/{vm}", "get"),
+        ("/v1/vms/{vm}/messages", "post"),
+        ("/v1/vms/{vm}/keys", "get"),
+        ("/v1/vms/{vm}/keys/{key}", "get"),
+        ("/v1/vms/{vm}/keys/{key}", "delete"),
+        ("/v1/vms/{vm}/audit", "get"),
+        ("/openapi.json", "get"),
+    }
 
 
 def run_schemathesis(tmp, port, cert, *extra):
     config = tmp / "schemathesis.toml"
     config.write_text(CONFIG)
-    cmd = [ST, "--config-file", str(config), "--no-color", "run", api.OPENAPI_PATH,
-           "--url", "https://127.0.0.1:%d" % port, "--tls-verify", cert,
-           "-H", "Authorization: Bearer " + TOKEN, "--checks", "all", "--seed", "1",
-           "--max-examples", "25", "-w", "1", "--request-timeout", "20", *extra]
+    cmd = [
+        ST,
+        "--config-file",
+        str(config),
+        "--no-color",
+        "run",
+        api.OPENAPI_PATH,
+        "--url",
+        "https://127.0.0.1:%d" % port,
+        "--tls-verify",
+        cert,
+        "-H",
+        "Authorization: Bearer " + TOKEN,
+        "--checks",
+        "all",
+        "--seed",
+        "1",
+        "--max-examples",
+        "25",
+        "-w",
+        "1",
+        "--request-timeout",
+        "20",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=str(tmp))
 
 
@@ -55,14 +84,18 @@ def serve_tls(short_dir, bridge):
     tokens = short_dir / "tokens"
     tokens.write_text("schemathesis:%s\n" % TOKEN)
     tokens.chmod(0o600)
-    cfg = api_config(short_dir, api_tcp=("127.0.0.1", 0), tls_cert=cert, tls_key=key, tokens_file=str(tokens))
+    cfg = api_config(
+        short_dir, api_tcp=("127.0.0.1", 0), tls_cert=cert, tls_key=key, tokens_file=str(tokens)
+    )
     return ServedApp(bridge, cfg), cert
 
 
 def summary(result):
     out = result.stdout
     start = out.find("FAILURES")
-    return "\n".join(line[:300] for line in (out[start:] if start >= 0 else out[-3000:]).splitlines()[:120])
+    return "\n".join(
+        line[:300] for line in (out[start:] if start >= 0 else out[-3000:]).splitlines()[:120]
+    )
 
 
 def test_it_should_conform_to_its_openapi_document_under_schemathesis(short_dir):

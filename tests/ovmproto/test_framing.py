@@ -71,8 +71,8 @@ def split_at(data, points):
 
 def every_chunking(data, rng):
     """One byte at a time, 4096-byte reads, all in one read, and random split points."""
-    yield [data[i:i + 1] for i in range(len(data))]
-    yield [data[i:i + 4096] for i in range(0, len(data), 4096)]
+    yield [data[i : i + 1] for i in range(len(data))]
+    yield [data[i : i + 4096] for i in range(0, len(data), 4096)]
     yield [data]
     for _ in range(3):
         yield split_at(data, [rng.randrange(len(data) + 1) for _ in range(rng.randrange(8))])
@@ -92,7 +92,11 @@ streams = st.lists(_piece, max_size=40).map(b"".join)
 @given(stream=streams, points=st.lists(st.integers(min_value=0, max_value=2000), max_size=12))
 def test_it_should_report_what_the_model_reports_for_any_stream_and_any_chunking(stream, points):
     expected, expected_buffered = model(stream, SMALL_MAX)
-    for chunks in ([stream], [stream[i:i + 1] for i in range(len(stream))], split_at(stream, points)):
+    for chunks in (
+        [stream],
+        [stream[i : i + 1] for i in range(len(stream))],
+        split_at(stream, points),
+    ):
         d = FrameDecoder(SMALL_MAX)
         assert normalized(feed_chunks(d, chunks)) == expected
         assert d.buffered == expected_buffered
@@ -133,16 +137,23 @@ def test_it_should_drop_the_partial_frame_at_a_resync_and_count_its_bytes():
 def test_it_should_report_a_resync_with_nothing_dropped_between_whole_frames():
     a, b = encode(Ping(id=1)), encode(Ping(id=2))
     assert FrameDecoder().feed(RESYNC + a + RESYNC + RESYNC + b) == [
-        Resync(0), a[:-1], Resync(0), Resync(0), b[:-1]]
+        Resync(0),
+        a[:-1],
+        Resync(0),
+        Resync(0),
+        b[:-1],
+    ]
 
 
 def test_it_should_resync_anywhere_inside_a_frame_and_keep_the_next_frame_intact():
     stale = encode(Set(id=9, key="stale", value="old value"))
     good = encode(Ping(id=10))
     for cut in range(len(stale)):
-        for chunks in ([stale[:cut] + RESYNC + good],
-                       [stale[:cut], RESYNC, good],
-                       [stale[:cut], RESYNC + good[:5], good[5:]]):
+        for chunks in (
+            [stale[:cut] + RESYNC + good],
+            [stale[:cut], RESYNC, good],
+            [stale[:cut], RESYNC + good[:5], good[5:]],
+        ):
             events = feed_chunks(FrameDecoder(), chunks)
             assert events == [Resync(dropped=cut), good[:-1]], (cut, chunks)
 
@@ -203,8 +214,11 @@ def test_it_should_report_an_over_long_partial_frame_once_when_a_resync_cuts_it(
     good = encode(Ping(id=1))
     events = d.feed(b"y" * (SMALL_MAX + 10))
     events += d.feed(b"y" * 5 + RESYNC + good)
-    assert normalized(events) == [("too_long", SMALL_MAX + 15), ("resync", SMALL_MAX + 15),
-                                  ("frame", good[:-1])]
+    assert normalized(events) == [
+        ("too_long", SMALL_MAX + 15),
+        ("resync", SMALL_MAX + 15),
+        ("frame", good[:-1]),
+    ]
 
 
 def padded_ping(size):

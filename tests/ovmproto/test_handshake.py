@@ -16,12 +16,15 @@ GUEST = dict(agent="ovmd 0.1.0", gid="g-1", gseq=41, epoch="E1", hseq=7)
 
 
 def reply(**overrides):
-    fields = dict(id=5, v=1, nonce="n0nce", agent="ovmd 0.1.0", gid="g-1", gseq=41, epoch="E1", hseq=7)
+    fields = dict(
+        id=5, v=1, nonce="n0nce", agent="ovmd 0.1.0", gid="g-1", gseq=41, epoch="E1", hseq=7
+    )
     fields.update(overrides)
     return Ok(**fields)
 
 
 # ---- host side -------------------------------------------------------------------------------
+
 
 def test_opening_should_be_a_resync_byte_then_exactly_one_hello_frame():
     data = Handshake(request_id=5, nonce="n0nce", epoch="E1").opening()
@@ -41,23 +44,32 @@ def test_accept_should_return_the_guest_state_for_the_reply_with_our_id_and_nonc
     result = Handshake(request_id=5, nonce="n0nce", epoch="E1").accept(reply())
     assert isinstance(result, HelloResult)
     assert (result.version, result.agent, result.gid, result.gseq, result.epoch, result.hseq) == (
-        1, "ovmd 0.1.0", "g-1", 41, "E1", 7)
+        1,
+        "ovmd 0.1.0",
+        "g-1",
+        41,
+        "E1",
+        7,
+    )
 
 
-@pytest.mark.parametrize("stale", [
-    reply(nonce="old-nonce"),                  # a reply to an earlier hello with the same id
-    reply(id=4),                               # a reply to an earlier hello with our nonce (!)
-    reply(id=4, nonce="old-nonce"),
-    Ok(id=5),                                  # a reply to some other request with our id
-    Err(id=4, code="bad_request", msg="x"),    # an error for another request
-    Err(code="bad_frame", msg="x"),            # an error with no id
-    Item(id=5, key="k", value="v", ts=1.0, origin="host"),
-    Changed(gseq=3, op="clear", ts=1.0, origin="guest"),
-    Ping(id=5),
-    Hello(id=5, v=1, nonce="n0nce"),           # our own hello echoed back by a loop
-    Resync(3),
-    None,
-])
+@pytest.mark.parametrize(
+    "stale",
+    [
+        reply(nonce="old-nonce"),  # a reply to an earlier hello with the same id
+        reply(id=4),  # a reply to an earlier hello with our nonce (!)
+        reply(id=4, nonce="old-nonce"),
+        Ok(id=5),  # a reply to some other request with our id
+        Err(id=4, code="bad_request", msg="x"),  # an error for another request
+        Err(code="bad_frame", msg="x"),  # an error with no id
+        Item(id=5, key="k", value="v", ts=1.0, origin="host"),
+        Changed(gseq=3, op="clear", ts=1.0, origin="guest"),
+        Ping(id=5),
+        Hello(id=5, v=1, nonce="n0nce"),  # our own hello echoed back by a loop
+        Resync(3),
+        None,
+    ],
+)
 def test_accept_should_ignore_everything_but_the_reply_to_this_hello(stale):
     assert Handshake(request_id=5, nonce="n0nce").accept(stale) is None
 
@@ -80,16 +92,26 @@ def test_accept_should_refuse_a_version_we_do_not_speak():
 
 
 def test_accept_should_take_a_reply_without_v_as_the_lowest_version():
-    assert Handshake(request_id=5, nonce="n0nce").accept(Ok(id=5, nonce="n0nce")).version == MIN_VERSION
+    assert (
+        Handshake(request_id=5, nonce="n0nce").accept(Ok(id=5, nonce="n0nce")).version
+        == MIN_VERSION
+    )
 
 
 def test_accept_should_default_missing_guest_fields():
     result = Handshake(request_id=5, nonce="n0nce").accept(Ok(id=5, nonce="n0nce", v=1))
-    assert (result.agent, result.gid, result.gseq, result.epoch, result.hseq) == ("", "", 0, None, 0)
+    assert (result.agent, result.gid, result.gseq, result.epoch, result.hseq) == (
+        "",
+        "",
+        0,
+        None,
+        0,
+    )
     assert "HelloResult(v=1" in repr(result)
 
 
 # ---- guest side ------------------------------------------------------------------------------
+
 
 def test_answer_hello_should_be_a_resync_byte_then_the_ok_echoing_id_and_nonce():
     data = answer_hello(Hello(id=9, v=1, nonce="abc", epoch="E1"), **GUEST)
@@ -116,7 +138,8 @@ def test_answer_hello_should_refuse_a_version_below_the_lowest_it_speaks():
 
 # ---- both sides --------------------------------------------------------------------------------
 
-class Guest(object):
+
+class Guest:
     """The guest's half, as the agent will run it: a Reader, and an answer for every hello."""
 
     def __init__(self, max_version=PROTOCOL_VERSION):
@@ -137,7 +160,7 @@ def chunked(data, rng):
     i = 0
     while i < len(data):
         n = rng.choice([1, 2, 3, 17, 4096])
-        yield data[i:i + n]
+        yield data[i : i + n]
         i += n
 
 
@@ -152,11 +175,14 @@ def host_receive(hs, reader, data, rng):
 
 
 CUT_TO_GUEST = b'{"t":"set","id":3,"key":"com.example.pw","value":"half of a sec'
-STALE_TO_GUEST = b"\x00\x00junk\n" + CUT_TO_GUEST          # garbage, then a cut frame
+STALE_TO_GUEST = b"\x00\x00junk\n" + CUT_TO_GUEST  # garbage, then a cut frame
 CUT_TO_HOST = b'{"t":"item","id":2,"key":"k","val'
-STALE_TO_HOST = (encode(reply(nonce="from-the-last-connection", gid="stale", hseq=1))  # stale reply
-                 + b"\r\n}{ not json\n" + b"\xc3\x28\n"                  # garbage
-                 + CUT_TO_HOST)                                            # a cut frame
+STALE_TO_HOST = (
+    encode(reply(nonce="from-the-last-connection", gid="stale", hseq=1))  # stale reply
+    + b"\r\n}{ not json\n"
+    + b"\xc3\x28\n"  # garbage
+    + CUT_TO_HOST
+)  # a cut frame
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -166,7 +192,9 @@ def test_host_and_guest_should_sync_through_stale_bytes_and_garbage(seed):
     guest, host_reader = Guest(), Reader()
 
     # Host -> guest: stale bytes QEMU kept from the last connection, then the opening.
-    to_host = b"".join(guest.receive(chunk) for chunk in chunked(STALE_TO_GUEST + hs.opening(), rng))
+    to_host = b"".join(
+        guest.receive(chunk) for chunk in chunked(STALE_TO_GUEST + hs.opening(), rng)
+    )
     hellos = [e for e in guest.seen if type(e) is Hello]
     assert hellos == [Hello(id=5, v=1, nonce="n0nce-%d" % seed, epoch="E1")]
     assert [type(e).__name__ for e in guest.seen] == ["BadFrame", "Resync", "Hello"]
@@ -177,7 +205,13 @@ def test_host_and_guest_should_sync_through_stale_bytes_and_garbage(seed):
     result = host_receive(hs, host_reader, STALE_TO_HOST + to_host, rng)
     assert result is not None
     assert host_reader.buffered == 0
-    assert (result.version, result.gid, result.gseq, result.epoch, result.hseq) == (1, "g-1", 41, "E1", 7)
+    assert (result.version, result.gid, result.gseq, result.epoch, result.hseq) == (
+        1,
+        "g-1",
+        41,
+        "E1",
+        7,
+    )
 
 
 def test_the_guest_should_drop_a_stale_partial_frame_in_front_of_the_hello():
@@ -185,8 +219,11 @@ def test_the_guest_should_drop_a_stale_partial_frame_in_front_of_the_hello():
     guest = Guest()
     guest.receive(b'{"t":"set","id":3,"key":"a","value":"b"}\n{"t":"del","id":4,"ke')
     guest.receive(hs.opening())
-    assert guest.seen == [Set(id=3, key="a", value="b"), Resync(dropped=len(b'{"t":"del","id":4,"ke')),
-                          Hello(id=8, v=1, nonce="n")]
+    assert guest.seen == [
+        Set(id=3, key="a", value="b"),
+        Resync(dropped=len(b'{"t":"del","id":4,"ke')),
+        Hello(id=8, v=1, nonce="n"),
+    ]
 
 
 def test_the_host_should_drop_a_stale_partial_reply_in_front_of_the_answer():
@@ -229,5 +266,5 @@ def test_a_second_handshake_should_ignore_the_answer_to_the_first():
     fresh = guest.receive(second.opening())
     reader = Reader()
     results = [second.accept(e) for e in reader.feed(late + fresh)]
-    assert results[:2] == [None, None]                  # Resync, then the late Ok of the first
+    assert results[:2] == [None, None]  # Resync, then the late Ok of the first
     assert [r for r in results if r is not None][0].version == 1

@@ -27,10 +27,18 @@ def load_fallback():
 fallback = load_fallback()
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
-scalars = st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 63 - 1) | texts | \
-    st.floats(1.0, 4e9, allow_nan=False)  # timestamps: the only floats we send
-documents = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) |
-                         st.dictionaries(texts, inner, max_size=5), max_leaves=20)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | texts
+    | st.floats(1.0, 4e9, allow_nan=False)
+)  # timestamps: the only floats we send
+documents = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(texts, inner, max_size=5),
+    max_leaves=20,
+)
 
 
 def test_the_fallback_should_be_in_use_without_orjson_and_orjson_with_it():
@@ -50,11 +58,27 @@ def test_it_should_read_back_what_orjson_reads(doc):
     assert fallback.loads(data) == orjson.loads(data)
 
 
-@pytest.mark.parametrize("data", [
-    b"NaN", b"[Infinity]", b"-Infinity", b'"\\ud800"', b'{"k":"\\udfff"}', b'"\xff"',
-    b'"\xc3\x28"', b'"\xed\xa0\x80"', b"[" * 100_000, b'{"a":' * 5000, b"[" * 1025 + b"]" * 1025,
-    b"", b"{", b"[1,]", b"'x'", b"01",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"NaN",
+        b"[Infinity]",
+        b"-Infinity",
+        b'"\\ud800"',
+        b'{"k":"\\udfff"}',
+        b'"\xff"',
+        b'"\xc3\x28"',
+        b'"\xed\xa0\x80"',
+        b"[" * 100_000,
+        b'{"a":' * 5000,
+        b"[" * 1025 + b"]" * 1025,
+        b"",
+        b"{",
+        b"[1,]",
+        b"'x'",
+        b"01",
+    ],
+)
 def test_it_should_refuse_what_orjson_refuses(data):
     with pytest.raises(orjson.JSONDecodeError):
         orjson.loads(data)
@@ -62,10 +86,15 @@ def test_it_should_refuse_what_orjson_refuses(data):
         fallback.loads(data)
 
 
-@pytest.mark.parametrize("data", [
-    b'"\\ud83d\\ude00"', b"[" * 512 + b"]" * 512, b'"[[[[' + b"[" * 2000 + b'"',
-    b'{"t":"set","id":1,"key":"k","value":"\\u0000\\n\\""}',
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'"\\ud83d\\ude00"',
+        b"[" * 512 + b"]" * 512,
+        b'"[[[[' + b"[" * 2000 + b'"',
+        b'{"t":"set","id":1,"key":"k","value":"\\u0000\\n\\""}',
+    ],
+)
 def test_it_should_accept_what_orjson_accepts(data):
     assert fallback.loads(data) == orjson.loads(data)
 

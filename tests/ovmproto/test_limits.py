@@ -6,11 +6,20 @@ from hypothesis import strategies as st
 
 from ovmproto.codec import Reader, decode, encode
 from ovmproto.framing import FrameDecoder
-from ovmproto.limits import (FRAME_MAX, INVALID_KEY, INVALID_VALUE, KEY_MAX, KEY_TOO_LONG,
-                             VALUE_MAX, VALUE_TOO_LONG, check_key, check_value)
+from ovmproto.limits import (
+    FRAME_MAX,
+    INVALID_KEY,
+    INVALID_VALUE,
+    KEY_MAX,
+    KEY_TOO_LONG,
+    VALUE_MAX,
+    VALUE_TOO_LONG,
+    check_key,
+    check_value,
+)
 from ovmproto.messages import Changed, Item, Ok, PostEvent, Set
 
-TOP = 2 ** 63 - 1
+TOP = 2**63 - 1
 
 
 def code_of(result):
@@ -19,20 +28,24 @@ def code_of(result):
 
 # ---- keys ----------------------------------------------------------------------------------
 
+
 def test_a_key_of_exactly_the_limit_should_be_accepted():
     assert check_key("k" * KEY_MAX) is None
-    assert check_key("é" * (KEY_MAX // 2)) is None            # 128 two-byte chars = 256 bytes
-    assert check_key("€" * 85 + "a") is None                  # 85 three-byte chars + 1 = 256 bytes
-    assert check_key("\U0001F600" * 64) is None               # 64 four-byte chars = 256 bytes
+    assert check_key("é" * (KEY_MAX // 2)) is None  # 128 two-byte chars = 256 bytes
+    assert check_key("€" * 85 + "a") is None  # 85 three-byte chars + 1 = 256 bytes
+    assert check_key("\U0001f600" * 64) is None  # 64 four-byte chars = 256 bytes
 
 
-@pytest.mark.parametrize("key", [
-    "k" * (KEY_MAX + 1),
-    "é" * (KEY_MAX // 2) + "a",                               # 257 bytes, only 129 characters
-    "é" * (KEY_MAX // 2 + 1),
-    "\U0001F600" * 64 + "a",
-    "€" * 86,                                                  # 258 bytes, 86 characters
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "k" * (KEY_MAX + 1),
+        "é" * (KEY_MAX // 2) + "a",  # 257 bytes, only 129 characters
+        "é" * (KEY_MAX // 2 + 1),
+        "\U0001f600" * 64 + "a",
+        "€" * 86,  # 258 bytes, 86 characters
+    ],
+)
 def test_a_key_one_byte_or_more_over_the_limit_should_be_refused_with_its_size(key):
     code, reason = check_key(key)
     assert code == KEY_TOO_LONG
@@ -42,7 +55,9 @@ def test_a_key_one_byte_or_more_over_the_limit_should_be_refused_with_its_size(k
     assert "\n" not in reason
 
 
-@pytest.mark.parametrize("ch", ["=", "\x00", "\x01", "\n", "\t", "\x1f", "\x7f", "\x80", "\x85", "\x9f"])
+@pytest.mark.parametrize(
+    "ch", ["=", "\x00", "\x01", "\n", "\t", "\x1f", "\x7f", "\x80", "\x85", "\x9f"]
+)
 def test_a_key_holding_equals_or_a_control_character_should_be_refused(ch):
     for key in (ch, "a" + ch, ch + "b", "com.example." + ch + ".x"):
         code, reason = check_key(key)
@@ -50,7 +65,9 @@ def test_a_key_holding_equals_or_a_control_character_should_be_refused(ch):
         assert "\n" not in reason
 
 
-@pytest.mark.parametrize("ch", ["\x20", "\x7e", "\xa0", "\u2028", "\ufeff", "\U0001F600", '"', "\\"])
+@pytest.mark.parametrize(
+    "ch", ["\x20", "\x7e", "\xa0", "\u2028", "\ufeff", "\U0001f600", '"', "\\"]
+)
 def test_a_key_holding_characters_next_to_the_control_ranges_should_be_accepted(ch):
     assert check_key("a" + ch + "b") is None
 
@@ -86,6 +103,7 @@ def test_check_key_should_agree_with_the_documented_rules(key):
 
 # ---- values --------------------------------------------------------------------------------
 
+
 def test_a_value_of_exactly_the_limit_should_be_accepted():
     assert check_value("v" * VALUE_MAX) is None
     assert check_value("é" * (VALUE_MAX // 2)) is None
@@ -100,8 +118,23 @@ def test_a_value_one_byte_over_the_limit_should_be_refused_with_its_size(value):
     assert str(VALUE_MAX) in reason
 
 
-@pytest.mark.parametrize("value", ["", "=", "a=b", "\x00", "\x1f", "\x7f", "\x85", "\x9f", "line\nline",
-                                   "\r\n\t", "\xff", "\ufffe"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "=",
+        "a=b",
+        "\x00",
+        "\x1f",
+        "\x7f",
+        "\x85",
+        "\x9f",
+        "line\nline",
+        "\r\n\t",
+        "\xff",
+        "\ufffe",
+    ],
+)
 def test_a_value_may_hold_equals_and_control_characters_and_be_empty(value):
     assert check_value(value) is None
 
@@ -124,26 +157,36 @@ def test_a_refusal_should_never_quote_the_value():
 
 # ---- the frame limit -----------------------------------------------------------------------
 
-WORST_KEY = '"' * KEY_MAX          # each byte escapes to 2
+WORST_KEY = '"' * KEY_MAX  # each byte escapes to 2
 WORST_KEY_2 = "\\" * KEY_MAX
-WORST_VALUE = "\x01" * VALUE_MAX   # each byte escapes to 6 (\u0001)
+WORST_VALUE = "\x01" * VALUE_MAX  # each byte escapes to 6 (\u0001)
 
 
-@pytest.mark.parametrize("msg", [
-    Set(id=TOP, key=WORST_KEY, value=WORST_VALUE, seq=TOP),
-    Set(id=TOP, key=WORST_KEY_2, value="\x1f" * VALUE_MAX, seq=TOP),
-    Ok(id=TOP, key=WORST_KEY, value=WORST_VALUE, ts=-1.7976931348623157e308, origin="guest"),
-    Item(id=TOP, key=WORST_KEY, value=WORST_VALUE, ts=-2.2250738585072014e-308, origin="guest"),
-    Changed(gseq=TOP, op="set", ts=1.7976931348623157e308, origin="guest", key=WORST_KEY,
-            value=WORST_VALUE),
-    PostEvent(id=TOP, value=WORST_VALUE),
-], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Set(id=TOP, key=WORST_KEY, value=WORST_VALUE, seq=TOP),
+        Set(id=TOP, key=WORST_KEY_2, value="\x1f" * VALUE_MAX, seq=TOP),
+        Ok(id=TOP, key=WORST_KEY, value=WORST_VALUE, ts=-1.7976931348623157e308, origin="guest"),
+        Item(id=TOP, key=WORST_KEY, value=WORST_VALUE, ts=-2.2250738585072014e-308, origin="guest"),
+        Changed(
+            gseq=TOP,
+            op="set",
+            ts=1.7976931348623157e308,
+            origin="guest",
+            key=WORST_KEY,
+            value=WORST_VALUE,
+        ),
+        PostEvent(id=TOP, value=WORST_VALUE),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 def test_the_largest_legal_message_should_fit_in_one_frame(msg):
     assert check_key(getattr(msg, "key", "k")) is None
     assert check_value(msg.value) is None
     frame = encode(msg)
     assert len(frame) - 1 <= FRAME_MAX
-    assert len(frame) > 6 * VALUE_MAX          # it really is escaped worst
+    assert len(frame) > 6 * VALUE_MAX  # it really is escaped worst
     assert Reader().feed(frame) == [msg]
 
 

@@ -6,19 +6,42 @@ from hypothesis import strategies as st
 
 from ovmproto.codec import decode, encode
 from ovmproto.errors import BadMessage
-from ovmproto.messages import (BOOL, INT, ITEMS, MESSAGE_TYPES, NUM, REQUEST_TYPES, STR, Changed,
-                               Clear, Delete, Err, Events, Get, Hello, Item, List, Ok, Ping,
-                               PostEvent, Put, Set, Wait)
+from ovmproto.messages import (
+    BOOL,
+    INT,
+    ITEMS,
+    MESSAGE_TYPES,
+    NUM,
+    REQUEST_TYPES,
+    STR,
+    Changed,
+    Clear,
+    Delete,
+    Err,
+    Events,
+    Get,
+    Hello,
+    Item,
+    List,
+    Ok,
+    Ping,
+    PostEvent,
+    Put,
+    Set,
+    Wait,
+)
 
 SECRET = "s3cr3t-Pa55w0rd"
 
-_INT_MAX = 2 ** 63 - 1
+_INT_MAX = 2**63 - 1
 _KIND_STRATEGIES = {
     INT: st.integers(min_value=0, max_value=_INT_MAX),
     STR: st.text(max_size=50),
     BOOL: st.booleans(),
-    NUM: st.one_of(st.integers(min_value=-_INT_MAX, max_value=_INT_MAX),
-                   st.floats(allow_nan=False, allow_infinity=False)),
+    NUM: st.one_of(
+        st.integers(min_value=-_INT_MAX, max_value=_INT_MAX),
+        st.floats(allow_nan=False, allow_infinity=False),
+    ),
     ITEMS: st.lists(st.lists(st.text(max_size=20), min_size=2, max_size=2), max_size=5),
 }
 
@@ -30,7 +53,9 @@ def message_of(cls):
     return st.fixed_dictionaries(fields, optional=optional).map(lambda f: cls(**f))
 
 
-any_message = st.sampled_from(sorted(MESSAGE_TYPES.values(), key=lambda c: c.TYPE)).flatmap(message_of)
+any_message = st.sampled_from(sorted(MESSAGE_TYPES.values(), key=lambda c: c.TYPE)).flatmap(
+    message_of
+)
 
 
 def roundtrip(msg):
@@ -40,9 +65,25 @@ def roundtrip(msg):
 
 
 def test_the_table_should_hold_every_type_of_the_protocol_once():
-    assert sorted(MESSAGE_TYPES) == sorted([
-        "hello", "ping", "set", "del", "get", "list", "put", "clear", "wait", "events", "event",
-        "ok", "err", "item", "changed"])
+    assert sorted(MESSAGE_TYPES) == sorted(
+        [
+            "hello",
+            "ping",
+            "set",
+            "del",
+            "get",
+            "list",
+            "put",
+            "clear",
+            "wait",
+            "events",
+            "event",
+            "ok",
+            "err",
+            "item",
+            "changed",
+        ]
+    )
     assert all(cls.TYPE == t for t, cls in MESSAGE_TYPES.items())
     assert REQUEST_TYPES == set(MESSAGE_TYPES) - {"ok", "err", "item", "changed"}
 
@@ -56,20 +97,38 @@ def test_every_message_type_should_round_trip(msg):
     assert back.to_wire() == msg.to_wire()
 
 
-@pytest.mark.parametrize("msg", [
-    Hello(id=1, v=1, nonce="ab12", epoch="e"), Hello(id=1, v=1, nonce="ab12"), Ping(id=0),
-    Set(id=2, key="k", value="v", seq=9), Set(id=2, key="k", value=""), Delete(id=3, key="k", seq=1),
-    Delete(id=3, key="k"), Get(id=4, key="k"), List(id=5), Put(id=6, items=[["a", "1"], ["b", "2"]]),
-    Put(id=6, items=[]), Clear(id=7), Wait(id=8, key="k", changed=True, timeout=2.5),
-    Wait(id=8, key="k", timeout=3), Events(id=9), PostEvent(id=10, value="reboot"),
-    Ok(id=11, v=1, nonce="n", agent="ovmd 0.1.0", gid="g", gseq=4, epoch="e", hseq=2),
-    Ok(id=12, seq=3, dup=True), Ok(id=13, found=False),
-    Ok(id=14, key="k", value="v", ts=1700000000.25, origin="host"), Ok(id=15, count=0),
-    Err(code="not_found", msg="no such key"), Err(id=16, code="quota", msg="full"),
-    Item(id=17, key="k", value="v", ts=1.0, origin="guest"),
-    Changed(gseq=18, op="set", ts=2.0, origin="guest", key="k", value="v"),
-    Changed(gseq=19, op="clear", ts=2.0, origin="host"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Hello(id=1, v=1, nonce="ab12", epoch="e"),
+        Hello(id=1, v=1, nonce="ab12"),
+        Ping(id=0),
+        Set(id=2, key="k", value="v", seq=9),
+        Set(id=2, key="k", value=""),
+        Delete(id=3, key="k", seq=1),
+        Delete(id=3, key="k"),
+        Get(id=4, key="k"),
+        List(id=5),
+        Put(id=6, items=[["a", "1"], ["b", "2"]]),
+        Put(id=6, items=[]),
+        Clear(id=7),
+        Wait(id=8, key="k", changed=True, timeout=2.5),
+        Wait(id=8, key="k", timeout=3),
+        Events(id=9),
+        PostEvent(id=10, value="reboot"),
+        Ok(id=11, v=1, nonce="n", agent="ovmd 0.1.0", gid="g", gseq=4, epoch="e", hseq=2),
+        Ok(id=12, seq=3, dup=True),
+        Ok(id=13, found=False),
+        Ok(id=14, key="k", value="v", ts=1700000000.25, origin="host"),
+        Ok(id=15, count=0),
+        Err(code="not_found", msg="no such key"),
+        Err(id=16, code="quota", msg="full"),
+        Item(id=17, key="k", value="v", ts=1.0, origin="guest"),
+        Changed(gseq=18, op="set", ts=2.0, origin="guest", key="k", value="v"),
+        Changed(gseq=19, op="clear", ts=2.0, origin="host"),
+    ],
+    ids=repr,
+)
 def test_each_documented_message_should_round_trip(msg):
     assert roundtrip(msg) == msg
 
@@ -86,7 +145,9 @@ def test_unknown_fields_should_be_ignored():
 
 
 def test_null_should_count_as_absent():
-    assert decode(b'{"t":"set","id":1,"key":"k","value":"v","seq":null}') == Set(id=1, key="k", value="v")
+    assert decode(b'{"t":"set","id":1,"key":"k","value":"v","seq":null}') == Set(
+        id=1, key="k", value="v"
+    )
     with pytest.raises(BadMessage) as info:
         decode(b'{"t":"set","id":1,"key":null,"value":"v"}')
     assert "missing" in info.value.message
@@ -99,37 +160,40 @@ def bad(frame):
     return info.value
 
 
-@pytest.mark.parametrize("frame, field", [
-    (b'{"t":"ping","id":true}', "id"),                                  # bool where int
-    (b'{"t":"ping","id":false}', "id"),
-    (b'{"t":"ping","id":-1}', "id"),                                    # negative id
-    (b'{"t":"ping","id":1.0}', "id"),                                   # float id, even integral
-    (b'{"t":"ping","id":"1"}', "id"),
-    (b'{"t":"ping","id":9223372036854775808}', "id"),                   # 2**63
-    (b'{"t":"ping","id":18446744073709551615}', "id"),                  # 2**64 - 1
-    (b'{"t":"ping","id":18446744073709551616}', "id"),                  # 2**64
-    (b'{"t":"ping","id":123456789012345678901234567890}', "id"),
-    (b'{"t":"set","id":1,"key":"k","value":"v","seq":"5"}', "seq"),     # string seq
-    (b'{"t":"set","id":1,"key":"k","value":"v","seq":true}', "seq"),
-    (b'{"t":"set","id":1,"key":"k","value":"v","seq":9223372036854775808}', "seq"),
-    (b'{"t":"set","id":1,"key":"k","value":5}', "value"),
-    (b'{"t":"set","id":1,"key":["k"],"value":"v"}', "key"),
-    (b'{"t":"set","id":1,"key":"k"}', "value"),
-    (b'{"t":"hello","id":1,"v":"1","nonce":"n"}', "v"),
-    (b'{"t":"hello","id":1,"v":1,"nonce":7}', "nonce"),
-    (b'{"t":"wait","id":1,"key":"k","changed":1}', "changed"),          # int where bool
-    (b'{"t":"wait","id":1,"key":"k","timeout":"5"}', "timeout"),
-    (b'{"t":"wait","id":1,"key":"k","timeout":true}', "timeout"),
-    (b'{"t":"wait","id":1,"key":"k","timeout":9223372036854775808}', "timeout"),
-    (b'{"t":"put","id":1,"items":[["a"]]}', "items"),
-    (b'{"t":"put","id":1,"items":[["a","b","c"]]}', "items"),
-    (b'{"t":"put","id":1,"items":[["a",1]]}', "items"),
-    (b'{"t":"put","id":1,"items":{"a":"b"}}', "items"),
-    (b'{"t":"ok","id":1,"dup":0}', "dup"),
-    (b'{"t":"item","id":1,"key":"k","value":"v","ts":"now","origin":"host"}', "ts"),
-    (b'{"t":"changed","gseq":-5,"op":"set","ts":1,"origin":"host"}', "gseq"),
-    (b'{"t":"err","code":404,"msg":"x"}', "code"),
-])
+@pytest.mark.parametrize(
+    "frame, field",
+    [
+        (b'{"t":"ping","id":true}', "id"),  # bool where int
+        (b'{"t":"ping","id":false}', "id"),
+        (b'{"t":"ping","id":-1}', "id"),  # negative id
+        (b'{"t":"ping","id":1.0}', "id"),  # float id, even integral
+        (b'{"t":"ping","id":"1"}', "id"),
+        (b'{"t":"ping","id":9223372036854775808}', "id"),  # 2**63
+        (b'{"t":"ping","id":18446744073709551615}', "id"),  # 2**64 - 1
+        (b'{"t":"ping","id":18446744073709551616}', "id"),  # 2**64
+        (b'{"t":"ping","id":123456789012345678901234567890}', "id"),
+        (b'{"t":"set","id":1,"key":"k","value":"v","seq":"5"}', "seq"),  # string seq
+        (b'{"t":"set","id":1,"key":"k","value":"v","seq":true}', "seq"),
+        (b'{"t":"set","id":1,"key":"k","value":"v","seq":9223372036854775808}', "seq"),
+        (b'{"t":"set","id":1,"key":"k","value":5}', "value"),
+        (b'{"t":"set","id":1,"key":["k"],"value":"v"}', "key"),
+        (b'{"t":"set","id":1,"key":"k"}', "value"),
+        (b'{"t":"hello","id":1,"v":"1","nonce":"n"}', "v"),
+        (b'{"t":"hello","id":1,"v":1,"nonce":7}', "nonce"),
+        (b'{"t":"wait","id":1,"key":"k","changed":1}', "changed"),  # int where bool
+        (b'{"t":"wait","id":1,"key":"k","timeout":"5"}', "timeout"),
+        (b'{"t":"wait","id":1,"key":"k","timeout":true}', "timeout"),
+        (b'{"t":"wait","id":1,"key":"k","timeout":9223372036854775808}', "timeout"),
+        (b'{"t":"put","id":1,"items":[["a"]]}', "items"),
+        (b'{"t":"put","id":1,"items":[["a","b","c"]]}', "items"),
+        (b'{"t":"put","id":1,"items":[["a",1]]}', "items"),
+        (b'{"t":"put","id":1,"items":{"a":"b"}}', "items"),
+        (b'{"t":"ok","id":1,"dup":0}', "dup"),
+        (b'{"t":"item","id":1,"key":"k","value":"v","ts":"now","origin":"host"}', "ts"),
+        (b'{"t":"changed","gseq":-5,"op":"set","ts":1,"origin":"host"}', "gseq"),
+        (b'{"t":"err","code":404,"msg":"x"}', "code"),
+    ],
+)
 def test_a_field_of_the_wrong_type_should_be_a_bad_request_naming_it(frame, field):
     err = bad(frame)
     assert repr(field) in err.message
@@ -144,23 +208,31 @@ def test_a_bad_request_should_carry_the_id_only_when_it_is_usable():
 
 
 def test_the_widest_integers_should_be_accepted():
-    top = 2 ** 63 - 1
+    top = 2**63 - 1
     assert decode(b'{"t":"set","id":%d,"key":"k","value":"v","seq":%d}' % (top, top)) == Set(
-        id=top, key="k", value="v", seq=top)
+        id=top, key="k", value="v", seq=top
+    )
     assert decode(b'{"t":"wait","id":0,"key":"k","timeout":-%d}' % top).timeout == -top
-    assert decode(b'{"t":"item","id":0,"key":"k","value":"v","ts":1e308,"origin":"host"}').ts == 1e308
+    assert (
+        decode(b'{"t":"item","id":0,"key":"k","value":"v","ts":1e308,"origin":"host"}').ts == 1e308
+    )
 
 
 # ---- repr never shows a value ----------------------------------------------------------------
 
-@pytest.mark.parametrize("msg", [
-    Set(id=1, key="root-password", value=SECRET, seq=1),
-    Put(id=2, items=[["root-password", SECRET], ["user", SECRET]]),
-    Ok(id=3, key="root-password", value=SECRET, ts=1.0, origin="host"),
-    Item(id=4, key="root-password", value=SECRET, ts=1.0, origin="host"),
-    Changed(gseq=5, op="set", ts=1.0, origin="host", key="root-password", value=SECRET),
-    PostEvent(id=6, value=SECRET),
-], ids=lambda m: type(m).__name__)
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Set(id=1, key="root-password", value=SECRET, seq=1),
+        Put(id=2, items=[["root-password", SECRET], ["user", SECRET]]),
+        Ok(id=3, key="root-password", value=SECRET, ts=1.0, origin="host"),
+        Item(id=4, key="root-password", value=SECRET, ts=1.0, origin="host"),
+        Changed(gseq=5, op="set", ts=1.0, origin="host", key="root-password", value=SECRET),
+        PostEvent(id=6, value=SECRET),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 def test_repr_should_never_show_a_value(msg):
     text = repr(msg)
     assert SECRET not in text
@@ -172,7 +244,8 @@ def test_repr_should_show_the_size_of_a_value_in_bytes_and_the_number_of_pairs()
     assert repr(Set(id=1, key="k", value="é" * 10)) == "Set(id=1, key='k', value=<20 bytes>)"
     assert repr(Put(id=2, items=[["a", SECRET]] * 3)) == "Put(id=2, items=<3 pairs>)"
     assert repr(Changed(gseq=1, op="clear", ts=1.5, origin="guest")) == (
-        "Changed(gseq=1, op='clear', ts=1.5, origin='guest')")
+        "Changed(gseq=1, op='clear', ts=1.5, origin='guest')"
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -180,7 +253,8 @@ def test_repr_should_show_the_size_of_a_value_in_bytes_and_the_number_of_pairs()
 def test_repr_should_show_only_the_size_of_any_value(value, items):
     size = len(value.encode("utf-8"))
     assert repr(Item(id=1, key="k", value=value, ts=0.5, origin="guest")) == (
-        "Item(id=1, key='k', value=<%d bytes>, ts=0.5, origin='guest')" % size)
+        "Item(id=1, key='k', value=<%d bytes>, ts=0.5, origin='guest')" % size
+    )
     assert repr(Put(id=1, items=items)) == "Put(id=1, items=<%d pairs>)" % len(items)
 
 

@@ -45,8 +45,10 @@ def debian_mirror(etc_apt="/etc/apt"):
         with open(path, encoding="utf-8") as f:
             for stanza in re.split(r"\n\s*\n", f.read()):
                 fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
-                if "deb" in fields.get("Types", "").split() and \
-                        SUITE in fields.get("Suites", "").split():
+                if (
+                    "deb" in fields.get("Types", "").split()
+                    and SUITE in fields.get("Suites", "").split()
+                ):
                     candidates += fields.get("URIs", "").split()
     legacy = [os.path.join(etc_apt, "sources.list")]
     legacy += sorted(glob.glob(os.path.join(etc_apt, "sources.list.d", "*.list")))
@@ -67,11 +69,19 @@ def debian_mirror(etc_apt="/etc/apt"):
 
 
 def _run(args, timeout, **kw):
-    result = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, timeout=timeout, **kw)
+    result = subprocess.run(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
     if result.returncode != 0:
-        raise ChrootError("%s failed (exit %d):\n%s" % (" ".join(args[:4]), result.returncode,
-                                                       result.stdout[-3000:]))
+        raise ChrootError(
+            "%s failed (exit %d):\n%s"
+            % (" ".join(args[:4]), result.returncode, result.stdout[-3000:])
+        )
     return result.stdout
 
 
@@ -121,8 +131,9 @@ class Chroot:
 
     def mount_devpts(self):
         """A private devpts instance on /dev/pts, for programs that allocate ptys."""
-        self._mount(["-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts"],
-                    "dev/pts")
+        self._mount(
+            ["-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts"], "dev/pts"
+        )
 
     def _mount(self, args, where):
         target = os.path.join(self.root, where)
@@ -160,12 +171,19 @@ class Chroot:
 
     def run(self, args, timeout=120, check=True):
         """Run a command inside; return the CompletedProcess (output merged into stdout)."""
-        result = subprocess.run(["chroot", self.root] + list(args), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, universal_newlines=True,
-                                timeout=timeout, env=ENV)
+        result = subprocess.run(
+            ["chroot", self.root] + list(args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            env=ENV,
+        )
         if check and result.returncode != 0:
-            raise ChrootError("in the chroot, %s exited %d:\n%s"
-                              % (" ".join(args), result.returncode, result.stdout[-3000:]))
+            raise ChrootError(
+                "in the chroot, %s exited %d:\n%s"
+                % (" ".join(args), result.returncode, result.stdout[-3000:])
+            )
         return result
 
     def popen(self, args, **kw):

@@ -26,10 +26,14 @@ def require_root():
 
 
 def _build(script, outdir, env=None):
-    result = subprocess.run([os.path.join(PACKAGING, script), str(outdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, timeout=300,
-                            env=dict(os.environ, **(env or {})))
+    result = subprocess.run(
+        [os.path.join(PACKAGING, script), str(outdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **(env or {})),
+    )
     assert result.returncode == 0, result.stdout[-4000:]
 
 
@@ -37,7 +41,9 @@ def build_debs(outdir):
     """{package name: path of its .deb}."""
     require_tools("dpkg-buildpackage", "dh", "dh_python3", "fakeroot")
     _build("build-deb.sh", outdir)
-    debs = {os.path.basename(p).split("_")[0]: p for p in glob.glob(os.path.join(str(outdir), "*.deb"))}
+    debs = {
+        os.path.basename(p).split("_")[0]: p for p in glob.glob(os.path.join(str(outdir), "*.deb"))
+    }
     assert sorted(debs) == ["hostbridge", "ovmd"], debs
     return debs
 
@@ -46,8 +52,10 @@ def build_rpms(outdir, flavour=""):
     """{package name: path of its .rpm}; flavour "el9" keeps the spec's EL9 interpreter choices."""
     require_tools("rpmbuild", "rpm")
     _build("build-rpm.sh", outdir, {"RPM_FLAVOUR": flavour})
-    rpms = {os.path.basename(p).rsplit("-", 2)[0]: p
-            for p in glob.glob(os.path.join(str(outdir), "*.rpm"))}
+    rpms = {
+        os.path.basename(p).rsplit("-", 2)[0]: p
+        for p in glob.glob(os.path.join(str(outdir), "*.rpm"))
+    }
     assert sorted(rpms) == ["hostbridge", "ovmd"], rpms
     return rpms
 
@@ -56,6 +64,7 @@ def project_scripts():
     """The wheel's commands as {command: "module:function"}: pyproject.toml's [project.scripts]
     and the plain scripts of [tool.setuptools] script-files (bin/ovmd)."""
     import re
+
     import tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:

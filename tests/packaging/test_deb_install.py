@@ -15,7 +15,6 @@ import subprocess
 import time
 
 import pytest
-
 from debian_chroot import Chroot, missing_tools
 from pkgbuild import VERSION, build_debs, require_root, require_tools
 
@@ -74,7 +73,9 @@ def test_the_guest_package_should_install_alone_and_run(debs, chroot):
     assert r.returncode == 3 and len(r.stdout.strip().splitlines()) == 1, r.stdout
     # Byte-compiled at install (py3compile), and the unit is left to udev: not enabled.
     assert os.path.isdir(chroot.path("/usr/lib/ovmd/ovmproto/__pycache__"))
-    assert not os.path.lexists(chroot.path("/etc/systemd/system/multi-user.target.wants/ovmd.service"))
+    assert not os.path.lexists(
+        chroot.path("/etc/systemd/system/multi-user.target.wants/ovmd.service")
+    )
     assert os.path.exists(chroot.path("/lib/udev/rules.d/90-ovmd.rules"))
 
 
@@ -119,37 +120,75 @@ def exchange_a_message(chroot):
     os.makedirs(chroot.path("/tmp/t"))
     api = "/tmp/t/api.sock"
     guest_sock = "/tmp/t/ovmd.sock"
-    bridge = chroot.popen(["hostbridge", "--no-discover", "--vm", "vm1=pty:/tmp/t/vm1",
-                           "--db", "/tmp/t/bridge.sqlite3", "--api-socket", api, "-d", "1"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    bridge = chroot.popen(
+        [
+            "hostbridge",
+            "--no-discover",
+            "--vm",
+            "vm1=pty:/tmp/t/vm1",
+            "--db",
+            "/tmp/t/bridge.sqlite3",
+            "--api-socket",
+            api,
+            "-d",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     agent = None
     try:
-        wait_for(lambda: bridge.poll() is not None or
-                 os.path.exists(chroot.path(api)) and os.path.lexists(chroot.path("/tmp/t/vm1")),
-                 "the bridge's API socket and pty")
+        wait_for(
+            lambda: (
+                bridge.poll() is not None
+                or (os.path.exists(chroot.path(api))
+                and os.path.lexists(chroot.path("/tmp/t/vm1")))
+            ),
+            "the bridge's API socket and pty",
+        )
         assert bridge.poll() is None, bridge.stderr.read().decode()
         sent = chroot.run(["vmmessage", "--bridge", api, "send", "vm1", "from.host", "hello"])
         assert "queued" in sent.stdout.lower(), sent.stdout
 
-        agent = chroot.popen(["ovmd", "--daemon", "--channel", "/tmp/t/vm1", "--socket",
-                              guest_sock, "--state-dir", "/tmp/t/state", "--config",
-                              "/nonexistent", "-d", "1"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        agent = chroot.popen(
+            [
+                "ovmd",
+                "--daemon",
+                "--channel",
+                "/tmp/t/vm1",
+                "--socket",
+                guest_sock,
+                "--state-dir",
+                "/tmp/t/state",
+                "--config",
+                "/nonexistent",
+                "-d",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
         def guest_has_it():
-            r = chroot.run(["ovmd", "--socket", guest_sock, "--config", "/nonexistent",
-                            "-g", "from.host"], check=False)
+            r = chroot.run(
+                ["ovmd", "--socket", guest_sock, "--config", "/nonexistent", "-g", "from.host"],
+                check=False,
+            )
             return r.returncode == 0 and r.stdout.strip() == "hello"
+
         wait_for(lambda: agent.poll() is not None or guest_has_it(), "the guest to get the key")
         assert agent.poll() is None, agent.stderr.read().decode()
 
-        chroot.run(["ovmd", "--socket", guest_sock, "--config", "/nonexistent",
-                    "-p", "from.guest=world"])
+        chroot.run(
+            ["ovmd", "--socket", guest_sock, "--config", "/nonexistent", "-p", "from.guest=world"]
+        )
 
         def host_sees_it():
-            r = chroot.run(["vmmessage", "--bridge", api, "query", "vm1", "from.guest"],
-                           check=False)
+            r = chroot.run(
+                ["vmmessage", "--bridge", api, "query", "vm1", "from.guest"], check=False
+            )
             return r.returncode == 0 and "'world'" in r.stdout
+
         wait_for(host_sees_it, "the host to see the guest's key")
     finally:
         for proc in (agent, bridge):

@@ -8,7 +8,6 @@ import re
 import subprocess
 
 import pytest
-
 from pkgbuild import PACKAGING, build_debs, project_scripts, require_tools
 
 GUEST_COMMANDS = {"ovmd"}
@@ -21,8 +20,13 @@ def debs(tmp_path_factory):
 
 
 def dpkg_deb(*args):
-    return subprocess.run(["dpkg-deb"] + list(args), stdout=subprocess.PIPE, check=True,
-                          universal_newlines=True, timeout=60).stdout
+    return subprocess.run(
+        ["dpkg-deb"] + list(args),
+        stdout=subprocess.PIPE,
+        check=True,
+        text=True,
+        timeout=60,
+    ).stdout
 
 
 def files_of(deb):
@@ -44,15 +48,20 @@ def maintainer_script(deb, name, tmp_path):
 
 def test_lintian_should_report_no_error_and_no_warning(debs):
     require_tools("lintian")
-    result = subprocess.run(["lintian", "--fail-on", "none", "--suppress-tags",
-                             "running-with-root-privileges"] + sorted(debs.values()),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, timeout=300)
+    result = subprocess.run(
+        ["lintian", "--fail-on", "none", "--suppress-tags", "running-with-root-privileges"]
+        + sorted(debs.values()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
     complaints = [line for line in result.stdout.splitlines() if re.match(r"^[EW]: ", line)]
     assert complaints == [], result.stdout
     # An override would hide a complaint: each must be justified, and today there is none.
-    assert not [p for p in os.listdir(os.path.join(PACKAGING, "debian"))
-                if p.endswith("lintian-overrides")]
+    assert not [
+        p for p in os.listdir(os.path.join(PACKAGING, "debian")) if p.endswith("lintian-overrides")
+    ]
 
 
 def depends(deb):
@@ -83,8 +92,12 @@ def test_the_two_packages_should_share_no_file_so_both_can_be_installed(debs):
 
 def test_each_package_should_carry_its_own_protocol_code_and_commands(debs):
     guest, host = files_of(debs["ovmd"]), files_of(debs["hostbridge"])
-    assert {"/usr/bin/" + c for c in GUEST_COMMANDS} == {p for p in guest if p.startswith("/usr/bin/")}
-    assert {"/usr/bin/" + c for c in HOST_COMMANDS} == {p for p in host if p.startswith("/usr/bin/")}
+    assert {"/usr/bin/" + c for c in GUEST_COMMANDS} == {
+        p for p in guest if p.startswith("/usr/bin/")
+    }
+    assert {"/usr/bin/" + c for c in HOST_COMMANDS} == {
+        p for p in host if p.startswith("/usr/bin/")
+    }
     for module in ("framing", "codec", "messages", "jsonlib"):
         assert "/usr/lib/ovmd/ovmproto/%s.py" % module in guest
         assert "/usr/lib/hostbridge/ovmproto/%s.py" % module in host

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from pkgbuild import build_rpms
 
 
@@ -21,9 +20,14 @@ def el9_rpms(tmp_path_factory):
 
 
 def rpm_query(path, *args):
-    return subprocess.run(["rpm", "-qp"] + list(args) + [path], stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, check=True, universal_newlines=True,
-                          timeout=60).stdout
+    return subprocess.run(
+        ["rpm", "-qp"] + list(args) + [path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        text=True,
+        timeout=60,
+    ).stdout
 
 
 def files(path):
@@ -36,19 +40,30 @@ def requires(path):
 
 def test_the_guest_rpm_should_hold_the_agent_its_unit_and_udev_rule(rpms):
     listed = files(rpms["ovmd"])
-    for path in ("/usr/bin/ovmd", "/usr/lib/systemd/system/ovmd.service",
-                 "/usr/lib/udev/rules.d/90-ovmd.rules", "/usr/lib/ovmd/ovmproto/framing.py",
-                 "/usr/lib/ovmd/guestagent/daemon.py", "/usr/share/man/man1/ovmd.1"):
+    for path in (
+        "/usr/bin/ovmd",
+        "/usr/lib/systemd/system/ovmd.service",
+        "/usr/lib/udev/rules.d/90-ovmd.rules",
+        "/usr/lib/ovmd/ovmproto/framing.py",
+        "/usr/lib/ovmd/guestagent/daemon.py",
+        "/usr/share/man/man1/ovmd.1",
+    ):
         assert path in listed
     assert not [p for p in listed if "hostbridge" in p or p.startswith("/etc/")]
 
 
 def test_the_host_rpm_should_hold_the_bridge_its_commands_unit_and_config(rpms):
     listed = files(rpms["hostbridge"])
-    for path in ("/usr/bin/hostbridge", "/usr/bin/vmmessage", "/usr/bin/ovm_vmmessage",
-                 "/usr/lib/systemd/system/hostbridge.service", "/etc/hostbridge/hostbridge.toml",
-                 "/usr/lib/sysusers.d/hostbridge.conf", "/usr/lib/hostbridge/ovmproto/framing.py",
-                 "/usr/lib/hostbridge/hostbridge/openapi.json"):
+    for path in (
+        "/usr/bin/hostbridge",
+        "/usr/bin/vmmessage",
+        "/usr/bin/ovm_vmmessage",
+        "/usr/lib/systemd/system/hostbridge.service",
+        "/etc/hostbridge/hostbridge.toml",
+        "/usr/lib/sysusers.d/hostbridge.conf",
+        "/usr/lib/hostbridge/ovmproto/framing.py",
+        "/usr/lib/hostbridge/hostbridge/openapi.json",
+    ):
         assert path in listed
     assert not [p for p in listed if "guestagent" in p or "ovmd.service" in p]
     assert rpm_query(rpms["hostbridge"], "-c").split() == ["/etc/hostbridge/hostbridge.toml"]

@@ -10,7 +10,6 @@ import sys
 import zipfile
 
 import pytest
-
 from pkgbuild import ROOT, VERSION, entry_point_scripts, project_scripts
 
 PACKAGES = ("ovmproto", "guestagent", "hostbridge")
@@ -21,11 +20,21 @@ def wheel(tmp_path_factory):
     # Built from a copy: setuptools writes build/ and egg-info next to the sources it builds.
     src = tmp_path_factory.mktemp("src")
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run("tar -C %s --exclude=__pycache__ -cf - pyproject.toml README.md bin %s | tar -C %s -xf -"
-                   % (ROOT, " ".join(PACKAGES), src), shell=True, check=True, timeout=60)
-    result = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), "."],
-                            cwd=str(src), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, timeout=300)
+    subprocess.run(
+        "tar -C %s --exclude=__pycache__ -cf - pyproject.toml README.md bin %s | tar -C %s -xf -"
+        % (ROOT, " ".join(PACKAGES), src),
+        shell=True,
+        check=True,
+        timeout=60,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), "."],
+        cwd=str(src),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
     if result.returncode != 0 and "No module named build" in result.stdout:
         pytest.skip("the venv lacks `build` (pip install -e '.[dev]')")
     assert result.returncode == 0, result.stdout[-3000:]
@@ -38,8 +47,11 @@ def test_the_wheel_should_hold_the_three_packages_and_the_openapi_document(wheel
     names = set(zipfile.ZipFile(wheel).namelist())
     for package in PACKAGES:
         assert "%s/__init__.py" % package in names
-        expected = {"%s/%s" % (package, f) for f in os.listdir(os.path.join(ROOT, package))
-                    if f.endswith(".py")}
+        expected = {
+            "%s/%s" % (package, f)
+            for f in os.listdir(os.path.join(ROOT, package))
+            if f.endswith(".py")
+        }
         assert expected <= names, expected - names
     assert "hostbridge/openapi.json" in names
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]

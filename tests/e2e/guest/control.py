@@ -41,8 +41,12 @@ def agent_start(args=()):
     if agent_pid() is not None:
         raise RuntimeError("agent already running (pid %d)" % agent.pid)
     with open(AGENT_LOG, "wb", buffering=0) as out:
-        agent = subprocess.Popen(["ovmd", "--daemon", "-d", "1"] + list(args),
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        agent = subprocess.Popen(
+            ["ovmd", "--daemon", "-d", "1"] + list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if agent.poll() is not None:
@@ -79,15 +83,28 @@ def agent_stat():
             elif line.startswith("nonvoluntary_ctxt_switches:"):
                 ctxt[1] = int(line.split()[1])
     # fields[0] is the state (field 3 of stat); utime and stime are fields 14 and 15.
-    return {"pid": pid, "utime": int(fields[11]), "stime": int(fields[12]),
-            "clk_tck": os.sysconf("SC_CLK_TCK"), "ctxt": ctxt}
+    return {
+        "pid": pid,
+        "utime": int(fields[11]),
+        "stime": int(fields[12]),
+        "clk_tck": os.sysconf("SC_CLK_TCK"),
+        "ctxt": ctxt,
+    }
 
 
 def run(argv, timeout=60, stdin=None):
-    proc = subprocess.run(argv, input=base64.b64decode(stdin) if stdin else b"",
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    return {"rc": proc.returncode, "stdout": base64.b64encode(proc.stdout).decode(),
-            "stderr": base64.b64encode(proc.stderr).decode()}
+    proc = subprocess.run(
+        argv,
+        input=base64.b64decode(stdin) if stdin else b"",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=timeout,
+    )
+    return {
+        "rc": proc.returncode,
+        "stdout": base64.b64encode(proc.stdout).decode(),
+        "stderr": base64.b64encode(proc.stderr).decode(),
+    }
 
 
 def handle(req):
@@ -108,7 +125,7 @@ def handle(req):
     raise RuntimeError("unknown op %r" % op)
 
 
-class Port(object):
+class Port:
     """The control port; reads and writes wait (without spinning) while no host is there."""
 
     def __init__(self, path):
