@@ -1,4 +1,4 @@
-"""The bridge: every known VM's session, discovery, and the operations the API and CLI call.
+"""The bridge: every known guest, discovery, and the operations the API and CLI call.
 
     bridge = Bridge(config)
     await bridge.start()
@@ -26,8 +26,10 @@ from . import errors
 from .channels import open_channel
 from .config import Config, VmSpec
 from .discovery import Discovery
+from .errors import GuestError, LinkReset
+from .guest import Guest
 from .model import AuditRow, KeyList, KeyValue, SendResult, VmInfo
-from .session import GuestError, LinkReset, Session, State
+from .session import State
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class Bridge:
     def __init__(self, config: Config):
         self.config = config
         self.store: Store | None = None
-        self._sessions: dict[str, Session] = {}
+        self._guests: dict[str, Guest] = {}
         self._tasks: list[asyncio.Task] = []
         self._lock_fd: int | None = None
         self._started: float | None = None
@@ -60,7 +62,7 @@ class Bridge:
         # VMs we knew before (queued messages, mirrors) stay visible even while not running.
         for row in self.store.vms():
             if row.name not in configured:
-                self._session(row.name, row.channel, row.source or "discovered")
+                self._guest(row.name, row.channel, row.source or "discovered")
         for spec in self.config.vms:
             self._attach(spec)
         loop = asyncio.get_running_loop()
@@ -72,14 +74,14 @@ class Bridge:
             self._tasks.append(loop.create_task(self.discovery.run(), name="discovery"))
         self._tasks.append(loop.create_task(self._flush_loop(), name="flush"))
         self._started = time.time()
-        log.info("bridge started: %d VMs, database %s", len(self._sessions), self.config.db)
+        log.info("bridge started: %d VMs, database %s", len(self._guests), self.config.db)
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        await asyncio.gather(*(s.stop() for s in self._sessions.values()), return_exceptions=True)
+        await asyncio.gather(*(g.stop() for g in self._guests.values()), return_exceptions=True)
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -101,17 +103,17 @@ class Bridge:
             raise errors.BridgeError("another bridge is using %s" % self.config.db) from None
         self._lock_fd = fd
 
-    def _session(self, name: str, channel: str | None, source: str) -> Session:
-        s = self._sessions.get(name)
-        if s is None:
-            s = Session(name, self.store, self.config.limits, channel, source)
-            self._sessions[name] = s
-            s.start()
-        return s
+    def _guest(self, name: str, channel: str | None, source: str) -> Guest:
+        g = self._guests.get(name)
+        if g is None:
+            g = Guest(name, self.store, self.config.limits, channel, source)
+            self._guests[name] = g
+            g.start()
+        return g
 
     def _attach(self, spec: VmSpec) -> None:
-        s = self._session(spec.name, spec.channel, spec.source)
-        s.attach(
+        g = self._guest(spec.name, spec.channel, spec.source)
+        g.attach(
             open_channel(
                 spec.channel, self.config.limits.write_buffer, self.config.limits.reconnect_max
             ),
@@ -121,15 +123,15 @@ class Bridge:
     async def _found(self, name: str, path: str) -> None:
         if any(vm.name == name or vm.path == path for vm in self.config.vms):
             return  # configured VMs win over discovered ones
-        s = self._sessions.get(name)
-        if s is not None:
-            await s.detach()
+        g = self._guests.get(name)
+        if g is not None:
+            await g.detach()
         self._attach(VmSpec(name, "unix:" + path, "discovered"))
 
     async def _lost(self, name: str) -> None:
-        s = self._sessions.get(name)
-        if s is not None and s.source == "discovered":
-            await s.detach()
+        g = self._guests.get(name)
+        if g is not None and g.source == "discovered":
+            await g.detach()
 
     async def _flush_loop(self) -> None:
         while True:
@@ -139,50 +141,52 @@ class Bridge:
     def flush(self) -> None:
         """Save every VM's mirror changes and last_seen in one transaction (one fsync)."""
         with self.store.batch():
-            for s in list(self._sessions.values()):
+            for g in list(self._guests.values()):
                 try:
-                    s.flush()
+                    g.flush()
                 except Exception as e:  # noqa: BLE001 - one VM's write must not stop the others
-                    log.error("cannot save the mirror of VM %r: %s", s.name, e)
+                    log.error("cannot save the mirror of VM %r: %s", g.name, e)
 
-    def _get(self, name: str) -> Session:
-        s = self._sessions.get(name) if isinstance(name, str) else None
-        if s is None:
+    def guest(self, name: str) -> Guest:
+        """The guest named ``name``; UnknownVm when the bridge knows none."""
+        g = self._guests.get(name) if isinstance(name, str) else None
+        if g is None:
             raise errors.UnknownVm(name)
-        return s
+        return g
 
     # -- reading --------------------------------------------------------------------------------
 
     def vms(self) -> list[VmInfo]:
         queued = self.store.queued_counts()
-        return [self._info(s, queued.get(name, 0)) for name, s in sorted(self._sessions.items())]
+        return [self._info(g, queued.get(name, 0)) for name, g in sorted(self._guests.items())]
 
     def vm(self, name: str) -> VmInfo:
-        s = self._get(name)
-        return self._info(s, self.store.queued(s.name))
+        g = self.guest(name)
+        return self._info(g, self.store.queued(g.name))
 
-    def _info(self, s: Session, queued: int) -> VmInfo:
+    def _info(self, g: Guest, queued: int) -> VmInfo:
+        link = g.session
         return VmInfo(
-            name=s.name,
-            channel=s.channel_spec,
-            source=s.source,
-            agent=s.state.agent,
-            agent_version=s.agent_version,
-            last_seen=s.last_seen,
+            name=g.name,
+            channel=g.channel_spec,
+            source=g.source,
+            agent=link.state.agent,
+            agent_version=link.agent_version,
+            last_seen=link.last_seen,
             queued=queued,
-            connected_since=s.connected_since,
-            counters=dict(s.counters),
+            connected_since=link.connected_since,
+            counters=dict(link.counters),
         )
 
     def stats(self) -> dict:
         return {
-            "vms": len(self._sessions),
-            "connected": sum(1 for s in self._sessions.values() if s.state is State.SYNCED),
+            "vms": len(self._guests),
+            "connected": sum(1 for g in self._guests.values() if g.state is State.SYNCED),
             "uptime": 0.0 if self._started is None else time.time() - self._started,
         }
 
     def audit(self, name: str, *, limit: int = 100) -> list[AuditRow]:
-        self._get(name)
+        self.guest(name)
         return [
             AuditRow(id=r[0], vm=r[1], key=r[2], size=r[3], ts=r[4], outcome=r[5], value=r[6])
             for r in self.store.audit(name, limit)
@@ -196,7 +200,8 @@ class Bridge:
         NotFound when neither has the key.
         """
         _check(key)
-        s = self._get(name)
+        g = self.guest(name)
+        s = g.session
         if s.state is State.SYNCED:
             try:
                 ok, _ = await s.request(lambda i: Get(id=i, key=key), timeout)
@@ -213,7 +218,7 @@ class Bridge:
                 raise errors.NotFound("VM %r has no key %r" % (name, key)) from None
             except (errors.AgentTimeout, errors.AgentNotConnected):
                 pass  # answer from the mirror below
-        e = s.mirror.entries.get(key)
+        e = g.mirror.entries.get(key)
         if e is None:
             raise errors.NotFound(
                 "VM %r has no key %r (from the bridge's copy; the agent is "
@@ -236,7 +241,8 @@ class Bridge:
 
     async def keys(self, name: str, *, timeout: float = 5.0) -> KeyList:
         """Every key, live when synced, else (or on timeout) from the mirror marked stale."""
-        s = self._get(name)
+        g = self.guest(name)
+        s = g.session
         if s.state is State.SYNCED:
             try:
                 _, items = await s.request(lambda i: List(id=i), timeout, collect=True)
@@ -273,7 +279,7 @@ class Bridge:
                     stale=True,
                     last_seen=s.last_seen,
                 )
-                for k, e in s.mirror.entries.items()
+                for k, e in g.mirror.entries.items()
                 if e.value is not None
             ],
         )
@@ -299,40 +305,40 @@ class Bridge:
         the logs or an error message, and leaves the database file once delivered.
         """
         _check(key, value, check_val=True)
-        return await self._submit(self._get(name), key, value, log, queue, timeout)
+        return await self._submit(self.guest(name), key, value, log, queue, timeout)
 
     async def delete(
         self, name: str, key: str, *, timeout: float = 5.0, queue: bool = True
     ) -> SendResult:
         """Delete key in the guest: a sequenced host `del`, queued like a send."""
         _check(key)
-        return await self._submit(self._get(name), key, None, True, queue, timeout)
+        return await self._submit(self.guest(name), key, None, True, queue, timeout)
 
     async def _submit(
-        self, s: Session, key: str, value: str | None, log_value: bool, queue: bool, timeout: float
+        self, g: Guest, key: str, value: str | None, log_value: bool, queue: bool, timeout: float
     ) -> SendResult:
-        name = s.name
-        if not queue and s.state is not State.SYNCED:
+        name = g.name
+        if not queue and g.state is not State.SYNCED:
             self.store.audit_refused(name, key, value, False)
             raise errors.AgentNotConnected(
                 "the agent in VM %r is not connected; nothing was queued" % name
             )
-        if s.outstanding >= self.config.limits.max_outstanding:
+        if g.outstanding >= self.config.limits.max_outstanding:
             raise errors.Busy(
-                "VM %r has %d requests outstanding, the limit" % (name, s.outstanding)
+                "VM %r has %d requests outstanding, the limit" % (name, g.outstanding)
             )
         row = self.store.enqueue(name, key, value, log_value)
         if value is not None and not log_value:
-            s.mirror.hide(key)
-        if s.state is not State.SYNCED:
-            s.wake_outbox()
+            g.mirror.hide(key)
+        if g.state is not State.SYNCED:
+            g.delivery.wake()
             return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
-        fut = s.wait_delivery(row.seq)
-        s.wake_outbox()
+        fut = g.delivery.wait(row.seq)
+        g.delivery.wake()
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            s.forget_waiter(row.seq)
+            g.delivery.forget(row.seq)
             if queue:
                 return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
             raise errors.AgentTimeout(
@@ -342,7 +348,7 @@ class Bridge:
         except LinkReset:
             if queue:
                 return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
-            if not s.was_written(row.seq):
+            if not g.delivery.was_written(row.seq):
                 self.store.finish(name, [row.seq], "refused")
                 raise errors.AgentNotConnected(
                     "the agent in VM %r disconnected; nothing was queued" % name

@@ -65,3 +65,13 @@ class Busy(BridgeError):
 class Unauthorized(BridgeError):
     code = "unauthorized"
     http_status = 401
+
+
+class GuestError(BridgeError):
+    """The guest answered a request with `err`; ``code`` is the guest's (e.g. "quota")."""
+
+    http_status = 409
+
+
+class LinkReset(AgentNotConnected):
+    """The link was lost or resynchronized while the request waited; its reply will not come."""

@@ -20,7 +20,7 @@ class _Json:
         return out
 
 
-def _zero_counters() -> dict[str, int]:
+def zero_counters() -> dict[str, int]:
     return {
         "frames_in": 0,
         "frames_out": 0,
@@ -42,7 +42,7 @@ class VmInfo(_Json):
     last_seen: float | None = None
     queued: int = 0
     connected_since: float | None = None
-    counters: dict[str, int] = field(default_factory=_zero_counters)
+    counters: dict[str, int] = field(default_factory=zero_counters)
 
 
 @dataclass

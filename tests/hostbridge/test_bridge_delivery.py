@@ -99,7 +99,7 @@ def test_sends_while_the_agent_is_away_should_queue_then_arrive_in_order_exactly
         assert guest_value(agent, "k") == "v4"
         # In order and once: the guest's change counter saw exactly the five sets (the del of a
         # missing key changes nothing).
-        s = w.bridge._sessions["vm1"]
+        s = w.bridge.guest("vm1")
         await async_wait_for(lambda: s.mirror.gseq == 5, what="mirror at gseq 5")
         await w.stop_agent("vm1")
         agent.start()
@@ -132,7 +132,7 @@ def test_query_should_be_live_when_connected_and_stale_from_the_mirror_when_not(
         assert agent.ovmd("-p", "guest.key=guest-value").returncode == 0
         kv = await w.bridge.query("vm1", "guest.key")
         assert (kv.value, kv.origin, kv.stale) == ("guest-value", "guest", False)
-        s = w.bridge._sessions["vm1"]
+        s = w.bridge.guest("vm1")
         await async_wait_for(lambda: "guest.key" in s.mirror.entries, what="mirror update")
         with pytest.raises(errors.NotFound):
             await w.bridge.query("vm1", "missing")
@@ -158,7 +158,7 @@ def test_changes_made_while_the_bridge_was_away_should_reach_the_mirror_on_recon
             assert agent.ovmd("-p", "while.away=yes").returncode == 0
             await w.start_bridge()
             await async_wait_for(lambda: w.bridge.vm("vm1").agent == "connected", what="sync")
-            s = w.bridge._sessions["vm1"]
+            s = w.bridge.guest("vm1")
             await async_wait_for(lambda: "while.away" in s.mirror.entries, what="refresh")
         finally:
             await w.close()

@@ -99,7 +99,7 @@ def test_a_hostile_guest_should_not_slow_another_vms_queries(mode):
             if mode == "garbage":
                 assert bad["bad_frames"] > 0
             if mode == "changed":
-                s = bridge._sessions["bad"]
+                s = bridge.guest("bad")
                 assert len(s.mirror.entries) <= config.limits.mirror_keys
                 assert bad["dropped_rate_limited"] > 0
         finally:

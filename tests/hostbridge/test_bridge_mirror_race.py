@@ -27,9 +27,9 @@ def test_a_change_right_after_the_listing_should_not_be_wiped_by_it():
         try:
             guest.start().wait_ready()
             await async_wait_for(lambda: bridge.vm("vm").agent == "connected", what="sync")
-            s = bridge._sessions["vm"]
+            s = bridge.guest("vm")
             await async_wait_for(
-                lambda: not s._refreshing and s.mirror.gseq == 1,
+                lambda: not s.mirror_sync.refreshing and s.mirror.gseq == 1,
                 what="the refresh and the change after it",
             )
             assert s.mirror.entries["late.key"].value == "late value"

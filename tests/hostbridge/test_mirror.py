@@ -1,9 +1,9 @@
-"""hostbridge.mirror and hostbridge.ratelimit: pure bookkeeping of a session."""
+"""hostbridge.mirror: the bookkeeping of a guest's copied keys (and rate-limited warnings)."""
 
 import logging
 
 from hostbridge.mirror import Mirror
-from hostbridge.ratelimit import TokenBucket, WarnOnce
+from hostbridge.ratelimit import WarnOnce
 
 
 def test_it_should_apply_sets_deletes_and_clear():
@@ -67,16 +67,6 @@ class Clock:
 
     def __call__(self):
         return self.t
-
-
-def test_it_should_allow_a_burst_then_ask_to_wait_for_the_debt():
-    clock = Clock()
-    b = TokenBucket(rate=10, burst=20, clock=clock)
-    assert b.take(20) == 0
-    assert b.take(5) == 0.5
-    clock.t += 1.0  # 10 tokens back: debt of 5 paid, 5 saved
-    assert b.take(5) == 0
-    assert b.take(1) == 0.1
 
 
 def test_it_should_warn_once_per_interval_and_count_what_it_held_back(caplog):

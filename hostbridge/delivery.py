@@ -1,0 +1,175 @@
+"""One guest's outbox, delivered in order and exactly once, whenever its link is synced.
+
+The outbox rows live in the store (fsync'd before a send is answered). Each is sent as a
+sequenced `set` or `del` and removed when the guest acknowledges it. Exactly once needs no
+acknowledgement bookkeeping of our own: the guest keeps the last host seq it applied (hseq, per
+epoch) and drops a seq it has already applied, and its hello answer tells us that hseq, so every
+row up to it counts as delivered even when its acknowledgement was lost with the link.
+
+A sender waiting for its message (``wait``) is woken with the outcome: delivered, refused by the
+guest (GuestError), or LinkReset when the link goes down first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from ovmproto.handshake import HelloResult
+from ovmproto.messages import Delete, Set
+
+from . import errors
+from .errors import GuestError, LinkReset
+from .mirror import Mirror
+from .session import Session, State
+from .store import OutboxRow, Store
+from .tasks import TaskSet
+
+
+def _request_for(row: OutboxRow) -> Callable[[int], Set | Delete]:
+    if row.value is None:
+        return lambda i: Delete(id=i, key=row.key, seq=row.seq)
+    value = row.value
+    return lambda i: Set(id=i, key=row.key, value=value, seq=row.seq)
+
+
+class Delivery:
+    def __init__(
+        self,
+        session: Session,
+        store: Store,
+        mirror: Mirror,
+        epoch: str,
+        timeout: float,
+        tasks: TaskSet,
+    ) -> None:
+        self.session = session
+        self.store = store
+        self.mirror = mirror
+        self.epoch = epoch  # the host stream this outbox's seqs belong to
+        self.timeout = timeout
+        self._tasks = tasks
+        self._wake = asyncio.Event()
+        self._waiters: dict[int, asyncio.Future[int]] = {}  # seq -> sender waiting for the ack
+        self._written_seq = 0  # the highest seq written to the guest (it may have it)
+        self._loop: asyncio.Task[None] | None = None
+
+    @property
+    def vm(self) -> str:
+        return self.session.name
+
+    def start(self) -> None:
+        """Start delivering (needs a running loop)."""
+        if self._loop is None:
+            self._loop = self._tasks.spawn(self._deliver_loop(), "deliver")
+
+    # -- what senders use -----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """A row was added: deliver it when the link allows."""
+        self._wake.set()
+
+    def wait(self, seq: int) -> asyncio.Future[int]:
+        """A future for the outcome of row ``seq``; forget() it when giving up on it."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters[seq] = fut
+        return fut
+
+    def forget(self, seq: int) -> None:
+        self._waiters.pop(seq, None)
+
+    @property
+    def waiting(self) -> int:
+        """Senders waiting for an acknowledgement."""
+        return len(self._waiters)
+
+    def was_written(self, seq: int) -> bool:
+        """Whether the guest may have received row ``seq``."""
+        return seq <= self._written_seq
+
+    # -- what the link tells us -----------------------------------------------------------------
+
+    def on_synced(self, result: HelloResult) -> None:
+        # Everything up to hseq in our epoch was applied by the guest, acknowledged or not.
+        hseq = result.hseq if result.epoch == self.epoch else 0
+        done = [r for r in self.store.outbox(self.vm, limit=1 << 30) if r.seq <= hseq]
+        if done:
+            self._delivered(done)
+        self._written_seq = hseq
+        self._wake.set()
+
+    def on_link_down(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(LinkReset("the agent in VM %r disconnected" % self.vm))
+
+    # -- delivering -----------------------------------------------------------------------------
+
+    async def _deliver_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.session.state is State.SYNCED:
+                rows = self.store.outbox(self.vm, limit=1)
+                if not rows or not await self._deliver(rows[0]):
+                    break
+
+    async def _deliver(self, row: OutboxRow) -> bool:
+        """Send one row and wait for its acknowledgement; False when the link failed."""
+        self._written_seq = max(self._written_seq, row.seq)
+        try:
+            await self.session.request(_request_for(row), self.timeout, internal=True)
+        except GuestError as e:
+            if e.code == "busy":
+                # Transient, never a refusal: an agent restarted behind QEMU's socket (which tells
+                # the host nothing) answers "busy, send hello first". Resync, then deliver again.
+                self.session.log.info(
+                    "delivery of %d deferred (%s); resynchronizing", row.seq, e.message
+                )
+                if self.session.state is State.SYNCED:
+                    self.session.resync("the guest answered busy")
+                return False
+            self.session.warn.warn(
+                "refused",
+                "the guest refused message %d (key %r): %s",
+                row.seq,
+                row.key,
+                e.message,
+            )
+            self._failed(row, e)
+            return True
+        except errors.NotFound as e:  # not an answer to set/del; treat as a refusal
+            self._failed(row, GuestError(e.message, e.code))
+            return True
+        except errors.BridgeError as e:
+            self.session.log.debug("delivery of %d interrupted: %s", row.seq, e.message)
+            return False
+        self._delivered([row])
+        return True
+
+    def _delivered(self, rows: list[OutboxRow]) -> None:
+        for row in rows:
+            if (
+                row.value is not None
+                and row.log
+                and not self.store.secret_pending(self.vm, row.key, row.seq)
+            ):
+                self.mirror.unhide(row.key)  # the guest now holds a value we may keep on disk
+        seqs = [row.seq for row in rows]
+        self.store.finish(self.vm, seqs, "delivered")
+        for seq in seqs:
+            self._settle(seq, None)
+
+    def _failed(self, row: OutboxRow, exc: GuestError) -> None:
+        self.store.finish(self.vm, [row.seq], "failed")
+        self._settle(row.seq, exc)
+
+    def _settle(self, seq: int, exc: Exception | None) -> None:
+        fut = self._waiters.pop(seq, None)
+        if fut is None or fut.done():
+            return
+        if exc is None:
+            fut.set_result(seq)
+        else:
+            fut.set_exception(exc)

@@ -1,0 +1,147 @@
+"""hostbridge.delivery: one guest's outbox, against a scripted guest and a real SQLite store."""
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+
+import pytest
+from bridge_harness import async_wait_for
+from scripted_guest import linked
+
+from hostbridge.config import Limits
+from hostbridge.delivery import Delivery
+from hostbridge.errors import GuestError, LinkReset
+from hostbridge.mirror import Mirror
+from hostbridge.session import State
+from hostbridge.store import Store
+from hostbridge.tasks import TaskSet
+from ovmproto.messages import Set
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = Limits(hello_interval=0.1, hello_interval_max=0.2, keepalive=0)
+
+
+@contextlib.asynccontextmanager
+async def outbox(queued=(), guest_epoch_hseq=None):
+    """A store with ``queued`` (key, value) rows for VM "vm", then a Delivery on a live link."""
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(os.path.join(d, "bridge.sqlite3"))
+        epoch = store.vm("vm").epoch
+        for key, value in queued:
+            store.enqueue("vm", key, value, True)
+        async with linked(FAST, epoch) as (guest, session):
+            if guest_epoch_hseq is not None:
+                guest.epoch, guest.hseq = (
+                    epoch if guest_epoch_hseq[0] else "other",
+                    guest_epoch_hseq[1],
+                )
+            tasks = TaskSet("vm", logging.getLogger("test"))
+            delivery = Delivery(session, store, Mirror(100, 100000), epoch, 5.0, tasks)
+            session.on_synced = delivery.on_synced
+            session.on_link_down = delivery.on_link_down
+            delivery.start()
+            try:
+                yield guest, session, store, delivery
+            finally:
+                await tasks.cancel_all()
+        store.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def outcomes(store):
+    return [(r[2], r[5]) for r in reversed(store.audit("vm"))]
+
+
+def test_it_should_deliver_the_outbox_in_order_once_the_link_is_synced():
+    async def main():
+        rows = [("a", "1"), ("b", "2"), ("a", "3")]
+        async with outbox(rows) as (guest, _, store, _):
+            await async_wait_for(lambda: store.queued("vm") == 0, what="the outbox delivered")
+            assert guest.applied == [("set", "a", 1), ("set", "b", 2), ("set", "a", 3)]
+            assert guest.cache == {"a": "3", "b": "2"}
+            assert outcomes(store) == [("a", "delivered"), ("b", "delivered"), ("a", "delivered")]
+
+    run(main())
+
+
+def test_what_the_guest_already_applied_should_count_as_delivered_without_a_resend():
+    async def main():
+        rows = [("a", "1"), ("b", "2"), ("c", "3")]
+        async with outbox(rows, guest_epoch_hseq=(True, 2)) as (guest, _, store, _):
+            await async_wait_for(lambda: store.queued("vm") == 0, what="the outbox delivered")
+            assert guest.applied == [("set", "c", 3)]  # 1 and 2: acknowledged by the hello
+            assert [o for _, o in outcomes(store)] == ["delivered"] * 3
+
+    run(main())
+
+
+def test_another_epochs_position_should_not_count():
+    async def main():
+        async with outbox([("a", "1")], guest_epoch_hseq=(False, 5)) as (guest, _, store, _):
+            await async_wait_for(lambda: store.queued("vm") == 0, what="the outbox delivered")
+            assert guest.applied == [("set", "a", 1)]
+
+    run(main())
+
+
+def test_a_busy_guest_should_be_resynced_and_sent_the_message_again():
+    async def main():
+        async with outbox() as (guest, session, store, delivery):
+            guest.refuse_once["set"] = "busy"
+            await async_wait_for(lambda: session.state is State.SYNCED, what="sync")
+            row = store.enqueue("vm", "k", "v", True)
+            delivery.wake()
+            await async_wait_for(lambda: store.queued("vm") == 0, what="the second try")
+            assert guest.applied == [("set", "k", row.seq)] and len(guest.of_type(Set)) == 2
+            assert len(guest.hellos()) == 2 and session.counters["resyncs"] == 1
+
+    run(main())
+
+
+def test_a_refused_message_should_fail_its_sender_and_not_hold_up_the_next():
+    async def main():
+        async with outbox() as (guest, session, store, delivery):
+            await async_wait_for(lambda: session.state is State.SYNCED, what="sync")
+            guest.refuse["set"] = "quota"
+            first = store.enqueue("vm", "big", "v", True)
+            waiter = delivery.wait(first.seq)
+            delivery.wake()
+            with pytest.raises(GuestError) as caught:
+                await asyncio.wait_for(waiter, 5)
+            assert caught.value.code == "quota"
+            del guest.refuse["set"]
+            second = store.enqueue("vm", "small", "v", True)
+            waiter = delivery.wait(second.seq)
+            delivery.wake()
+            assert await asyncio.wait_for(waiter, 5) == second.seq
+            assert outcomes(store) == [("big", "failed"), ("small", "delivered")]
+
+    run(main())
+
+
+def test_a_sender_should_learn_when_the_link_goes_down_before_the_acknowledgement():
+    async def main():
+        async with outbox() as (guest, session, store, delivery):
+            await async_wait_for(lambda: session.state is State.SYNCED, what="sync")
+            guest.silent = {"set"}
+            row = store.enqueue("vm", "k", "v", True)
+            waiter = delivery.wait(row.seq)
+            assert not delivery.was_written(row.seq)
+            delivery.wake()
+            await async_wait_for(lambda: guest.of_type(Set), what="the set written")
+            assert delivery.was_written(row.seq) and delivery.waiting == 1
+            await guest.drop()
+            with pytest.raises(LinkReset):
+                await asyncio.wait_for(waiter, 5)
+            assert store.queued("vm") == 1  # it may have arrived: it stays queued
+            guest.silent = set()
+            await async_wait_for(lambda: store.queued("vm") == 0, what="redelivery")
+            assert guest.applied == [("set", "k", row.seq)]
+
+    run(main())
