@@ -12,6 +12,7 @@ import pytest
 from fakes import FakeBridge, ServedApp, api_config, short_dir  # noqa: F401
 
 from hostbridge import cli
+from hostbridge.cli import commands
 from hostbridge.errors import AgentTimeout
 
 VMMESSAGE = os.path.join(os.path.dirname(sys.executable), "vmmessage")
@@ -290,7 +291,7 @@ def test_it_should_print_the_same_through_the_fast_path_and_click(
     fast_status = cli.fast_path(argv)
     assert fast_status is not None  # the shape is the fast one
     fast = capsys.readouterr()
-    click_status = cli._click_main(argv)
+    click_status = commands.click_main(argv)
     slow = capsys.readouterr()
     assert (fast_status, fast.out, fast.err) == (click_status, slow.out, slow.err)
 
@@ -299,7 +300,7 @@ def test_it_should_exit_identically_through_both_paths_when_unreachable(capsys, 
     monkeypatch.setenv("VMMESSAGE_BRIDGE", "/nonexistent/api.sock")
     argv = ["query", "vm1", "k"]
     fast = (cli.fast_path(argv), capsys.readouterr())
-    slow = (cli._click_main(argv), capsys.readouterr())
+    slow = (commands.click_main(argv), capsys.readouterr())
     assert fast == slow and fast[0] == 3
 
 

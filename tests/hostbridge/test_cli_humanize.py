@@ -2,7 +2,8 @@
 
 import pytest
 
-from hostbridge import apiclient, cli, humanize
+from hostbridge import apiclient, humanize, render
+from hostbridge.cli import manager
 
 
 @pytest.mark.parametrize(
@@ -126,7 +127,7 @@ def test_it_should_map_error_codes_to_exit_statuses(code, status):
 
 
 def test_it_should_format_the_manager_time_in_utc_with_milliseconds():
-    assert cli.manager_time(1795336469.8905) == "2026-11-22 08:34:29,890 UTC"
+    assert render.manager_time(1795336469.8905) == "2026-11-22 08:34:29,890 UTC"
 
 
 @pytest.mark.parametrize(
@@ -141,8 +142,8 @@ def test_it_should_format_the_manager_time_in_utc_with_milliseconds():
 )
 def test_it_should_refuse_bad_manager_arguments(args, error):
     with pytest.raises(ValueError, match=error):
-        cli.parse_manager_args(args)
+        manager.parse_manager_args(args)
 
 
 def test_it_should_keep_an_equals_sign_inside_the_manager_message():
-    assert cli.parse_manager_args(["vm", "name=x", "key=k", "message=a=b"])["message"] == "a=b"
+    assert manager.parse_manager_args(["vm", "name=x", "key=k", "message=a=b"])["message"] == "a=b"
