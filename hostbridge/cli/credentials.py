@@ -70,7 +70,7 @@ def newtoken(name: str, tokens_file: str) -> int:
     try:
         token = auth.add_token(tokens_file, name)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="NAME") from None
+        raise click.BadParameter(str(exc), param_hint="'NAME'") from None
     except OSError as exc:
         return _cannot_write(tokens_file, exc)
     out(token)
