@@ -227,8 +227,12 @@ def _usage(reason: str, command: str) -> int:
 
 def click_main(argv: list[str]) -> int:
     """Parse ``argv`` with click and run the command; return the exit status."""
+    # make_context() and invoke() rather than main(): main() turns a closed stdout into exit 1 and
+    # prints usage errors on several lines; hostbridge.cli.shielded() and the handlers below do it
+    # as documented.
     try:
-        return vmmessage.main(args=list(argv), prog_name=PROG, standalone_mode=False) or EXIT_OK
+        with vmmessage.make_context(PROG, list(argv)) as ctx:
+            return vmmessage.invoke(ctx) or EXIT_OK
     except click.exceptions.Exit as exc:  # --help
         return exc.exit_code
     except click.exceptions.NoArgsIsHelpError:
@@ -238,7 +242,7 @@ def click_main(argv: list[str]) -> int:
     except click.ClickException as exc:
         sys.stderr.write(render.error_line(PROG, exc.format_message()) + "\n")
         return exc.exit_code
-    except click.Abort:
+    except (click.Abort, EOFError):  # e.g. no password at the prompt
         sys.stderr.write(render.error_line(PROG, "aborted") + "\n")
         return EXIT_INTERRUPTED
     except ApiError as exc:  # e.g. a malformed --bridge URL, found while making the client

@@ -185,6 +185,24 @@ def test_it_should_escape_control_characters_and_escape_sequences_from_the_guest
             assert "\\x1b]0;pwned\\x07\\x1b[2J\\r\\nfake prompt# \\u202eevil\\x9b31m" in out
 
 
+@pytest.mark.parametrize("args", [["query", "vm1", "newkey"], ["list"], ["--help"]])
+def test_it_should_end_quietly_with_141_when_nobody_reads_its_output(served, args):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `vmmessage list | head -0` leaves it
+    try:
+        r = subprocess.run(
+            [VMMESSAGE, *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=dict(os.environ, VMMESSAGE_BRIDGE=served.unix_path),
+        )
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")
+
+
 def test_it_should_list_vms_with_state_last_seen_queued_and_channel(served):
     r = vmm(served, "list")
     lines = r.stdout.splitlines()
