@@ -58,6 +58,17 @@ def stale_line(last_seen: object, now: float) -> str:
     return "(stale: the agent has not been seen since the bridge started)"
 
 
+def _marked(lines: list[str], doc: dict, now: float) -> list[str]:
+    if doc.get("stale"):
+        lines.append(stale_line(doc.get("last_seen"), now))
+    return lines
+
+
+def _outcome(doc: dict, queued: str, done: str) -> list[str]:
+    # A send or a delete is done, or queued in the bridge until the VM's agent connects.
+    return [queued % escape(doc.get("vm", ""))] if doc.get("outcome") == "queued" else [done]
+
+
 def query_lines(doc: dict, now: float, *, whole_minutes: bool = False) -> list[str]:
     """A key's value and when it was set (the original tool's phrases), then the stale marker.
 
@@ -68,16 +79,12 @@ def query_lines(doc: dict, now: float, *, whole_minutes: bool = False) -> list[s
         "Query for Key : '%s' returned value '%s'." % (escape(doc["key"]), escape(doc["value"])),
         "Key set %s." % _ago(doc.get("ts"), now, whole_minutes),
     ]
-    if doc.get("stale"):
-        lines.append(stale_line(doc.get("last_seen"), now))
-    return lines
+    return _marked(lines, doc, now)
 
 
 def send_lines(doc: dict, now: float) -> list[str]:
     """Sent, or queued until the agent connects."""
-    if doc.get("outcome") == "queued":
-        return [_QUEUED % escape(doc.get("vm", ""))]
-    return ["Message sent successfully."]
+    return _outcome(doc, _QUEUED, "Message sent successfully.")
 
 
 def vm_table(doc: dict, now: float) -> list[str]:
@@ -146,18 +153,12 @@ def keys_lines(doc: dict, now: float) -> list[str]:
         )
         for e in doc.get("entries", [])
     ]
-    if not lines:
-        lines.append("(no keys)")
-    if doc.get("stale"):
-        lines.append(stale_line(doc.get("last_seen"), now))
-    return lines
+    return _marked(lines or ["(no keys)"], doc, now)
 
 
 def rm_lines(doc: dict, now: float) -> list[str]:
     """Deleted, or the deletion queued until the agent connects."""
-    if doc.get("outcome") == "queued":
-        return [_DELETION_QUEUED % escape(doc.get("vm", ""))]
-    return ["Key '%s' deleted." % escape(doc.get("key", ""))]
+    return _outcome(doc, _DELETION_QUEUED, "Key '%s' deleted." % escape(doc.get("key", "")))
 
 
 def audit_lines(doc: dict, now: float) -> list[str]:

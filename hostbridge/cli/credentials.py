@@ -19,6 +19,15 @@ from hostbridge.cli import EXIT_HELP, PROG, out
 EPILOG = "\b\n" + EXIT_HELP  # \b: click must not rewrap the table
 
 
+def _file_option(name: str, what: str):
+    return click.option(
+        name,
+        required=True,
+        type=click.Path(dir_okay=False),
+        help="the bridge's %s file (created if missing, mode 0600)" % what,
+    )
+
+
 def _cannot_write(path: str, exc: OSError) -> int:
     sys.stderr.write(
         render.error_line(PROG, "cannot write %s: %s" % (path, exc.strerror or exc)) + "\n"
@@ -28,12 +37,7 @@ def _cannot_write(path: str, exc: OSError) -> int:
 
 @click.command("adduser", epilog=EPILOG)
 @click.argument("user")
-@click.option(
-    "--users-file",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="the bridge's users file (created if missing, mode 0600)",
-)
+@_file_option("--users-file", "users")
 @click.option(
     "--password-stdin", is_flag=True, help="read the password from the first line of stdin"
 )
@@ -57,12 +61,7 @@ def adduser(user: str, users_file: str, password_stdin: bool) -> int:
 
 @click.command("newtoken", epilog=EPILOG)
 @click.argument("name")
-@click.option(
-    "--tokens-file",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="the bridge's tokens file (created if missing, mode 0600)",
-)
+@_file_option("--tokens-file", "tokens")
 def newtoken(name: str, tokens_file: str) -> int:
     """Append a new random bearer token named NAME to the tokens file and print it (this once)."""
     from hostbridge import auth

@@ -32,22 +32,12 @@ def ovm(served, *args, bridge=None):
     )
 
 
+# The original's documented command line (-u/-p are accepted and unused on the local socket).
+AS_DOCUMENTED = ["-u", "admin", "-p", "secret", "-h", "localhost", "-v", "ol6u3apitest"]
+
+
 def test_it_should_print_the_original_lines_when_sending(served):
-    r = ovm(
-        served,
-        "-u",
-        "admin",
-        "-p",
-        "secret",
-        "-h",
-        "localhost",
-        "-v",
-        "ol6u3apitest",
-        "-k",
-        "foo",
-        "-V",
-        "bar",
-    )
+    r = ovm(served, *AS_DOCUMENTED, "-k", "foo", "-V", "bar")
     assert r.returncode == 0
     assert r.stdout.splitlines() == [
         BANNER,
@@ -60,19 +50,7 @@ def test_it_should_print_the_original_lines_when_sending(served):
 
 
 def test_it_should_print_the_original_lines_when_querying(served):
-    r = ovm(
-        served,
-        "-u",
-        "admin",
-        "-p",
-        "secret",
-        "-h",
-        "localhost",
-        "-v",
-        "ol6u3apitest",
-        "-q",
-        "newkey",
-    )
+    r = ovm(served, *AS_DOCUMENTED, "-q", "newkey")
     assert r.returncode == 0
     assert r.stdout.splitlines() == [
         BANNER,
