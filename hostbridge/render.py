@@ -8,8 +8,6 @@ the operator's terminal. Nothing here writes anywhere: the callers print.
 On the fast path of ``vmmessage query`` (see hostbridge.cli): it imports only time and humanize.
 """
 
-from __future__ import annotations
-
 import time
 
 from hostbridge import humanize

@@ -17,10 +17,9 @@ Where things are:
 Fast path: ``vmmessage query VM KEY`` (and ``send VM KEY VALUE``) is what scripts run in loops, so
 main() recognises that exact argv by hand and answers with only apiclient (``_socket`` and
 ovmproto.compactjson), render and humanize imported: no click, json, re, typing, socket or asyncio.
-Click (~40 ms) is imported only by hostbridge.cli.commands, for every other shape.
+Click (~40 ms) is imported only by hostbridge.cli.commands, for every other shape. This module and
+hostbridge.render do without ``from __future__ import annotations``, which is a real import too.
 """
-
-from __future__ import annotations
 
 import os
 import sys
