@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -35,6 +36,9 @@ from hostbridge.cli import (
 
 EPILOG = credentials.EPILOG
 
+# What an API command's function returns: its request, and how to render the answer.
+ApiCall = tuple[Callable[[Client], dict], Callable[[dict, float], list[str]]]
+
 # (option, environment variable): an option given to the command wins over the same option given
 # before the command name, which wins over the environment.
 _CONNECTION = (
@@ -46,7 +50,7 @@ _CONNECTION = (
 )
 
 
-def connection_options(f):
+def connection_options(f: Callable) -> Callable:
     """--bridge, --token, -u/--user, -p/--password, --cacert."""
     for option in reversed(
         (
@@ -76,7 +80,7 @@ def connection_options(f):
     return f
 
 
-def json_option(f):
+def json_option(f: Callable) -> Callable:
     """--json, accepted before and after the command name."""
     return click.option(
         "--json", "as_json", is_flag=True, default=None, help="print the API's JSON answer"
@@ -104,19 +108,19 @@ def client_for(given: dict) -> Client:
 @click.group(context_settings={"help_option_names": ["--help"]}, epilog=EPILOG)
 @connection_options
 @json_option
-def vmmessage(**_):
+def vmmessage(**_: object) -> None:
     """Send messages to and query keys of the ovmd agents in the VMs of this host, through the
     host bridge (hostbridge). Values that come from a guest are shown with control characters
     escaped (e.g. \\x1b)."""
 
 
-def api_command(name: str):
-    """Register an API command; the decorated function returns ``(call, lines)`` (see above)."""
+def api_command(name: str) -> Callable[[Callable[..., ApiCall]], click.Command]:
+    """Register an API command; the decorated function returns an ApiCall (see above)."""
 
-    def register(f):
+    def register(f: Callable[..., ApiCall]) -> click.Command:
         @functools.wraps(f)
-        def invoke(as_json, **params):
-            given = {name: params.pop(name) for name, _ in _CONNECTION}
+        def invoke(as_json: bool | None, **params: object) -> int:
+            given = {option: params.pop(option) for option, _ in _CONNECTION}
             call, lines = f(**params)
             as_json = bool(as_json or click.get_current_context().find_root().params["as_json"])
             return run_api(lambda: call(client_for(given)), lines, as_json=as_json)
@@ -127,7 +131,7 @@ def api_command(name: str):
     return register
 
 
-def timeout_option(text: str):
+def timeout_option(text: str) -> Callable:
     return click.option(
         "--timeout",
         type=click.FloatRange(min=0, min_open=True, max=300),
@@ -149,7 +153,9 @@ def timeout_option(text: str):
     help="fail (exit 5) instead of queueing when the agent is not connected",
 )
 @timeout_option("seconds to wait for the guest's acknowledgement (default: the bridge's, 5)")
-def send(vm, key, value, no_log, no_queue, timeout):
+def send(
+    vm: str, key: str, value: str, no_log: bool, no_queue: bool, timeout: float | None
+) -> ApiCall:
     """Send KEY=VALUE to the agent in VM (queued until it connects unless --no-queue)."""
     return (
         lambda c: c.send(vm, key, value, log=not no_log, queue=not no_queue, timeout=timeout),
@@ -161,27 +167,27 @@ def send(vm, key, value, no_log, no_queue, timeout):
 @click.argument("vm")
 @click.argument("key")
 @timeout_option("seconds to wait for the live agent before answering from the mirror")
-def query(vm, key, timeout):
+def query(vm: str, key: str, timeout: float | None) -> ApiCall:
     """Print the value of KEY in VM and when it was set (stale when answered from the mirror)."""
     return lambda c: c.query(vm, key, timeout=timeout), render.query_lines
 
 
 @api_command("list")
-def list_vms():
+def list_vms() -> ApiCall:
     """List every VM with its agent state, last seen time, queued count and channel."""
     return lambda c: {"vms": c.vms()}, render.vm_table
 
 
 @api_command("status")
 @click.argument("vm")
-def status(vm):
+def status(vm: str) -> ApiCall:
     """Show one VM's details."""
     return lambda c: c.vm(vm), render.status_lines
 
 
 @api_command("keys")
 @click.argument("vm")
-def keys(vm):
+def keys(vm: str) -> ApiCall:
     """List the keys of VM with their values."""
     return lambda c: c.keys(vm), render.keys_lines
 
@@ -189,7 +195,7 @@ def keys(vm):
 @api_command("rm")
 @click.argument("vm")
 @click.argument("key")
-def rm(vm, key):
+def rm(vm: str, key: str) -> ApiCall:
     """Delete KEY inside VM."""
     return lambda c: c.delete(vm, key), render.rm_lines
 
@@ -199,7 +205,7 @@ def rm(vm, key):
 @click.option(
     "--limit", type=click.IntRange(1, 1000), default=None, help="rows to show (default 100)"
 )
-def audit(vm, limit):
+def audit(vm: str, limit: int | None) -> ApiCall:
     """Show the audit trail of messages sent to VM, newest first."""
     return lambda c: c.audit(vm, limit), render.audit_lines
 
@@ -211,7 +217,7 @@ def audit(vm, limit):
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @connection_options
-def send_vm_message(args, **given):
+def send_vm_message(args: tuple[str, ...], **given: str | None) -> int:
     """The manager CLI's form: sendVmMessage Vm name=NAME key=KEY message=VALUE [log=yes|no]."""
     return manager.run_manager_send(client_for(given), list(args))
 
@@ -245,5 +251,5 @@ def click_main(argv: list[str]) -> int:
     except (click.Abort, EOFError):  # e.g. no password at the prompt
         sys.stderr.write(render.error_line(PROG, "aborted") + "\n")
         return EXIT_INTERRUPTED
-    except ApiError as exc:  # e.g. a malformed --bridge URL, found while making the client
+    except ApiError as exc:  # sendVmMessage's client, made outside run_api: e.g. a bad --bridge
         return report(exc)
