@@ -3,7 +3,8 @@
 Two kinds of credential, each from its own file, both re-read when the file changes:
 
 * bearer tokens (``Authorization: Bearer T``): the tokens file holds one token per line, optionally
-  preceded by a name and a colon (``ci:3f9a...``) so logs can say who called; ``#`` starts a comment.
+  preceded by a name and a colon (``ci:3f9a...``) so logs can say who called; ``#`` starts a
+  comment. ``add_token()`` (the ``vmmessage newtoken`` command) appends a new one.
 * user/password (``Authorization: Basic ...``, the ``-u/-p`` of the original ``ovm_vmmessage``): the
   users file holds ``user:scrypt$N$r$p$salt$hash`` lines (salt and hash in base64), written by
   ``add_user()`` (the ``vmmessage adduser`` command). Passwords are never stored.
@@ -55,7 +56,7 @@ def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int
 
 
 def verify_password(password: str, encoded: str) -> bool:
-    """Whether ``password`` matches ``encoded`` (from hash_password); False for a malformed entry."""
+    """Whether ``password`` matches ``encoded`` (from hash_password); False if it is malformed."""
     try:
         scheme, n, r, p, salt_b64, hash_b64 = encoded.split("$")
         if scheme != "scrypt":
@@ -70,7 +71,7 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
-# Verified against when the user is unknown, so that "no such user" takes as long as "wrong password".
+# Verified against when the user is unknown: "no such user" then takes as long as "wrong password".
 _DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
     SCRYPT_N,
     SCRYPT_R,
@@ -141,6 +142,49 @@ def add_user(path: str, user: str, password: str) -> bool:
 def new_token() -> str:
     """A fresh random bearer token (256 bits, URL-safe)."""
     return secrets.token_urlsafe(32)
+
+
+def _check_token_name(name: str) -> None:
+    # "#" first would make the line a comment, which _parse_tokens skips: a token that never works.
+    if (
+        not name
+        or ":" in name
+        or name.startswith("#")
+        or any(not ch.isprintable() or ch.isspace() for ch in name)
+    ):
+        raise ValueError(
+            "a token name must be non-empty, without ':', spaces or control characters, "
+            "and must not start with '#'"
+        )
+
+
+def add_token(path: str, name: str) -> str:
+    """Append a new token named ``name`` to the tokens file at ``path``; return the token.
+
+    The file is created if missing and left with mode 0600 (it holds secrets). Existing lines are
+    never rewritten, only appended to; the new line is fsynced before the token is returned, so a
+    token the operator was shown is on disk.
+    """
+    _check_token_name(name)
+    token = new_token()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        size = os.fstat(fd).st_size
+        # A last line without its newline would otherwise run into ours and spoil both.
+        lead = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
+        data = memoryview(lead + ("%s:%s\n" % (name, token)).encode("utf-8"))
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)  # the file's directory entry, when it was just created
+    finally:
+        os.close(dfd)
+    return token
 
 
 class _WatchedFile:
@@ -234,7 +278,7 @@ class Authenticator:
         return bool(self._tokens.path or self._users.path)
 
     async def authenticate(self, header: str | None) -> Principal:
-        """Return the Principal for ``header`` or raise Unauthorized (one reason, never the secret)."""
+        """The Principal for ``header``, or raise Unauthorized (one reason, never the secret)."""
         if not header:
             raise Unauthorized(
                 "authentication required: send a bearer token or a user and password"

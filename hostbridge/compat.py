@@ -7,28 +7,37 @@
 socket ($VMMESSAGE_BRIDGE or /run/hostbridge/api.sock; file permissions decide, -u/-p are not
 needed there); any other HOST[:PORT] = https://HOST:PORT with -u/-p sent as HTTP Basic. ``-h`` is
 therefore not help: ``--help`` is. Exit statuses are vmmessage's (see docs/cli-host.md).
+
+Its lines are the original's; the shared ones (send, query, errors) come from hostbridge.render, and
+"Key set N minutes ago." keeps the original's whole minutes, which scripts parse.
 """
+
+from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
 
-from hostbridge import cli, humanize
-from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client, exit_code
+from hostbridge import cli, humanize, render
+from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client
 
 PROG = "ovm_vmmessage"
 BANNER = "Oracle VM VM Message utility 0.5.2."
 
 
+def _usage(reason: str) -> int:
+    sys.stderr.write(render.usage_line(PROG, reason, PROG) + "\n")
+    return EXIT_USAGE
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line and the documented usage status, not argparse's usage dump.
-        sys.stderr.write("%s: error: %s (see --help)\n" % (PROG, message))
-        raise SystemExit(EXIT_USAGE)
+        raise SystemExit(_usage(message))
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         add_help=False,
@@ -56,7 +65,8 @@ def _parser():
     return p
 
 
-def client_for(host, user, password, cacert):
+def client_for(host: str, user: str | None, password: str | None, cacert: str | None) -> Client:
+    """The bridge ``-h HOST`` names: the local unix socket, a socket path, or https://HOST."""
     host = (host or "").strip()
     if host in ("", "localhost") or host.startswith("/"):
         return Client(host if host.startswith("/") else os.environ.get(ENV_BRIDGE))
@@ -68,60 +78,50 @@ def client_for(host, user, password, cacert):
     )
 
 
-def _status_word(vm):
-    # The original printed the VM's run state; what the bridge knows is whether its agent is there.
-    return "Running" if vm.get("agent") == "connected" else "Not connected"
+def _say(*lines: str) -> None:
+    # Flushed line by line, as the original: a script (or a person) sees how far it got.
+    for line in lines:
+        print(line, flush=True)
 
 
-def _error(exc):
-    sys.stderr.write(
-        "%s: error: %s\n" % (PROG, humanize.escape(" ".join(str(exc.message).split())))
-    )
-    return exit_code(exc.code)
-
-
-def run(args):
+def run(args: argparse.Namespace) -> int:
+    """Send and/or query as the parsed options ask; print the original's lines; the exit status."""
     if args.key is None and args.query is None:
-        sys.stderr.write(
-            "%s: error: give -k KEY -V VALUE to send, or -q KEY to query (see --help)\n" % PROG
-        )
-        return EXIT_USAGE
+        return _usage("give -k KEY -V VALUE to send, or -q KEY to query")
     if (args.key is None) != (args.value is None):
-        sys.stderr.write("%s: error: -k and -V go together (see --help)\n" % PROG)
-        return EXIT_USAGE
-    print(BANNER, flush=True)
+        return _usage("-k and -V go together")
+    _say(BANNER)
     try:
         client = client_for(args.host, args.user, args.password, args.cacert)
         vm = client.vm(args.vm)
-    except ApiError as exc:
-        return _error(exc)
-    print("Connected.")
-    print("VM : '%s' has status :  %s." % (humanize.escape(args.vm), _status_word(vm)), flush=True)
-    if args.key is not None:
-        print("Sending message.", flush=True)
-        try:
+        # The original printed the VM's run state; the bridge knows whether its agent is there.
+        state = "Running" if vm.get("agent") == "connected" else "Not connected"
+        _say("Connected.", "VM : '%s' has status :  %s." % (humanize.escape(args.vm), state))
+        if args.key is not None:
+            _say("Sending message.")
             doc = client.send(args.vm, args.key, args.value)
-        except ApiError as exc:
-            return _error(exc)
-        print(cli.send_line(doc), flush=True)
-    if args.query is not None:
-        print("Querying for key '%s'." % humanize.escape(args.query), flush=True)
-        try:
+            _say(*render.send_lines(doc, time.time()))
+        if args.query is not None:
+            _say("Querying for key '%s'." % humanize.escape(args.query))
             doc = client.query(args.vm, args.query)
-        except ApiError as exc:
-            return _error(exc)
-        print("Query successful.")
-        for line in cli.query_lines(doc, time.time()):
-            print(line)
+            _say("Query successful.", *render.query_lines(doc, time.time(), whole_minutes=True))
+    except ApiError as exc:
+        return cli.report(exc, PROG)
     return EXIT_OK
 
 
-def main(argv=None):
+def _run(argv: list[str]) -> int:
     try:
-        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as exc:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already reported
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     return run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `ovm_vmmessage` command; returns the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return cli.shielded(lambda: _run(args))
 
 
 if __name__ == "__main__":

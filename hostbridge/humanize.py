@@ -61,3 +61,13 @@ def ago(ts: float, now: float) -> str:
     if hours < 48:
         return _plural(hours, "hour")
     return _plural(hours // 24, "day")
+
+
+def minutes_ago(ts: float, now: float) -> str:
+    """The original ``ovm_vmmessage``'s form: whole minutes, always "minutes": "0 minutes ago".
+
+    Scripts parse it (``Key set N minutes ago.``), so it never changes shape: under a minute is
+    "0 minutes ago", a day is "1440 minutes ago", and a time in the future (clocks of host and
+    guest disagree) counts as now.
+    """
+    return "%d minutes ago" % max(0, int(now - ts) // 60)

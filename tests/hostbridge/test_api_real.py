@@ -1,6 +1,7 @@
-"""The API and both CLIs against real processes: the `hostbridge` daemon (python -m hostbridge.daemon)
-with pty channels, real guest agents (python -m guestagent.daemon) on them, and `vmmessage` /
-`ovm_vmmessage` run as users run them. Also schemathesis against the real daemon over TLS."""
+"""The API and both CLIs against real processes: the `hostbridge` daemon (python -m
+hostbridge.daemon) with pty channels, real guest agents (python -m guestagent.daemon) on them, and
+`vmmessage` / `ovm_vmmessage` run as users run them. Also schemathesis against the real daemon over
+TLS."""
 
 import json
 import os
@@ -163,7 +164,7 @@ def test_it_should_run_the_compat_and_manager_forms_against_the_real_bridge(stac
         "Querying for key 'newkey'.",
         "Query successful.",
         "Query for Key : 'newkey' returned value 'newvalue'.",
-        "Key set just now.",
+        "Key set 0 minutes ago.",  # the original's whole minutes, which scripts parse
     ]
     r = cli(bridge, "sendVmMessage", "Vm", "name=vm1", "key=mk", "message=mv", "log=no")
     assert r.returncode == 0
@@ -174,6 +175,39 @@ def test_it_should_run_the_compat_and_manager_forms_against_the_real_bridge(stac
     assert agent.ovmd("-g", "mk").stdout == "mv\n"
     r = cli(bridge, "sendVmMessage", "Vm", "name=nope", "key=mk", "message=mv")
     assert r.returncode == 1 and "Status: Failure" in r.stdout
+
+
+class OneKeyAgent(Agent):
+    """A real guest agent whose cache holds one key: it refuses a second with `err quota`."""
+
+    def command(self):
+        return super().command() + ["--max-keys", "1"]
+
+
+def test_both_clis_should_exit_7_when_the_agent_refuses_a_message():
+    channel = os.path.join(short_tempdir(), "vm1.pty")
+    with BridgeProc({"vm1": "pty:" + channel}) as bridge:
+        bridge.wait_ready()
+        agent = OneKeyAgent(channel)
+        try:
+            agent.start().wait_ready()
+            wait_for(
+                lambda: agent_state(bridge, "vm1") == "connected", what="vm1's agent to connect"
+            )
+            assert cli(bridge, "send", "vm1", "first", "fills-the-cache").returncode == 0
+            r = cli(bridge, "send", "vm1", "second", SECRET)
+            assert (r.returncode, r.stdout) == (7, "")
+            assert r.stderr.startswith("vmmessage: error: the agent in VM 'vm1' refused key ")
+            assert r.stderr.count("\n") == 1 and SECRET not in r.stderr
+            r = cli(bridge, "-v", "vm1", "-k", "third", "-V", SECRET, prog="ovm_vmmessage")
+            assert r.returncode == 7
+            assert r.stdout.splitlines()[-1] == "Sending message."
+            assert r.stderr.startswith("ovm_vmmessage: error: the agent in VM 'vm1' refused key ")
+            assert SECRET not in r.stderr and SECRET not in bridge.log()
+            assert agent.ovmd("-g", "second").returncode == 1
+            assert agent.ovmd("-g", "first").stdout == "fills-the-cache\n"
+        finally:
+            agent.close()
 
 
 def free_port():

@@ -68,6 +68,38 @@ def test_it_should_refuse_bad_user_names(tmp_path, user):
         auth.add_user(str(tmp_path / "users"), user, "pw")
 
 
+def test_it_should_append_named_tokens_to_a_0600_file_that_the_authenticator_accepts(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("# ops tokens\nold:%s" % TOKEN)  # no final newline
+    path.chmod(0o644)
+    first = auth.add_token(str(path), "ci")
+    second = auth.add_token(str(path), "deploy")
+    assert first != second and len(first) >= 32
+    assert path.read_text() == "# ops tokens\nold:%s\nci:%s\ndeploy:%s\n" % (TOKEN, first, second)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    authenticator = auth.Authenticator(str(path))
+    assert authenticate(authenticator, "Bearer " + second) == auth.Principal("token", "deploy")
+    assert authenticate(authenticator, "Bearer " + TOKEN) == auth.Principal("token", "old")
+
+
+def test_it_should_create_a_missing_tokens_file_with_mode_0600(tmp_path):
+    path = tmp_path / "tokens"
+    old = os.umask(0)
+    try:
+        token = auth.add_token(str(path), "ci")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "ci:%s\n" % token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("name", ["", "a:b", "with space", "tab\tx", "#comment", "bell\x07"])
+def test_it_should_refuse_bad_token_names_and_write_nothing(tmp_path, name):
+    with pytest.raises(ValueError, match="token name"):
+        auth.add_token(str(tmp_path / "tokens"), name)
+    assert not (tmp_path / "tokens").exists()
+
+
 def authenticate(authenticator, header):
     return asyncio.run(authenticator.authenticate(header))
 
@@ -144,7 +176,7 @@ def tls_files(tmp_path_factory):
 
 
 @pytest.fixture
-def tls_served(short_dir, tls_files):
+def tls_served(short_dir, tls_files):  # noqa: F811 (the fixture imported above)
     cfg = api_config(
         short_dir,
         api_tcp=("127.0.0.1", 0),

@@ -1,8 +1,10 @@
-"""hostbridge.humanize and the pure parts of hostbridge.apiclient and hostbridge.cli."""
+"""hostbridge.humanize, hostbridge.render and the pure parts of hostbridge.apiclient and
+hostbridge.cli: the exact text, with a fixed clock."""
 
 import pytest
 
-from hostbridge import apiclient, cli, humanize
+from hostbridge import apiclient, humanize, render
+from hostbridge.cli import manager
 
 
 @pytest.mark.parametrize(
@@ -23,6 +25,93 @@ from hostbridge import apiclient, cli, humanize
 )
 def test_it_should_say_how_long_ago_in_words(delta, text):
     assert humanize.ago(1000000.0 - delta, 1000000.0) == text
+
+
+@pytest.mark.parametrize(
+    "delta,text",
+    [
+        (0, "0 minutes ago"),
+        (59.9, "0 minutes ago"),
+        (60, "1 minutes ago"),
+        (119, "1 minutes ago"),
+        (130, "2 minutes ago"),
+        (3600 * 3 + 5, "180 minutes ago"),
+        (86400 * 2, "2880 minutes ago"),
+        (-30, "0 minutes ago"),
+        (-3600, "0 minutes ago"),
+    ],
+)
+def test_it_should_count_whole_minutes_in_the_original_form(delta, text):
+    assert humanize.minutes_ago(1000000.0 - delta, 1000000.0) == text
+
+
+NOW = 1795336469.0
+ANSWER = {"vm": "vm1", "key": "newkey", "value": "newvalue", "ts": NOW - 150, "stale": False}
+
+
+def test_it_should_word_a_query_answer_as_the_original_tools():
+    assert render.query_lines(ANSWER, NOW) == [
+        "Query for Key : 'newkey' returned value 'newvalue'.",
+        "Key set 2 minutes ago.",
+    ]
+    assert render.query_lines(dict(ANSWER, ts=NOW - 0.2), NOW)[1] == "Key set just now."
+    assert render.query_lines(dict(ANSWER, ts=NOW - 61), NOW)[1] == "Key set 1 minute ago."
+
+
+@pytest.mark.parametrize(
+    "age,line",
+    [
+        (0.2, "Key set 0 minutes ago."),
+        (61, "Key set 1 minutes ago."),
+        (150, "Key set 2 minutes ago."),
+        (7300, "Key set 121 minutes ago."),
+    ],
+)
+def test_it_should_give_ovm_vmmessage_whole_minutes(age, line):
+    lines = render.query_lines(dict(ANSWER, ts=NOW - age), NOW, whole_minutes=True)
+    assert lines == ["Query for Key : 'newkey' returned value 'newvalue'.", line]
+
+
+def test_it_should_mark_a_stale_answer_and_say_when_the_agent_was_last_seen():
+    stale = dict(ANSWER, stale=True, last_seen=NOW - 300)
+    assert render.query_lines(stale, NOW)[2:] == ["(stale: the agent was last seen 5 minutes ago)"]
+    assert render.query_lines(dict(stale, last_seen=None), NOW, whole_minutes=True)[1:] == [
+        "Key set 2 minutes ago.",
+        "(stale: the agent has not been seen since the bridge started)",
+    ]
+
+
+def test_it_should_render_error_and_usage_lines_on_one_escaped_line():
+    assert render.error_line("vmmessage", "no VM named 'x'") == "vmmessage: error: no VM named 'x'"
+    assert (
+        render.error_line("ovm_vmmessage", "bad\n  \x1b[2Jthing")
+        == "ovm_vmmessage: error: bad \\x1b[2Jthing"
+    )
+    assert (
+        render.usage_line("vmmessage", "Missing argument 'VALUE'.", "vmmessage send")
+        == "vmmessage: error: Missing argument 'VALUE' (see vmmessage send --help)"
+    )
+
+
+def test_it_should_render_the_vm_table_with_the_channel_unpadded():
+    vms = [
+        {"name": "web1", "agent": "connected", "queued": 0, "channel": "pty:/a"},
+        {
+            "name": "db",
+            "agent": "disconnected",
+            "last_seen": NOW - 300,
+            "queued": 2,
+            "channel": "x",
+        },
+        {"name": "new", "agent": "disconnected", "last_seen": None, "channel": "y"},
+    ]
+    assert render.vm_table({"vms": vms}, NOW) == [
+        "NAME  AGENT         LAST SEEN      QUEUED  CHANNEL",
+        "web1  connected     now            0       pty:/a",
+        "db    disconnected  5 minutes ago  2       x",
+        "new   disconnected  never          0       y",
+    ]
+    assert render.vm_table({"vms": []}, NOW)[1:] == ["(no VMs)"]
 
 
 @pytest.mark.parametrize(
@@ -97,7 +186,10 @@ def test_it_should_parse_content_length_and_chunked_responses():
         200,
         b"{}",
     )
-    chunked = b'HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{"a\r\n4\r\n":1}\r\n0\r\n\r\n'
+    chunked = (
+        b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'3\r\n{"a\r\n4\r\n":1}\r\n0\r\n\r\n'
+    )
     assert apiclient.parse_response(chunked) == (404, b'{"a":1}')
     with pytest.raises(ValueError):
         apiclient.parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}")
@@ -125,8 +217,26 @@ def test_it_should_map_error_codes_to_exit_statuses(code, status):
     assert apiclient.exit_code(code) == status
 
 
+def test_it_should_word_the_manager_cli_answer():
+    args = ["Vm", "name=vm1", "key=k", "message=m"]
+    assert render.manager_lines(args, NOW, doc={"outcome": "delivered", "vm": "vm1"}) == [
+        "Command: sendVmMessage Vm name=vm1 key=k message=m",
+        "Status: Success",
+        "Time: 2026-11-22 08:34:29,000 UTC",
+    ]
+    assert render.manager_lines(args, NOW, error="no VM named 'vm1'")[1:] == [
+        "Status: Failure",
+        "Time: 2026-11-22 08:34:29,000 UTC",
+        "Error Msg: no VM named 'vm1'",
+    ]
+    assert render.manager_lines(args, NOW, doc={"outcome": "queued", "vm": "vm1"})[3:] == [
+        "Message queued: the agent in VM 'vm1' is not connected; it will be delivered when it "
+        "connects."
+    ]
+
+
 def test_it_should_format_the_manager_time_in_utc_with_milliseconds():
-    assert cli.manager_time(1795336469.8905) == "2026-11-22 08:34:29,890 UTC"
+    assert render.manager_time(1795336469.8905) == "2026-11-22 08:34:29,890 UTC"
 
 
 @pytest.mark.parametrize(
@@ -141,8 +251,8 @@ def test_it_should_format_the_manager_time_in_utc_with_milliseconds():
 )
 def test_it_should_refuse_bad_manager_arguments(args, error):
     with pytest.raises(ValueError, match=error):
-        cli.parse_manager_args(args)
+        manager.parse_manager_args(args)
 
 
 def test_it_should_keep_an_equals_sign_inside_the_manager_message():
-    assert cli.parse_manager_args(["vm", "name=x", "key=k", "message=a=b"])["message"] == "a=b"
+    assert manager.parse_manager_args(["vm", "name=x", "key=k", "message=a=b"])["message"] == "a=b"

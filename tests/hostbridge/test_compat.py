@@ -1,7 +1,9 @@
-"""`ovm_vmmessage`: the original utility's flags and exact lines, as a real process over the real API
-(FakeBridge behind it) on a real unix socket. The remote (-h HOST, -u/-p over TLS) case is in test_auth."""
+"""`ovm_vmmessage`: the original utility's flags and exact lines, as a real process over the real
+API (FakeBridge behind it) on a real unix socket. The remote (-h HOST, -u/-p over TLS) case is in
+test_auth."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ BANNER = "Oracle VM VM Message utility 0.5.2."
 
 
 @pytest.fixture
-def served(short_dir):
+def served(short_dir):  # noqa: F811 (the fixture imported above)
     bridge = FakeBridge(["ol6u3apitest", "down"])
     bridge.fake("ol6u3apitest").keys["newkey"] = ("newvalue", time.time() - 130, "guest")
     bridge.fake("down").set_connected(False)
@@ -30,22 +32,12 @@ def ovm(served, *args, bridge=None):
     )
 
 
+# The original's documented command line (-u/-p are accepted and unused on the local socket).
+AS_DOCUMENTED = ["-u", "admin", "-p", "secret", "-h", "localhost", "-v", "ol6u3apitest"]
+
+
 def test_it_should_print_the_original_lines_when_sending(served):
-    r = ovm(
-        served,
-        "-u",
-        "admin",
-        "-p",
-        "secret",
-        "-h",
-        "localhost",
-        "-v",
-        "ol6u3apitest",
-        "-k",
-        "foo",
-        "-V",
-        "bar",
-    )
+    r = ovm(served, *AS_DOCUMENTED, "-k", "foo", "-V", "bar")
     assert r.returncode == 0
     assert r.stdout.splitlines() == [
         BANNER,
@@ -58,19 +50,7 @@ def test_it_should_print_the_original_lines_when_sending(served):
 
 
 def test_it_should_print_the_original_lines_when_querying(served):
-    r = ovm(
-        served,
-        "-u",
-        "admin",
-        "-p",
-        "secret",
-        "-h",
-        "localhost",
-        "-v",
-        "ol6u3apitest",
-        "-q",
-        "newkey",
-    )
+    r = ovm(served, *AS_DOCUMENTED, "-q", "newkey")
     assert r.returncode == 0
     assert r.stdout.splitlines() == [
         BANNER,
@@ -95,7 +75,8 @@ def test_it_should_say_queued_and_not_running_for_a_vm_whose_agent_is_away(serve
     assert r.stdout.splitlines()[2:] == [
         "VM : 'down' has status :  Not connected.",
         "Sending message.",
-        "Message queued: the agent in VM 'down' is not connected; it will be delivered when it connects.",
+        "Message queued: the agent in VM 'down' is not connected; it will be delivered when it "
+        "connects.",
     ]
 
 
@@ -116,6 +97,37 @@ def test_it_should_fail_with_one_line_and_the_documented_status(served, args, co
     assert r.returncode == code
     assert fragment in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "age,line",
+    [
+        (5, "Key set 0 minutes ago."),
+        (75, "Key set 1 minutes ago."),
+        (600, "Key set 10 minutes ago."),
+        (3 * 3600 + 40, "Key set 180 minutes ago."),
+    ],
+)
+def test_it_should_print_whole_minutes_as_the_original_did(served, age, line):
+    # The bridge's answer carries the key's set time; the line counts from the CLI's clock.
+    served.call(
+        lambda: served.bridge.fake("ol6u3apitest").keys.__setitem__(
+            "aged", ("v", time.time() - age, "guest")
+        )
+    )
+    r = ovm(served, "-v", "ol6u3apitest", "-q", "aged")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-v", "ol6u3apitest"], ["-q", "k"], ["-v", "x", "--bogus"], ["-v"], ["-v", "x", "-k", "k"]],
+)
+def test_a_usage_error_should_be_one_line_and_exit_2(served, args):
+    r = ovm(served, *args)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert re.fullmatch(r"ovm_vmmessage: error: [^\n]+ \(see ovm_vmmessage --help\)\n", r.stderr)
 
 
 def test_it_should_exit_3_when_the_bridge_is_unreachable(served):

@@ -1,0 +1,255 @@
+"""The click commands of `vmmessage`: every command line the fast path (hostbridge.cli) leaves.
+
+Imported only then: click costs ~40 ms of start-up. An API command is a function that returns
+``(call, lines)``: ``call(client)`` makes its request, ``lines`` renders the answer (a function of
+hostbridge.render). api_command() adds --json and the connection options and runs both through
+hostbridge.cli.run_api, as the fast path does, so the two print the same bytes and exit with the
+same status.
+
+Usage errors (missing argument, unknown option or command, bad value) are one line on stderr,
+``vmmessage: error: REASON (see vmmessage COMMAND --help)``, and exit 2, as ``ovmd`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+
+import click
+
+from hostbridge import render
+from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client
+from hostbridge.cli import (
+    ENV_CACERT,
+    ENV_PASSWORD,
+    ENV_TOKEN,
+    ENV_USER,
+    EXIT_INTERRUPTED,
+    PROG,
+    credentials,
+    manager,
+    report,
+    run_api,
+)
+
+EPILOG = credentials.EPILOG
+
+# What an API command's function returns: its request, and how to render the answer.
+ApiCall = tuple[Callable[[Client], dict], Callable[[dict, float], list[str]]]
+
+# (option, environment variable): an option given to the command wins over the same option given
+# before the command name, which wins over the environment.
+_CONNECTION = (
+    ("bridge", ENV_BRIDGE),
+    ("token", ENV_TOKEN),
+    ("user", ENV_USER),
+    ("password", ENV_PASSWORD),
+    ("cacert", ENV_CACERT),
+)
+
+
+def connection_options(f: Callable) -> Callable:
+    """--bridge, --token, -u/--user, -p/--password, --cacert."""
+    for option in reversed(
+        (
+            click.option(
+                "--bridge",
+                metavar="URL",
+                help="unix socket path (default $%s or /run/hostbridge/api.sock) "
+                "or https://HOST:PORT" % ENV_BRIDGE,
+            ),
+            click.option("--token", help="bearer token for https (default $%s)" % ENV_TOKEN),
+            click.option("-u", "--user", help="user for https (default $%s)" % ENV_USER),
+            click.option(
+                "-p",
+                "--password",
+                help="password for https (default $%s; asked when -u is given without it)"
+                % ENV_PASSWORD,
+            ),
+            click.option(
+                "--cacert",
+                type=click.Path(dir_okay=False),
+                help="CA certificate file to verify the bridge's TLS certificate (default $%s)"
+                % ENV_CACERT,
+            ),
+        )
+    ):
+        f = option(f)
+    return f
+
+
+def json_option(f: Callable) -> Callable:
+    """--json, accepted before and after the command name."""
+    return click.option(
+        "--json", "as_json", is_flag=True, default=None, help="print the API's JSON answer"
+    )(f)
+
+
+def client_for(given: dict) -> Client:
+    """The Client for this command line; asks for the password when -u comes without one."""
+    top = click.get_current_context().find_root().params
+    s = {}
+    for name, env in _CONNECTION:
+        for value in (given.get(name), top.get(name), os.environ.get(env)):
+            if value is not None:
+                break
+        s[name] = value
+    if (
+        s["user"] is not None
+        and s["password"] is None
+        and (s["bridge"] or "").startswith("https://")
+    ):
+        s["password"] = click.prompt("Password for %s" % s["user"], hide_input=True)
+    return Client(s.pop("bridge"), **s)
+
+
+@click.group(context_settings={"help_option_names": ["--help"]}, epilog=EPILOG)
+@connection_options
+@json_option
+def vmmessage(**_: object) -> None:
+    """Send messages to and query keys of the ovmd agents in the VMs of this host, through the
+    host bridge (hostbridge). Values that come from a guest are shown with control characters
+    escaped (e.g. \\x1b)."""
+
+
+def api_command(name: str) -> Callable[[Callable[..., ApiCall]], click.Command]:
+    """Register an API command; the decorated function returns an ApiCall (see above)."""
+
+    def register(f: Callable[..., ApiCall]) -> click.Command:
+        @functools.wraps(f)
+        def invoke(as_json: bool | None, **params: object) -> int:
+            given = {option: params.pop(option) for option, _ in _CONNECTION}
+            call, lines = f(**params)
+            as_json = bool(as_json or click.get_current_context().find_root().params["as_json"])
+            return run_api(lambda: call(client_for(given)), lines, as_json=as_json)
+
+        invoke.__click_params__ = list(getattr(f, "__click_params__", ()))
+        return vmmessage.command(name, epilog=EPILOG)(json_option(connection_options(invoke)))
+
+    return register
+
+
+def timeout_option(text: str) -> Callable:
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True, max=300),
+        default=None,
+        help=text,
+    )
+
+
+@api_command("send")
+@click.argument("vm")
+@click.argument("key")
+@click.argument("value")
+@click.option(
+    "--no-log", is_flag=True, help="keep the value out of the bridge's audit trail and logs"
+)
+@click.option(
+    "--no-queue",
+    is_flag=True,
+    help="fail (exit 5) instead of queueing when the agent is not connected",
+)
+@timeout_option("seconds to wait for the guest's acknowledgement (default: the bridge's, 5)")
+def send(
+    vm: str, key: str, value: str, no_log: bool, no_queue: bool, timeout: float | None
+) -> ApiCall:
+    """Send KEY=VALUE to the agent in VM (queued until it connects unless --no-queue)."""
+    return (
+        lambda c: c.send(vm, key, value, log=not no_log, queue=not no_queue, timeout=timeout),
+        render.send_lines,
+    )
+
+
+@api_command("query")
+@click.argument("vm")
+@click.argument("key")
+@timeout_option("seconds to wait for the live agent before answering from the mirror")
+def query(vm: str, key: str, timeout: float | None) -> ApiCall:
+    """Print the value of KEY in VM and when it was set (stale when answered from the mirror)."""
+    return lambda c: c.query(vm, key, timeout=timeout), render.query_lines
+
+
+@api_command("list")
+def list_vms() -> ApiCall:
+    """List every VM with its agent state, last seen time, queued count and channel."""
+    return lambda c: {"vms": c.vms()}, render.vm_table
+
+
+@api_command("status")
+@click.argument("vm")
+def status(vm: str) -> ApiCall:
+    """Show one VM's details."""
+    return lambda c: c.vm(vm), render.status_lines
+
+
+@api_command("keys")
+@click.argument("vm")
+def keys(vm: str) -> ApiCall:
+    """List the keys of VM with their values."""
+    return lambda c: c.keys(vm), render.keys_lines
+
+
+@api_command("rm")
+@click.argument("vm")
+@click.argument("key")
+def rm(vm: str, key: str) -> ApiCall:
+    """Delete KEY inside VM."""
+    return lambda c: c.delete(vm, key), render.rm_lines
+
+
+@api_command("audit")
+@click.argument("vm")
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=None, help="rows to show (default 100)"
+)
+def audit(vm: str, limit: int | None) -> ApiCall:
+    """Show the audit trail of messages sent to VM, newest first."""
+    return lambda c: c.audit(vm, limit), render.audit_lines
+
+
+@vmmessage.command(
+    "sendVmMessage",
+    epilog=EPILOG,
+    context_settings={"ignore_unknown_options": True},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@connection_options
+def send_vm_message(args: tuple[str, ...], **given: str | None) -> int:
+    """The manager CLI's form: sendVmMessage Vm name=NAME key=KEY message=VALUE [log=yes|no]."""
+    return manager.run_manager_send(client_for(given), list(args))
+
+
+vmmessage.add_command(credentials.adduser)
+vmmessage.add_command(credentials.newtoken)
+
+
+def _usage(reason: str, command: str) -> int:
+    sys.stderr.write(render.usage_line(PROG, reason, command) + "\n")
+    return EXIT_USAGE
+
+
+def click_main(argv: list[str]) -> int:
+    """Parse ``argv`` with click and run the command; return the exit status."""
+    # make_context() and invoke() rather than main(): main() turns a closed stdout into exit 1 and
+    # prints usage errors on several lines; hostbridge.cli.shielded() and the handlers below do it
+    # as documented.
+    try:
+        with vmmessage.make_context(PROG, list(argv)) as ctx:
+            return vmmessage.invoke(ctx) or EXIT_OK
+    except click.exceptions.Exit as exc:  # --help
+        return exc.exit_code
+    except click.exceptions.NoArgsIsHelpError:
+        return _usage("no command given", PROG)
+    except click.UsageError as exc:
+        return _usage(exc.format_message(), exc.ctx.command_path if exc.ctx else PROG)
+    except click.ClickException as exc:
+        sys.stderr.write(render.error_line(PROG, exc.format_message()) + "\n")
+        return exc.exit_code
+    except (click.Abort, EOFError):  # e.g. no password at the prompt
+        sys.stderr.write(render.error_line(PROG, "aborted") + "\n")
+        return EXIT_INTERRUPTED
+    except ApiError as exc:  # sendVmMessage's client, made outside run_api: e.g. a bad --bridge
+        return report(exc)

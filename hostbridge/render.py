@@ -1,0 +1,202 @@
+"""Every human line `vmmessage` and `ovm_vmmessage` print, in one place (docs/cli-host.md).
+
+A ``*_lines(doc, now)`` function turns one answer of the bridge's API (docs/api.md) into the lines
+to print, without newlines; ``now`` (UNIX time) is a parameter so that the text is testable. Every
+string that may come from a guest goes through humanize.escape, so nothing a guest sends can drive
+the operator's terminal. Nothing here writes anywhere: the callers print.
+
+On the fast path of ``vmmessage query`` (see hostbridge.cli): it imports only time and humanize.
+"""
+
+import time
+
+from hostbridge import humanize
+from hostbridge.humanize import escape
+
+_QUEUED = (
+    "Message queued: the agent in VM '%s' is not connected; it will be delivered when it connects."
+)
+_DELETION_QUEUED = (
+    "Deletion queued: the agent in VM '%s' is not connected; it will be done when it connects."
+)
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line (runs of whitespace, newlines included, become one space), escaped."""
+    return escape(" ".join(str(text).split()))
+
+
+def error_line(prog: str, reason: object) -> str:
+    """``PROG: error: REASON``: how both commands report a failure on stderr."""
+    return "%s: error: %s" % (prog, one_line(reason))
+
+
+def usage_line(prog: str, reason: object, command: str) -> str:
+    """``PROG: error: REASON (see COMMAND --help)``: a command line that could not be parsed."""
+    return "%s (see %s --help)" % (error_line(prog, reason).rstrip("."), command)
+
+
+def utc(ts: object) -> str:
+    """``2026-11-22 09:04:29 UTC``, or "-" when the bridge gave no time."""
+    if not isinstance(ts, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _ago(ts: object, now: float, whole_minutes: bool = False) -> str:
+    if not isinstance(ts, (int, float)):
+        return "at an unknown time"
+    return humanize.minutes_ago(ts, now) if whole_minutes else humanize.ago(ts, now)
+
+
+def stale_line(last_seen: object, now: float) -> str:
+    """The marker under an answer that came from the bridge's mirror, not the live agent."""
+    if isinstance(last_seen, (int, float)):
+        return "(stale: the agent was last seen %s)" % humanize.ago(last_seen, now)
+    return "(stale: the agent has not been seen since the bridge started)"
+
+
+def _marked(lines: list[str], doc: dict, now: float) -> list[str]:
+    if doc.get("stale"):
+        lines.append(stale_line(doc.get("last_seen"), now))
+    return lines
+
+
+def _outcome(doc: dict, queued: str, done: str) -> list[str]:
+    # A send or a delete is done, or queued in the bridge until the VM's agent connects.
+    return [queued % escape(doc.get("vm", ""))] if doc.get("outcome") == "queued" else [done]
+
+
+def query_lines(doc: dict, now: float, *, whole_minutes: bool = False) -> list[str]:
+    """A key's value and when it was set (the original tool's phrases), then the stale marker.
+
+    ``whole_minutes``: the age as the original `ovm_vmmessage` printed it, "Key set N minutes ago."
+    (scripts parse it; humanize.minutes_ago) instead of `vmmessage`'s friendlier humanize.ago.
+    """
+    lines = [
+        "Query for Key : '%s' returned value '%s'." % (escape(doc["key"]), escape(doc["value"])),
+        "Key set %s." % _ago(doc.get("ts"), now, whole_minutes),
+    ]
+    return _marked(lines, doc, now)
+
+
+def send_lines(doc: dict, now: float) -> list[str]:
+    """Sent, or queued until the agent connects."""
+    return _outcome(doc, _QUEUED, "Message sent successfully.")
+
+
+def vm_table(doc: dict, now: float) -> list[str]:
+    """``{"vms": [...]}`` as a table: name, agent state, last seen, queued count, channel."""
+    rows = [("NAME", "AGENT", "LAST SEEN", "QUEUED", "CHANNEL")]
+    for vm in doc["vms"]:
+        if vm.get("agent") == "connected":
+            seen = "now"
+        elif vm.get("last_seen") is None:
+            seen = "never"
+        else:
+            seen = _ago(vm.get("last_seen"), now)
+        rows.append(
+            (
+                escape(vm["name"]),
+                escape(str(vm.get("agent", "?"))),
+                seen,
+                str(vm.get("queued", 0)),
+                escape(vm.get("channel", "")),
+            )
+        )
+    # The channel, last and the longest, is not padded.
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4] for row in rows]
+    if len(rows) == 1:
+        lines.append("(no VMs)")
+    return lines
+
+
+def status_lines(vm: dict, now: float) -> list[str]:
+    """One VM's details: channel, agent, connected since, last seen, queued, counters."""
+    agent = escape(str(vm.get("agent", "?")))
+    if vm.get("agent_version"):
+        agent += " (agent version %s)" % escape(str(vm["agent_version"]))
+    lines = [
+        "VM : '%s'" % escape(vm["name"]),
+        "Channel: %s (%s)" % (escape(vm.get("channel", "")), escape(str(vm.get("source", "?")))),
+        "Agent: %s" % agent,
+    ]
+    since = vm.get("connected_since")
+    if since is not None and vm.get("agent") == "connected":
+        lines.append("Connected since: %s (%s)" % (utc(since), _ago(since, now)))
+    last = vm.get("last_seen")
+    lines.append(
+        "Last seen: %s"
+        % ("%s (%s)" % (utc(last), _ago(last, now)) if last is not None else "never")
+    )
+    lines.append("Queued messages: %s" % vm.get("queued", 0))
+    counters = vm.get("counters") or {}
+    if counters:
+        lines.append(
+            "Counters: " + ", ".join("%s=%s" % (k, v) for k, v in sorted(counters.items()))
+        )
+    return lines
+
+
+def keys_lines(doc: dict, now: float) -> list[str]:
+    """Every key of a VM with its value, age and origin, then the stale marker."""
+    lines = [
+        "%s = '%s'  (set %s by the %s)"
+        % (
+            escape(e["key"]),
+            escape(e["value"]),
+            _ago(e.get("ts"), now),
+            escape(str(e.get("origin", "?"))),
+        )
+        for e in doc.get("entries", [])
+    ]
+    return _marked(lines or ["(no keys)"], doc, now)
+
+
+def rm_lines(doc: dict, now: float) -> list[str]:
+    """Deleted, or the deletion queued until the agent connects."""
+    return _outcome(doc, _DELETION_QUEUED, "Key '%s' deleted." % escape(doc.get("key", "")))
+
+
+def audit_lines(doc: dict, now: float) -> list[str]:
+    """The audit trail, newest first: time, outcome, key, size, value or "(not logged)"."""
+    lines = []
+    for row in doc.get("entries", []):
+        value = row.get("value")
+        lines.append(
+            "%s  %-9s  %s  %d bytes  %s"
+            % (
+                utc(row.get("ts")),
+                escape(str(row.get("outcome", "?"))),
+                escape(row.get("key", "")),
+                row.get("size", 0),
+                "'%s'" % escape(value) if value is not None else "(not logged)",
+            )
+        )
+    return lines or ["(no audit rows)"]
+
+
+def manager_time(now: float) -> str:
+    """``2026-11-22 09:04:29,890 UTC`` (the manager CLI's Time: line, always in UTC)."""
+    return "%s,%03d UTC" % (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)),
+        int(now * 1000) % 1000,
+    )
+
+
+def manager_lines(
+    args: list[str], now: float, *, error: object = None, doc: dict | None = None
+) -> list[str]:
+    """The manager CLI's answer to ``sendVmMessage ARGS``: Command:, Status:, Time:, then
+    ``Error Msg:`` (when ``error`` is given) or, for a queued message (``doc``), the queued line."""
+    lines = [
+        "Command: sendVmMessage %s" % escape(" ".join(args)),
+        "Status: %s" % ("Success" if error is None else "Failure"),
+        "Time: %s" % manager_time(now),
+    ]
+    if error is not None:
+        lines.append("Error Msg: %s" % one_line(error))
+    elif doc is not None and doc.get("outcome") == "queued":
+        lines.extend(send_lines(doc, now))
+    return lines
