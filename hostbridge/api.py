@@ -28,8 +28,8 @@ from aiohttp import web
 
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.errors import BridgeError, InvalidInput
-from ovmproto import jsonlib, limits
-from ovmproto.errors import LimitError, OvmError
+from ovmproto import errorcodes, jsonlib, limits
+from ovmproto.errors import OvmError
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,18 @@ def error_response(
     return _json({"error": {"code": code, "message": _one_line(message)}}, status, headers)
 
 
+# The codes of the refusals aiohttp makes on its own (no route, a method or a body it refuses).
 _HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "request_too_large",
-    415: "unsupported_media_type",
+    errorcodes.HTTP_STATUS[code]: code
+    for code in (
+        "bad_request",
+        "unauthorized",
+        "not_found",
+        "method_not_allowed",
+        "request_too_large",
+        "unsupported_media_type",
+    )
 }
-_LIMIT_STATUS = {limits.KEY_TOO_LONG: 413, limits.VALUE_TOO_LONG: 413}
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="hostbridge", Basic realm="hostbridge"'}
 
 
@@ -100,13 +103,13 @@ def _is_unix(request: web.Request) -> bool:
 
 @web.middleware
 async def _errors(request: web.Request, handler):
-    """Turn every failure into the JSON error shape; never a traceback or HTML page to the client."""
+    """Turn every failure into the JSON error shape: never a traceback or an HTML page."""
     try:
         return await handler(request)
     except OvmError as exc:
         status = getattr(exc, "http_status", None)
         if status is None:
-            status = _LIMIT_STATUS.get(exc.code, 400) if isinstance(exc, LimitError) else 500
+            status = errorcodes.http_status(exc.code)
         headers = _CHALLENGE if status == 401 else None
         return error_response(status, exc.code, exc.message, headers)
     except web.HTTPException as exc:
