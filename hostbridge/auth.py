@@ -2,10 +2,11 @@
 
 Two kinds of credential, each from its own file, both re-read when the file changes:
 
-* bearer tokens (``Authorization: Bearer T``): the tokens file holds one token per line, optionally
-  preceded by a name and a colon (``ci:3f9a...``) so logs can say who called; ``#`` starts a comment.
-* user/password (``Authorization: Basic ...``, the ``-u/-p`` of the original ``ovm_vmmessage``): the
-  users file holds ``user:scrypt$N$r$p$salt$hash`` lines (salt and hash in base64), written by
+* bearer tokens (``Authorization: Bearer T``): the tokens file holds one token per line,
+  optionally preceded by a name and a colon (``ci:3f9a...``) so logs can say who called; ``#``
+  starts a comment.
+* user/password (``Authorization: Basic ...``, the ``-u/-p`` of the original ``ovm_vmmessage``):
+  the users file holds ``user:scrypt$N$r$p$salt$hash`` lines (salt and hash in base64), written by
   ``add_user()`` (the ``vmmessage adduser`` command). Passwords are never stored.
 
 Every comparison is constant-time (hmac.compare_digest), every token is compared (no early exit that
@@ -24,11 +25,11 @@ import hmac
 import logging
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 
 from hostbridge.errors import Unauthorized
+from ovmsys.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int
 
 
 def verify_password(password: str, encoded: str) -> bool:
-    """Whether ``password`` matches ``encoded`` (from hash_password); False for a malformed entry."""
+    """Whether ``password`` matches ``encoded`` (from hash_password); False if that is malformed."""
     try:
         scheme, n, r, p, salt_b64, hash_b64 = encoded.split("$")
         if scheme != "scrypt":
@@ -70,7 +71,7 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
-# Verified against when the user is unknown, so that "no such user" takes as long as "wrong password".
+# Verified against when the user is unknown: "no such user" takes as long as "wrong password".
 _DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
     SCRYPT_N,
     SCRYPT_R,
@@ -92,7 +93,7 @@ def _check_user_name(user: str) -> None:
 def add_user(path: str, user: str, password: str) -> bool:
     """Add ``user`` to the users file at ``path`` or replace their password; return True if added.
 
-    The file is rewritten atomically (temp file in the same directory, fsync, rename) with mode 0600.
+    The file is rewritten atomically with mode 0600 (ovmsys.atomicfile); OSError when it cannot be.
     """
     _check_user_name(user)
     if not password:
@@ -115,26 +116,7 @@ def add_user(path: str, user: str, password: str) -> bool:
             out.append(line)
     if added:
         out.append(entry)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".users.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(out) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, ("\n".join(out) + "\n").encode("utf-8"))
     return added
 
 
@@ -234,7 +216,7 @@ class Authenticator:
         return bool(self._tokens.path or self._users.path)
 
     async def authenticate(self, header: str | None) -> Principal:
-        """Return the Principal for ``header`` or raise Unauthorized (one reason, never the secret)."""
+        """The Principal for ``header``, or Unauthorized (one reason, never the secret)."""
         if not header:
             raise Unauthorized(
                 "authentication required: send a bearer token or a user and password"

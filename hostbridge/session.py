@@ -35,12 +35,13 @@ from ovmproto.errors import ProtocolError, RemoteError
 from ovmproto.framing import Resync
 from ovmproto.handshake import Handshake
 from ovmproto.messages import REQUEST_TYPES, Changed, Delete, Err, Item, List, Ok, Ping, Set
+from ovmsys.ratelimit import RateLimitedLog as WarnOnce
 
 from . import errors
 from .channels import Channel, ChannelClosed, ChannelFull
 from .config import Limits
 from .mirror import Mirror
-from .ratelimit import TokenBucket, WarnOnce
+from .ratelimit import TokenBucket
 from .store import MirrorRow, Store
 
 log = logging.getLogger(__name__)

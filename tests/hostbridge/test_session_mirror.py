@@ -1,9 +1,7 @@
-"""hostbridge.mirror and hostbridge.ratelimit: pure bookkeeping of a session."""
-
-import logging
+"""hostbridge.mirror and hostbridge.ratelimit (the token bucket): pure bookkeeping of a session."""
 
 from hostbridge.mirror import Mirror
-from hostbridge.ratelimit import TokenBucket, WarnOnce
+from hostbridge.ratelimit import TokenBucket
 
 
 def test_it_should_apply_sets_deletes_and_clear():
@@ -77,15 +75,3 @@ def test_it_should_allow_a_burst_then_ask_to_wait_for_the_debt():
     clock.t += 1.0  # 10 tokens back: debt of 5 paid, 5 saved
     assert b.take(5) == 0
     assert b.take(1) == 0.1
-
-
-def test_it_should_warn_once_per_interval_and_count_what_it_held_back(caplog):
-    clock = Clock()
-    w = WarnOnce(logging.getLogger("t"), interval=60, clock=clock)
-    with caplog.at_level(logging.WARNING):
-        for _ in range(5):
-            w.warn("x", "bad %s", "thing")
-        clock.t += 61
-        w.warn("x", "bad %s", "thing")
-    msgs = [r.getMessage() for r in caplog.records]
-    assert msgs == ["bad thing", "bad thing (and 4 more like it since the last warning)"]
