@@ -1,7 +1,11 @@
 """ovmsys.atomicfile: the new content replaces the old one whole, or not at all."""
 
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -61,3 +65,39 @@ def test_a_missing_directory_should_raise_and_create_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_atomic(str(tmp_path / "no" / "f"), b"x")
     assert os.listdir(tmp_path) == []
+
+
+WRITER = """
+import sys
+from ovmsys.atomicfile import write_atomic
+path, size = sys.argv[1], int(sys.argv[2])
+versions = [bytes([c]) * size for c in b"ab"]
+n = 0
+while True:
+    write_atomic(path, versions[n % 2])
+    n += 1
+    if n == 1:
+        print("written", flush=True)
+"""
+
+
+def test_a_kill_during_writes_should_leave_the_old_or_the_new_file_whole(tmp_path):
+    size = 4 << 20  # big enough that a kill often lands inside a write
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = str(tmp_path / "f")
+    for delay in (0.0, 0.01, 0.03, 0.07, 0.15):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, path, str(size)], cwd=root, stdout=subprocess.PIPE
+        )
+        try:
+            assert writer.stdout.readline() == b"written\n"
+            time.sleep(delay)
+        finally:
+            writer.kill()
+            writer.wait(timeout=30)
+            writer.stdout.close()
+        assert writer.returncode == -signal.SIGKILL  # killed while still writing
+        with open(path, "rb") as f:
+            data = f.read()
+        assert len(data) == size
+        assert data in (b"a" * size, b"b" * size)
