@@ -17,9 +17,9 @@ Both CLIs import this on their fast path: plain literals only, no imports.
 CODES = {
     # code                      HTTP  vmmsg  ovmd   meaning
     # -- the protocol: a peer's err reply (docs/protocol.md)
-    "bad_frame":              (None,  7,    2,    "not UTF-8, not JSON, not an object, or no `t`"),
+    "bad_frame":              (None,  7,    2,    "not UTF-8, not JSON, or not a JSON object"),
     "frame_too_long":         (None,  7,    2,    "a frame over 65,536 bytes was discarded"),
-    "bad_request":            (400,   2,    2,    "a field is missing or of the wrong type"),
+    "bad_request":            (400,   2,    2,    "no `t` string, or a field missing or mistyped"),
     "unknown_type":           (None,  7,    2,    "the receiver does not know this `t`"),
     "unsupported_version":    (None,  7,    4,    "no common protocol version"),
     "key_too_long":           (413,   2,    2,    "key over 256 bytes of UTF-8"),
