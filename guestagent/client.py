@@ -56,9 +56,9 @@ class Unreachable(ClientError):
 
 
 class DaemonError(ClientError):
-    """The daemon answered a request with ``err``; ``code`` is its error code."""
+    """The daemon answered a request with ``err``; ``code`` is its error code (required)."""
 
-    def __init__(self, message, code):
+    def __init__(self, message: str, code: str) -> None:
         super().__init__(message, code)
 
 
