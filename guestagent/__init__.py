@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module imports only from layers below it):
 
-    config, logsetup, notify      settings, logging, systemd readiness (no protocol)
+    config, logsetup              settings, logging (no protocol; ovmsys has the OS plumbing)
     channel, loop                 the virtio-serial port as bytes; the selectors/epoll event loop
     cache, store                  the key/value cache (pure) and its durable file
     service                       cache operations shared by both peers (validate, persist, wake)

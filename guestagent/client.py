@@ -17,16 +17,16 @@ never holds a value.
 
 import _socket
 
-from ovmproto import compactjson
+from ovmproto import compactjson, errorcodes
 from ovmproto.errors import OvmError
 from ovmproto.limits import FRAME_MAX
 
-# Exit codes of the ovmd command (docs/cli.md).
+# Exit codes of the ovmd command (docs/cli.md), by name; an error's comes from its code.
 EXIT_OK = 0
-EXIT_NOT_FOUND = 1  # no such key, or a wait timed out
-EXIT_USAGE = 2  # bad command line or invalid input
-EXIT_UNREACHABLE = 3  # cannot talk to the daemon
-EXIT_REFUSED = 4  # the daemon refused (quota, denied, internal, ...)
+EXIT_NOT_FOUND = errorcodes.ovmd_exit("not_found")  # no such key, or a wait timed out
+EXIT_USAGE = errorcodes.ovmd_exit("usage")  # bad command line or invalid input
+EXIT_UNREACHABLE = errorcodes.ovmd_exit("unreachable")  # cannot talk to the daemon
+EXIT_REFUSED = errorcodes.ovmd_exit("internal")  # the daemon refused (quota, denied, internal...)
 
 # How long to wait for an answer before calling the daemon unreachable. Generous: a loaded guest
 # may take a while to fsync. A wait request allows this much beyond its own timeout.
@@ -34,53 +34,32 @@ DEFAULT_TIMEOUT = 60.0
 
 _RECV_SIZE = 65536
 
-# err codes that mean the input was at fault (the CLI validates first, so the daemon seldom says so)
-_USAGE_CODES = frozenset(
-    (
-        "key_too_long",
-        "value_too_long",
-        "invalid_key",
-        "invalid_value",
-        "bad_request",
-        "frame_too_long",
-        "bad_frame",
-        "unknown_type",
-    )
-)
-_MISSING_CODES = frozenset(("not_found", "timeout"))
-
 
 class ClientError(OvmError):
-    """A failure the CLI reports in one line and turns into ``exit_code``."""
+    """A failure the CLI reports in one line and turns into ``exit_code`` (from its code)."""
 
-    exit_code = EXIT_REFUSED
+    @property
+    def exit_code(self) -> int:
+        return errorcodes.ovmd_exit(self.code)
 
 
 class BadInput(ClientError):
     """The command line or its input is invalid; nothing was sent to the daemon."""
 
     code = "usage"
-    exit_code = EXIT_USAGE
 
 
 class Unreachable(ClientError):
     """No daemon answers at the socket path, or what answers does not speak our protocol."""
 
     code = "unreachable"
-    exit_code = EXIT_UNREACHABLE
 
 
 class DaemonError(ClientError):
-    """The daemon answered a request with ``err``; ``code`` is its error code."""
+    """The daemon answered a request with ``err``; ``code`` is its error code (required)."""
 
-    def __init__(self, message, code):
+    def __init__(self, message: str, code: str) -> None:
         super().__init__(message, code)
-        if code in _MISSING_CODES:
-            self.exit_code = EXIT_NOT_FOUND
-        elif code in _USAGE_CODES:
-            self.exit_code = EXIT_USAGE
-        else:
-            self.exit_code = EXIT_REFUSED
 
 
 def _one_line(text, limit=300):

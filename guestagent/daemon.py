@@ -13,12 +13,12 @@ import sys
 
 from ovmproto import jsonlib
 from ovmproto.errors import OvmError
+from ovmsys.notify import Notifier, watchdog_interval
 
 from .hostlink import DISCONNECTED, HostLink
 from .localserver import LocalServer
 from .logsetup import setup as setup_logging
 from .loop import Loop
-from .notify import Notifier, watchdog_interval
 from .service import Service
 from .store import CacheStore
 

@@ -24,9 +24,9 @@ from ovmproto.errors import OvmError, ProtocolError
 from ovmproto.framing import Resync
 from ovmproto.handshake import answer_hello
 from ovmproto.messages import Delete, Err, Get, Hello, Item, List, Ok, Ping, Set
+from ovmsys.ratelimit import RateLimitedLog
 
 from .channel import DEFAULT_PATH, READ_SIZE, Channel, find_port, is_hangup
-from .logsetup import RateLimited
 from .loop import ET, IN, OUT, Outbox
 from .service import AGENT, error_reply, list_frames, ok_frame
 
@@ -59,9 +59,8 @@ class HostLink:
         self._proven = False  # bytes arrived since the channel was opened
         self._quiet = False  # opens keep failing at once (a pty hung up for good): log less
         self._closed = False
-        self._log_open = RateLimited(log, 300.0)
-        self._log_bad = RateLimited(log, 60.0)
-        self._log_io = RateLimited(log, 60.0)
+        self._warn = RateLimitedLog(log, 60.0)
+        self._warn_open = RateLimitedLog(log, 300.0)  # a missing port may stay missing for long
         self._handlers = {
             Ping: self._on_ping,
             Get: self._on_get,
@@ -116,8 +115,8 @@ class HostLink:
             return
         path = self.configured_path or find_port()
         if path is None:
-            self._log_open.log(
-                logging.WARNING, "no virtio port %s yet; waiting for it to appear", DEFAULT_PATH
+            self._warn_open.warn(
+                "open", "no virtio port %s yet; waiting for it to appear", DEFAULT_PATH
             )
             self._schedule_open()
             return
@@ -125,13 +124,13 @@ class HostLink:
             channel = Channel.open(path)
         except OSError as e:
             if e.errno == errno.EBUSY:
-                self._log_open.warning(
-                    "%s is held by another process (only one may open it); retrying", path
+                self._warn_open.warn(
+                    "open", "%s is held by another process (only one may open it); retrying", path
                 )
             elif e.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
-                self._log_open.warning("%s is not there yet; waiting for it to appear", path)
+                self._warn_open.warn("open", "%s is not there yet; waiting for it to appear", path)
             else:
-                self._log_open.warning("cannot open %s: %s; retrying", path, e.strerror or e)
+                self._warn_open.warn("open", "cannot open %s: %s; retrying", path, e.strerror or e)
             self._schedule_open()
             return
         self.channel = channel
@@ -209,8 +208,8 @@ class HostLink:
                 if channel.is_tty and is_hangup(e):
                     self._hangup()
                 else:
-                    self._log_io.warning(
-                        "read error on %s: %s; reopening", channel.path, e.strerror or e
+                    self._warn.warn(
+                        "io", "read error on %s: %s; reopening", channel.path, e.strerror or e
                     )
                     self._close_channel()
                     self._schedule_open()
@@ -229,7 +228,7 @@ class HostLink:
                 self._proven = True
                 self._quiet = False
                 self._backoff = BACKOFF_FIRST
-                self._log_open.reset()
+                self._warn_open.reset("open")
             if self.state == DISCONNECTED:
                 self._set_state(CONNECTED)
             self._feed(data)
@@ -264,8 +263,8 @@ class HostLink:
 
     def _on_bad(self, err):
         self.bad_frames += 1
-        self._log_bad.warning(
-            "bad frame from the host (%d so far): %s", self.bad_frames, err.message
+        self._warn.warn(
+            "bad_frame", "bad frame from the host (%d so far): %s", self.bad_frames, err.message
         )
         request_id = getattr(err, "request_id", None)
         if request_id is not None:
@@ -424,7 +423,7 @@ class HostLink:
         if channel.is_tty and is_hangup(err):
             self._hangup()
         else:
-            self._log_io.warning("write error on %s: %s", channel.path, err.strerror or err)
+            self._warn.warn("io", "write error on %s: %s", channel.path, err.strerror or err)
             self._outbox.clear()
             self._stop_out()
             if self.state == SYNCED:

@@ -13,7 +13,6 @@ import grp
 import logging
 import os
 import socket
-import stat
 import struct
 
 from ovmproto.codec import Reader, encode
@@ -34,8 +33,9 @@ from ovmproto.messages import (
     Set,
     Wait,
 )
+from ovmsys import unixsocket
+from ovmsys.ratelimit import RateLimitedLog
 
-from .logsetup import RateLimited
 from .loop import ERR, HUP, IN, OUT, Outbox
 from .service import AGENT, Waiter, error_reply, list_frames, ok_frame
 
@@ -59,7 +59,7 @@ def supplementary_groups(pid):
         with open("/proc/%d/status" % pid, "rb") as f:
             for line in f:
                 if line.startswith(b"Groups:"):
-                    return set(int(g) for g in line.split()[1:])
+                    return {int(g) for g in line.split()[1:]}
     except (OSError, ValueError):
         pass
     return set()
@@ -115,13 +115,11 @@ class LocalServer:
         self.max_clients = max_clients
         self.outbox_limit = outbox_limit
         self.clients = {}
-        self._sock = None
-        self._ino = None
+        self._listener = None
         self._gid = None
         self._uid = os.getuid()
         self._wait_token = 0
-        self._log_refused = RateLimited(log, 60.0)
-        self._log_bad = RateLimited(log, 60.0)
+        self._warn = RateLimitedLog(log, 60.0)
         self._handlers = {
             Ping: self._on_ping,
             Get: self._on_get,
@@ -145,85 +143,44 @@ class LocalServer:
                 self._gid = grp.getgrnam(self.group).gr_gid
             except KeyError:
                 raise LocalServerError("group %r does not exist" % self.group) from None
-        parent = os.path.dirname(os.path.abspath(self.path))
         try:
-            if not os.path.isdir(parent):
-                os.makedirs(parent, 0o755)
-                os.chmod(parent, 0o755)  # makedirs' mode passes through the umask
-            self._remove_stale()
-            sock = socket.socket(
-                socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+            self._listener = unixsocket.listen(
+                self.path, 0o600 if self._gid is None else 0o660, self._gid
             )
-            try:
-                old = os.umask(0o177)  # no window in which the socket is open to others
-                try:
-                    sock.bind(self.path)
-                finally:
-                    os.umask(old)
-                if self._gid is not None:
-                    os.chown(self.path, -1, self._gid)
-                    os.chmod(self.path, 0o660)
-                sock.listen(64)
-            except BaseException:
-                sock.close()
-                raise
+        except unixsocket.SocketInUse:
+            raise LocalServerError("another daemon is listening on %s" % self.path) from None
         except OSError as e:
             raise LocalServerError(
                 "cannot listen on %s: %s" % (self.path, e.strerror or e)
             ) from None
-        self._sock = sock
-        self._ino = os.stat(self.path).st_ino
-        self.loop.add(sock.fileno(), IN, self._on_accept)
+        self.loop.add(self._listener.fileno(), IN, self._on_accept)
         log.info("listening on %s", self.path)
-
-    def _remove_stale(self):
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise LocalServerError("%s exists and is not a socket; not removing it" % self.path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(self.path)
-        except OSError:
-            os.unlink(self.path)  # nobody listens: left over from a daemon that died
-            return
-        finally:
-            probe.close()
-        raise LocalServerError("another daemon is listening on %s" % self.path)
 
     def close(self):
         for client in list(self.clients.values()):
             self._drop(client)
-        if self._sock is not None:
-            self.loop.remove(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-            try:
-                # Only our own socket file: a newer daemon may have replaced it.
-                if os.stat(self.path).st_ino == self._ino:
-                    os.unlink(self.path)
-            except OSError:
-                pass
+        if self._listener is not None:
+            self.loop.remove(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
 
     def _on_accept(self, events):
-        while self._sock is not None:
+        while self._listener is not None:
             try:
-                sock, _ = self._sock.accept()
+                sock, _ = self._listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 # EMFILE and friends: leave the connection queued, say so (rate-limited).
-                self._log_refused.warning("cannot accept a local client: %s", e.strerror or e)
+                self._warn.warn("refused", "cannot accept a local client: %s", e.strerror or e)
                 return
             sock.setblocking(False)
             pid, uid, gid = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             )
             if not self._allowed(pid, uid, gid):
-                self._log_refused.warning(
+                self._warn.warn(
+                    "refused",
                     "refused local client pid %d uid %d: not root, uid %d or in group %s",
                     pid,
                     uid,
@@ -238,8 +195,11 @@ class LocalServer:
                 )
                 continue
             if len(self.clients) >= self.max_clients:
-                self._log_refused.warning(
-                    "refused local client pid %d: %d clients already", pid, len(self.clients)
+                self._warn.warn(
+                    "refused",
+                    "refused local client pid %d: %d clients already",
+                    pid,
+                    len(self.clients),
                 )
                 self._refuse(sock, "busy", "too many clients (%d)" % self.max_clients)
                 continue
@@ -307,8 +267,8 @@ class LocalServer:
             if handler is not None:
                 handler(client, event)
             elif isinstance(event, ProtocolError):
-                self._log_bad.warning(
-                    "bad frame from local client pid %d: %s", client.pid, event.message
+                self._warn.warn(
+                    "bad_frame", "bad frame from local client pid %d: %s", client.pid, event.message
                 )
                 # Answer even without a usable id: a local client waits for one answer, and
                 # silence would look like a hung daemon (the host link, by contrast, never
@@ -364,7 +324,8 @@ class LocalServer:
             self.loop.modify(client.fd, mask)
 
     def _overflow(self, client):
-        self._log_refused.warning(
+        self._warn.warn(
+            "refused",
             "local client pid %d does not read its replies (%d bytes waiting); disconnected",
             client.pid,
             client.outbox.size,

@@ -1,17 +1,17 @@
-"""Where the daemon's log goes (-d LEVEL), and a rate limit for warnings that repeat.
+"""Where the daemon's log goes (-d LEVEL).
 
     0  off
     1  stderr
     2  the journal (systemd.journal.JournalHandler, when importable and we run under systemd),
        else stderr (under systemd, stderr goes to the journal anyway)
 
-Nothing logged anywhere in guestagent ever contains a value: keys and sizes only.
+Nothing logged anywhere in guestagent ever contains a value: keys and sizes only. A warning that
+may repeat (a bad peer, a failing disk) goes through ovmsys.ratelimit.RateLimitedLog.
 """
 
 import logging
 import os
 import sys
-import time
 
 OFF, STDERR, SYSLOG = 0, 1, 2
 
@@ -55,42 +55,3 @@ def setup(level, stream=None, environ=None):
     root.setLevel(logging.INFO)
     _installed.append(handler)
     return handler
-
-
-class RateLimited:
-    """Log a repeating message at most once per ``interval`` seconds, with how many were held back.
-
-    One instance per kind of failure (a bad peer, a failing disk): a flood of the same warning
-    must not fill the journal, but the first one and a periodic reminder must get through.
-    """
-
-    __slots__ = ("logger", "interval", "clock", "_next", "_suppressed")
-
-    def __init__(self, logger, interval=60.0, clock=time.monotonic):
-        self.logger = logger
-        self.interval = interval
-        self.clock = clock
-        self._next = 0.0
-        self._suppressed = 0
-
-    def log(self, level, msg, *args):
-        """Log unless one was logged less than ``interval`` ago; True when logged."""
-        now = self.clock()
-        if now < self._next:
-            self._suppressed += 1
-            return False
-        if self._suppressed:
-            msg = msg + " (and %d more like it held back)"
-            args = args + (self._suppressed,)
-            self._suppressed = 0
-        self._next = now + self.interval
-        self.logger.log(level, msg, *args)
-        return True
-
-    def warning(self, msg, *args):
-        return self.log(logging.WARNING, msg, *args)
-
-    def reset(self):
-        """The failure is over: the next one is news and logs at once."""
-        self._next = 0.0
-        self._suppressed = 0

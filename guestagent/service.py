@@ -17,10 +17,10 @@ from ovmproto.codec import encode
 from ovmproto.errors import OvmError
 from ovmproto.limits import EVENT_KEY
 from ovmproto.messages import Err, Item, Ok
+from ovmsys.ratelimit import RateLimitedLog
 
 from . import __version__
 from .cache import Cache
-from .logsetup import RateLimited
 from .store import StoreError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Service:
         self.cache = store.load()
         self._listeners = []
         self._waiters = {}  # key -> [Waiter]
-        self._save_failures = RateLimited(log)
+        self._warn = RateLimitedLog(log)
 
     # -- observers ----------------------------------------------------------------------------
 
@@ -121,9 +121,9 @@ class Service:
             self.store.save(cache)
         except StoreError as e:
             self.cache = Cache.from_bytes(before, cache.max_keys, self.store.max_events)
-            self._save_failures.warning("%s; the change was refused", e)
+            self._warn.warn("save", "%s; the change was refused", e)
             raise ServiceError("could not store the cache; nothing was changed") from None
-        self._save_failures.reset()
+        self._warn.reset("save")
         return result
 
     def _announce(self, changes):

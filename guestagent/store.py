@@ -1,8 +1,8 @@
 """Durable state files: the only I/O behind the cache.
 
 A change is acknowledged only after write_atomic() returned: the new file is complete and fsync'd,
-renamed over the old one, and the rename itself fsync'd through the directory. A kill -9 at any
-point leaves either the old file or the new one, never a mixture.
+renamed over the old one, and the rename itself fsync'd through the directory (ovmsys.atomicfile).
+A kill -9 at any point leaves either the old file or the new one, never a mixture.
 """
 
 import errno
@@ -11,6 +11,7 @@ import os
 import time
 
 from ovmproto.errors import OvmError
+from ovmsys import atomicfile
 
 from .cache import Cache, CacheError
 
@@ -21,29 +22,11 @@ class StoreError(OvmError):
     code = "internal"
 
 
-def write_atomic(path, data):
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = "%s.tmp-%d" % (path, os.getpid())
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` durably (ovmsys.atomicfile); StoreError when it cannot."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomicfile.write_atomic(path, data)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise StoreError("cannot write %s: %s" % (path, e.strerror or e)) from e
 
 

@@ -17,6 +17,7 @@ served only with TLS and every request on it must carry a bearer token or a user
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import socket
@@ -28,8 +29,9 @@ from aiohttp import web
 
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.errors import BridgeError, InvalidInput
-from ovmproto import jsonlib, limits
-from ovmproto.errors import LimitError, OvmError
+from ovmproto import errorcodes, jsonlib, limits
+from ovmproto.errors import OvmError
+from ovmsys import unixsocket
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +83,18 @@ def error_response(
     return _json({"error": {"code": code, "message": _one_line(message)}}, status, headers)
 
 
+# The codes of the refusals aiohttp makes on its own (no route, a method or a body it refuses).
 _HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "request_too_large",
-    415: "unsupported_media_type",
+    errorcodes.HTTP_STATUS[code]: code
+    for code in (
+        "bad_request",
+        "unauthorized",
+        "not_found",
+        "method_not_allowed",
+        "request_too_large",
+        "unsupported_media_type",
+    )
 }
-_LIMIT_STATUS = {limits.KEY_TOO_LONG: 413, limits.VALUE_TOO_LONG: 413}
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="hostbridge", Basic realm="hostbridge"'}
 
 
@@ -100,13 +105,13 @@ def _is_unix(request: web.Request) -> bool:
 
 @web.middleware
 async def _errors(request: web.Request, handler):
-    """Turn every failure into the JSON error shape; never a traceback or HTML page to the client."""
+    """Turn every failure into the JSON error shape: never a traceback or an HTML page."""
     try:
         return await handler(request)
     except OvmError as exc:
         status = getattr(exc, "http_status", None)
         if status is None:
-            status = _LIMIT_STATUS.get(exc.code, 400) if isinstance(exc, LimitError) else 500
+            status = errorcodes.http_status(exc.code)
         headers = _CHALLENGE if status == 401 else None
         return error_response(status, exc.code, exc.message, headers)
     except web.HTTPException as exc:
@@ -313,28 +318,17 @@ class ApiServer:
     """The running listeners; ``close()`` stops them and removes the socket file."""
 
     runner: web.AppRunner
-    unix_path: str | None = None
+    unix: unixsocket.UnixListener | None = None
     tcp_addresses: list = field(default_factory=list)
+
+    @property
+    def unix_path(self) -> str | None:
+        return self.unix.path if self.unix is not None else None
 
     async def close(self) -> None:
         await self.runner.cleanup()
-        if self.unix_path:
-            try:
-                os.unlink(self.unix_path)
-            except FileNotFoundError:
-                pass
-
-
-def _socket_in_use(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
+        if self.unix is not None:
+            self.unix.close()
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -350,28 +344,29 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-async def _start_unix(runner: web.AppRunner, path: str, group: str | None, mode: int) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    if os.path.exists(path) or os.path.islink(path):
-        if _socket_in_use(path):
-            raise ApiConfigError("another process already serves the API socket %s" % path)
-        os.unlink(path)
-    # Bind with a restrictive umask so the socket is never briefly open to others, then widen to 0660.
-    old = os.umask(0o177)
-    try:
-        await web.UnixSite(runner, path).start()
-    finally:
-        os.umask(old)
+async def _start_unix(
+    runner: web.AppRunner, path: str, group: str | None, mode: int
+) -> unixsocket.UnixListener:
+    gid = None
     if group:
-        import grp
-
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ApiConfigError("no group named %r for the API socket" % group) from None
-        os.chown(path, -1, gid)
-    os.chmod(path, mode)
+    try:
+        listener = unixsocket.listen(path, mode, gid, backlog=128)  # aiohttp's own backlog
+    except unixsocket.SocketInUse:
+        raise ApiConfigError("another process already serves the API socket %s" % path) from None
+    except OSError as exc:
+        raise ApiConfigError(
+            "cannot listen for the API on %s: %s" % (path, exc.strerror or exc)
+        ) from None
+    try:
+        await web.SockSite(runner, listener.sock).start()
+    except BaseException:
+        listener.close()
+        raise
+    return listener
 
 
 async def start(app: web.Application, config) -> ApiServer:
@@ -398,13 +393,12 @@ async def start(app: web.Application, config) -> ApiServer:
     server = ApiServer(runner)
     try:
         if unix_path:
-            await _start_unix(
+            server.unix = await _start_unix(
                 runner,
                 unix_path,
                 getattr(config, "api_group", None),
                 getattr(config, "api_socket_mode", 0o660),
             )
-            server.unix_path = unix_path
             log.info("API listening on unix socket %s", unix_path)
         if tcp:
             host, port = tcp

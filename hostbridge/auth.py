@@ -25,11 +25,11 @@ import hmac
 import logging
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 
 from hostbridge.errors import Unauthorized
+from ovmsys.atomicfile import fsync_directory, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _check_user_name(user: str) -> None:
 def add_user(path: str, user: str, password: str) -> bool:
     """Add ``user`` to the users file at ``path`` or replace their password; return True if added.
 
-    The file is rewritten atomically (temp file in the same directory, fsync, rename) with mode 0600.
+    The file is rewritten atomically with mode 0600 (ovmsys.atomicfile); OSError when it cannot be.
     """
     _check_user_name(user)
     if not password:
@@ -116,26 +116,7 @@ def add_user(path: str, user: str, password: str) -> bool:
             out.append(line)
     if added:
         out.append(entry)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".users.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(out) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, ("\n".join(out) + "\n").encode("utf-8"))
     return added
 
 
@@ -179,11 +160,7 @@ def add_token(path: str, name: str) -> str:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)  # the file's directory entry, when it was just created
-    finally:
-        os.close(dfd)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))  # when the file was just created
     return token
 
 

@@ -40,14 +40,12 @@ RECONNECT_FIRST = 0.05
 
 class ChannelClosed(BridgeError):
     code = "agent_not_connected"
-    http_status = 409
 
 
 class ChannelFull(BridgeError):
     """The guest does not read: bytes towards it passed the write buffer limit."""
 
     code = "busy"
-    http_status = 503
 
 
 class Channel:

@@ -44,7 +44,6 @@ _VM_NAME = re.compile(r"^[^\x00-\x1f\x7f/]{1,200}$")
 
 class ConfigError(BridgeError):
     code = "config"
-    http_status = 500
 
 
 @dataclass

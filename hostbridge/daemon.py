@@ -15,8 +15,8 @@ import signal
 import sys
 
 from ovmproto.errors import OvmError
+from ovmsys.notify import Notifier, watchdog_interval
 
-from . import notify
 from .config import Config, ConfigError, load_file, parse_hostport, parse_vm_flag
 
 log = logging.getLogger("hostbridge")
@@ -104,11 +104,11 @@ def setup_logging(level: int) -> None:
         logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
-async def _watchdog(interval: float) -> None:
+async def _watchdog(notifier: Notifier, interval: float) -> None:
     """WATCHDOG=1 from the event loop itself: a loop that stalls stops pinging, and systemd
     restarts the bridge."""
     while True:
-        notify.notify("WATCHDOG=1")
+        notifier.watchdog()
         await asyncio.sleep(interval)
 
 
@@ -122,6 +122,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     bridge = Bridge(config)
     await bridge.start()
     server = None
+    notifier = Notifier()
     try:
         try:
             from . import api
@@ -130,21 +131,22 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         else:
             app = api.make_app(bridge, config)
             server = await api.start(app, config)
-        notify.notify("READY=1")
+        notifier.ready()
         log.info("ready")
         watchdog = None
-        interval = notify.watchdog_interval()
+        interval = watchdog_interval()
         if interval:
-            watchdog = loop.create_task(_watchdog(interval), name="watchdog")
+            watchdog = loop.create_task(_watchdog(notifier, interval), name="watchdog")
         await stop.wait()
         if watchdog is not None:
             watchdog.cancel()
-        notify.notify("STOPPING=1")
+        notifier.stopping()
         log.info("stopping")
     finally:
         if server is not None:
             await server.close()
         await bridge.stop()
+        notifier.close()
     return EXIT_OK
 
 

@@ -3,20 +3,28 @@
 All subclass ovmproto.errors.OvmError. Each carries ``code`` (machine-readable, docs/protocol.md
 and docs/bridge.md) and ``http_status`` (what the API answers). Messages are one line and never
 contain a message's value.
+
+A class declares only its ``code``: its HTTP status comes from ovmproto.errorcodes, the one table
+of codes and statuses. A class whose instances carry a code that is not its own (a guest's ``err``
+code, which varies) declares ``http_status`` itself.
 """
 
-from ovmproto import limits
+from ovmproto import errorcodes
 from ovmproto.errors import OvmError
 
 
 class BridgeError(OvmError):
     code = "internal"
-    http_status = 500
+
+    @property
+    def http_status(self) -> int:
+        # The class's code, not the instance's: BridgeError(msg, code) may pass a guest's code on
+        # (a malformed reply's "bad_frame"), but the failure is still the bridge's own.
+        return errorcodes.http_status(type(self).code)
 
 
 class UnknownVm(BridgeError):
     code = "unknown_vm"
-    http_status = 404
 
     def __init__(self, name):
         super().__init__("no VM named %r" % (name,))
@@ -27,39 +35,26 @@ class InvalidInput(BridgeError):
     """A key or value breaks ovmproto.limits; ``code`` names which limit, the message states it."""
 
     code = "bad_request"
-    http_status = 400
 
-    _STATUS = {
-        limits.KEY_TOO_LONG: 413,
-        limits.VALUE_TOO_LONG: 413,
-        limits.INVALID_KEY: 400,
-        limits.INVALID_VALUE: 400,
-        "bad_request": 400,
-    }
-
-    def __init__(self, message, code="bad_request"):
-        super().__init__(message, code)
-        self.http_status = self._STATUS.get(code, 400)
+    @property
+    def http_status(self) -> int:
+        return errorcodes.http_status(self.code, 400)
 
 
 class NotFound(BridgeError):
     code = "not_found"
-    http_status = 404
 
 
 class AgentNotConnected(BridgeError):
     code = "agent_not_connected"
-    http_status = 409
 
 
 class AgentTimeout(BridgeError):
     code = "agent_timeout"
-    http_status = 504
 
 
 class Busy(BridgeError):
     code = "busy"
-    http_status = 503
 
 
 class Unauthorized(BridgeError):

@@ -18,9 +18,9 @@ from typing import Any
 
 from ovmproto.errors import RemoteError
 from ovmproto.handshake import Handshake, HelloResult
+from ovmsys.ratelimit import RateLimitedLog
 
 from .config import Limits
-from .ratelimit import WarnOnce
 
 
 class Greeter:
@@ -32,7 +32,7 @@ class Greeter:
         new_id: Callable[[], int],
         limits: Limits,
         log: logging.Logger,
-        warn: WarnOnce,
+        warn: RateLimitedLog,
     ) -> None:
         self._send = send
         self._new_id = new_id

@@ -35,6 +35,7 @@ from ovmproto.errors import ProtocolError
 from ovmproto.framing import Resync
 from ovmproto.handshake import HelloResult
 from ovmproto.messages import REQUEST_TYPES, Changed, Err, Item, Ok, Ping
+from ovmsys.ratelimit import RateLimitedLog
 
 from . import errors
 from .channels import Channel, ChannelClosed, ChannelFull
@@ -42,7 +43,6 @@ from .config import Limits
 from .errors import LinkReset
 from .hello import Greeter
 from .model import zero_counters
-from .ratelimit import WarnOnce
 from .replies import Pending, Reply
 from .throttle import Throttle
 
@@ -70,7 +70,7 @@ class Session:
         self.name = name
         self.limits = limits
         self.log = log.getChild(name.replace(".", "_"))
-        self.warn = WarnOnce(self.log)
+        self.warn = RateLimitedLog(self.log)
         self.channel: Channel | None = None  # attach() gives it one
         self.state = State.DISCONNECTED
         self.agent_version: str | None = None
@@ -161,8 +161,9 @@ class Session:
         rid = getattr(err, "request_id", None)  # a BadMessage with a usable id: a bad reply
         pending = self._pending.get(rid) if rid is not None else None
         if pending is not None:
-            reason = "the guest sent a malformed reply: %s" % err.message
-            pending.fail(errors.BridgeError(reason, err.code))
+            # The bridge's failure, not the user's: never pass on the guest's code (bad_request
+            # would make vmmessage report a usage error).
+            pending.fail(errors.BridgeError("the guest sent a malformed reply: %s" % err.message))
 
     def _on_frame(self, msg: Any) -> None:
         t = type(msg)

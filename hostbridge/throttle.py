@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ovmsys.ratelimit import RateLimitedLog
+
 from .config import Limits
-from .ratelimit import WarnOnce
 
 PAUSE_MAX = 5.0  # never stop reading a guest for longer than this at once
 
@@ -42,7 +43,7 @@ class TokenBucket:
 class Throttle:
     """The buckets of one guest. Per read: frames() for what it decoded, then pause()."""
 
-    def __init__(self, limits: Limits, warn: WarnOnce) -> None:
+    def __init__(self, limits: Limits, warn: RateLimitedLog) -> None:
         self._limits = limits
         self._warn = warn
         self._frames = TokenBucket(limits.frames_per_s, limits.frames_burst)

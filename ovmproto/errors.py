@@ -6,12 +6,11 @@ across a package boundary.
      │    ├── FrameTooLong        a frame over FRAME_MAX; it was discarded up to the next delimiter
      │    ├── BadFrame            not UTF-8, not JSON, not a JSON object, or no "t" field
      │    └── BadMessage          a known "t" with a missing or mistyped field, or an unknown "t"
-     ├── LimitError               a key or value breaks the limits (code names which, text the limit)
-     ├── RemoteError              the peer answered a request with an "err" reply
-     └── UsageError               we were misused (a programming error, never the peer's fault)
+     └── RemoteError              the peer answered a request with an "err" reply
 
-A ProtocolError is usually *returned* by the decoder as an event rather than raised: the peer
-misbehaving is an expected input, not an exception in our control flow.
+Each carries ``code``, one of ovmproto.errorcodes (which also says how each CLI and the bridge's
+API report it). A ProtocolError is usually *returned* by the decoder as an event rather than
+raised: the peer misbehaving is an expected input, not an exception in our control flow.
 """
 
 
@@ -61,13 +60,5 @@ class BadMessage(ProtocolError):
         self.request_id = request_id
 
 
-class LimitError(OvmError):
-    """code is one of ovmproto.limits' KEY_TOO_LONG, VALUE_TOO_LONG, INVALID_KEY, INVALID_VALUE."""
-
-
 class RemoteError(OvmError):
     pass
-
-
-class UsageError(OvmError):
-    code = "usage"

@@ -16,7 +16,7 @@ assert FRAME_MAX >= _WORST_ESCAPED
 DEFAULT_MAX_KEYS = 1024  # the guest cache's default quota
 EVENT_KEY = "VMAPIEvent"  # a host message with this key is an event, not a stored key
 
-# Error codes carried by "err" replies and by LimitError; documented in docs/protocol.md.
+# The codes check_key() and check_value() return (ovmproto.errorcodes has every code).
 KEY_TOO_LONG = "key_too_long"
 VALUE_TOO_LONG = "value_too_long"
 INVALID_KEY = "invalid_key"

@@ -1,4 +1,5 @@
-"""The guest side (ovmproto, guestagent) must run on Python 3.9: guests carry older interpreters.
+"""The guest side (ovmproto, ovmsys, guestagent) must run on Python 3.9: guests carry older
+interpreters.
 
 vermin checks the syntax and standard library features everywhere. Where a real 3.9 exists (pyenv
 has one on the development machines; a fresh machine may not), every file is also byte-compiled
@@ -15,7 +16,7 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("ovmproto", "guestagent")
+PACKAGES = ("ovmproto", "ovmsys", "guestagent")
 PYENV_PY39 = "/root/.pyenv/versions/3.9.18/bin/python3.9"
 
 

@@ -14,8 +14,9 @@ Library API (stdlib only; import it like the other test helpers: ``from guest_im
 busybox-static and the kernel package are listed in scripts/packages-test.txt; the kernel is
 fetched with ``apt-get download`` (the package that linux-image-cloud-amd64 depends on) and only
 unpacked. The cache entry is ``<cache_dir>/<key>/`` where key hashes the project's sources
-(ovmproto/, guestagent/, hostbridge/, pyproject.toml, README.md), this file, tests/e2e/guest/, the
-kernel package name, busybox and /usr/bin/python3.11; change any of them and the next call rebuilds.
+(ovmproto/, ovmsys/, guestagent/, hostbridge/, pyproject.toml, README.md), this file,
+tests/e2e/guest/, the kernel package name, busybox and /usr/bin/python3.11; change any of them and
+the next call rebuilds.
 Concurrent callers are serialized by a lock file; an entry appears atomically (rename).
 
 What the guest holds: static busybox; Debian's /usr/bin/python3.11 with the shared libraries it and
@@ -116,7 +117,7 @@ _DYNLOAD_SKIP = re.compile(
     r"^(_test|_xx|xxlimited|_curses|_dbm|readline|nis|ossaudiodev|_ssl|"
     r"_hashlib|_sqlite3|_tkinter|_ctypes_test|audioop)"
 )
-_SOURCE_DIRS = ("ovmproto", "guestagent", "hostbridge")
+_SOURCE_DIRS = ("ovmproto", "ovmsys", "guestagent", "hostbridge")
 _SOURCE_FILES = ("pyproject.toml", "README.md", "bin/ovmd", "bin/vmmessage")
 
 
@@ -136,9 +137,7 @@ class Image:
 
 def _run(argv, **kw):
     try:
-        return subprocess.run(
-            argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
-        )
+        return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
     except FileNotFoundError:
         raise ImageError("%s not found (see scripts/packages-test.txt)" % argv[0]) from None
     except subprocess.CalledProcessError as e:
@@ -408,8 +407,7 @@ def _write_cpio(root, out_path):
         [BUSYBOX, "cpio", "-o", "-H", "newc"],
         input=listing,
         cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
     )
     if proc.returncode != 0:
         raise ImageError("busybox cpio failed: %s" % proc.stderr.decode(errors="replace").strip())

@@ -6,11 +6,11 @@ import logging
 
 from hostbridge.config import Limits
 from hostbridge.hello import Greeter
-from hostbridge.ratelimit import WarnOnce
 from ovmproto.codec import Reader
 from ovmproto.framing import Resync
 from ovmproto.handshake import answer_hello
 from ovmproto.messages import Err, Hello
+from ovmsys.ratelimit import RateLimitedLog
 
 log = logging.getLogger("test")
 
@@ -21,7 +21,7 @@ def greeter(sent, limits=None):
         itertools.count(1).__next__,
         limits or Limits(hello_interval=0.05, hello_interval_max=0.2),
         log,
-        WarnOnce(log),
+        RateLimitedLog(log),
     )
     g.epoch = "e1"
     return g

@@ -1,9 +1,6 @@
-"""hostbridge.mirror: the bookkeeping of a guest's copied keys (and rate-limited warnings)."""
-
-import logging
+"""hostbridge.mirror: the bookkeeping of a guest's copied keys."""
 
 from hostbridge.mirror import Mirror
-from hostbridge.ratelimit import WarnOnce
 
 
 def test_it_should_apply_sets_deletes_and_clear():
@@ -59,23 +56,3 @@ def test_it_should_report_only_what_changed_since_the_last_take():
     m.replace([("z", "9", 3.0, "guest")], "gid", 7)
     rows, _, _, replace = m.take_dirty()
     assert replace and [k for k, _ in rows] == ["z"] and (m.gid, m.gseq) == ("gid", 7)
-
-
-class Clock:
-    def __init__(self):
-        self.t = 100.0
-
-    def __call__(self):
-        return self.t
-
-
-def test_it_should_warn_once_per_interval_and_count_what_it_held_back(caplog):
-    clock = Clock()
-    w = WarnOnce(logging.getLogger("t"), interval=60, clock=clock)
-    with caplog.at_level(logging.WARNING):
-        for _ in range(5):
-            w.warn("x", "bad %s", "thing")
-        clock.t += 61
-        w.warn("x", "bad %s", "thing")
-    msgs = [r.getMessage() for r in caplog.records]
-    assert msgs == ["bad thing", "bad thing (and 4 more like it since the last warning)"]

@@ -3,8 +3,8 @@
 import logging
 
 from hostbridge.config import Limits
-from hostbridge.ratelimit import WarnOnce
 from hostbridge.throttle import PAUSE_MAX, Throttle, TokenBucket
+from ovmsys.ratelimit import RateLimitedLog
 
 
 class Clock:
@@ -26,7 +26,7 @@ def test_it_should_allow_a_burst_then_ask_to_wait_for_the_debt():
 
 
 def test_a_guest_within_its_rates_should_never_be_paused():
-    t = Throttle(Limits(), WarnOnce(logging.getLogger("t")))
+    t = Throttle(Limits(), RateLimitedLog(logging.getLogger("t")))
     for _ in range(100):
         assert not t.frames(10)
         assert t.pause(1000) == 0.0
@@ -34,7 +34,7 @@ def test_a_guest_within_its_rates_should_never_be_paused():
 
 def test_a_flood_should_pause_the_reader_warn_once_and_never_for_long(caplog):
     limits = Limits(frames_per_s=100, frames_burst=10, bytes_per_s=1000, bytes_burst=1000)
-    t = Throttle(limits, WarnOnce(logging.getLogger("t")))
+    t = Throttle(limits, RateLimitedLog(logging.getLogger("t")))
     with caplog.at_level(logging.WARNING):
         assert t.frames(1000)  # far over the frame rate
         first = t.pause(10)

@@ -101,9 +101,10 @@ def test_both_packages_should_install_together(debs, chroot):
     assert chroot.run(["ovmd", "--version"]).stdout.strip() == "ovmd %s" % VERSION
     assert "Usage: vmmessage" in chroot.run(["vmmessage", "--help"]).stdout
     assert "usage: hostbridge" in chroot.run(["hostbridge", "--help"]).stdout
-    # Each package's copy of the protocol code, side by side.
+    # Each package's copy of the protocol code and the shared plumbing, side by side.
     for private in ("/usr/lib/ovmd", "/usr/lib/hostbridge"):
         assert os.path.exists(chroot.path(private + "/ovmproto/framing.py"))
+        assert os.path.exists(chroot.path(private + "/ovmsys/notify.py"))
 
 
 # With Debian's own aiohttp 3.8.4 and no orjson: this found api.py importing orjson and using
@@ -141,8 +142,7 @@ def exchange_a_message(chroot):
         wait_for(
             lambda: (
                 bridge.poll() is not None
-                or (os.path.exists(chroot.path(api))
-                and os.path.lexists(chroot.path("/tmp/t/vm1")))
+                or (os.path.exists(chroot.path(api)) and os.path.lexists(chroot.path("/tmp/t/vm1")))
             ),
             "the bridge's API socket and pty",
         )

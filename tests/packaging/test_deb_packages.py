@@ -98,9 +98,9 @@ def test_each_package_should_carry_its_own_protocol_code_and_commands(debs):
     assert {"/usr/bin/" + c for c in HOST_COMMANDS} == {
         p for p in host if p.startswith("/usr/bin/")
     }
-    for module in ("framing", "codec", "messages", "jsonlib"):
-        assert "/usr/lib/ovmd/ovmproto/%s.py" % module in guest
-        assert "/usr/lib/hostbridge/ovmproto/%s.py" % module in host
+    for module in ("ovmproto/framing", "ovmproto/codec", "ovmproto/jsonlib", "ovmsys/notify"):
+        assert "/usr/lib/ovmd/%s.py" % module in guest
+        assert "/usr/lib/hostbridge/%s.py" % module in host
     assert "/usr/lib/ovmd/guestagent/daemon.py" in guest
     assert not [p for p in guest if "/hostbridge/" in p]
     assert "/usr/lib/hostbridge/hostbridge/openapi.json" in host

@@ -45,6 +45,7 @@ def test_the_guest_rpm_should_hold_the_agent_its_unit_and_udev_rule(rpms):
         "/usr/lib/systemd/system/ovmd.service",
         "/usr/lib/udev/rules.d/90-ovmd.rules",
         "/usr/lib/ovmd/ovmproto/framing.py",
+        "/usr/lib/ovmd/ovmsys/notify.py",
         "/usr/lib/ovmd/guestagent/daemon.py",
         "/usr/share/man/man1/ovmd.1",
     ):
@@ -62,6 +63,7 @@ def test_the_host_rpm_should_hold_the_bridge_its_commands_unit_and_config(rpms):
         "/etc/hostbridge/hostbridge.toml",
         "/usr/lib/sysusers.d/hostbridge.conf",
         "/usr/lib/hostbridge/ovmproto/framing.py",
+        "/usr/lib/hostbridge/ovmsys/notify.py",
         "/usr/lib/hostbridge/hostbridge/openapi.json",
     ):
         assert path in listed

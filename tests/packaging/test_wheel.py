@@ -1,4 +1,4 @@
-"""`python -m build --wheel` (the venv's build) makes one wheel with the three packages, the
+"""`python -m build --wheel` (the venv's build) makes one wheel with the four packages, the
 bridge's OpenAPI document and the four console scripts."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import zipfile
 import pytest
 from pkgbuild import ROOT, VERSION, entry_point_scripts, project_scripts
 
-PACKAGES = ("ovmproto", "guestagent", "hostbridge")
+PACKAGES = ("ovmproto", "ovmsys", "guestagent", "hostbridge")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def wheel(tmp_path_factory):
     return os.path.join(str(out), wheels[0])
 
 
-def test_the_wheel_should_hold_the_three_packages_and_the_openapi_document(wheel):
+def test_the_wheel_should_hold_the_four_packages_and_the_openapi_document(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for package in PACKAGES:
         assert "%s/__init__.py" % package in names
