@@ -12,7 +12,6 @@ tls_key = "/etc/hostbridge/key.pem"
 tokens_file = "/etc/hostbridge/tokens"
 users_file = "/etc/hostbridge/users"
 query_timeout = 5.0
-log = true                    # default of a send's log flag
 
 [limits]                      # per VM; see Limits
 max_outstanding = 64
@@ -97,9 +96,10 @@ class Config:
     tokens_file: str | None = None
     users_file: str | None = None
     query_timeout: float = 5.0
-    log: bool = True
     debug: int = 1
     limits: Limits = field(default_factory=Limits)
+    # One-line notes about the file (obsolete settings) for the daemon to log once it logs.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def discovery_enabled(self) -> bool:
@@ -161,7 +161,7 @@ _BRIDGE_KEYS = {
     "tokens_file": str,
     "users_file": str,
     "query_timeout": (int, float),
-    "log": bool,
+    "log": bool,  # obsolete, ignored: see load_file
     "discover_interval": (int, float),
 }
 
@@ -183,6 +183,14 @@ def load_file(path: str, config: Config | None = None) -> Config:
             raise ConfigError("config %s: unknown setting [bridge] %s" % (path, key))
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise ConfigError("config %s: [bridge] %s has the wrong type" % (path, key))
+        if key == "log":
+            # Once meant as the default of a send's log flag but never used: a file that has
+            # it keeps working, and says so once.
+            config.warnings.append(
+                "config %s: [bridge] log is obsolete and ignored; a send's log flag defaults to "
+                "true (--no-log or log=no per message)" % path
+            )
+            continue
         if key == "api_tcp":
             value = parse_hostport(value)
         elif key == "libvirt_dirs":

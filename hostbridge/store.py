@@ -185,15 +185,6 @@ class Store:
         ).fetchall()
         return [VmRow(*r) for r in rows]
 
-    def save_seen(
-        self, name: str, last_seen: float | None, gid: str | None, gseq: int | None
-    ) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE vms SET last_seen=?, gid=?, gseq=? WHERE name=?",
-                (last_seen, gid, gseq, name),
-            )
-
     # -- outbox -------------------------------------------------------------------------------
 
     def enqueue(
