@@ -15,6 +15,7 @@ query_timeout = 5.0
 
 [limits]                      # per VM; see Limits
 max_outstanding = 64
+audit_rows = 10000
 
 [[vm]]
 name = "web1"
@@ -78,6 +79,7 @@ class Limits:
     keepalive: float = 15.0  # ping a synced guest that has been silent this long
     delivery_timeout: float = 10.0  # an outbox message unacknowledged this long: resync
     reconnect_max: float = 5.0  # longest backoff between connects of a unix channel
+    audit_rows: int = 10000  # the newest audit rows kept per VM; older ones are deleted
 
 
 @dataclass
@@ -116,6 +118,8 @@ class Config:
             raise ConfigError("the TCP API needs tls_cert and tls_key: it is always TLS")
         if self.query_timeout <= 0:
             raise ConfigError("query_timeout must be positive")
+        if self.limits.audit_rows < 1:
+            raise ConfigError("[limits] audit_rows must be at least 1")
 
 
 def parse_channel(text: str) -> str:

@@ -121,6 +121,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     bridge = Bridge(config)
     await bridge.start()
+    # Before the API serves, hence before any audit row is written.
+    bridge.store.audit_keep = config.limits.audit_rows
     server = None
     try:
         try:
