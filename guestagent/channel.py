@@ -1,7 +1,7 @@
 """The host channel as bytes: find the virtio-serial port, open it, read, write, close.
 
 No protocol and no policy here (hostlink.py decides what EOF or an error means). Facts this code
-is written to (shared/reference/virtio-serial.md):
+is written to (docs/virtio-serial.md):
 
 - the real port is a plain character device, not a tty: never use termios on it;
 - only one process may hold it open: a second open() gets EBUSY;

@@ -5,8 +5,10 @@ Two parsers, one executor. Shell scripts call ``ovmd -g KEY`` in loops, so main(
 hand-written parser for the few exact argument shapes scripts use (-g KEY, -l, -p K=V..., -r KEY,
 -x, each optionally after ``--socket PATH``); everything else goes to click, imported only then
 (~40 ms). Both parsers produce a Plan and hand it to execute(), so both print the same bytes and
-return the same exit codes. The fast path imports sys, os, json, _socket (via client) and the
-import-free ovmproto.limits and guestagent.config; nothing else on it may import more.
+return the same exit codes. The fast path imports sys, os, the C modules _socket and _json, and
+our import-free ovmproto.limits, ovmproto.errors, ovmproto.compactjson, guestagent.output,
+guestagent.client and guestagent.config (no json, re, socket or click); nothing else on it may
+import more.
 """
 
 import os

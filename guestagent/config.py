@@ -1,8 +1,8 @@
 """The daemon's settings: defaults, the INI-like file /etc/ovmd.conf, and command-line overrides.
 
     [ovmd]
-    # Comments are whole lines starting with '#' or ';'.
-    channel = /dev/virtio-ports/com.oracle.ovmd
+    # A '#' or ';' starts a comment at the start of a line or after a space or tab.
+    channel = /dev/virtio-ports/com.oracle.ovmd   # default: found by name
     socket = /run/ovmd/ovmd.sock
     # A persistent cache is simply another state directory.
     state_dir = /run/ovmd
@@ -13,9 +13,10 @@
     # 0 off, 1 stderr, 2 syslog/journal.
     debug = 2
 
-Keys may be written with '-' or '_'. Lines before any section header count as [ovmd]; other
-sections are ignored. A missing file is fine; any other problem is a ConfigError whose text is
-one line naming the file, the line and the key.
+A value therefore cannot hold a '#' or ';' that follows whitespace ("a #b" reads as "a"); one
+inside a word is kept ("a#b"). Keys may be written with '-' or '_'. Lines before any section
+header count as [ovmd]; other sections are ignored. A missing file is fine; any other problem is
+a ConfigError whose text is one line naming the file, the line and the key.
 
 Imports nothing but os and the import-free error module: the CLI calls read_file() on its hot
 path to find the socket.
@@ -40,6 +41,18 @@ class ConfigError(OvmError):
     code = "config"
 
 
+def _strip_comment(line):
+    """``line`` up to its first '#' or ';' that follows a space or tab (the line is stripped)."""
+    end = len(line)
+    for mark in "#;":
+        i = line.find(mark, 1)
+        while i > 0 and line[i - 1] not in " \t":
+            i = line.find(mark, i + 1)
+        if 0 < i < end:
+            end = i
+    return line[:end].rstrip()
+
+
 def _parse(path):
     """{key: (value, line number)} of the [ovmd] section; {} when the file does not exist."""
     try:
@@ -59,6 +72,7 @@ def _parse(path):
         line = line.strip()
         if not line or line[0] in "#;":
             continue
+        line = _strip_comment(line)
         if line[0] == "[":
             if line[-1] != "]":
                 raise ConfigError("%s line %d: section header without ']'" % (path, lineno))

@@ -5,7 +5,7 @@ States:
                   whose master is gone). Nothing is written: the port would drop the bytes.
     CONNECTED     bytes flow, but no hello on this connection yet: reads are answered, host
                   set/del are refused (they may be stale bytes from an earlier connection, see
-                  virtio-serial.md), no ``changed`` is sent.
+                  docs/virtio-serial.md), no ``changed`` is sent.
     SYNCED        the host's hello was answered: set/del applied exactly once by seq, and every
                   cache change is announced with ``changed``.
 

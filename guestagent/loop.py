@@ -2,8 +2,8 @@
 a non-blocking descriptor.
 
 Why not asyncio: a round trip through an asyncio streams echo costs ~100 µs on a pty here, a
-plain epoll loop ~42 µs (shared/reference/peers.md), and the agent must beat qemu-ga. The per-
-message path is: epoll returns, the fd's callback reads, decodes, answers with one write.
+plain epoll loop ~42 µs (docs/peers.md), and the agent must beat qemu-ga. The per-message path
+is: epoll returns, the fd's callback reads, decodes, answers with one write.
 
 Idle means asleep: epoll waits with the timeout of the next timer, or forever when there is none.
 Signals arrive through signal.set_wakeup_fd, so a handler runs in the loop, never in the middle

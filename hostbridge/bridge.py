@@ -57,7 +57,7 @@ class Bridge:
 
     async def start(self) -> None:
         self._lock_db()
-        self.store = Store(self.config.db)
+        self.store = Store(self.config.db, audit_keep=self.config.limits.audit_rows)
         configured = {vm.name for vm in self.config.vms}
         # VMs we knew before (queued messages, mirrors) stay visible even while not running.
         for row in self.store.vms():

@@ -12,10 +12,10 @@ tls_key = "/etc/hostbridge/key.pem"
 tokens_file = "/etc/hostbridge/tokens"
 users_file = "/etc/hostbridge/users"
 query_timeout = 5.0
-log = true                    # default of a send's log flag
 
 [limits]                      # per VM; see Limits
 max_outstanding = 64
+audit_rows = 10000
 
 [[vm]]
 name = "web1"
@@ -78,6 +78,7 @@ class Limits:
     keepalive: float = 15.0  # ping a synced guest that has been silent this long
     delivery_timeout: float = 10.0  # an outbox message unacknowledged this long: resync
     reconnect_max: float = 5.0  # longest backoff between connects of a unix channel
+    audit_rows: int = 10000  # the newest audit rows kept per VM; older ones are deleted
 
 
 @dataclass
@@ -96,9 +97,10 @@ class Config:
     tokens_file: str | None = None
     users_file: str | None = None
     query_timeout: float = 5.0
-    log: bool = True
     debug: int = 1
     limits: Limits = field(default_factory=Limits)
+    # One-line notes about the file (obsolete settings) for the daemon to log once it logs.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def discovery_enabled(self) -> bool:
@@ -115,6 +117,8 @@ class Config:
             raise ConfigError("the TCP API needs tls_cert and tls_key: it is always TLS")
         if self.query_timeout <= 0:
             raise ConfigError("query_timeout must be positive")
+        if self.limits.audit_rows < 1:
+            raise ConfigError("[limits] audit_rows must be at least 1")
 
 
 def parse_channel(text: str) -> str:
@@ -160,7 +164,7 @@ _BRIDGE_KEYS = {
     "tokens_file": str,
     "users_file": str,
     "query_timeout": (int, float),
-    "log": bool,
+    "log": bool,  # obsolete, ignored: see load_file
     "discover_interval": (int, float),
 }
 
@@ -182,6 +186,14 @@ def load_file(path: str, config: Config | None = None) -> Config:
             raise ConfigError("config %s: unknown setting [bridge] %s" % (path, key))
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise ConfigError("config %s: [bridge] %s has the wrong type" % (path, key))
+        if key == "log":
+            # Once meant as the default of a send's log flag but never used: a file that has
+            # it keeps working, and says so once.
+            config.warnings.append(
+                "config %s: [bridge] log is obsolete and ignored; a send's log flag defaults to "
+                "true (--no-log or log=no per message)" % path
+            )
+            continue
         if key == "api_tcp":
             value = parse_hostport(value)
         elif key == "libvirt_dirs":

@@ -169,6 +169,8 @@ def main(argv=None) -> int:
         print("hostbridge: %s" % e.message, file=sys.stderr)
         return EXIT_USAGE
     setup_logging(config.debug)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     return run(config)
 
 

@@ -21,10 +21,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from .config import Limits
+
 log = logging.getLogger(__name__)
 
 AUDIT_VALUE_MAX = 1024  # bytes of UTF-8, as the original manager's log limit
-AUDIT_KEEP = 10000  # audit rows kept per VM; older ones are pruned
+AUDIT_KEEP = Limits.audit_rows  # audit rows kept per VM unless the config says otherwise
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -124,8 +126,14 @@ class MirrorRow:
 
 
 class Store:
-    def __init__(self, path: str):
+    def __init__(self, path: str, audit_keep: int = AUDIT_KEEP):
         self.path = path
+        # Each VM keeps its newest audit_keep audit rows; changing it takes effect at that VM's
+        # next audit row.
+        self.audit_keep = audit_keep
+        # vm -> its audit row count, read once with COUNT(*) and then kept up to date, so that
+        # pruning costs an index lookup per insert, not a count. Forgotten on any rollback.
+        self._audit_counts: dict[str, int] = {}
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         # isolation_level=None: we open transactions ourselves, so each is one fsync'd commit.
@@ -184,15 +192,6 @@ class Store:
             "SELECT name, epoch, seq, last_seen, gid, gseq, channel, source FROM vms ORDER BY name"
         ).fetchall()
         return [VmRow(*r) for r in rows]
-
-    def save_seen(
-        self, name: str, last_seen: float | None, gid: str | None, gseq: int | None
-    ) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE vms SET last_seen=?, gid=?, gseq=? WHERE name=?",
-                (last_seen, gid, gseq, name),
-            )
 
     # -- outbox -------------------------------------------------------------------------------
 
@@ -283,10 +282,22 @@ class Store:
             "INSERT INTO audit (vm, key, size, ts, outcome, value, op) VALUES (?,?,?,?,?,?,?)",
             (vm, key, size, ts, outcome, kept, op),
         )
-        audit_id = cur.lastrowid
-        if audit_id % 1000 == 0:
-            db.execute("DELETE FROM audit WHERE vm=? AND id <= ?", (vm, audit_id - AUDIT_KEEP))
-        return audit_id
+        count = self._audit_counts.get(vm)
+        if count is None:
+            count = db.execute("SELECT COUNT(*) FROM audit WHERE vm=?", (vm,)).fetchone()[0]
+        else:
+            count += 1
+        excess = count - max(1, self.audit_keep)
+        if excess > 0:
+            # The oldest rows of this VM only, found through the (vm, id) index.
+            db.execute(
+                "DELETE FROM audit WHERE id IN "
+                "(SELECT id FROM audit WHERE vm=? ORDER BY id LIMIT ?)",
+                (vm, excess),
+            )
+            count -= excess
+        self._audit_counts[vm] = count
+        return cur.lastrowid
 
     def audit_refused(
         self, vm: str, key: str, value: str | None, log_value: bool, outcome: str = "refused"
@@ -367,11 +378,18 @@ class _Tx:
 
     def __exit__(self, exc_type, exc, tb):
         db = self._store._db
+        if exc_type is not None:
+            # The counts may include rows the rollback removes: count again when next needed.
+            self._store._audit_counts.clear()
         if self._savepoint:
             if exc_type is not None:
                 db.execute("ROLLBACK TO write")
             db.execute("RELEASE write")
             return False
         self._store._in_batch = False
-        db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        try:
+            db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        except BaseException:
+            self._store._audit_counts.clear()
+            raise
         return False

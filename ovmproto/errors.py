@@ -4,8 +4,9 @@ across a package boundary.
     OvmError                      base of everything we raise on purpose
      ├── ProtocolError            the peer sent something we cannot accept (carries the raw bytes)
      │    ├── FrameTooLong        a frame over FRAME_MAX; it was discarded up to the next delimiter
-     │    ├── BadFrame            not UTF-8, not JSON, not a JSON object, or no "t" field
-     │    └── BadMessage          a known "t" with a missing or mistyped field, or an unknown "t"
+     │    ├── BadFrame            not UTF-8, not JSON, or not a JSON object
+     │    └── BadMessage          no "t" string, a known "t" with a missing or mistyped field,
+     │                            or an unknown "t" (an object: its "id" can be answered)
      └── RemoteError              the peer answered a request with an "err" reply
 
 Each carries ``code``, one of ovmproto.errorcodes (which also says how each CLI and the bridge's

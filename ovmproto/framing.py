@@ -3,8 +3,8 @@
 A frame is one compact JSON object followed by b"\\n" (JSON text never contains a raw newline).
 The byte 0xFF (RESYNC) never occurs in UTF-8: wherever it appears the receiver drops any partial
 frame it holds. Senders write it before a Hello and before the reply to one, so stale bytes left
-in the channel by an earlier connection can never join a new frame (virtio-serial.md: QEMU keeps
-bytes across reconnects in both directions).
+in the channel by an earlier connection can never join a new frame (on the real port stale bytes
+survive reconnects in both directions: docs/virtio-serial.md).
 
 No JSON here, no I/O: FrameDecoder.feed() takes whatever a read() returned, any chunking, and
 returns events; memory stays within max_frame however the peer behaves.

@@ -5,7 +5,8 @@ Host, on every (re)connect and after every timeout:
     channel.write(hs.opening())              # RESYNC + Hello
     for each decoded message: result = hs.accept(msg)   # None until the matching reply
 Everything before the reply that echoes the nonce is ignored: it may be a stale reply from an
-earlier connection (virtio-serial.md). Pure: the caller supplies the nonce and does the I/O.
+earlier connection (docs/virtio-serial.md). Pure: the caller supplies the nonce and does the
+I/O.
 """
 
 from . import MIN_VERSION, PROTOCOL_VERSION

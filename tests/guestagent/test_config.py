@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from guestagent import config
@@ -110,3 +112,63 @@ def test_the_module_should_import_nothing_heavy():
 def test_config_should_refuse_unknown_fields():
     with pytest.raises(TypeError):
         Config(bogus=1)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def indented_block(text, first_line):
+    """The indented block of ``text`` that starts with the line ``first_line`` (unindented)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == first_line)
+    block = []
+    for line in lines[start:]:
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block).strip() + "\n"
+
+
+def test_the_example_file_in_docs_cli_md_should_load_as_it_is_written(tmp_path):
+    with open(os.path.join(ROOT, "docs", "cli.md"), encoding="utf-8") as f:
+        example = indented_block(f.read(), "[ovmd]")
+    assert " # " in example  # the doc's example has inline comments: this test is about them
+    c = load(write(tmp_path, example))
+    assert (c.channel, c.socket, c.state_dir, c.max_keys, c.max_events, c.group, c.debug) == (
+        "/dev/virtio-ports/com.oracle.ovmd",
+        "/run/ovmd/ovmd.sock",
+        "/run/ovmd",
+        1024,
+        64,
+        "ovmd",
+        2,
+    )
+
+
+def test_the_example_file_in_the_module_docstring_should_load_as_it_is_written(tmp_path):
+    c = load(write(tmp_path, indented_block(config.__doc__, "[ovmd]")))
+    assert (c.channel, c.group, c.debug) == ("/dev/virtio-ports/com.oracle.ovmd", "ovmd", 2)
+
+
+@pytest.mark.parametrize(
+    "line, value",
+    [
+        ("group = wheel # who may use the socket", "wheel"),
+        ("group = wheel\t; who may use the socket", "wheel"),
+        ("group = wheel   #", "wheel"),
+        ("group = wh#eel", "wh#eel"),
+        ("group = wh;eel ; but this is a comment", "wh;eel"),
+        ("socket = /tmp/a#b.sock", "/tmp/a#b.sock"),
+    ],
+)
+def test_an_inline_comment_should_end_the_value_only_after_whitespace(tmp_path, line, value):
+    assert read_file(write(tmp_path, "[ovmd]\n%s\n" % line)) == {line.split()[0]: value}
+
+
+def test_a_section_header_may_carry_a_comment(tmp_path):
+    assert (
+        load(
+            write(tmp_path, "[other]  # ignored\nmax_keys = 5\n[ovmd] # ours\nmax_keys = 7\n")
+        ).max_keys
+        == 7
+    )

@@ -197,3 +197,23 @@ def test_the_daemon_should_tell_systemd_it_is_ready_then_feed_its_watchdog(tmp):
     assert "READY=1" in got, (got, bridge.log())
     assert got[got.index("READY=1") :].count("WATCHDOG=1") >= 3, got
     assert got[-1] == "STOPPING=1", got
+
+
+def test_the_audit_should_keep_the_number_of_rows_the_config_file_names(tmp):
+    path = os.path.join(tmp, "bridge.toml")
+    with open(path, "w") as f:
+        f.write("[bridge]\nlog = true\n\n[limits]\naudit_rows = 2\n")
+    # No agent: every send is queued, and each one is an audit row.
+    bridge = BridgeProc({"vm1": "pty:" + os.path.join(tmp, "ch")}, args=["--config", path])
+    bridge.start().wait_ready()
+    try:
+        api = Client(bridge.api_socket)
+        for i in range(5):
+            assert api.send("vm1", "k%d" % i, "v")["outcome"] == "queued"
+        audit = api.audit("vm1")
+        rows = audit["entries"] if isinstance(audit, dict) else audit
+        assert [r["key"] for r in rows] == ["k4", "k3"]
+        assert api.vm("vm1")["queued"] == 5
+        assert bridge.log().count("[bridge] log is obsolete") == 1
+    finally:
+        bridge.close()

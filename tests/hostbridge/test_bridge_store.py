@@ -1,6 +1,7 @@
 """hostbridge.store: the SQLite file's outbox, audit, mirror, and what it keeps of a secret."""
 
 import os
+import sqlite3
 
 import pytest
 
@@ -138,7 +139,7 @@ def test_a_batch_should_commit_every_write_once_and_a_failed_write_should_undo_o
     s.vm("b")
     with s.batch():
         s.save_mirror("a", [MirrorRow("k", "from a", 1.0, "guest", False)], [], True, 5.0, "g", 1)
-        with pytest.raises(Exception):
+        with pytest.raises(sqlite3.Error):
             # A key sqlite3 cannot bind fails after the savepoint began, inside the batch.
             s.save_mirror(
                 "b", [MirrorRow(object(), "x", 1.0, "guest", False)], [], True, 5.0, "g", 1
@@ -148,3 +149,63 @@ def test_a_batch_should_commit_every_write_once_and_a_failed_write_should_undo_o
     s = Store(db_path)
     assert [(r.key, r.value) for r in s.mirror("a")] == [("k", "from a")]
     assert [(r.key, r.value) for r in s.mirror("b")] == [("k2", "from b")]
+
+
+def audit_keys(s, vm):
+    return [r[2] for r in reversed(s.audit(vm, limit=1000))]
+
+
+def test_the_audit_should_keep_exactly_the_newest_n_rows_of_each_vm_however_they_interleave(
+    db_path,
+):
+    s = Store(db_path, audit_keep=5)
+    s.vm("busy")
+    s.vm("quiet")
+    for i in range(40):
+        s.enqueue("busy", "b%d" % i, "v", True)
+        if i % 4 == 0:
+            s.audit_refused("quiet", "q%d" % i, "v", True)
+    assert audit_keys(s, "busy") == ["b%d" % i for i in range(35, 40)]
+    assert audit_keys(s, "quiet") == ["q%d" % i for i in (20, 24, 28, 32, 36)]
+    # The outbox is not the audit: every queued message is still there.
+    assert s.queued("busy") == 40
+
+
+def test_the_audit_should_prune_a_vm_with_rows_from_before_a_restart_to_the_new_limit(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    for i in range(6):
+        s.audit_refused("a", "k%d" % i, "v", True)
+    s.close()
+    s = Store(db_path, audit_keep=3)
+    assert len(s.audit("a")) == 6  # nothing is pruned until the VM's next audit row
+    s.audit_refused("a", "k6", "v", True)
+    assert audit_keys(s, "a") == ["k4", "k5", "k6"]
+
+
+def test_the_audit_should_count_each_vm_once_not_at_every_insert(db_path):
+    s = Store(db_path, audit_keep=4)
+    s.vm("a")
+    s.audit_refused("a", "first", "v", True)
+    statements = []
+    s._db.set_trace_callback(statements.append)
+    for i in range(20):
+        s.audit_refused("a", "k%d" % i, "v", True)
+    s._db.set_trace_callback(None)
+    assert not [q for q in statements if "COUNT" in q.upper()]
+    assert len(s.audit("a")) == 4
+
+
+def test_a_rolled_back_audit_row_should_not_make_the_audit_keep_fewer_rows(db_path):
+    s = Store(db_path, audit_keep=3)
+    s.vm("a")
+    for i in range(2):
+        s.audit_refused("a", "k%d" % i, "v", True)
+    with pytest.raises(RuntimeError):
+        with s.batch():
+            s.audit_refused("a", "undone", "v", True)
+            raise RuntimeError("the batch fails after the audit row")
+    s.audit_refused("a", "k2", "v", True)
+    assert audit_keys(s, "a") == ["k0", "k1", "k2"]
+    s.audit_refused("a", "k3", "v", True)
+    assert audit_keys(s, "a") == ["k1", "k2", "k3"]

@@ -1,0 +1,44 @@
+"""hostbridge.config: the TOML file's settings, their checks, and an obsolete setting."""
+
+import pytest
+
+from hostbridge.config import Config, ConfigError, load_file
+
+
+def write(tmp_path, text):
+    p = tmp_path / "bridge.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_the_audit_should_keep_10000_rows_per_vm_unless_the_file_says_otherwise(tmp_path):
+    assert Config().limits.audit_rows == 10000
+    config = load_file(write(tmp_path, "[limits]\naudit_rows = 3\n"))
+    assert config.limits.audit_rows == 3
+    config.check()
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_an_audit_limit_below_one_row_should_be_refused_in_one_line(tmp_path, value):
+    config = load_file(write(tmp_path, "[limits]\naudit_rows = %s\n" % value))
+    with pytest.raises(ConfigError) as e:
+        config.check()
+    assert "audit_rows" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_obsolete_bridge_log_setting_should_be_accepted_ignored_and_noted_once(tmp_path):
+    path = write(tmp_path, '[bridge]\nlog = false\napi_group = "g"\n')
+    config = load_file(path)
+    assert config.api_group == "g"
+    assert not hasattr(config, "log")
+    (warning,) = config.warnings
+    assert path in warning and "[bridge] log" in warning and "\n" not in warning
+
+
+def test_a_config_without_obsolete_settings_should_have_nothing_to_note(tmp_path):
+    assert load_file(write(tmp_path, '[bridge]\napi_group = "g"\n')).warnings == []
+
+
+def test_the_obsolete_bridge_log_setting_should_still_be_type_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[bridge\] log has the wrong type"):
+        load_file(write(tmp_path, '[bridge]\nlog = "yes"\n'))
