@@ -136,9 +136,7 @@ class Image:
 
 def _run(argv, **kw):
     try:
-        return subprocess.run(
-            argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
-        )
+        return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
     except FileNotFoundError:
         raise ImageError("%s not found (see scripts/packages-test.txt)" % argv[0]) from None
     except subprocess.CalledProcessError as e:
@@ -408,8 +406,7 @@ def _write_cpio(root, out_path):
         [BUSYBOX, "cpio", "-o", "-H", "newc"],
         input=listing,
         cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
     )
     if proc.returncode != 0:
         raise ImageError("busybox cpio failed: %s" % proc.stderr.decode(errors="replace").strip())

@@ -1,5 +1,10 @@
+"""guestagent.notify: the built-in sd_notify sender over real datagram sockets, and how it reads
+systemd's variables."""
+
 import os
 import socket
+
+import pytest
 
 from guestagent.notify import Notifier, socket_address, watchdog_interval
 
@@ -9,24 +14,28 @@ def recv(sock):
     return sock.recv(4096).decode("utf-8")
 
 
-def test_the_builtin_sender_should_send_datagrams_to_a_path(tmp_path):
+@pytest.fixture
+def supervisor(tmp_path):
+    """(path, socket): a datagram socket bound at a path, as systemd's $NOTIFY_SOCKET."""
     path = str(tmp_path / "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    try:
-        n = Notifier(environ={"NOTIFY_SOCKET": path}, prefer_systemd=False)
-        assert n.enabled
-        assert n.ready("waiting for host on /dev/x")
-        assert recv(sock) == "READY=1\nSTATUS=waiting for host on /dev/x"
-        assert n.status("host connected")
-        assert recv(sock) == "STATUS=host connected"
-        assert n.watchdog()
-        assert recv(sock) == "WATCHDOG=1"
-        assert n.stopping()
-        assert recv(sock) == "STOPPING=1"
-        n.close()
-    finally:
-        sock.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        yield path, sock
+
+
+def test_the_builtin_sender_should_send_datagrams_to_a_path(supervisor):
+    path, sock = supervisor
+    n = Notifier(environ={"NOTIFY_SOCKET": path}, prefer_systemd=False)
+    assert n.enabled
+    assert n.ready("waiting for host on /dev/x")
+    assert recv(sock) == "READY=1\nSTATUS=waiting for host on /dev/x"
+    assert n.status("host connected")
+    assert recv(sock) == "STATUS=host connected"
+    assert n.watchdog()
+    assert recv(sock) == "WATCHDOG=1"
+    assert n.stopping()
+    assert recv(sock) == "STOPPING=1"
+    n.close()
 
 
 def test_the_builtin_sender_should_reach_an_abstract_socket():
@@ -42,19 +51,14 @@ def test_the_builtin_sender_should_reach_an_abstract_socket():
         sock.close()
 
 
-def test_an_unchanged_status_should_not_be_sent_again(tmp_path):
-    path = str(tmp_path / "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    try:
-        n = Notifier(environ={"NOTIFY_SOCKET": path}, prefer_systemd=False)
-        n.status("host connected")
-        n.status("host connected")
-        n.status("waiting")
-        assert recv(sock) == "STATUS=host connected"
-        assert recv(sock) == "STATUS=waiting"
-    finally:
-        sock.close()
+def test_an_unchanged_status_should_not_be_sent_again(supervisor):
+    path, sock = supervisor
+    n = Notifier(environ={"NOTIFY_SOCKET": path}, prefer_systemd=False)
+    n.status("host connected")
+    n.status("host connected")
+    n.status("waiting")
+    assert recv(sock) == "STATUS=host connected"
+    assert recv(sock) == "STATUS=waiting"
 
 
 def test_it_should_do_nothing_without_notify_socket():

@@ -1,17 +1,21 @@
-"""The API and both CLIs against real processes: the `hostbridge` daemon (python -m hostbridge.daemon)
-with pty channels, real guest agents (python -m guestagent.daemon) on them, and `vmmessage` /
-`ovm_vmmessage` run as users run them. Also schemathesis against the real daemon over TLS."""
+"""The API and both CLIs against real processes: the `hostbridge` daemon (python -m
+hostbridge.daemon) with pty channels, real guest agents (python -m guestagent.daemon) on them, and
+`vmmessage` / `ovm_vmmessage` run as users run them. Also schemathesis against the real daemon over
+TLS."""
 
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
 
 import pytest
-from bridge_harness import Agent, BridgeProc, short_tempdir, wait_for
-from fakes import make_tls_cert
+
+from tests.hostbridge.bridge_harness import BridgeProc
+from tests.hostbridge.fakes import make_tls_cert
+from tests.hostbridge.test_openapi_schemathesis import TOKEN, run_schemathesis, summary
+from tests.support.agent import Agent
+from tests.support.waiting import wait_for
 
 BIN = os.path.dirname(sys.executable)
 SECRET = "real-Secret-value-never-logged-42"
@@ -31,9 +35,8 @@ def agent_state(bridge, vm):
 
 
 @pytest.fixture
-def stack():
-    d = short_tempdir()
-    channel = os.path.join(d, "vm1.pty")
+def stack(short_dir):
+    channel = os.path.join(short_dir, "vm1.pty")
     with BridgeProc({"vm1": "pty:" + channel}) as bridge:
         bridge.wait_ready()
         agent = Agent(channel)
@@ -185,10 +188,8 @@ def free_port():
 
 
 @pytest.mark.parametrize("with_vm", [False, True], ids=["no-vms", "one-vm"])
-def test_it_should_conform_to_the_openapi_document_with_the_real_bridge(with_vm):
-    from test_openapi_schemathesis import TOKEN, run_schemathesis, summary
-
-    d = pathlib.Path(short_tempdir())
+def test_it_should_conform_to_the_openapi_document_with_the_real_bridge(with_vm, short_dir):
+    d = short_dir
     cert, key = make_tls_cert(d)
     tokens = d / "tokens"
     tokens.write_text("st:%s\n" % TOKEN)

@@ -1,6 +1,7 @@
 """hostbridge.store: the SQLite file's outbox, audit, mirror, and what it keeps of a secret."""
 
 import os
+import sqlite3
 
 import pytest
 
@@ -138,7 +139,7 @@ def test_a_batch_should_commit_every_write_once_and_a_failed_write_should_undo_o
     s.vm("b")
     with s.batch():
         s.save_mirror("a", [MirrorRow("k", "from a", 1.0, "guest", False)], [], True, 5.0, "g", 1)
-        with pytest.raises(Exception):
+        with pytest.raises(sqlite3.Error):
             # A key sqlite3 cannot bind fails after the savepoint began, inside the batch.
             s.save_mirror(
                 "b", [MirrorRow(object(), "x", 1.0, "guest", False)], [], True, 5.0, "g", 1

@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
-from fakes import FakeBridge, ServedApp, api_config, short_dir  # noqa: F401
 
 from hostbridge import cli
 from hostbridge.errors import AgentTimeout
+from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config
 
 VMMESSAGE = os.path.join(os.path.dirname(sys.executable), "vmmessage")
 HOSTILE = "ok\x1b]0;pwned\x07\x1b[2J\r\nfake prompt# \u202eevil\x9b31m"

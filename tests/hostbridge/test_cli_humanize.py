@@ -97,7 +97,10 @@ def test_it_should_parse_content_length_and_chunked_responses():
         200,
         b"{}",
     )
-    chunked = b'HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{"a\r\n4\r\n":1}\r\n0\r\n\r\n'
+    chunked = (
+        b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'3\r\n{"a\r\n4\r\n":1}\r\n0\r\n\r\n'
+    )
     assert apiclient.parse_response(chunked) == (404, b'{"a":1}')
     with pytest.raises(ValueError):
         apiclient.parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}")

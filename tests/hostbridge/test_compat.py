@@ -7,7 +7,8 @@ import sys
 import time
 
 import pytest
-from fakes import FakeBridge, ServedApp, api_config, short_dir  # noqa: F401
+
+from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config
 
 OVM_VMMESSAGE = os.path.join(os.path.dirname(sys.executable), "ovm_vmmessage")
 BANNER = "Oracle VM VM Message utility 0.5.2."

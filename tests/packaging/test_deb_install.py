@@ -15,8 +15,9 @@ import subprocess
 import time
 
 import pytest
-from debian_chroot import Chroot, missing_tools
-from pkgbuild import VERSION, build_debs, require_root, require_tools
+
+from tests.packaging.debian_chroot import Chroot, missing_tools
+from tests.packaging.pkgbuild import VERSION, build_debs, require_root, require_tools
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 DEADLINE = 60  # seconds to wait for a daemon in the chroot (a loaded 2-core machine)
@@ -141,8 +142,7 @@ def exchange_a_message(chroot):
         wait_for(
             lambda: (
                 bridge.poll() is not None
-                or (os.path.exists(chroot.path(api))
-                and os.path.lexists(chroot.path("/tmp/t/vm1")))
+                or (os.path.exists(chroot.path(api)) and os.path.lexists(chroot.path("/tmp/t/vm1")))
             ),
             "the bridge's API socket and pty",
         )
