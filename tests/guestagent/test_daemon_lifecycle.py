@@ -109,6 +109,8 @@ def test_the_host_leaving_and_coming_back_should_resync_and_see_guest_changes():
         daemon.wait_ready()
         first = host.hello(epoch="away")
         host.request(Set, key="before", value="1", seq=1)
+        # The set's announcement follows its reply: read it before leaving, or it may be lost.
+        host.wait_changed(1)
         host.disconnect()
         with daemon.client() as c:
             # Changes made while the host is away are not announced (no host to hear them)...
