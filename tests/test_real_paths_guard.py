@@ -67,15 +67,26 @@ def test_a_child_with_default_paths_should_be_caught(real_paths_guard):
     assert [p.rsplit(": ", 1)[1] for p in problems] == ["socket.connect /run/ovmd/ovmd.sock"]
 
 
-def test_a_real_path_appearing_should_be_caught_whoever_made_it(monkeypatch, short_dir):
-    # Stands in for a program without the hook (a shell, a child given a clean environment).
+def test_a_real_path_made_or_changed_should_be_caught_whoever_did_it(monkeypatch, short_dir):
+    # Programs without the hook (a shell, a child given a clean environment) stand in for those
+    # that are not Python; the path stands in for /run/ovmd.
     made = str(short_dir / "run-ovmd")
     monkeypatch.setattr(guard, "REAL_PATHS", (made,))
-    watch = guard.Guard(str(short_dir / "log"))
     (short_dir / "log").write_text("")
-    subprocess.run(["mkdir", made], check=True, timeout=30, env={"PATH": os.defpath})
+    watch = guard.Guard(str(short_dir / "log"))
+
+    def shell(command: str) -> None:
+        subprocess.run(
+            ["sh", "-c", command, "sh", made], check=True, timeout=30, env={"PATH": os.defpath}
+        )
+
+    shell('mkdir "$1"')
     assert watch.take_problems() == ["%s appeared" % made]
-    os.rmdir(made)
+    os.utime(made, (0, 0))  # a time of its own, so that any later entry changes it
+    assert watch.take_problems() == ["%s changed" % made]
+    shell(': > "$1/ovmd.sock"')
+    assert watch.take_problems() == ["%s changed" % made]
+    shell('rm -r "$1"')
     assert watch.take_problems() == ["%s disappeared" % made]
     assert watch.take_problems() == []
 

@@ -17,4 +17,10 @@ repository root on sys.path, so every module has one full name, the same under `
 ``python -m pytest``: ``tests.support.waiting``, ``tests.guestagent.harness``,
 ``tests.hostbridge.bridge_harness``. The packages under test keep their own names: tests/hostbridge
 is ``tests.hostbridge``, it never shadows ``hostbridge``.
+
+A helper module beside the tests that use it (tests/hostbridge/fakes.py) is imported the same way,
+by its full name: ``from tests.hostbridge.fakes import FakeBridge``, never ``from fakes import``.
+A program the tests run as a script (tests/hostbridge/hostile_guest.py) gets the repository root
+on its PYTHONPATH from tests.support.processes.Process, and puts it on sys.path itself when run by
+hand.
 """

@@ -12,7 +12,9 @@ configuration. Three nets, spread by the autouse fixtures in tests/conftest.py:
    what they were refused. A test that builds a child's environment keeps both: start from
    os.environ, or use tests.support.processes.child_env.
 3. For programs that are not Python, or were given an environment without the guard: none of the
-   real paths may appear or disappear during a test.
+   real paths may appear, disappear or change during a test (a directory changes when an entry is
+   made, removed or renamed in it, a file when it is written). A real daemon restarting during a
+   test changes its directory too: the message names the path, rerun the test.
 
 After each test (see take_problems) anything found fails it, saying what was touched and by which
 process. A refusal in a fixture shared by several tests shows up after the next test that ends.
@@ -33,9 +35,16 @@ SITE_DIR = os.path.dirname(os.path.abspath(realpath_guard.__file__))
 __all__ = ["REAL_PATHS", "Guard", "RealPathAccess", "session", "unguarded_env"]
 
 
-def _existing() -> set[str]:
-    # lstat raises no audit event: looking does not trip the hook.
-    return {path for path in REAL_PATHS if os.path.lexists(path)}
+def _snapshot() -> dict[str, tuple[int, int, int]]:
+    """(type and mode, inode, modification time) of each real path that exists."""
+    found = {}
+    for path in REAL_PATHS:
+        try:
+            st = os.lstat(path)  # no audit event: looking does not trip the hook
+        except OSError:
+            continue
+        found[path] = (st.st_mode, st.st_ino, st.st_mtime_ns)
+    return found
 
 
 class Guard:
@@ -44,7 +53,7 @@ class Guard:
     def __init__(self, log_path: str):
         self.log_path = log_path
         self._log_read = 0
-        self._existing = _existing()
+        self._seen = _snapshot()
 
     def take_problems(self) -> list[str]:
         """What was touched since the last call, one line each (empty: nothing); forgets it."""
@@ -55,10 +64,15 @@ class Guard:
             data = f.read()
         self._log_read += len(data)
         problems += data.decode("utf-8", "replace").splitlines()
-        existing = _existing()
-        problems += ["%s appeared" % p for p in sorted(existing - self._existing)]
-        problems += ["%s disappeared" % p for p in sorted(self._existing - existing)]
-        self._existing = existing
+        seen = _snapshot()
+        for path in REAL_PATHS:
+            if path in seen and path not in self._seen:
+                problems.append("%s appeared" % path)
+            elif path in self._seen and path not in seen:
+                problems.append("%s disappeared" % path)
+            elif seen.get(path) != self._seen.get(path):
+                problems.append("%s changed" % path)
+        self._seen = seen
         return problems
 
 
