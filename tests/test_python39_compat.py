@@ -1,36 +1,96 @@
 """The guest side (ovmproto, ovmsys, guestagent) must run on Python 3.9: guests carry older
 interpreters.
 
-vermin checks the syntax and standard library features everywhere. Where a real 3.9 exists (pyenv
-has one on the development machines; a fresh machine may not), every file is also byte-compiled
-with it, and every module imported with it, which catches what vermin cannot see: annotations
-like ``int | None`` evaluated when a function is defined, keyword arguments 3.9 does not know.
+vermin checks the syntax and standard library features everywhere. Where a real 3.9 is found
+(find_python39: $OVMD_PYTHON39, else python3.9 on PATH, else one of pyenv's versions), every file
+is also byte-compiled with it, and every module imported with it, which catches what vermin cannot
+see: annotations like ``int | None`` evaluated when a function is defined, keyword arguments 3.9
+does not know. Without one those two tests are skipped, saying so.
 """
 
+from __future__ import annotations
+
+import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.processes import ROOT, child_env
+
 PACKAGES = ("ovmproto", "ovmsys", "guestagent")
-PYENV_PY39 = "/root/.pyenv/versions/3.9.18/bin/python3.9"
+PYTHON39_ENV = "OVMD_PYTHON39"  # the path of a Python 3.9 interpreter to use
 
 
-def python39():
-    if os.access(PYENV_PY39, os.X_OK):
-        return PYENV_PY39
-    return shutil.which("python3.9")
+def is_python39(path: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``path`` runs and reports version 3.9 (a pyenv shim may exist and refuse)."""
+    try:
+        r = subprocess.run(
+            [path, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=None if environ is None else dict(environ),
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and r.stdout.strip() == "3.9"
 
 
-needs_py39 = pytest.mark.skipif(
-    python39() is None,
-    reason="no Python 3.9 interpreter here (%s or python3.9 on PATH); vermin still ran"
-    % PYENV_PY39,
-)
+def pyenv_pythons(environ: Mapping[str, str]) -> list[str]:
+    """pyenv's 3.9 interpreters, newest first: under $PYENV_ROOT, else under `pyenv root`."""
+    root = environ.get("PYENV_ROOT")
+    pyenv = shutil.which("pyenv", path=environ.get("PATH", os.defpath))
+    if not root and pyenv:
+        r = subprocess.run(
+            [pyenv, "root"], capture_output=True, text=True, timeout=60, env=dict(environ)
+        )
+        root = r.stdout.strip() if r.returncode == 0 else None
+    if not root:
+        return []
+    found = glob.glob(os.path.join(root, "versions", "3.9*", "bin", "python3.9"))
+
+    def version(path: str) -> list[int]:
+        return [int(n) for n in re.findall(r"\d+", path.split(os.sep)[-3])]
+
+    return sorted(found, key=version, reverse=True)
+
+
+def find_python39(environ: Mapping[str, str] = os.environ) -> str | None:
+    """A Python 3.9 interpreter: ``$OVMD_PYTHON39`` if set (it must be one), else the first of
+    python3.9 on PATH and pyenv's 3.9 versions that really is 3.9; None when there is none."""
+    chosen = environ.get(PYTHON39_ENV)
+    if chosen:
+        if not is_python39(chosen, environ):
+            raise ValueError("$%s=%s is not a Python 3.9 interpreter" % (PYTHON39_ENV, chosen))
+        return chosen
+    on_path = shutil.which("python3.9", path=environ.get("PATH", os.defpath))
+    for candidate in [on_path] if on_path else []:
+        if is_python39(candidate, environ):
+            return candidate
+    for candidate in pyenv_pythons(environ):
+        if is_python39(candidate, environ):
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def python39() -> str:
+    try:
+        found = find_python39()
+    except ValueError as e:
+        pytest.fail(str(e))
+    if found is None:
+        pytest.skip(
+            "no Python 3.9 here (python3.9 on PATH, pyenv's versions, $%s); vermin still ran"
+            % PYTHON39_ENV
+        )
+    return found
 
 
 def source_files():
@@ -72,11 +132,10 @@ def test_vermin_should_find_nothing_that_needs_more_than_python_39():
     assert result.returncode == 0, result.stdout
 
 
-@needs_py39
-def test_every_file_should_byte_compile_with_python_39(tmp_path):
+def test_every_file_should_byte_compile_with_python_39(python39, tmp_path):
     env = dict(os.environ, PYTHONPYCACHEPREFIX=str(tmp_path))  # keep 3.9's .pyc out of the tree
     result = subprocess.run(
-        [python39(), "-m", "py_compile"] + source_files(),
+        [python39, "-m", "py_compile"] + source_files(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -103,9 +162,8 @@ _ORJSON_STUB = textwrap.dedent("""\
     """)
 
 
-@needs_py39
-def test_every_module_should_import_with_python_39(tmp_path):
-    py = python39()
+def test_every_module_should_import_with_python_39(python39, tmp_path):
+    py = python39
     paths = [ROOT]
     has_orjson = (
         subprocess.run(
@@ -121,9 +179,7 @@ def test_every_module_should_import_with_python_39(tmp_path):
         stub.mkdir()
         (stub / "orjson.py").write_text(_ORJSON_STUB)
         paths.append(str(stub))
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONPYCACHEPREFIX=str(tmp_path / "pyc")
-    )
+    env = child_env({"PYTHONPYCACHEPREFIX": str(tmp_path / "pyc")}, pythonpath=paths)
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     result = subprocess.run(
         [py, "-c", code] + module_names(),
@@ -135,3 +191,46 @@ def test_every_module_should_import_with_python_39(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stdout
+
+
+# ---- finding a 3.9: stand-in interpreters are shell scripts that print a version ----------------
+
+
+def stand_in(path, version):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\necho %s\n" % version)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_finding_python39_should_pass_over_a_python39_that_is_not_39_and_take_pyenvs_newest(
+    tmp_path,
+):
+    stand_in(tmp_path / "bin" / "python3.9", "3.11")  # e.g. a pyenv shim of another version
+    stand_in(tmp_path / "pyenv" / "versions" / "3.9.2" / "bin" / "python3.9", "3.9")
+    newest = stand_in(tmp_path / "pyenv" / "versions" / "3.9.18" / "bin" / "python3.9", "3.9")
+    environ = {"PATH": str(tmp_path / "bin"), "PYENV_ROOT": str(tmp_path / "pyenv")}
+    assert find_python39(environ) == newest
+
+
+def test_finding_python39_should_ask_pyenv_for_its_root_and_prefer_path(tmp_path):
+    root = tmp_path / "somewhere"
+    in_pyenv = stand_in(root / "versions" / "3.9.7" / "bin" / "python3.9", "3.9")
+    stand_in(tmp_path / "bin" / "pyenv", root)  # `pyenv root` prints the root
+    assert find_python39({"PATH": str(tmp_path / "bin")}) == in_pyenv
+    on_path = stand_in(tmp_path / "bin" / "python3.9", "3.9")
+    assert find_python39({"PATH": str(tmp_path / "bin")}) == on_path
+
+
+def test_finding_python39_should_take_the_variable_and_refuse_a_wrong_one(tmp_path):
+    stand_in(tmp_path / "bin" / "python3.9", "3.9")
+    chosen = stand_in(tmp_path / "chosen" / "python", "3.9")
+    environ = {"PATH": str(tmp_path / "bin"), PYTHON39_ENV: chosen}
+    assert find_python39(environ) == chosen
+    with pytest.raises(ValueError, match=PYTHON39_ENV):
+        find_python39(dict(environ, **{PYTHON39_ENV: stand_in(tmp_path / "py311", "3.11")}))
+
+
+def test_finding_python39_should_give_none_when_there_is_none(tmp_path):
+    stand_in(tmp_path / "bin" / "python3", "3.11")
+    assert find_python39({"PATH": str(tmp_path / "bin")}) is None

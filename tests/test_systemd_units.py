@@ -7,14 +7,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.processes import ROOT, script
+
 UNIT = os.path.join(ROOT, "systemd", "ovmd.service")
 RULES = os.path.join(ROOT, "systemd", "90-ovmd.rules")
-VENV_OVMD = os.path.join(os.path.dirname(sys.executable), "ovmd")
 PORT_NAME = "com.oracle.ovmd"
 EXPOSURE_LIMIT = 2.5
 
@@ -42,14 +41,18 @@ def unit_settings(path=UNIT):
     return sections
 
 
-def runnable_copy(tmp_path, text=None):
-    """The unit with ExecStart pointing at this venv's ovmd: verify needs the binary to exist."""
+def runnable_copy(tmp_path, text=None, unit=UNIT):
+    """A copy of ``unit`` (or ``text``, its edited content) whose ExecStart runs this venv's
+    command instead of /usr/bin's: verify needs the binary to exist."""
     if text is None:
-        with open(UNIT, encoding="utf-8") as f:
+        with open(unit, encoding="utf-8") as f:
             text = f.read()
-    assert "ExecStart=/usr/bin/ovmd " in text
-    text = text.replace("ExecStart=/usr/bin/ovmd ", "ExecStart=%s " % VENV_OVMD)
-    path = tmp_path / "ovmd.service"
+    name = os.path.basename(unit)
+    command = os.path.splitext(name)[0]  # ovmd.service runs ovmd
+    installed = "ExecStart=/usr/bin/%s " % command
+    assert installed in text
+    text = text.replace(installed, "ExecStart=%s " % script(command))
+    path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return str(path)
 
@@ -64,26 +67,34 @@ def analyze(*args):
     )
 
 
-def lines_about_us(text):
-    return [line for line in text.splitlines() if "ovmd" in line]
+def verify_complaints(tmp_path, unit, text=None, *args):
+    """What `systemd-analyze verify` (with ``args``) says about a runnable copy of ``unit``
+    (``text``: its edited content): its exit status and its lines that name the unit's command."""
+    result = analyze("verify", *args, runnable_copy(tmp_path, text, unit))
+    command = os.path.splitext(os.path.basename(unit))[0]
+    return result.returncode, [line for line in result.stdout.splitlines() if command in line]
+
+
+def broken_copy_complaints(tmp_path, unit, setting, *args):
+    """verify_complaints for ``unit`` with ``setting`` (NAME=VALUE) given a bad value and followed
+    by a misspelt setting: proof that a clean verify means something."""
+    with open(unit, encoding="utf-8") as f:
+        text = f.read()
+    assert setting in text
+    broken = text.replace(setting, setting.split("=")[0] + "=soon\nProtectSysstem=strict")
+    _, complaints = verify_complaints(tmp_path, unit, broken, *args)
+    assert any(line.endswith(": soon") for line in complaints), complaints
+    assert any("ProtectSysstem" in line for line in complaints), complaints
 
 
 @needs_analyze
 def test_the_unit_should_pass_systemd_analyze_verify_without_a_warning(tmp_path):
-    result = analyze("verify", runnable_copy(tmp_path))
-    assert result.returncode == 0, result.stdout
-    assert lines_about_us(result.stdout) == []
+    assert verify_complaints(tmp_path, UNIT) == (0, [])
 
 
 @needs_analyze
 def test_verify_should_catch_a_broken_copy_so_the_check_above_can_fail(tmp_path):
-    with open(UNIT, encoding="utf-8") as f:
-        text = f.read()
-    broken = text.replace("RestartSec=1", "RestartSec=soon\nProtectSysstem=strict")
-    result = analyze("verify", runnable_copy(tmp_path, broken))
-    complaints = lines_about_us(result.stdout)
-    assert any(line.endswith(": soon") for line in complaints), result.stdout
-    assert any("ProtectSysstem" in line for line in complaints), result.stdout
+    broken_copy_complaints(tmp_path, UNIT, "RestartSec=1")
 
 
 def exposure(path):
@@ -215,7 +226,7 @@ def test_the_udev_rule_should_start_the_agent_for_the_port_and_name_its_device()
 
 
 def test_the_unit_should_bind_to_the_device_the_udev_rule_names():
-    link = [v for k, a, op, v in parse_rule(rule_lines()[0]) if k == "SYMLINK"][0]
+    link = next(v for k, a, op, v in parse_rule(rule_lines()[0]) if k == "SYMLINK")
     escape = shutil.which("systemd-escape")
     if escape is None:
         pytest.skip("systemd-escape is not installed")
@@ -234,55 +245,30 @@ def test_the_unit_should_bind_to_the_device_the_udev_rule_names():
 def test_the_daemon_should_look_for_the_port_where_udev_puts_it():
     from guestagent import channel
 
-    link = [v for k, a, op, v in parse_rule(rule_lines()[0]) if k == "SYMLINK"][0]
+    link = next(v for k, a, op, v in parse_rule(rule_lines()[0]) if k == "SYMLINK")
     assert channel.DEFAULT_PATH == "/dev/" + link
 
 
 # -- systemd/hostbridge.service (the host) ---------------------------------------------------------
 
 BRIDGE_UNIT = os.path.join(ROOT, "systemd", "hostbridge.service")
-VENV_HOSTBRIDGE = os.path.join(os.path.dirname(sys.executable), "hostbridge")
 BRIDGE_EXEC = "/usr/bin/hostbridge --config /etc/hostbridge/hostbridge.toml"
-
-
-def runnable_bridge_copy(tmp_path, text=None):
-    """hostbridge.service with ExecStart pointing at this venv's hostbridge (verify needs it)."""
-    if text is None:
-        with open(BRIDGE_UNIT, encoding="utf-8") as f:
-            text = f.read()
-    assert "ExecStart=/usr/bin/hostbridge " in text
-    text = text.replace("ExecStart=/usr/bin/hostbridge ", "ExecStart=%s " % VENV_HOSTBRIDGE)
-    path = tmp_path / "hostbridge.service"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def lines_about_the_bridge(text):
-    return [line for line in text.splitlines() if "hostbridge" in line]
 
 
 @needs_analyze
 def test_the_bridge_unit_should_pass_systemd_analyze_verify_without_a_warning(tmp_path):
     # --man=no: Documentation=man:hostbridge(8) is installed by the packages, not on this machine.
-    result = analyze("verify", "--man=no", runnable_bridge_copy(tmp_path))
-    assert result.returncode == 0, result.stdout
-    assert lines_about_the_bridge(result.stdout) == []
+    assert verify_complaints(tmp_path, BRIDGE_UNIT, None, "--man=no") == (0, [])
 
 
 @needs_analyze
 def test_verify_should_catch_a_broken_copy_of_the_bridge_unit(tmp_path):
-    with open(BRIDGE_UNIT, encoding="utf-8") as f:
-        text = f.read()
-    broken = text.replace("RestartSec=2", "RestartSec=soon\nProtectSysstem=strict")
-    result = analyze("verify", "--man=no", runnable_bridge_copy(tmp_path, broken))
-    complaints = lines_about_the_bridge(result.stdout)
-    assert any(line.endswith(": soon") for line in complaints), complaints
-    assert any("ProtectSysstem" in line for line in complaints), complaints
+    broken_copy_complaints(tmp_path, BRIDGE_UNIT, "RestartSec=2", "--man=no")
 
 
 @needs_analyze
 def test_the_bridge_sandbox_should_keep_the_exposure_score_within_its_limit(tmp_path):
-    score = exposure(runnable_bridge_copy(tmp_path))
+    score = exposure(runnable_copy(tmp_path, unit=BRIDGE_UNIT))
     assert score <= EXPOSURE_LIMIT, "exposure %.1f, the limit is %.1f" % (score, EXPOSURE_LIMIT)
 
 
@@ -305,7 +291,7 @@ def test_the_exposure_check_should_notice_a_bridge_unit_without_its_sandbox(tmp_
             )
         )
     )
-    assert exposure(runnable_bridge_copy(tmp_path, bare)) > EXPOSURE_LIMIT
+    assert exposure(runnable_copy(tmp_path, bare, BRIDGE_UNIT)) > EXPOSURE_LIMIT
 
 
 def test_the_bridge_unit_should_run_the_installed_daemon_as_a_notify_service():

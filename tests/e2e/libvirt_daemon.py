@@ -9,12 +9,12 @@ domains, tear everything down by pid.
     # on the way out, in this order: our domains destroyed, then libvirtd, then virtlogd, each
     # by its pid and only if this module started it.
 
-No systemd is needed (shared/reference/virtio-serial.md, "A real libvirtd in tests"): `virtlogd`
-must run before a domain starts, `libvirtd` serves `qemu:///system` on /run/libvirt/libvirt-sock.
-Both are started in the foreground (not `-d`) as our children, in their own session (a Ctrl-C on
-the test must not kill libvirtd before it has destroyed the domains: QEMU outlives a killed
-libvirtd), with pidfiles in the work directory. One libvirtd serves the whole machine: when one
-already answers we use it and never stop it, nor the virtlogd beside it.
+No systemd is needed: `virtlogd` must run before a domain starts, and `libvirtd` serves
+`qemu:///system` on /run/libvirt/libvirt-sock. Both are started in the foreground (not `-d`) as our
+children, in their own session (a Ctrl-C on the test must not kill libvirtd before it has destroyed
+the domains: QEMU outlives a killed libvirtd), with pidfiles in the work directory. One libvirtd
+serves the whole machine: when one already answers we use it and never stop it, nor the virtlogd
+beside it.
 
 Why libvirtd runs in a private mount namespace with its own qemu.conf (`user = "root"`): on these
 machines /dev/kvm exists but is root-only (0600, no udev). libvirt probes QEMU's capabilities as its
@@ -34,12 +34,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
+
+from tests.support.processes import accepts
 
 URI = "qemu:///system"
 RUN_DIR = "/run/libvirt"
@@ -60,19 +61,6 @@ SESSION_LOCK = os.path.join(
 
 class LibvirtError(Exception):
     """libvirtd would not start, or a virsh command failed (one line, with virsh's message)."""
-
-
-def _accepts(path: str) -> bool:
-    """Whether something listens on the unix socket ``path`` (a stale socket file refuses)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2.0)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def _alive(pid: int) -> bool:
@@ -182,15 +170,15 @@ class Libvirt:
                     "%s not found (libvirt-daemon-system and libvirt-clients are in "
                     "scripts/packages-test.txt)" % tool
                 )
-        if _accepts(LIBVIRTD_SOCKET):
+        if accepts(LIBVIRTD_SOCKET):
             self._wait_answers(timeout)  # the machine's: use it, never stop it
             self.start_seconds = time.monotonic() - started
             return self
-        if not _accepts(VIRTLOGD_SOCKET):
+        if not accepts(VIRTLOGD_SOCKET):
             self.virtlogd = _Daemon(
                 "virtlogd", self.workdir, lambda pidfile: ["virtlogd", "-p", pidfile]
             )
-            self._wait(lambda: _accepts(VIRTLOGD_SOCKET), self.virtlogd, timeout, "virtlogd")
+            self._wait(lambda: accepts(VIRTLOGD_SOCKET), self.virtlogd, timeout, "virtlogd")
         self.libvirtd = self._start_libvirtd()
         self._wait_answers(timeout)
         self.start_seconds = time.monotonic() - started

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from guest_image import AGENT_PORT, CONTROL_PORT
+from tests.e2e.guest_image import AGENT_PORT, CONTROL_PORT
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 120.0  # a loaded 2-core machine runs the emulator several times slower
@@ -103,7 +103,9 @@ class GuestControl:
                 return self._recv(rid, min(2.0, max(0.1, deadline - time.monotonic())))
             except GuestError:
                 if time.monotonic() >= deadline:
-                    raise GuestError("guest not ready after %.0f s%s" % (timeout, self._log_tail()))
+                    raise GuestError(
+                        "guest not ready after %.0f s%s" % (timeout, self._log_tail())
+                    ) from None
 
     def call(self, op, args=None, timeout=90.0):
         """One request (``args``: its other fields); the reply, or GuestError with the guest's
@@ -302,7 +304,7 @@ def ping_over(write, read, count=200, timeout=30.0):
         frame = encode(Ping(id=rid))
         t0 = time.perf_counter()
         write(frame)
-        if until(lambda ev: type(ev) is Ok and ev.id == rid, timeout) is None:
+        if until(lambda ev, rid=rid: type(ev) is Ok and ev.id == rid, timeout) is None:
             raise GuestError("no answer to ping %d in %.0f s" % (rid, timeout))
         times.append(time.perf_counter() - t0)
     return times

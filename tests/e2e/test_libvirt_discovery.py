@@ -1,11 +1,11 @@
 """The bridge finds a real libvirt guest by itself and follows it across a destroy and a start.
 
-A real libvirtd (tests/e2e/libvirt_daemon.py) runs a transient domain whose name is longer than the 20
-characters libvirt keeps in the channel directory, with the agent's channel declared WITHOUT a
+A real libvirtd (tests/e2e/libvirt_daemon.py) runs a transient domain whose name is longer than the
+20 characters libvirt keeps in the channel directory, with the agent's channel declared WITHOUT a
 path (libvirt binds it at /var/lib/libvirt/qemu/channel/target/domain-<id>-<first 20 chars>/
 com.oracle.ovmd) and the test guest's control channel on a socket of ours (guest_image.py). The real
-`hostbridge` runs with discovery only (no --vm, default channel directories); the test speaks to
-it as a manager would, with `vmmessage`, and looks inside the guest through the control channel.
+`hostbridge` runs with discovery only (no --vm, default channel directories); the test speaks to it
+as a manager would, with `vmmessage`, and looks inside the guest through the control channel.
 
 The tests run in file order and share one bridge and one domain name; the domain is destroyed
 and started again half-way. Figures are printed: run with -s to see them.
@@ -21,17 +21,18 @@ import tempfile
 import time
 
 import pytest
-from guest_image import AGENT_PORT, CONTROL_PORT, ImageError, build_image
 
-# Not named libvirt.py: as a top-level test module it would shadow libvirt-python for the bridge.
-from libvirt_daemon import (
+from tests.e2e.guest_image import AGENT_PORT, CONTROL_PORT
+from tests.e2e.libvirt_daemon import (
     CHANNEL_TARGET_DIR,
     LibvirtError,
     channel_dir,
     domain_xml,
     running_libvirt,
 )
-from qemu import GuestControl
+from tests.e2e.qemu import GuestControl
+from tests.support import waiting
+from tests.support.processes import ROOT, child_env
 
 BIN = os.path.dirname(sys.executable)
 HOSTBRIDGE = os.path.join(BIN, "hostbridge")
@@ -45,21 +46,7 @@ pytestmark = pytest.mark.timeout(400)
 
 
 def wait_for(cond, timeout=TIMEOUT, what="condition", interval=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
-def _env():
-    env = dict(os.environ)
-    for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "VMMESSAGE_BRIDGE"):
-        env.pop(k, None)
-    return env
+    return waiting.wait_for(cond, timeout, interval=interval, what=what)
 
 
 class DiscoveringBridge:
@@ -75,7 +62,7 @@ class DiscoveringBridge:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env=_env(),
+                env=child_env(drop_prefixes=["VMMESSAGE_"]),
             )
         wait_for(lambda: self._alive() and " ready" in self.log(), what="the bridge to be ready")
 
@@ -103,7 +90,7 @@ class DiscoveringBridge:
             capture_output=True,
             text=True,
             timeout=TIMEOUT,
-            env=_env(),
+            env=child_env(drop_prefixes=["VMMESSAGE_"]),
         )
 
     def vms(self):
@@ -176,11 +163,7 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env():
-    try:
-        image = build_image()
-    except ImageError as e:
-        pytest.fail("cannot build the guest image: %s" % e)
+def env(image):
     workdir = tempfile.mkdtemp(prefix="e2e-lv-", dir="/tmp")
     bridge = None
     try:
@@ -257,8 +240,7 @@ print(json.dumps({"short": [f.short_name for f in found], "libvirt": r._libvirt 
 @pytest.mark.parametrize("path", ["virsh", "libvirt-python"])
 def test_discovery_should_resolve_the_full_name_through_each_libvirt_path(env, path):
     assert env.lv.domid(VM) == env.dom_id
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    python, environ = sys.executable, _env()
+    python, environ = sys.executable, child_env(pythonpath=[ROOT], drop_prefixes=["VMMESSAGE_"])
     if path == "libvirt-python":
         python = "/usr/bin/python3"  # python3-libvirt (scripts/packages-test.txt)
         environ["PATH"] = "/nonexistent"  # no virsh: the name can only come from libvirt-python
@@ -267,8 +249,8 @@ def test_discovery_should_resolve_the_full_name_through_each_libvirt_path(env, p
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        cwd=root,
-        env=dict(environ, PYTHONPATH=root),
+        cwd=ROOT,
+        env=environ,
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

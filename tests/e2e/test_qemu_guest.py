@@ -20,10 +20,12 @@ import sys
 import tempfile
 import time
 
-import guest_image
 import pytest
-from guest_image import ImageError, build_image
-from qemu import GuestControl, QemuGuest, boot, ping_round_trips
+
+from tests.e2e import guest_image
+from tests.e2e.qemu import GuestControl, QemuGuest, boot, ping_round_trips
+from tests.support import waiting
+from tests.support.processes import child_env
 
 BIN = os.path.dirname(sys.executable)
 HOSTBRIDGE = os.path.join(BIN, "hostbridge")
@@ -35,14 +37,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def wait_for(cond, timeout=TIMEOUT, what="condition", interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
+    return waiting.wait_for(cond, timeout, interval=interval, what=what)
 
 
 class Bridge:
@@ -77,7 +72,7 @@ class Bridge:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env=_env(),
+                env=child_env(drop_prefixes=["VMMESSAGE_"]),
             )
         wait_for(
             lambda: self._alive() and " ready" in self.log()[self._log_from :],
@@ -107,7 +102,7 @@ class Bridge:
             [VMMESSAGE, "--bridge", self.api, *args],
             capture_output=True,
             timeout=timeout,
-            env=_env(),
+            env=child_env(drop_prefixes=["VMMESSAGE_"]),
         )
 
     def status(self):
@@ -149,13 +144,6 @@ class _UnixHTTP(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def _env():
-    env = dict(os.environ)
-    for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "VMMESSAGE_BRIDGE"):
-        env.pop(k, None)
-    return env
-
-
 class Env:
     def __init__(self, guest: QemuGuest, ctl: GuestControl, bridge: Bridge):
         self.guest, self.ctl, self.bridge = guest, ctl, bridge
@@ -175,11 +163,7 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env():
-    try:
-        image = build_image()
-    except ImageError as e:
-        pytest.fail("cannot build the guest image: %s" % e)
+def env(image):
     print(
         "\nimage %s: %.1f MB (kernel + initrd), built in %.1f s%s"
         % (
@@ -235,7 +219,7 @@ def test_it_should_deliver_messages_queued_before_the_agent_starts_once_and_in_o
     ]
     assert env.ovmd("-g", "early.key").stdout == b"third\n"
     listing = [json.loads(line) for line in env.ovmd("-l").stdout.splitlines()]
-    early = [list(d)[0] for d in listing if list(d)[0].startswith("early.")]
+    early = [key for key in (next(iter(d)) for d in listing) if key.startswith("early.")]
     assert early == ["early.key", "early.order.1", "early.order.2", "early.order.3"]
 
 
@@ -256,7 +240,7 @@ def test_the_guest_should_run_the_agent_installed_from_the_wheel_without_orjson(
 
 
 def test_the_image_should_come_from_the_cache_until_an_input_changes(tmp_path, monkeypatch):
-    first, again = build_image(), build_image()
+    first, again = guest_image.build_image(), guest_image.build_image()
     assert (again.key, again.build_seconds) == (first.key, 0.0)
     guest_files = tmp_path / "guest"
     guest_files.mkdir()

@@ -1,7 +1,7 @@
 """Real parts for integration tests of the guest daemon: a raw pty as the channel, the daemon as a
 subprocess, a host peer on the pty's master, local clients on the unix socket, and a notify socket.
 
-    from harness import Daemon, Host, LocalClient, NotifySocket
+    from tests.guestagent.harness import Daemon, Host, LocalClient, NotifySocket
 
     with Host() as host, Daemon(channel=host.link) as daemon:
         daemon.wait_ready()
@@ -11,70 +11,29 @@ subprocess, a host peer on the pty's master, local clients on the unix socket, a
             assert c.request(Get, key="k").value == "v"
 
 Everything waits with a deadline (generous: the machine is shared) and never sleeps as an assert.
-``import harness`` works from test modules in tests/guestagent/ (pytest puts their directory on
-sys.path; do not add a tests/conftest.py: tests/ on sys.path would shadow the packages).
+The pieces the bridge's tests use too (the agent as a process, waiting, ptys) are in tests/support.
 """
+
+from __future__ import annotations
 
 import os
 import select
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import termios
 import time
-import tty
 
 from ovmproto.codec import Reader, encode
 from ovmproto.framing import Resync
 from ovmproto.handshake import Handshake
 from ovmproto.messages import Changed, Err, Item, Ok
-
-PYTHON = sys.executable
-TIMEOUT = 10.0  # default deadline of every wait: generous for a loaded 2-core machine
-
-
-class HarnessTimeout(AssertionError):
-    """A wait ran out of time (an assertion failure for pytest)."""
+from tests.support.agent import Agent
+from tests.support.closing import Closing
+from tests.support.ptys import open_raw_pty, point_link
+from tests.support.tempdirs import short_tempdir
+from tests.support.waiting import TIMEOUT, HarnessTimeout
 
 
-def wait_for(condition, timeout=TIMEOUT, interval=0.02, what="condition"):
-    """Poll ``condition()`` until it returns a true value (returned) or raise HarnessTimeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise HarnessTimeout("timed out after %.1fs waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
-def short_tempdir():
-    """A fresh directory with a short path (unix socket paths are limited to 107 bytes)."""
-    return tempfile.mkdtemp(prefix="ovmd-", dir="/tmp")
-
-
-def open_raw_pty():
-    """(master fd, slave fd, slave path) of a new pty whose guest end is raw (TCSANOW)."""
-    master, slave = os.openpty()
-    tty.setraw(slave, termios.TCSANOW)
-    os.set_blocking(master, False)
-    return master, slave, os.ttyname(slave)
-
-
-def point_link(link, target):
-    """Atomically make the symlink ``link`` point at ``target``."""
-    tmp = "%s.new-%d" % (link, os.getpid())
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(target, tmp)
-    os.rename(tmp, link)
-
-
-class _Peer:
+class _Peer(Closing):
     """Protocol over a descriptor: request ids, decoding, and a pool of messages not yet taken.
 
     Subclasses set ``fd`` and implement ``_read()`` (bytes, b"" on EOF, None if nothing yet).
@@ -267,12 +226,6 @@ class Host(_Peer):
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 class LocalClient(_Peer):
     """A program on the guest talking to the daemon's unix socket."""
@@ -296,14 +249,8 @@ class LocalClient(_Peer):
     def close(self):
         self.sock.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class NotifySocket:
+class NotifySocket(Closing):
     """A datagram socket standing in for systemd's $NOTIFY_SOCKET."""
 
     def __init__(self, directory=None):
@@ -335,147 +282,10 @@ class NotifySocket:
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
+class Daemon(Agent):
+    """The real daemon (tests.support.agent.Agent) with clients of its local socket."""
 
-
-class Daemon:
-    """The real daemon as a subprocess (``python -m guestagent.daemon``), logging to a file.
-
-    ``state_dir`` survives restarts of the same object (start() after kill() or stop()).
-    """
-
-    def __init__(self, channel, state_dir=None, socket_path=None, args=(), env=None):
-        self._dir = short_tempdir()
-        self.channel = channel
-        self.state_dir = state_dir or os.path.join(self._dir, "state")
-        self.socket = socket_path or os.path.join(self._dir, "ovmd.sock")
-        self.log_path = os.path.join(self._dir, "daemon.log")
-        self.args = list(args)
-        self.env = dict(env or {})
-        self.proc = None
-
-    def command(self):
-        return [
-            PYTHON,
-            "-m",
-            "guestagent.daemon",
-            "--channel",
-            self.channel,
-            "--socket",
-            self.socket,
-            "--state-dir",
-            self.state_dir,
-            "--config",
-            "/nonexistent",
-            "-d",
-            "1",
-        ] + self.args
-
-    def start(self):
-        env = dict(os.environ)
-        for k in (
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "JOURNAL_STREAM",
-            "INVOCATION_ID",
-        ):
-            env.pop(k, None)
-        env.update(self.env)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                close_fds=True,
-            )
-        return self
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def wait_ready(self, timeout=TIMEOUT):
-        """Wait until the local socket accepts connections (the daemon listens before it opens
-        the channel and before READY=1)."""
-
-        def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    "daemon exited with %s:\n%s" % (self.proc.returncode, self.log())
-                )
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(self.socket)
-                return True
-            except OSError:
-                return False
-            finally:
-                s.close()
-
-        wait_for(ready, timeout, what="the daemon's socket")
-        return self
-
-    def client(self):
+    def client(self) -> LocalClient:
         """A LocalClient connected to the daemon."""
         return LocalClient(self.socket)
-
-    def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def signal(self, signum):
-        self.proc.send_signal(signum)
-
-    def stop(self, timeout=TIMEOUT):
-        """SIGTERM, then wait; return the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("daemon ignored SIGTERM for %.1fs" % timeout)
-
-    def kill(self):
-        """SIGKILL, then reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def wakeups(self):
-        """Context switches of the daemon's process so far (each sleep/wake counts one)."""
-        counts = {}
-        with open("/proc/%d/status" % self.proc.pid) as f:
-            for line in f:
-                if line.endswith("ctxt_switches\n"):
-                    name, value = line.split(":")
-                    counts[name] = int(value)
-        return sum(counts.values())
-
-    def cpu_seconds(self):
-        """User + system CPU time the daemon used so far (from /proc/PID/stat)."""
-        with open("/proc/%d/stat" % self.proc.pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def close(self):
-        self.kill()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()

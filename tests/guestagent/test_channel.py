@@ -2,9 +2,8 @@ import os
 import select
 import termios
 
-from harness import open_raw_pty
-
 from guestagent.channel import Channel, find_port
+from tests.support.ptys import open_raw_pty
 
 
 def make_sysfs(tmp_path, ports):

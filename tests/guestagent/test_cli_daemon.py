@@ -11,16 +11,16 @@ import os
 import pwd
 import re
 import subprocess
-import sys
 import time
 
 import pytest
-from harness import TIMEOUT, Daemon, Host, wait_for
 
 from guestagent import cli
 from ovmproto.messages import Ok, Set
+from tests.guestagent.harness import Daemon, Host
+from tests.support.agent import OVMD
+from tests.support.waiting import TIMEOUT, wait_for
 
-OVMD = os.path.join(os.path.dirname(sys.executable), "ovmd")
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
@@ -43,20 +43,7 @@ class OvmdDaemon(Daemon):
     """The harness's daemon, started the way systemd starts it: ``ovmd --daemon``."""
 
     def command(self):
-        return [
-            OVMD,
-            "--daemon",
-            "--channel",
-            self.channel,
-            "--socket",
-            self.socket,
-            "--state-dir",
-            self.state_dir,
-            "--config",
-            "/nonexistent",
-            "-d",
-            "1",
-        ] + self.args
+        return [OVMD, "--daemon", *self.options(), *self.args]
 
 
 class Agent:

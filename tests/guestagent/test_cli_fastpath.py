@@ -11,11 +11,11 @@ import subprocess
 import sys
 
 import pytest
-from harness import Daemon, Host
 
 from ovmproto.messages import Clear, Ok, Set
+from tests.guestagent.harness import Daemon, Host
+from tests.support.agent import OVMD
 
-OVMD = os.path.join(os.path.dirname(sys.executable), "ovmd")
 HEAVY = (
     "click",
     "orjson",
@@ -53,8 +53,7 @@ def imported_modules(args, socket_path):
     env = dict(os.environ, OVMD_SOCKET=socket_path)
     result = subprocess.run(
         [sys.executable, "-X", "importtime", OVMD] + list(args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         env=env,
         timeout=60,
     )

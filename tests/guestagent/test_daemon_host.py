@@ -3,11 +3,11 @@
 import os
 
 import pytest
-from harness import Daemon, Host
 
 from ovmproto.handshake import Handshake
 from ovmproto.limits import EVENT_KEY, KEY_MAX, VALUE_MAX
 from ovmproto.messages import Delete, Err, Events, Get, List, Ok, Ping, Set
+from tests.guestagent.harness import Daemon, Host
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def guest():
 @pytest.fixture
 def host(guest):
     """The host, synced on a fresh epoch (so seq starts at 1 in every test)."""
-    daemon, host = guest
+    _daemon, host = guest
     host.drain(0.05)
     host.changed[:] = []
     h = host.hello(epoch="epoch-" + os.urandom(4).hex())
@@ -30,7 +30,7 @@ def host(guest):
 
 
 def test_hello_should_ignore_stale_garbage_before_the_resync(guest):
-    daemon, host = guest
+    _daemon, host = guest
     # A partial frame and a whole stale request, as an earlier host connection may leave them.
     h = host.hello(epoch="e-garbage", garbage=b'{"t":"set","id":99,"key":"stale","val')
     assert h.agent.startswith("ovmd ")
@@ -39,7 +39,7 @@ def test_hello_should_ignore_stale_garbage_before_the_resync(guest):
 
 
 def test_replies_before_the_hello_reply_should_never_be_taken(guest):
-    daemon, host = guest
+    _daemon, host = guest
     host.drain(0.05)
     # A ping with the same id as the hello, sent just before it: its reply must not count.
     host.send(Ping(id=4242))
@@ -140,7 +140,7 @@ def test_it_should_serve_the_host_with_the_standard_library_when_orjson_is_not_i
     # Debian and RHEL package no orjson: a guest installed from a distribution package runs the
     # fallback in ovmproto.jsonlib. A module named orjson that fails to import stands for that.
     (tmp_path / "orjson.py").write_text("raise ImportError('not installed in this guest')\n")
-    with Host() as host, Daemon(channel=host.link, env={"PYTHONPATH": str(tmp_path)}) as daemon:
+    with Host() as host, Daemon(channel=host.link, pythonpath=[str(tmp_path)]) as daemon:
         daemon.wait_ready()
         host.hello(epoch="no-orjson")
         value = 'pässwörd \x00\x1b[31m\n"\\ ' + "€" * 2000

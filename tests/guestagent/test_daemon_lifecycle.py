@@ -6,10 +6,11 @@ import signal
 import subprocess
 import time
 
-from harness import PYTHON, Daemon, Host, NotifySocket, wait_for
-
 from ovmproto.codec import encode
 from ovmproto.messages import Err, Get, List, Ok, Ping, Set
+from tests.guestagent.harness import Daemon, Host, NotifySocket
+from tests.support.processes import PYTHON
+from tests.support.waiting import wait_for
 
 # The console script, run by the venv's interpreter (its shebang's) as systemd would run it.
 OVMD_SCRIPT = os.path.join(os.path.dirname(PYTHON), "ovmd")
@@ -202,23 +203,7 @@ def test_ovmd_daemon_should_not_keep_click_in_its_memory():
     # its few options without it. -X importtime lists every module the process imported.
     class Traced(Daemon):
         def command(self):
-            return [
-                PYTHON,
-                "-X",
-                "importtime",
-                OVMD_SCRIPT,
-                "--daemon",
-                "--channel",
-                self.channel,
-                "--socket",
-                self.socket,
-                "--state-dir",
-                self.state_dir,
-                "--config",
-                "/nonexistent",
-                "-d",
-                "1",
-            ]
+            return [PYTHON, "-X", "importtime", OVMD_SCRIPT, "--daemon", *self.options()]
 
     with Host() as host, Traced(channel=host.link) as daemon:
         daemon.wait_ready()

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-from harness import Daemon, Host, wait_for
 
 from ovmproto.codec import encode
 from ovmproto.messages import (
@@ -26,6 +25,8 @@ from ovmproto.messages import (
     Set,
     Wait,
 )
+from tests.guestagent.harness import Daemon, Host
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def client(guest):
 
 
 def test_a_local_set_while_synced_should_be_announced_to_the_host(guest, client):
-    daemon, host = guest
+    _daemon, host = guest
     before = len(host.changed)
     assert type(client.request(Set, key="from.guest", value="hello")) is Ok
     ch = host.wait_changed(before + 1)[before]
@@ -53,7 +54,7 @@ def test_a_local_set_while_synced_should_be_announced_to_the_host(guest, client)
 
 
 def test_local_requests_should_follow_the_protocol(guest, client):
-    daemon, host = guest
+    _daemon, host = guest
     before = len(host.changed)
     assert type(client.request(Ping)) is Ok
     assert type(client.request(Put, items=[["p1", "1"], ["p2", "2"]])) is Ok
@@ -142,7 +143,7 @@ def test_a_client_that_never_reads_should_not_stop_the_host_link(guest, client):
 
 
 def test_a_half_closed_client_should_get_its_answers_then_be_closed(guest):
-    daemon, host = guest
+    daemon, _host = guest
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(daemon.socket)
@@ -183,7 +184,7 @@ def test_a_large_listing_should_stream_to_a_client_that_reads(guest, client):
 def test_the_socket_should_be_private_and_its_directory_created():
     with Host() as host:
         daemon = Daemon(channel=host.link)
-        daemon.socket = os.path.join(daemon._dir, "sub", "dir", "ovmd.sock")
+        daemon.socket = os.path.join(daemon.dir, "sub", "dir", "ovmd.sock")
         with daemon:
             daemon.wait_ready()
             assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
@@ -228,7 +229,7 @@ def test_only_root_the_daemon_uid_or_the_group_should_be_allowed():
         daemon = Daemon(channel=host.link, args=["--group", "nogroup"])
         with daemon:
             daemon.wait_ready()
-            os.chmod(daemon._dir, 0o755)
+            os.chmod(daemon.dir, 0o755)
             st = os.stat(daemon.socket)
             assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, group.gr_gid)
             # Let anyone reach the socket, so that the daemon's own check is what decides.

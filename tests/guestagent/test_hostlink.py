@@ -1,9 +1,9 @@
-"""The host link in-process: a real Loop, a real raw pty, a real CacheStore; the test is the host."""
+"""The host link in-process: a real Loop, a real raw pty, a real CacheStore; the test is the
+host."""
 
 import time
 
 import pytest
-from harness import HarnessTimeout, Host
 
 from guestagent.hostlink import CONNECTED, DISCONNECTED, SYNCED, HostLink
 from guestagent.loop import Loop
@@ -11,6 +11,8 @@ from guestagent.service import Service
 from guestagent.store import CacheStore, StoreError
 from ovmproto.limits import EVENT_KEY
 from ovmproto.messages import Delete, Err, Get, List, Ok, Ping, Put, Set
+from tests.guestagent.harness import Host
+from tests.support.waiting import HarnessTimeout
 
 
 class FlakyStore(CacheStore):

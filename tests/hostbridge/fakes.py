@@ -1,5 +1,5 @@
-"""FakeBridge: the Bridge interface (docs: /work/briefs/bridge-interface.md) in memory, for the API's
-and CLIs' unit tests only. Real-process tests use the real daemon (tests/hostbridge/test_api_real.py).
+"""FakeBridge: the interface hostbridge.api serves (that of hostbridge.bridge.Bridge) in memory, for
+the API's and the CLIs' unit tests only. Real-process tests use the real daemon (test_api_real.py).
 
 It keeps the real bridge's observable rules: unknown VM -> UnknownVm, limits -> InvalidInput,
 send to a disconnected agent queues (or AgentNotConnected with queue=False), a query of a
@@ -35,6 +35,19 @@ class FakeVm:
     @property
     def connected(self) -> bool:
         return self.info.agent == "connected"
+
+    def key_value(self, key: str) -> KeyValue:
+        """``key`` as the bridge answers it: stale while the agent is not connected."""
+        value, ts, origin = self.keys[key]
+        return KeyValue(
+            vm=self.info.name,
+            key=key,
+            value=value,
+            ts=ts,
+            origin=origin,
+            stale=not self.connected,
+            last_seen=self.info.last_seen,
+        )
 
     def set_connected(self, connected: bool) -> None:
         self.info.agent = "connected" if connected else "disconnected"
@@ -128,33 +141,13 @@ class FakeBridge:
         self._maybe_fail("query")
         if key not in vm.keys:
             raise NotFound("key %r is not set in VM %r" % (key, name))
-        value, ts, origin = vm.keys[key]
-        return KeyValue(
-            vm=name,
-            key=key,
-            value=value,
-            ts=ts,
-            origin=origin,
-            stale=not vm.connected,
-            last_seen=vm.info.last_seen,
-        )
+        return vm.key_value(key)
 
     async def keys(self, name, *, timeout=5.0) -> KeyList:
         self.calls.append(("keys", name, timeout))
         vm = self._get(name)
         self._maybe_fail("keys")
-        entries = [
-            KeyValue(
-                vm=name,
-                key=k,
-                value=v,
-                ts=ts,
-                origin=o,
-                stale=not vm.connected,
-                last_seen=vm.info.last_seen,
-            )
-            for k, (v, ts, o) in sorted(vm.keys.items())
-        ]
+        entries = [vm.key_value(k) for k in sorted(vm.keys)]
         return KeyList(
             vm=name, entries=entries, stale=not vm.connected, last_seen=vm.info.last_seen
         )
@@ -225,7 +218,7 @@ class ServedApp:
             self._stop = asyncio.Event()
             try:
                 self.server = await api.start(api.make_app(self.bridge, self.config), self.config)
-            except BaseException as exc:  # handed to the test thread, re-raised there
+            except BaseException as exc:  # noqa: BLE001 (handed to the test thread, raised there)
                 self.error = exc
                 self._ready.set()
                 return
@@ -242,7 +235,8 @@ class ServedApp:
         return self
 
     def call(self, fn):
-        """Run plain function ``fn`` on the server's loop (to poke the FakeBridge safely); its result."""
+        """Run plain function ``fn`` on the server's loop (to poke the FakeBridge safely); return
+        its result."""
         import concurrent.futures
 
         fut = concurrent.futures.Future()
@@ -250,7 +244,7 @@ class ServedApp:
         def run():
             try:
                 fut.set_result(fn())
-            except Exception as exc:  # handed to the test thread
+            except Exception as exc:  # noqa: BLE001 (handed to the test thread)
                 fut.set_exception(exc)
 
         self.loop.call_soon_threadsafe(run)
@@ -267,17 +261,17 @@ def api_config(tmp_path, **overrides):
     """A config object with the attributes hostbridge.api reads (the real Config has more)."""
     import types
 
-    values = dict(
-        api_socket=str(tmp_path / "api.sock"),
-        api_socket_mode=0o660,
-        api_group=None,
-        api_tcp=None,
-        tls_cert=None,
-        tls_key=None,
-        tokens_file=None,
-        users_file=None,
-        query_timeout=5.0,
-    )
+    values = {
+        "api_socket": str(tmp_path / "api.sock"),
+        "api_socket_mode": 0o660,
+        "api_group": None,
+        "api_tcp": None,
+        "tls_cert": None,
+        "tls_key": None,
+        "tokens_file": None,
+        "users_file": None,
+        "query_timeout": 5.0,
+    }
     values.update(overrides)
     return types.SimpleNamespace(**values)
 
@@ -311,23 +305,3 @@ def make_tls_cert(directory):
         timeout=60,
     )
     return cert, key
-
-
-def _short_dir_fixture():
-    import pathlib
-    import shutil
-    import tempfile
-
-    import pytest
-
-    @pytest.fixture
-    def short_dir():
-        """A fresh directory with a short path (a unix socket path must fit in 108 bytes)."""
-        path = tempfile.mkdtemp(prefix="hbt-", dir="/tmp")
-        yield pathlib.Path(path)
-        shutil.rmtree(path, ignore_errors=True)
-
-    return short_dir
-
-
-short_dir = _short_dir_fixture()

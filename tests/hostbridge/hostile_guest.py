@@ -36,13 +36,18 @@ def write_all(fd, data):
         view = view[os.write(fd, view) :]
 
 
-def answer_first_hello(fd):
+def events(fd):
+    """Every event read from ``fd``, for ever."""
     reader = Reader()
     while True:
-        for ev in reader.feed(os.read(fd, 65536)):
-            if type(ev) is Hello:
-                write_all(fd, answer_hello(ev, "hostile 0", "hostile-gid", 0, ev.epoch, 0))
-                return
+        yield from reader.feed(os.read(fd, 65536))
+
+
+def answer_first_hello(fd):
+    for ev in events(fd):
+        if type(ev) is Hello:
+            write_all(fd, answer_hello(ev, "hostile 0", "hostile-gid", 0, ev.epoch, 0))
+            return
 
 
 def main(channel, mode):
@@ -88,46 +93,32 @@ def main(channel, mode):
 
 
 def answer_a_list_then_change(fd):
-    reader = Reader()
-    while True:
-        for ev in reader.feed(os.read(fd, 65536)):
-            if type(ev) is Hello:
-                write_all(fd, answer_hello(ev, "hostile 0", "racy-gid", 0, ev.epoch, 0))
-            elif type(ev) is List:
-                write_all(
-                    fd,
-                    encode(Ok(id=ev.id, count=0, gseq=0))
-                    + encode(
-                        Changed(
-                            gseq=1,
-                            op="set",
-                            ts=time.time(),
-                            origin="guest",
-                            key="late.key",
-                            value="late value",
-                        )
-                    ),
-                )
+    for ev in events(fd):
+        if type(ev) is Hello:
+            write_all(fd, answer_hello(ev, "hostile 0", "racy-gid", 0, ev.epoch, 0))
+        elif type(ev) is List:
+            late = Changed(
+                gseq=1, op="set", ts=time.time(), origin="guest", key="late.key", value="late value"
+            )
+            write_all(fd, encode(Ok(id=ev.id, count=0, gseq=0)) + encode(late))
 
 
 def serve_after_a_restart(fd):
-    reader = Reader()
     refused = False
     epoch, hseq = None, 0
-    while True:
-        for ev in reader.feed(os.read(fd, 65536)):
-            if type(ev) is Hello:
-                if ev.epoch != epoch:
-                    epoch, hseq = ev.epoch, 0
-                write_all(fd, answer_hello(ev, "hostile 0", "hostile-gid", 0, epoch, hseq))
-            elif type(ev) is Set and not refused:
-                refused = True
-                write_all(fd, encode(Err(id=ev.id, code="busy", msg="send hello first")))
-            elif type(ev) is Set:
-                if ev.seq > hseq:
-                    hseq = ev.seq
-                    print("applied %s %d" % (ev.key, ev.seq), flush=True)
-                write_all(fd, encode(Ok(id=ev.id, seq=ev.seq)))
+    for ev in events(fd):
+        if type(ev) is Hello:
+            if ev.epoch != epoch:
+                epoch, hseq = ev.epoch, 0
+            write_all(fd, answer_hello(ev, "hostile 0", "hostile-gid", 0, epoch, hseq))
+        elif type(ev) is Set and not refused:
+            refused = True
+            write_all(fd, encode(Err(id=ev.id, code="busy", msg="send hello first")))
+        elif type(ev) is Set:
+            if ev.seq > hseq:
+                hseq = ev.seq
+                print("applied %s %d" % (ev.key, ev.seq), flush=True)
+            write_all(fd, encode(Ok(id=ev.id, seq=ev.seq)))
 
 
 if __name__ == "__main__":

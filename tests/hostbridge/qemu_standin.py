@@ -18,17 +18,17 @@ import sys
 import termios
 import tty
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from tests.support.ptys import open_raw_pty, point_link
+
 
 def main(sock_path, link):
-    master, slave = os.openpty()
+    # The guest end's descriptor stays open here for good, as QEMU holds it: bytes written while no
+    # guest program has the port open wait in the pty.
+    master, _guest_fd, guest_end = open_raw_pty()
     tty.setraw(master, termios.TCSANOW)
-    tty.setraw(slave, termios.TCSANOW)
-    os.set_blocking(master, False)
-    tmp = link + ".tmp"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(os.ttyname(slave), tmp)
-    os.rename(tmp, link)
+    point_link(link, guest_end)
     if os.path.exists(sock_path):
         os.unlink(sock_path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

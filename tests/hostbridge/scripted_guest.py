@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import tempfile
 
 from hostbridge.channels import UnixChannel
 from hostbridge.config import Limits
@@ -30,6 +28,7 @@ from ovmproto.errors import ProtocolError
 from ovmproto.framing import Resync
 from ovmproto.handshake import answer_hello
 from ovmproto.messages import Changed, Delete, Err, Get, Hello, Item, List, Ok, Ping, Set
+from tests.support.tempdirs import short_dir
 
 
 class ScriptedGuest:
@@ -156,13 +155,12 @@ class ScriptedGuest:
 @contextlib.asynccontextmanager
 async def linked(limits: Limits | None = None, epoch: str = "epoch-1"):
     """A ScriptedGuest and a Session attached to it over a real unix socket."""
-    d = tempfile.mkdtemp(prefix="hb-", dir="/tmp")  # short: sun_path holds 107 bytes
-    guest = await ScriptedGuest(os.path.join(d, "chan")).start()
-    session = Session("vm", limits or Limits(), epoch)
-    session.attach(UnixChannel(guest.path))
-    try:
-        yield guest, session
-    finally:
-        await session.detach()
-        await guest.stop()
-        shutil.rmtree(d, ignore_errors=True)
+    with short_dir() as d:
+        guest = await ScriptedGuest(str(d / "chan")).start()
+        session = Session("vm", limits or Limits(), epoch)
+        session.attach(UnixChannel(guest.path))
+        try:
+            yield guest, session
+        finally:
+            await session.detach()
+            await guest.stop()

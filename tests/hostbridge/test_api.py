@@ -11,11 +11,11 @@ import socket
 import stat
 
 import pytest
-from fakes import FakeBridge, ServedApp, api_config, short_dir  # noqa: F401 (short_dir is a fixture)
 
 from hostbridge import api
 from hostbridge.apiclient import ApiError, Client, parse_response
 from hostbridge.errors import AgentTimeout, Busy
+from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config
 
 SECRET = "s3cr3t-Pa55word-that-must-not-leak"
 

@@ -5,14 +5,17 @@ TLS."""
 
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
 
 import pytest
-from bridge_harness import Agent, BridgeProc, short_tempdir, wait_for
-from fakes import make_tls_cert
+
+from tests.hostbridge.bridge_harness import BridgeProc
+from tests.hostbridge.fakes import make_tls_cert
+from tests.hostbridge.test_openapi_schemathesis import TOKEN, run_schemathesis, summary
+from tests.support.agent import Agent
+from tests.support.waiting import wait_for
 
 BIN = os.path.dirname(sys.executable)
 SECRET = "real-Secret-value-never-logged-42"
@@ -32,9 +35,8 @@ def agent_state(bridge, vm):
 
 
 @pytest.fixture
-def stack():
-    d = short_tempdir()
-    channel = os.path.join(d, "vm1.pty")
+def stack(short_dir):
+    channel = os.path.join(short_dir, "vm1.pty")
     with BridgeProc({"vm1": "pty:" + channel}) as bridge:
         bridge.wait_ready()
         agent = Agent(channel)
@@ -184,8 +186,8 @@ class OneKeyAgent(Agent):
         return super().command() + ["--max-keys", "1"]
 
 
-def test_both_clis_should_exit_7_when_the_agent_refuses_a_message():
-    channel = os.path.join(short_tempdir(), "vm1.pty")
+def test_both_clis_should_exit_7_when_the_agent_refuses_a_message(short_dir):
+    channel = str(short_dir / "vm1.pty")
     with BridgeProc({"vm1": "pty:" + channel}) as bridge:
         bridge.wait_ready()
         agent = OneKeyAgent(channel)
@@ -219,10 +221,8 @@ def free_port():
 
 
 @pytest.mark.parametrize("with_vm", [False, True], ids=["no-vms", "one-vm"])
-def test_it_should_conform_to_the_openapi_document_with_the_real_bridge(with_vm):
-    from test_openapi_schemathesis import TOKEN, run_schemathesis, summary
-
-    d = pathlib.Path(short_tempdir())
+def test_it_should_conform_to_the_openapi_document_with_the_real_bridge(with_vm, short_dir):
+    d = short_dir
     cert, key = make_tls_cert(d)
     tokens = d / "tokens"
     tokens.write_text("st:%s\n" % TOKEN)

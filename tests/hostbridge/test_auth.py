@@ -8,20 +8,20 @@ import os
 import ssl
 import stat
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 
 import pytest
-from fakes import FakeBridge, ServedApp, api_config, make_tls_cert, short_dir  # noqa: F401
 
 from hostbridge import auth
 from hostbridge.apiclient import ApiError, Client
 from hostbridge.errors import Unauthorized
+from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config, make_tls_cert
+from tests.support.processes import script
 
 TOKEN = "tok-0123456789abcdef0123456789"
-VMMESSAGE = os.path.join(os.path.dirname(sys.executable), "vmmessage")
-OVM_VMMESSAGE = os.path.join(os.path.dirname(sys.executable), "ovm_vmmessage")
+VMMESSAGE = script("vmmessage")
+OVM_VMMESSAGE = script("ovm_vmmessage")
 
 
 def test_it_should_verify_the_right_password_and_refuse_a_wrong_one():
@@ -176,7 +176,7 @@ def tls_files(tmp_path_factory):
 
 
 @pytest.fixture
-def tls_served(short_dir, tls_files):  # noqa: F811 (the fixture imported above)
+def tls_served(short_dir, tls_files):
     cfg = api_config(
         short_dir,
         api_tcp=("127.0.0.1", 0),
@@ -285,24 +285,12 @@ def test_it_should_let_vmmessage_use_https_with_token_or_user_and_exit_6_without
 def test_it_should_let_ovm_vmmessage_authenticate_with_u_and_p_to_a_remote_bridge(
     tls_served, tls_files
 ):
-    host = "127.0.0.1:%d" % tls_served.tcp_port
-    r = run(
-        [
-            OVM_VMMESSAGE,
-            "-u",
-            "admin",
-            "-p",
-            "pw-admin",
-            "-h",
-            host,
-            "-v",
-            "vm1",
-            "-q",
-            "newkey",
-            "--cacert",
-            tls_files["cert"],
-        ]
-    )
+    def query_as_admin(password):
+        host = "127.0.0.1:%d" % tls_served.tcp_port
+        args = ["-u", "admin", "-p", password, "-h", host, "-v", "vm1", "-q", "newkey"]
+        return run([OVM_VMMESSAGE, *args, "--cacert", tls_files["cert"]])
+
+    r = query_as_admin("pw-admin")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[:6] == [
         "Oracle VM VM Message utility 0.5.2.",
@@ -312,22 +300,6 @@ def test_it_should_let_ovm_vmmessage_authenticate_with_u_and_p_to_a_remote_bridg
         "Query successful.",
         "Query for Key : 'newkey' returned value 'newvalue'.",
     ]
-    r = run(
-        [
-            OVM_VMMESSAGE,
-            "-u",
-            "admin",
-            "-p",
-            "wrong",
-            "-h",
-            host,
-            "-v",
-            "vm1",
-            "-q",
-            "newkey",
-            "--cacert",
-            tls_files["cert"],
-        ]
-    )
+    r = query_as_admin("wrong")
     assert r.returncode == 6
     assert r.stdout == "Oracle VM VM Message utility 0.5.2.\n"

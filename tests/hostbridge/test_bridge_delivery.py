@@ -5,11 +5,13 @@ import os
 import shutil
 
 import pytest
-from bridge_harness import Agent, async_wait_for, short_tempdir
 
 from hostbridge import errors
 from hostbridge.bridge import Bridge
-from hostbridge.config import Config, VmSpec
+from tests.hostbridge.bridge_harness import pty_config
+from tests.support.agent import Agent
+from tests.support.tempdirs import short_tempdir
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -17,19 +19,14 @@ pytestmark = pytest.mark.timeout(60)
 class World:
     """A bridge over pty channels for ``names`` and a (not yet started) agent per VM."""
 
-    def __init__(self, names, db=None):
+    def __init__(self, names):
         self.dir = short_tempdir()
-        self.db = db or os.path.join(self.dir, "bridge.sqlite3")
-        self.channels = {n: os.path.join(self.dir, n) for n in names}
-        self.agents = {n: Agent(self.channels[n]) for n in names}
+        self.names = list(names)
+        self.agents = {n: Agent(os.path.join(self.dir, n)) for n in names}
         self.bridge = None
 
     def config(self):
-        return Config(
-            vms=[VmSpec(n, "pty:" + p, "flag") for n, p in self.channels.items()],
-            db=self.db,
-            discover=False,
-        )
+        return pty_config(self.dir, *self.names)
 
     async def start_bridge(self):
         self.bridge = Bridge(self.config())

@@ -6,16 +6,18 @@ import os
 import shutil
 
 import pytest
-from bridge_harness import Agent, QemuStandIn, async_wait_for, short_tempdir
 
 from hostbridge.bridge import Bridge
 from hostbridge.config import Config, Limits
+from tests.hostbridge.bridge_harness import QemuStandIn
+from tests.support.agent import Agent
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_the_bridge_should_follow_a_vm_through_stop_and_restart_with_a_new_id():
-    d = short_tempdir()
+def test_the_bridge_should_follow_a_vm_through_stop_and_restart_with_a_new_id(short_dir):
+    d = str(short_dir)
     base = os.path.join(d, "target")
     link = os.path.join(d, "port")
     procs = []
@@ -73,4 +75,3 @@ def test_the_bridge_should_follow_a_vm_through_stop_and_restart_with_a_new_id():
     finally:
         for p in procs:
             p.close()
-        shutil.rmtree(d, ignore_errors=True)

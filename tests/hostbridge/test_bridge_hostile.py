@@ -7,14 +7,14 @@ LATENCY_P99 (a bound for this shared 2-core machine), and the bridge's memory st
 
 import asyncio
 import os
-import shutil
 import time
+from contextlib import closing
 
 import pytest
-from bridge_harness import Agent, Hostile, async_wait_for, short_tempdir
 
-from hostbridge.bridge import Bridge
-from hostbridge.config import Config, Limits, VmSpec
+from tests.hostbridge.bridge_harness import Hostile, pty_config, running_bridge
+from tests.support.agent import Agent
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,22 +32,11 @@ def rss_kb():
 
 
 @pytest.mark.parametrize("mode", ["garbage", "changed", "half", "noread"])
-def test_a_hostile_guest_should_not_slow_another_vms_queries(mode):
-    d = short_tempdir()
-    good_ch, bad_ch = os.path.join(d, "good"), os.path.join(d, "bad")
-    agent = Agent(good_ch)
-    hostile = Hostile(bad_ch, mode)
-    config = Config(
-        vms=[VmSpec("good", "pty:" + good_ch), VmSpec("bad", "pty:" + bad_ch)],
-        db=os.path.join(d, "bridge.sqlite3"),
-        discover=False,
-        limits=Limits(delivery_timeout=2.0),
-    )
+def test_a_hostile_guest_should_not_slow_another_vms_queries(mode, short_dir):
+    config = pty_config(short_dir, "good", "bad", delivery_timeout=2.0)
 
     async def main():
-        bridge = Bridge(config)
-        await bridge.start()
-        try:
+        async with running_bridge(config) as bridge:
             agent.start().wait_ready()
             await async_wait_for(lambda: bridge.vm("good").agent == "connected", what="good sync")
             assert agent.ovmd("-p", "probe=ok").returncode == 0
@@ -102,12 +91,8 @@ def test_a_hostile_guest_should_not_slow_another_vms_queries(mode):
                 s = bridge.guest("bad")
                 assert len(s.mirror.entries) <= config.limits.mirror_keys
                 assert bad["dropped_rate_limited"] > 0
-        finally:
-            await bridge.stop()
 
-    try:
-        asyncio.run(main())
-    finally:
-        hostile.close()
-        agent.close()
-        shutil.rmtree(d, ignore_errors=True)
+    # Both programs start in main(), once the bridge has made their ptys.
+    with closing(Agent(os.path.join(short_dir, "good"))) as agent:
+        with closing(Hostile(os.path.join(short_dir, "bad"), mode)) as hostile:
+            asyncio.run(main())

@@ -3,28 +3,21 @@
 
 import asyncio
 import os
+from contextlib import closing
 
 import pytest
-from bridge_harness import Hostile, async_wait_for, short_tempdir
 
-from hostbridge.bridge import Bridge
-from hostbridge.config import Config, VmSpec
+from tests.hostbridge.bridge_harness import Hostile, pty_config, running_bridge
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_a_change_right_after_the_listing_should_not_be_wiped_by_it():
-    d = short_tempdir()
-    channel = os.path.join(d, "vm")
-    guest = Hostile(channel, "racylist")
-    config = Config(
-        vms=[VmSpec("vm", "pty:" + channel)], db=os.path.join(d, "bridge.sqlite3"), discover=False
-    )
+def test_a_change_right_after_the_listing_should_not_be_wiped_by_it(short_dir):
+    config = pty_config(short_dir, "vm")
 
     async def main():
-        bridge = Bridge(config)
-        await bridge.start()
-        try:
+        async with running_bridge(config) as bridge:
             guest.start().wait_ready()
             await async_wait_for(lambda: bridge.vm("vm").agent == "connected", what="sync")
             s = bridge.guest("vm")
@@ -33,10 +26,7 @@ def test_a_change_right_after_the_listing_should_not_be_wiped_by_it():
                 what="the refresh and the change after it",
             )
             assert s.mirror.entries["late.key"].value == "late value"
-        finally:
-            await bridge.stop()
 
-    try:
+    # The guest starts in main(), once the bridge has made its pty.
+    with closing(Hostile(os.path.join(short_dir, "vm"), "racylist")) as guest:
         asyncio.run(main())
-    finally:
-        guest.stop()

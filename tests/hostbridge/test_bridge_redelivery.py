@@ -3,31 +3,21 @@ get the message again after a resync: `busy` is never a refusal."""
 
 import asyncio
 import os
+from contextlib import closing
 
 import pytest
-from bridge_harness import Hostile, async_wait_for, short_tempdir
 
-from hostbridge.bridge import Bridge
-from hostbridge.config import Config, Limits, VmSpec
+from tests.hostbridge.bridge_harness import Hostile, pty_config, running_bridge
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_a_busy_answer_should_resync_and_deliver_the_message_once():
-    d = short_tempdir()
-    channel = os.path.join(d, "vm")
-    guest = Hostile(channel, "restarted")
-    config = Config(
-        vms=[VmSpec("vm", "pty:" + channel)],
-        db=os.path.join(d, "bridge.sqlite3"),
-        discover=False,
-        limits=Limits(delivery_timeout=5.0),
-    )
+def test_a_busy_answer_should_resync_and_deliver_the_message_once(short_dir):
+    config = pty_config(short_dir, "vm", delivery_timeout=5.0)
 
     async def main():
-        bridge = Bridge(config)
-        await bridge.start()
-        try:
+        async with running_bridge(config) as bridge:
             guest.start().wait_ready()
             await async_wait_for(lambda: bridge.vm("vm").agent == "connected", what="sync")
             await bridge.send("vm", "first", "v1", timeout=10.0)
@@ -36,10 +26,7 @@ def test_a_busy_answer_should_resync_and_deliver_the_message_once():
             audit = bridge.audit("vm")
             assert [(a.key, a.outcome) for a in audit] == [("first", "delivered")]
             assert guest.log().count("applied first") == 1
-        finally:
-            await bridge.stop()
 
-    try:
+    # The guest starts in main(), once the bridge has made its pty.
+    with closing(Hostile(os.path.join(short_dir, "vm"), "restarted")) as guest:
         asyncio.run(main())
-    finally:
-        guest.stop()

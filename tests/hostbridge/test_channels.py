@@ -6,7 +6,6 @@ import socket
 import termios
 
 import pytest
-from bridge_harness import short_tempdir
 
 from hostbridge.channels import ChannelClosed, ChannelFull, PtyChannel, UnixChannel
 
@@ -17,23 +16,14 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
-@pytest.fixture
-def tmp():
-    d = short_tempdir()
-    yield d
-    import shutil
-
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def cpu_seconds():
     t = os.times()
     return t.user + t.system
 
 
-def test_pty_should_link_a_raw_guest_end_and_wait_for_an_opener_without_spinning(tmp):
+def test_pty_should_link_a_raw_guest_end_and_wait_for_an_opener_without_spinning(short_dir):
     async def main():
-        path = os.path.join(tmp, "ch")
+        path = os.path.join(short_dir, "ch")
         ch = PtyChannel(path)
         assert os.path.islink(path)
         connect = asyncio.ensure_future(ch.connect())
@@ -60,9 +50,9 @@ def test_pty_should_link_a_raw_guest_end_and_wait_for_an_opener_without_spinning
     run(main())
 
 
-def test_pty_should_accept_a_new_opener_after_the_first_closed(tmp):
+def test_pty_should_accept_a_new_opener_after_the_first_closed(short_dir):
     async def main():
-        path = os.path.join(tmp, "ch")
+        path = os.path.join(short_dir, "ch")
         ch = PtyChannel(path)
         for round_ in range(2):
             fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
@@ -78,9 +68,9 @@ def test_pty_should_accept_a_new_opener_after_the_first_closed(tmp):
     run(main())
 
 
-def test_pty_should_refuse_to_queue_without_bound_when_the_guest_never_reads(tmp):
+def test_pty_should_refuse_to_queue_without_bound_when_the_guest_never_reads(short_dir):
     async def main():
-        path = os.path.join(tmp, "ch")
+        path = os.path.join(short_dir, "ch")
         ch = PtyChannel(path, write_limit=64 * 1024)
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
         await asyncio.wait_for(ch.connect(), 5)
@@ -93,9 +83,9 @@ def test_pty_should_refuse_to_queue_without_bound_when_the_guest_never_reads(tmp
     run(main())
 
 
-def test_unix_should_reconnect_with_backoff_until_the_socket_appears(tmp):
+def test_unix_should_reconnect_with_backoff_until_the_socket_appears(short_dir):
     async def main():
-        path = os.path.join(tmp, "sock")
+        path = os.path.join(short_dir, "sock")
         ch = UnixChannel(path, backoff_max=0.2)
         connect = asyncio.ensure_future(ch.connect())
         await asyncio.sleep(0.5)
@@ -121,9 +111,9 @@ def test_unix_should_reconnect_with_backoff_until_the_socket_appears(tmp):
     run(main())
 
 
-def test_unix_should_refuse_writes_past_its_buffer_when_the_peer_never_reads(tmp):
+def test_unix_should_refuse_writes_past_its_buffer_when_the_peer_never_reads(short_dir):
     async def main():
-        path = os.path.join(tmp, "sock")
+        path = os.path.join(short_dir, "sock")
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         srv.bind(path)
         srv.listen(1)

@@ -11,18 +11,18 @@ import sys
 import time
 
 import pytest
-from fakes import FakeBridge, ServedApp, api_config, short_dir  # noqa: F401
 
 from hostbridge import cli
 from hostbridge.cli import commands
 from hostbridge.errors import AgentTimeout
+from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config
 
 VMMESSAGE = os.path.join(os.path.dirname(sys.executable), "vmmessage")
 HOSTILE = "ok\x1b]0;pwned\x07\x1b[2J\r\nfake prompt# \u202eevil\x9b31m"
 
 
 @pytest.fixture
-def served(short_dir):  # noqa: F811 (the fixture imported above)
+def served(short_dir):
     bridge = FakeBridge(["vm1", "vm2"])
     vm1 = bridge.fake("vm1")
     vm1.keys["newkey"] = ("newvalue", time.time() - 150, "guest")

@@ -9,14 +9,15 @@ import sys
 import time
 
 import pytest
-from fakes import FakeBridge, ServedApp, api_config, short_dir  # noqa: F401
+
+from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config
 
 OVM_VMMESSAGE = os.path.join(os.path.dirname(sys.executable), "ovm_vmmessage")
 BANNER = "Oracle VM VM Message utility 0.5.2."
 
 
 @pytest.fixture
-def served(short_dir):  # noqa: F811 (the fixture imported above)
+def served(short_dir):
     bridge = FakeBridge(["ol6u3apitest", "down"])
     bridge.fake("ol6u3apitest").keys["newkey"] = ("newvalue", time.time() - 130, "guest")
     bridge.fake("down").set_connected(False)

@@ -7,8 +7,6 @@ import os
 import tempfile
 
 import pytest
-from bridge_harness import async_wait_for
-from scripted_guest import linked
 
 from hostbridge.config import Limits
 from hostbridge.delivery import Delivery
@@ -18,6 +16,8 @@ from hostbridge.session import State
 from hostbridge.store import Store
 from hostbridge.tasks import TaskSet
 from ovmproto.messages import Set
+from tests.hostbridge.scripted_guest import linked
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,7 +5,6 @@ import os
 import socket
 
 import pytest
-from bridge_harness import short_tempdir
 
 from hostbridge.discovery import Discovery, Found, NameResolver, scan
 
@@ -20,12 +19,9 @@ def make_channel(base, dom_id, name):
 
 
 @pytest.fixture
-def base():
-    d = short_tempdir()
-    yield d
-    import shutil
-
-    shutil.rmtree(d, ignore_errors=True)
+def base(short_dir):
+    """A channel directory, as libvirt's /var/lib/libvirt/qemu/channel/target."""
+    return str(short_dir)
 
 
 def test_scan_should_find_channel_sockets_and_ignore_everything_else(base):
@@ -64,7 +60,7 @@ def test_it_should_follow_vms_that_start_stop_and_restart_with_a_new_id(base):
         disc = Discovery([base], found, lost, resolver=NoLibvirt())
         d1, s1 = make_channel(base, 1, "alpha")
         await disc.scan_once()
-        d2, s2 = make_channel(base, 2, "beta")
+        _d2, s2 = make_channel(base, 2, "beta")
         await disc.scan_once()
         await disc.scan_once()  # nothing new: no event
         s1.close()
@@ -72,7 +68,7 @@ def test_it_should_follow_vms_that_start_stop_and_restart_with_a_new_id(base):
 
         shutil.rmtree(d1)
         await disc.scan_once()
-        d3, s3 = make_channel(base, 7, "alpha")  # restarted: a new id
+        _d3, s3 = make_channel(base, 7, "alpha")  # restarted: a new id
         await disc.scan_once()
         for s in (s2, s3):
             s.close()

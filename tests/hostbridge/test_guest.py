@@ -2,12 +2,8 @@
 
 import asyncio
 import os
-import shutil
-import tempfile
 
 import pytest
-from bridge_harness import async_wait_for
-from scripted_guest import ScriptedGuest
 
 from hostbridge.channels import UnixChannel
 from hostbridge.config import Limits
@@ -16,6 +12,8 @@ from hostbridge.guest import Guest
 from hostbridge.session import State
 from hostbridge.store import Store
 from ovmproto.messages import Set
+from tests.hostbridge.scripted_guest import ScriptedGuest
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,10 +21,8 @@ FAST = Limits(hello_interval=0.1, hello_interval_max=0.2, keepalive=0.3)
 
 
 @pytest.fixture
-def place():
-    d = tempfile.mkdtemp(prefix="hb-", dir="/tmp")  # short: a unix socket path
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def place(short_dir):
+    return str(short_dir)
 
 
 def test_once_synced_it_should_deliver_the_outbox_and_mirror_the_guests_keys(place):

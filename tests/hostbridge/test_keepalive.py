@@ -4,14 +4,14 @@ import asyncio
 import logging
 
 import pytest
-from bridge_harness import async_wait_for
-from scripted_guest import linked
 
 from hostbridge.config import Limits
 from hostbridge.keepalive import Keepalive
 from hostbridge.session import State
 from hostbridge.tasks import TaskSet
 from ovmproto.messages import Ping
+from tests.hostbridge.scripted_guest import linked
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,8 +5,6 @@ import contextlib
 import logging
 
 import pytest
-from bridge_harness import async_wait_for
-from scripted_guest import linked
 
 from hostbridge.config import Limits
 from hostbridge.mirror import Mirror
@@ -15,6 +13,8 @@ from hostbridge.session import State
 from hostbridge.tasks import TaskSet
 from ovmproto.codec import encode
 from ovmproto.messages import Changed, List
+from tests.hostbridge.scripted_guest import linked
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

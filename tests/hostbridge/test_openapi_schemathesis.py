@@ -11,15 +11,13 @@ Two expectations are widened from schemathesis' defaults, on purpose:
 """
 
 import json
-import os
 import subprocess
-import sys
-
-from fakes import FakeBridge, ServedApp, api_config, make_tls_cert, short_dir  # noqa: F401
 
 from hostbridge import api
+from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config, make_tls_cert
+from tests.support.processes import script
 
-ST = os.path.join(os.path.dirname(sys.executable), "st")
+ST = script("st")
 TOKEN = "schemathesis-token-0123456789"
 CONFIG = """
 [checks.negative_data_rejection]

@@ -3,8 +3,6 @@
 import asyncio
 
 import pytest
-from bridge_harness import async_wait_for
-from scripted_guest import linked
 
 from hostbridge import errors
 from hostbridge.config import Limits
@@ -12,6 +10,8 @@ from hostbridge.errors import GuestError, LinkReset
 from hostbridge.session import State
 from ovmproto.codec import encode
 from ovmproto.messages import Get, Item, List, Ok, Ping
+from tests.hostbridge.scripted_guest import linked
+from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,5 @@
-"""FrameDecoder: any chunking gives the same events, RESYNC drops partial frames, memory stays bounded.
+"""FrameDecoder: any chunking gives the same events, RESYNC drops partial frames, memory stays
+bounded.
 
 The decoder is checked against a byte-at-a-time model written from docs/protocol.md, so a test
 fails when the two disagree on any stream, not only on streams someone thought of.
@@ -19,7 +20,8 @@ SMALL_MAX = 64  # a small limit makes over-long frames cheap to generate
 
 
 def model(stream, max_frame):
-    """What the decoder must report for ``stream``: the protocol's rules applied one byte at a time."""
+    """What the decoder must report for ``stream``: the protocol's rules applied one byte at a
+    time."""
     events = []
     cur = bytearray()
     for b in stream:
@@ -64,7 +66,7 @@ def feed_chunks(decoder, chunks):
 
 
 def split_at(data, points):
-    points = sorted(set(p for p in points if 0 < p < len(data)))
+    points = sorted({p for p in points if 0 < p < len(data)})
     edges = [0] + points + [len(data)]
     return [data[a:b] for a, b in zip(edges, edges[1:])]
 
@@ -176,7 +178,7 @@ def test_it_should_accept_a_frame_of_exactly_frame_max_bytes():
     for chunks in ([frame + b"\n"], [frame, b"\n"], [frame[:4096], frame[4096:] + b"\n"]):
         events = feed_chunks(FrameDecoder(), chunks)
         assert events == [frame]
-    assert [e for e in Reader().feed(frame + b"\n")] == [Ping(id=1)]
+    assert list(Reader().feed(frame + b"\n")) == [Ping(id=1)]
 
 
 def test_it_should_discard_a_frame_one_byte_over_frame_max_and_decode_the_next():

@@ -12,13 +12,20 @@ from ovmproto.framing import RESYNC, Resync
 from ovmproto.handshake import Handshake, HelloResult, answer_hello
 from ovmproto.messages import Changed, Err, Hello, Item, Ok, Ping, Set
 
-GUEST = dict(agent="ovmd 0.1.0", gid="g-1", gseq=41, epoch="E1", hseq=7)
+GUEST = {"agent": "ovmd 0.1.0", "gid": "g-1", "gseq": 41, "epoch": "E1", "hseq": 7}
 
 
 def reply(**overrides):
-    fields = dict(
-        id=5, v=1, nonce="n0nce", agent="ovmd 0.1.0", gid="g-1", gseq=41, epoch="E1", hseq=7
-    )
+    fields = {
+        "id": 5,
+        "v": 1,
+        "nonce": "n0nce",
+        "agent": "ovmd 0.1.0",
+        "gid": "g-1",
+        "gseq": 41,
+        "epoch": "E1",
+        "hseq": 7,
+    }
     fields.update(overrides)
     return Ok(**fields)
 
@@ -241,7 +248,7 @@ def test_a_newer_host_should_sync_with_an_older_guest_at_the_older_version():
     hs = Handshake(request_id=2, nonce="n", version=2)
     guest = Guest(max_version=1)
     answer = guest.receive(hs.opening())
-    assert [e for e in guest.seen if type(e) is Hello][0].v == 2
+    assert next(e for e in guest.seen if type(e) is Hello).v == 2
     result = None
     for event in Reader().feed(answer):
         result = result or hs.accept(event)
@@ -267,4 +274,4 @@ def test_a_second_handshake_should_ignore_the_answer_to_the_first():
     reader = Reader()
     results = [second.accept(e) for e in reader.feed(late + fresh)]
     assert results[:2] == [None, None]  # Resync, then the late Ok of the first
-    assert [r for r in results if r is not None][0].version == 1
+    assert next(r for r in results if r is not None).version == 1

@@ -1,4 +1,5 @@
-"""The standard-library fallback of ovmproto.jsonlib must write and refuse exactly what orjson does."""
+"""The standard-library fallback of ovmproto.jsonlib must write and refuse exactly what orjson
+does."""
 
 import importlib.util
 import sys

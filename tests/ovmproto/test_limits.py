@@ -1,4 +1,5 @@
-"""Key and value limits at their edges, and the frame limit that the largest legal message fits in."""
+"""Key and value limits at their edges, and the frame limit that the largest legal message fits
+in."""
 
 import pytest
 from hypothesis import given, settings
@@ -151,7 +152,7 @@ def test_a_value_that_is_not_a_string_should_be_refused(value):
 
 def test_a_refusal_should_never_quote_the_value():
     secret = "Pa55w0rd-" + "x" * VALUE_MAX
-    code, reason = check_value(secret)
+    _code, reason = check_value(secret)
     assert "Pa55" not in reason
 
 

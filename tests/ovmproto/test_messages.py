@@ -1,4 +1,5 @@
-"""Messages: every type round-trips, fields are type-checked, unknown fields ignored, values hidden."""
+"""Messages: every type round-trips, fields are type-checked, unknown fields ignored, values
+hidden."""
 
 import pytest
 from hypothesis import given, settings

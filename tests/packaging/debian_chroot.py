@@ -1,27 +1,29 @@
-"""A fresh Debian 12 (minbase) in a chroot, for installing our .debs as a new machine would.
+"""A fresh system of the host's own release (debootstrap minbase) in a chroot, for installing our
+.debs as a new machine would.
 
-The first use runs `debootstrap --variant=minbase bookworm` (about a minute) against the mirror apt
-is configured with, fetches the package lists and keeps the result as a tarball under
-/var/cache/ovmd-test-chroot/; later uses only unpack it (a few seconds). Downloaded .debs are kept in
-a shared apt archive directory there too, so python3 and friends are fetched once.
+The first use runs `debootstrap --variant=minbase SUITE` (about a minute) against the mirror and
+suite the host's apt uses (apt_sources.py: from /etc/apt, or $OVMD_TEST_APT_MIRROR and
+$OVMD_TEST_APT_SUITE), through apt's proxy if it has one, fetches the package lists and keeps the
+result as a tarball under /var/cache/ovmd-test-chroot/; later uses only unpack it (a few seconds).
+Downloaded .debs are kept in a shared apt archive directory there too, so python3 and friends are
+fetched once.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import glob
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 
+from tests.packaging import apt_sources
+
 CACHE_DIR = "/var/cache/ovmd-test-chroot"
-TARBALL = os.path.join(CACHE_DIR, "bookworm-minbase.tar.gz")
 ARCHIVES = os.path.join(CACHE_DIR, "apt-archives")
-SUITE = "bookworm"
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-ENV = {
+BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
     "HOME": "/root",
@@ -33,39 +35,17 @@ class ChrootError(Exception):
     pass
 
 
-def missing_tools():
+def missing_tools() -> list[str]:
     """The host commands this module needs that are absent (empty when all are there)."""
     return [t for t in ("debootstrap", "chroot", "mount", "umount", "tar") if not shutil.which(t)]
 
 
-def debian_mirror(etc_apt="/etc/apt"):
-    """The Debian mirror apt is configured with for `bookworm` (main archive, not security)."""
-    candidates = []
-    for path in sorted(glob.glob(os.path.join(etc_apt, "sources.list.d", "*.sources"))):
-        with open(path, encoding="utf-8") as f:
-            for stanza in re.split(r"\n\s*\n", f.read()):
-                fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
-                if (
-                    "deb" in fields.get("Types", "").split()
-                    and SUITE in fields.get("Suites", "").split()
-                ):
-                    candidates += fields.get("URIs", "").split()
-    legacy = [os.path.join(etc_apt, "sources.list")]
-    legacy += sorted(glob.glob(os.path.join(etc_apt, "sources.list.d", "*.list")))
-    for path in legacy:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line.strip())
-            if m and m.group(2) == SUITE:
-                candidates.append(m.group(1))
-    for uri in candidates:
-        if "security" not in uri:
-            return uri.rstrip("/")
-    return DEFAULT_MIRROR
+@functools.cache
+def chroot_env() -> dict[str, str]:
+    """The environment of commands in the chroot (and of debootstrap): apt there goes through the
+    host's proxy, if any."""
+    proxy = apt_sources.http_proxy()
+    return dict(BASE_ENV, http_proxy=proxy) if proxy else dict(BASE_ENV)
 
 
 def _run(args, timeout, **kw):
@@ -85,25 +65,29 @@ def _run(args, timeout, **kw):
     return result.stdout
 
 
-def ensure_tarball():
-    """Build the cached minbase tarball unless it exists; return its path. Safe to race."""
+def ensure_tarball() -> str:
+    """Build the cached minbase tarball of the host's release unless it exists; return its path.
+    Safe to race. LookupError when the host's apt sources name no release (see apt_sources)."""
+    source = apt_sources.debian_source()
+    tarball = os.path.join(CACHE_DIR, "%s-minbase.tar.gz" % source.suite)
     os.makedirs(ARCHIVES, exist_ok=True)
     with open(os.path.join(CACHE_DIR, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another run building it: wait for it
-        if os.path.exists(TARBALL):
-            return TARBALL
+        if os.path.exists(tarball):
+            return tarball
         work = tempfile.mkdtemp(prefix="build-", dir=CACHE_DIR)
         try:
             root = os.path.join(work, "root")
-            _run(["debootstrap", "--variant=minbase", SUITE, root, debian_mirror()], timeout=900)
-            _run(["chroot", root, "apt-get", "update", "-qq"], timeout=300, env=ENV)
-            _run(["chroot", root, "apt-get", "clean"], timeout=60, env=ENV)
-            partial = TARBALL + ".partial"
+            debootstrap = ["debootstrap", "--variant=minbase", source.suite, root, source.uri]
+            _run(debootstrap, timeout=900, env=dict(os.environ, **chroot_env()))
+            _run(["chroot", root, "apt-get", "update", "-qq"], timeout=300, env=chroot_env())
+            _run(["chroot", root, "apt-get", "clean"], timeout=60, env=chroot_env())
+            partial = tarball + ".partial"
             _run(["tar", "-C", root, "-czf", partial, "."], timeout=300)
-            os.rename(partial, TARBALL)
+            os.rename(partial, tarball)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return TARBALL
+    return tarball
 
 
 class Chroot:
@@ -177,7 +161,7 @@ class Chroot:
             stderr=subprocess.STDOUT,
             text=True,
             timeout=timeout,
-            env=ENV,
+            env=chroot_env(),
         )
         if check and result.returncode != 0:
             raise ChrootError(
@@ -187,7 +171,7 @@ class Chroot:
         return result
 
     def popen(self, args, **kw):
-        return subprocess.Popen(["chroot", self.root] + list(args), env=ENV, **kw)
+        return subprocess.Popen(["chroot", self.root] + list(args), env=chroot_env(), **kw)
 
     def apt_install(self, debs):
         """apt-get install the given .debs (copied in) with their dependencies from the mirror."""

@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support.processes import ROOT
+
 PACKAGING = os.path.join(ROOT, "packaging")
 VERSION = "0.1.0"
 
@@ -23,6 +24,11 @@ def require_tools(*tools):
 def require_root():
     if os.geteuid() != 0:
         pytest.skip("needs root")
+
+
+def command_output(*argv):
+    """The stdout of a packaging tool that must succeed (dpkg-deb, rpm...)."""
+    return subprocess.run(argv, capture_output=True, check=True, text=True, timeout=60).stdout
 
 
 def _build(script, outdir, env=None):

@@ -1,7 +1,8 @@
-"""The .debs installed into a fresh Debian 12 (debootstrap minbase, in a chroot) with apt, as an
-operator would: together and each alone. The installed commands run from the chroot with Debian's
-own python3, click and aiohttp (not the project's venv); with both installed, a host bridge and a
-guest agent from the packages exchange a message over a pty.
+"""The .debs installed into a fresh system of the host's release (Debian 12 here; debootstrap
+minbase, in a chroot: debian_chroot.py) with apt, as an operator would: together and each alone. The
+installed commands run from the chroot with Debian's own python3, click and aiohttp (not the
+project's venv); with both installed, a host bridge and a guest agent from the packages exchange a
+message over a pty.
 
 The first run builds the cached system (about a minute: debootstrap, package lists) and downloads
 python3 and friends once; later runs take well under a minute each.
@@ -12,11 +13,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
-from debian_chroot import Chroot, missing_tools
-from pkgbuild import VERSION, build_debs, require_root, require_tools
+
+from tests.packaging import apt_sources
+from tests.packaging.debian_chroot import Chroot, missing_tools
+from tests.packaging.pkgbuild import VERSION, build_debs, require_root, require_tools
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 DEADLINE = 60  # seconds to wait for a daemon in the chroot (a loaded 2-core machine)
@@ -28,6 +31,10 @@ def debs(tmp_path_factory):
     missing = missing_tools()
     if missing:
         require_tools(*missing)
+    try:
+        apt_sources.debian_source()
+    except LookupError as e:
+        pytest.skip(str(e))
     return build_debs(tmp_path_factory.mktemp("debs"))
 
 
@@ -40,15 +47,6 @@ def chroot(tmp_path):
 def installed(chroot, package):
     r = chroot.run(["dpkg-query", "-W", "-f", "${Status}", package], check=False)
     return r.returncode == 0 and "install ok installed" in r.stdout
-
-
-def wait_for(condition, what, timeout=DEADLINE):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def stop(proc):
@@ -144,7 +142,9 @@ def exchange_a_message(chroot):
                 bridge.poll() is not None
                 or (os.path.exists(chroot.path(api)) and os.path.lexists(chroot.path("/tmp/t/vm1")))
             ),
-            "the bridge's API socket and pty",
+            DEADLINE,
+            interval=0.2,
+            what="the bridge's API socket and pty",
         )
         assert bridge.poll() is None, bridge.stderr.read().decode()
         sent = chroot.run(["vmmessage", "--bridge", api, "send", "vm1", "from.host", "hello"])
@@ -176,7 +176,12 @@ def exchange_a_message(chroot):
             )
             return r.returncode == 0 and r.stdout.strip() == "hello"
 
-        wait_for(lambda: agent.poll() is not None or guest_has_it(), "the guest to get the key")
+        wait_for(
+            lambda: agent.poll() is not None or guest_has_it(),
+            DEADLINE,
+            interval=0.2,
+            what="the guest to get the key",
+        )
         assert agent.poll() is None, agent.stderr.read().decode()
 
         chroot.run(
@@ -189,7 +194,7 @@ def exchange_a_message(chroot):
             )
             return r.returncode == 0 and "'world'" in r.stdout
 
-        wait_for(host_sees_it, "the host to see the guest's key")
+        wait_for(host_sees_it, DEADLINE, interval=0.2, what="the host to see the guest's key")
     finally:
         for proc in (agent, bridge):
             if proc is not None:

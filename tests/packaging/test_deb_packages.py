@@ -8,7 +8,14 @@ import re
 import subprocess
 
 import pytest
-from pkgbuild import PACKAGING, build_debs, project_scripts, require_tools
+
+from tests.packaging.pkgbuild import (
+    PACKAGING,
+    build_debs,
+    command_output,
+    project_scripts,
+    require_tools,
+)
 
 GUEST_COMMANDS = {"ovmd"}
 HOST_COMMANDS = {"hostbridge", "vmmessage", "ovm_vmmessage"}
@@ -20,13 +27,7 @@ def debs(tmp_path_factory):
 
 
 def dpkg_deb(*args):
-    return subprocess.run(
-        ["dpkg-deb"] + list(args),
-        stdout=subprocess.PIPE,
-        check=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    return command_output("dpkg-deb", *args)
 
 
 def files_of(deb):

@@ -10,7 +10,8 @@ import sys
 import zipfile
 
 import pytest
-from pkgbuild import ROOT, VERSION, entry_point_scripts, project_scripts
+
+from tests.packaging.pkgbuild import ROOT, VERSION, entry_point_scripts, project_scripts
 
 PACKAGES = ("ovmproto", "ovmsys", "guestagent", "hostbridge")
 

@@ -96,8 +96,7 @@ def run(argv, timeout=60, stdin=None):
     proc = subprocess.run(
         argv,
         input=base64.b64decode(stdin) if stdin else b"",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         timeout=timeout,
     )
     return {

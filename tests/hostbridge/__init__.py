@@ -1,0 +1,1 @@
+"""Tests of the host bridge (hostbridge/) and its command-line tools."""

@@ -1,0 +1,1 @@
+"""Tests of the packages built from packaging/ (.deb, .rpm, wheel)."""
