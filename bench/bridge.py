@@ -48,12 +48,12 @@ for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import orjson  # noqa: E402  (a project dependency: the venv has it)
-from guest_sim import guest_name, key_name, value_for  # noqa: E402
+import orjson
+from guest_sim import guest_name, key_name, value_for
 
-from ovmproto.codec import Reader, encode  # noqa: E402
-from ovmproto.handshake import Handshake  # noqa: E402
-from ovmproto.messages import Get, Ok  # noqa: E402
+from ovmproto.codec import Reader, encode
+from ovmproto.handshake import Handshake
+from ovmproto.messages import Get, Ok
 
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 VENV_PY = os.path.join(VENV_BIN, "python")

@@ -37,11 +37,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # ovmproto from this tree, whichever interpreter runs the script
 
-import orjson  # noqa: E402  (the dev extra installs it in the development venv)
+import orjson
 
-from ovmproto.codec import Reader, encode  # noqa: E402
-from ovmproto.handshake import Handshake  # noqa: E402
-from ovmproto.messages import Err, Get, Ok, Ping, Set  # noqa: E402
+from ovmproto.codec import Reader, encode
+from ovmproto.handshake import Handshake
+from ovmproto.messages import Err, Get, Ok, Ping, Set
 
 VENV_PY = os.path.join(ROOT, ".venv", "bin", "python")
 VENV_OVMD = os.path.join(ROOT, ".venv", "bin", "ovmd")
@@ -222,7 +222,7 @@ class Link:
                 if left <= 0:
                     raise BenchError(
                         "%s: could not write to the pty for %.0f s" % (self.name, timeout)
-                    )
+                    ) from None
                 self.read_available(0)  # keep the agent's replies flowing while we wait
                 select.select([], [self.fd], [], min(left, 0.05))
                 continue
@@ -237,7 +237,9 @@ class Link:
         except BlockingIOError:
             return []
         except OSError as e:  # EIO: the agent closed its end
-            raise AgentGone("%s: the agent's end of the pty is closed (%s)" % (self.name, e))
+            raise AgentGone(
+                "%s: the agent's end of the pty is closed (%s)" % (self.name, e)
+            ) from None
         if not data:
             raise AgentGone("%s: end of file on the pty" % self.name)
         self.bytes_in += len(data)
@@ -416,7 +418,7 @@ def install_wheel_venv(workdir, real_py, with_orjson=False):
         None,
     ):
         if cmd is None:
-            wheel = os.path.join(wheels, [n for n in os.listdir(wheels) if n.endswith(".whl")][0])
+            wheel = os.path.join(wheels, next(n for n in os.listdir(wheels) if n.endswith(".whl")))
             # By default without orjson, as pip installs it and the distribution packages run it;
             # --with-orjson adds the `fast` extra.
             cmd = [python, "-m", "pip", "install", "-q", wheel + ("[fast]" if with_orjson else "")]
@@ -693,7 +695,7 @@ def idle_interpreter_rss(real_py, code):
 
 def percentile(sorted_samples, p):
     """Nearest-rank percentile of an ascending list."""
-    k = max(0, int(math.ceil(p / 100.0 * len(sorted_samples))) - 1)
+    k = max(0, math.ceil(p / 100.0 * len(sorted_samples)) - 1)
     return sorted_samples[k]
 
 
@@ -798,7 +800,7 @@ def pipelined(peer, total, window, deadline_s=90.0, stall_s=1.0):
     # Late replies to presumed-lost requests: one short last look.
     end = time.perf_counter() + (0.2 if received < total else 0)
     while time.perf_counter() < end:
-        for rid, rep in link.read_available(50):
+        for rid, _ in link.read_available(50):
             k = rid - first if rid is not None else -1
             if 0 <= k < total and not got[k]:
                 got[k] = 1
@@ -872,8 +874,7 @@ def interleaved_walls(base, cli, ok, env, runs, name, warmup=3):
             executable=exe,
             env=env,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             timeout=30,
         )
         dt = time.perf_counter() - t0

@@ -38,11 +38,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # ovmproto from this tree
 
-from ovmproto import PROTOCOL_VERSION  # noqa: E402
-from ovmproto.codec import Reader, encode  # noqa: E402
-from ovmproto.errors import ProtocolError  # noqa: E402
-from ovmproto.framing import Resync  # noqa: E402
-from ovmproto.handshake import answer_hello  # noqa: E402
+from ovmproto import PROTOCOL_VERSION
+from ovmproto.codec import Reader, encode
+from ovmproto.errors import ProtocolError
+from ovmproto.framing import Resync
+from ovmproto.handshake import answer_hello
 from ovmproto.messages import (
     Changed,
     Delete,

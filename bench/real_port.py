@@ -29,8 +29,8 @@ import tty
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "e2e")]
 
-from guest_image import build_image  # noqa: E402
-from qemu import boot, ping_over, ping_round_trips  # noqa: E402
+from guest_image import build_image
+from qemu import boot, ping_over, ping_round_trips
 
 
 def pty_agent(workdir):
