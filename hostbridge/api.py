@@ -23,7 +23,7 @@ import os
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 
@@ -32,6 +32,11 @@ from hostbridge.errors import BridgeError, InvalidInput
 from ovmproto import errorcodes, jsonlib, limits
 from ovmproto.errors import OvmError
 from ovmsys import unixsocket
+
+if TYPE_CHECKING:
+    from aiohttp.typedefs import Handler
+
+    from hostbridge.model import AuditRow, KeyList, KeyValue, SendResult, VmInfo
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +49,31 @@ MAX_AUDIT_LIMIT = 1000
 DEFAULT_AUDIT_LIMIT = 100
 
 
-def _app_key(name, kind):
+class BridgeApi(Protocol):
+    """What the API serves: hostbridge.bridge.Bridge, or a stand-in with the same methods."""
+
+    def stats(self) -> dict[str, float]: ...
+    def vms(self) -> list[VmInfo]: ...
+    def vm(self, name: str) -> VmInfo: ...
+    async def send(
+        self, name: str, key: str, value: str, *, log: bool, queue: bool, timeout: float
+    ) -> SendResult: ...
+    async def query(self, name: str, key: str, *, timeout: float) -> KeyValue: ...
+    async def keys(self, name: str, *, timeout: float) -> KeyList: ...
+    async def delete(self, name: str, key: str, *, timeout: float) -> SendResult: ...
+    def audit(self, name: str, *, limit: int) -> list[AuditRow]: ...
+
+
+def _app_key(name: str) -> Any:
     # web.AppKey (aiohttp >= 3.9) keeps newer aiohttp quiet; Debian 12's 3.8.4 takes plain strings.
+    # Any: the variables below say what each key holds, as the newer aiohttp's AppKey.
     make = getattr(web, "AppKey", None)
-    return make(name, kind) if make is not None else name
+    return make(name) if make is not None else name
 
 
-BRIDGE = _app_key("hostbridge.bridge", Any)
-AUTH = _app_key("hostbridge.auth", Authenticator)
-SETTINGS = _app_key("hostbridge.settings", Any)
+BRIDGE: web.AppKey[BridgeApi] = _app_key("hostbridge.bridge")
+AUTH: web.AppKey[Authenticator] = _app_key("hostbridge.auth")
+SETTINGS: web.AppKey[_Settings] = _app_key("hostbridge.settings")
 
 
 class ApiConfigError(BridgeError):
@@ -71,14 +92,14 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _json(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=jsonlib.dumps(data), status=status, content_type="application/json", headers=headers
     )
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict | None = None
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     return _json({"error": {"code": code, "message": _one_line(message)}}, status, headers)
 
@@ -104,7 +125,7 @@ def _is_unix(request: web.Request) -> bool:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler):
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into the JSON error shape: never a traceback or an HTML page."""
     try:
         return await handler(request)
@@ -141,7 +162,7 @@ async def _errors(request: web.Request, handler):
 
 
 @web.middleware
-async def _authenticate(request: web.Request, handler):
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Unix socket: file permissions decide. Anything else: a valid token or user/password."""
     if not _is_unix(request):
         principal = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
@@ -156,7 +177,7 @@ def _check_key(key: Any) -> str:
     problem = limits.check_key(key)
     if problem is not None:
         raise InvalidInput(problem[1], problem[0])
-    return key
+    return cast(str, key)  # check_key refuses anything else
 
 
 def _timeout(value: Any) -> float:
@@ -186,7 +207,7 @@ def _query_timeout(request: web.Request) -> float:
     return request.app[SETTINGS].default_timeout if value is None else _timeout(value)
 
 
-async def _body(request: web.Request) -> dict:
+async def _body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
         doc = jsonlib.loads(raw)
@@ -197,7 +218,7 @@ async def _body(request: web.Request) -> dict:
     return doc
 
 
-def _bool_field(doc: dict, name: str, default: bool) -> bool:
+def _bool_field(doc: dict[str, Any], name: str, default: bool) -> bool:
     value = doc.get(name, default)
     if not isinstance(value, bool):
         raise InvalidInput("%s must be true or false" % name)
@@ -285,8 +306,9 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[SETTINGS].openapi, content_type="application/json")
 
 
-def make_app(bridge, config) -> web.Application:
-    """The aiohttp application serving ``bridge`` (a hostbridge.bridge.Bridge or a stand-in)."""
+def make_app(bridge: BridgeApi, config: object) -> web.Application:
+    """The aiohttp application serving ``bridge``. ``config``: a hostbridge.config.Config, or any
+    object with some of its attributes (the others take their defaults)."""
     app = web.Application(middlewares=[_errors, _authenticate], client_max_size=MAX_BODY)
     app[BRIDGE] = bridge
     app[AUTH] = Authenticator(
@@ -319,7 +341,7 @@ class ApiServer:
 
     runner: web.AppRunner
     unix: unixsocket.UnixListener | None = None
-    tcp_addresses: list = field(default_factory=list)
+    tcp_addresses: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def unix_path(self) -> str | None:
@@ -369,7 +391,7 @@ async def _start_unix(
     return listener
 
 
-async def start(app: web.Application, config) -> ApiServer:
+async def start(app: web.Application, config: object) -> ApiServer:
     """Bind the unix socket (and TCP with TLS when configured); return an object with close()."""
     unix_path = getattr(config, "api_socket", DEFAULT_SOCKET)
     tcp = getattr(config, "api_tcp", None)
@@ -387,7 +409,7 @@ async def start(app: web.Application, config) -> ApiServer:
         ctx = tls_context(cert, key)
     # aiohttp's access log writes a line per request: thousands a second into the journal under
     # load (~10% of the bridge's time in the benchmark's profile). Only at -d 2 and above.
-    quiet = {} if getattr(config, "debug", 1) >= 2 else {"access_log": None}
+    quiet: dict[str, Any] = {} if getattr(config, "debug", 1) >= 2 else {"access_log": None}
     runner = web.AppRunner(app, handle_signals=False, **quiet)
     await runner.setup()
     server = ApiServer(runner)
@@ -404,8 +426,10 @@ async def start(app: web.Application, config) -> ApiServer:
             host, port = tcp
             site = web.TCPSite(runner, host, int(port), ssl_context=ctx)
             await site.start()
-            for sock in site._server.sockets if site._server else ():
-                server.tcp_addresses.append(sock.getsockname()[:2])
+            # The unix socket's address is its path (a str); TCP's are tuples (IPv6: of 4).
+            for address in runner.addresses:
+                if isinstance(address, tuple):
+                    server.tcp_addresses.append(address[:2])
             log.info("API listening on https://%s:%s", host, port)
     except OSError as exc:
         await server.close()

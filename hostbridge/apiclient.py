@@ -13,6 +13,14 @@ JSON goes through ovmproto.compactjson: the json package would import re and enu
 
 from ovmproto import compactjson, errorcodes
 
+TYPE_CHECKING = False  # mypy takes a name TYPE_CHECKING as true; nothing is imported at run time
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    # One JSON object of the API (docs/api.md), as decoded.
+    JsonObject = dict[str, Any]
+
 DEFAULT_SOCKET = "/run/hostbridge/api.sock"
 DEFAULT_TCP_PORT = 8443
 ENV_BRIDGE = "VMMESSAGE_BRIDGE"
@@ -32,7 +40,7 @@ EXIT_OTHER = errorcodes.vmmessage_exit("internal")
 class ApiError(Exception):
     """An error answer of the bridge, or a failure to reach it (code "unreachable")."""
 
-    def __init__(self, code, message, status=None):
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -47,7 +55,7 @@ def exit_code(code: str) -> int:
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
-def quote(segment):
+def quote(segment: str) -> str:
     """Percent-encode one path segment (every byte but RFC 3986's unreserved ones, '/' included)."""
     return "".join(
         chr(b) if b in _UNRESERVED else "%%%02X" % b
@@ -55,7 +63,7 @@ def quote(segment):
     )
 
 
-def path(*segments, query=None):
+def path(*segments: str, query: "Mapping[str, object] | None" = None) -> str:
     """``/v1/...`` from raw segments: path("vms", "x", "keys", "a/b") -> /v1/vms/x/keys/a%2Fb."""
     p = "/v1/" + "/".join(quote(s) for s in segments)
     if query:
@@ -63,7 +71,7 @@ def path(*segments, query=None):
     return p
 
 
-def _decode_body(status, body):
+def _decode_body(status: int, body: bytes) -> "JsonObject":
     try:
         doc = compactjson.loads(body) if body else {}
     except ValueError:
@@ -80,8 +88,8 @@ def _decode_body(status, body):
     return doc
 
 
-def _dechunk(data):
-    out = []
+def _dechunk(data: bytes) -> bytes:
+    out: list[bytes] = []
     pos = 0
     while True:
         eol = data.find(b"\r\n", pos)
@@ -95,7 +103,7 @@ def _dechunk(data):
         pos = start + size + 2
 
 
-def parse_response(raw):
+def parse_response(raw: bytes) -> tuple[int, bytes]:
     """Split a whole HTTP/1.1 response into (status, body bytes). Pure; tested on its own."""
     head, sep, body = raw.partition(b"\r\n\r\n")
     if not sep:
@@ -105,7 +113,7 @@ def parse_response(raw):
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
         raise ValueError("not an HTTP response")
     status = int(parts[1])
-    headers = {}
+    headers: dict[bytes, bytes] = {}
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         headers[name.strip().lower()] = value.strip()
@@ -119,7 +127,7 @@ def parse_response(raw):
     return status, body
 
 
-def split_hostport(hostport, default_port=DEFAULT_TCP_PORT):
+def split_hostport(hostport: str, default_port: int = DEFAULT_TCP_PORT) -> tuple[str, int]:
     """ "host", "host:port", "[v6]:port" -> (host, port); ApiError("usage") when malformed."""
     if hostport.startswith("["):
         host, _, rest = hostport[1:].partition("]")
@@ -137,8 +145,15 @@ class Client:
     """Talks to one bridge. ``url``: a unix socket path (or ``unix:PATH``) or ``https://host[:port]``."""
 
     def __init__(
-        self, url=None, *, token=None, user=None, password=None, cacert=None, timeout=30.0
-    ):
+        self,
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        cacert: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         if not url:
             url = DEFAULT_SOCKET
         self.url = url
@@ -147,31 +162,40 @@ class Client:
         self.password = password
         self.cacert = cacert
         self.timeout = timeout
+        # Where the bridge listens: a unix socket's path, or (host, port) for https.
+        self._address: str | tuple[str, int]
         if url.startswith("https://"):
             hostport = url[len("https://") :].rstrip("/")
             if "/" in hostport:
                 raise ApiError("usage", "a bridge URL is https://HOST[:PORT] with no path")
-            self._tcp = split_hostport(hostport)
-            self._unix = None
+            self._address = split_hostport(hostport)
         elif url.startswith("http://"):
             raise ApiError(
                 "usage", "plain http is not served; use https://HOST:PORT or the unix socket path"
             )
         else:
-            self._unix = url[len("unix:") :] if url.startswith("unix:") else url
-            self._tcp = None
+            self._address = url[len("unix:") :] if url.startswith("unix:") else url
 
-    def request(self, method, target, body=None, timeout=None):
+    def request(
+        self,
+        method: str,
+        target: str,
+        body: "JsonObject | None" = None,
+        timeout: float | None = None,
+    ) -> "JsonObject":
         """Send one request; return the decoded JSON object or raise ApiError."""
         payload = None if body is None else compactjson.dumps(body).encode("utf-8")
         timeout = self.timeout if timeout is None else timeout
-        if self._unix is not None:
-            status, data = self._unix_request(method, target, payload, timeout)
+        address = self._address
+        if isinstance(address, str):
+            status, data = self._unix_request(address, method, target, payload, timeout)
         else:
-            status, data = self._https_request(method, target, payload, timeout)
+            status, data = self._https_request(address, method, target, payload, timeout)
         return _decode_body(status, data)
 
-    def _unix_request(self, method, target, payload, timeout):
+    def _unix_request(
+        self, where: str, method: str, target: str, payload: bytes | None, timeout: float
+    ) -> tuple[int, bytes]:
         import _socket
 
         head = (
@@ -185,17 +209,17 @@ class Client:
         try:
             sock.settimeout(timeout)
             try:
-                sock.connect(self._unix)
+                sock.connect(where)
             except PermissionError:
                 raise ApiError(
                     "unauthorized",
                     "permission denied on the bridge socket %s "
-                    "(is your user in its group?)" % self._unix,
+                    "(is your user in its group?)" % where,
                 ) from None
             except OSError as exc:
                 raise ApiError(
                     "unreachable",
-                    "cannot connect to the bridge at %s: %s" % (self._unix, exc.strerror or exc),
+                    "cannot connect to the bridge at %s: %s" % (where, exc.strerror or exc),
                 ) from None
             chunks = []
             total = 0
@@ -214,13 +238,12 @@ class Client:
             except TimeoutError:
                 raise ApiError(
                     "unreachable",
-                    "the bridge at %s did not answer within %g s" % (self._unix, timeout),
+                    "the bridge at %s did not answer within %g s" % (where, timeout),
                 ) from None
             except OSError as exc:
                 raise ApiError(
                     "unreachable",
-                    "lost the connection to the bridge at %s: %s"
-                    % (self._unix, exc.strerror or exc),
+                    "lost the connection to the bridge at %s: %s" % (where, exc.strerror or exc),
                 ) from None
         finally:
             sock.close()
@@ -228,15 +251,22 @@ class Client:
             return parse_response(b"".join(chunks))
         except ValueError as exc:
             raise ApiError(
-                "unreachable", "bad answer from the bridge at %s: %s" % (self._unix, exc)
+                "unreachable", "bad answer from the bridge at %s: %s" % (where, exc)
             ) from None
 
-    def _https_request(self, method, target, payload, timeout):
+    def _https_request(
+        self,
+        hostport: tuple[str, int],
+        method: str,
+        target: str,
+        payload: bytes | None,
+        timeout: float,
+    ) -> tuple[int, bytes]:
         import base64
         import http.client
         import ssl
 
-        host, port = self._tcp
+        host, port = hostport
         where = "%s:%d" % (host, port)
         headers = {"Accept": "application/json", "Connection": "close"}
         if payload is not None:
@@ -278,38 +308,48 @@ class Client:
 
     # The API, one method per operation (paths and bodies as docs/api.md and openapi.json).
 
-    def health(self):
+    def health(self) -> "JsonObject":
         return self.request("GET", "/v1/health")
 
-    def vms(self):
-        return self.request("GET", "/v1/vms")["vms"]
+    def vms(self) -> "list[JsonObject]":
+        vms: list[JsonObject] = self.request("GET", "/v1/vms")["vms"]
+        return vms
 
-    def vm(self, name):
+    def vm(self, name: str) -> "JsonObject":
         return self.request("GET", path("vms", name))
 
-    def send(self, vm, key, value, *, log=True, queue=True, timeout=None):
-        body = {"key": key, "value": value, "log": log, "queue": queue}
+    def send(
+        self,
+        vm: str,
+        key: str,
+        value: str,
+        *,
+        log: bool = True,
+        queue: bool = True,
+        timeout: float | None = None,
+    ) -> "JsonObject":
+        body: JsonObject = {"key": key, "value": value, "log": log, "queue": queue}
         if timeout is not None:
             body["timeout"] = timeout
         return self.request("POST", path("vms", vm, "messages"), body, timeout=self._wait(timeout))
 
-    def query(self, vm, key, *, timeout=None):
+    def query(self, vm: str, key: str, *, timeout: float | None = None) -> "JsonObject":
         q = {"timeout": timeout} if timeout is not None else None
         return self.request(
             "GET", path("vms", vm, "keys", key, query=q), timeout=self._wait(timeout)
         )
 
-    def keys(self, vm):
+    def keys(self, vm: str) -> "JsonObject":
         return self.request("GET", path("vms", vm, "keys"))
 
-    def delete(self, vm, key):
+    def delete(self, vm: str, key: str) -> "JsonObject":
         return self.request("DELETE", path("vms", vm, "keys", key))
 
-    def audit(self, vm, limit=None):
+    def audit(self, vm: str, limit: int | None = None) -> "JsonObject":
         q = {"limit": limit} if limit is not None else None
         return self.request("GET", path("vms", vm, "audit", query=q))
 
-    def _wait(self, agent_timeout):
+    def _wait(self, agent_timeout: float | None) -> float:
         # The bridge waits for the agent up to agent_timeout; allow it that plus a margin.
         if agent_timeout is None:
             return self.timeout

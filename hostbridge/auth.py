@@ -26,7 +26,9 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from hostbridge.errors import Unauthorized
 from ovmsys.atomicfile import fsync_directory, write_atomic
@@ -164,17 +166,20 @@ def add_token(path: str, name: str) -> str:
     return token
 
 
-class _WatchedFile:
-    """A credential file parsed again whenever its mtime/size/inode change (so no restart is needed
-    to add a user or revoke a token)."""
+_Parsed = TypeVar("_Parsed")
 
-    def __init__(self, path: str | None, parse):
+
+class _WatchedFile(Generic[_Parsed]):
+    """A credential file parsed again whenever its mtime/size/inode change (so no restart is needed
+    to add a user or revoke a token). ``parse(lines, path)`` makes what get() returns."""
+
+    def __init__(self, path: str | None, parse: Callable[[list[str], str], _Parsed]) -> None:
         self.path = path
         self._parse = parse
-        self._stamp = None
+        self._stamp: tuple[int, int, int] | None = None
         self._data = parse([], path) if path else parse([], "")
 
-    def get(self):
+    def get(self) -> _Parsed:
         if not self.path:
             return self._data
         try:
@@ -243,7 +248,7 @@ class Principal:
 class Authenticator:
     """Checks the Authorization header of a TCP request against the tokens and users files."""
 
-    def __init__(self, tokens_file: str | None = None, users_file: str | None = None):
+    def __init__(self, tokens_file: str | None = None, users_file: str | None = None) -> None:
         self._tokens = _WatchedFile(tokens_file, _parse_tokens)
         self._users = _WatchedFile(users_file, _parse_users)
         self._cache_key = os.urandom(32)

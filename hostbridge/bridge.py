@@ -37,30 +37,37 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 1.0
 
 
-def _check(key, value=None, check_val=False) -> None:
+def _check(key: str, value: str | None = None, check_val: bool = False) -> None:
     problem = check_key(key) or (check_value(value) if check_val else None)
     if problem:
         raise errors.InvalidInput(problem[1], problem[0])
 
 
 class Bridge:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.store: Store | None = None
+        self._store: Store | None = None  # from start() to stop(); see the store property
         self._guests: dict[str, Guest] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
         self._started: float | None = None
         self.discovery: Discovery | None = None
+
+    @property
+    def store(self) -> Store:
+        """The database, open from start() to stop(); BridgeError outside that time."""
+        if self._store is None:
+            raise errors.BridgeError("the bridge is not running (its database is not open)")
+        return self._store
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._lock_db()
-        self.store = Store(self.config.db, audit_keep=self.config.limits.audit_rows)
+        self._store = Store(self.config.db, audit_keep=self.config.limits.audit_rows)
         configured = {vm.name for vm in self.config.vms}
         # VMs we knew before (queued messages, mirrors) stay visible even while not running.
-        for row in self.store.vms():
+        for row in self._store.vms():
             if row.name not in configured:
                 self._guest(row.name, row.channel, row.source or "discovered")
         for spec in self.config.vms:
@@ -82,9 +89,9 @@ class Bridge:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await asyncio.gather(*(g.stop() for g in self._guests.values()), return_exceptions=True)
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -178,7 +185,7 @@ class Bridge:
             counters=dict(link.counters),
         )
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, float]:
         return {
             "vms": len(self._guests),
             "connected": sum(1 for g in self._guests.values() if g.state is State.SYNCED),
@@ -260,7 +267,7 @@ class Bridge:
                             stale=False,
                             last_seen=s.last_seen,
                         )
-                        for i in items
+                        for i in items or ()
                     ],
                 )
             except (errors.AgentTimeout, errors.AgentNotConnected):

@@ -51,7 +51,7 @@ class ChannelFull(BridgeError):
 class Channel:
     kind = ""
 
-    def __init__(self, path: str, write_limit: int = 1024 * 1024):
+    def __init__(self, path: str, write_limit: int = 1024 * 1024) -> None:
         self.path = path
         self.write_limit = write_limit
         self.connects = 0  # successful connects, for the "reconnects" counter
@@ -88,7 +88,7 @@ class Channel:
 class UnixChannel(Channel):
     kind = "unix"
 
-    def __init__(self, path: str, write_limit: int = 1024 * 1024, backoff_max: float = 5.0):
+    def __init__(self, path: str, write_limit: int = 1024 * 1024, backoff_max: float = 5.0) -> None:
         super().__init__(path, write_limit)
         self.backoff_max = backoff_max
         self._reader: asyncio.StreamReader | None = None
@@ -155,7 +155,7 @@ class UnixChannel(Channel):
 class PtyChannel(Channel):
     kind = "pty"
 
-    def __init__(self, path: str, write_limit: int = 1024 * 1024):
+    def __init__(self, path: str, write_limit: int = 1024 * 1024) -> None:
         super().__init__(path, write_limit)
         self._master: int | None = None
         self.slave_name: str | None = None
@@ -251,9 +251,12 @@ class PtyChannel(Channel):
         self._flush()
 
     def _flush(self) -> None:
-        while self._out and self._master is not None:
+        master = self._master
+        if master is None:
+            return  # closed: aclose() removed the writer before it closed the fd
+        while self._out:
             try:
-                n = os.write(self._master, self._out)
+                n = os.write(master, self._out)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -263,11 +266,11 @@ class PtyChannel(Channel):
                 break
             del self._out[:n]
         loop = asyncio.get_running_loop()
-        if self._out and not self._writing and self._master is not None:
-            loop.add_writer(self._master, self._flush)
+        if self._out and not self._writing:
+            loop.add_writer(master, self._flush)
             self._writing = True
         elif not self._out and self._writing:
-            loop.remove_writer(self._master)
+            loop.remove_writer(master)
             self._writing = False
 
     def disconnect(self) -> None:
@@ -290,7 +293,7 @@ class PtyChannel(Channel):
             log.warning("cannot remove the link %s: %s", self.path, e.strerror)
 
 
-def _wake(fut: asyncio.Future) -> None:
+def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
 

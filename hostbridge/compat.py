@@ -22,6 +22,10 @@ import time
 from hostbridge import cli, humanize, render
 from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client
 
+TYPE_CHECKING = False  # mypy takes a name TYPE_CHECKING as true; typing is not imported at run time
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 PROG = "ovm_vmmessage"
 BANNER = "Oracle VM VM Message utility 0.5.2."
 
@@ -32,7 +36,7 @@ def _usage(reason: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         # One line and the documented usage status, not argparse's usage dump.
         raise SystemExit(_usage(message))
 

@@ -152,7 +152,7 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-_BRIDGE_KEYS = {
+_BRIDGE_KEYS: dict[str, type | tuple[type, ...]] = {
     "db": str,
     "discover": bool,
     "libvirt_dirs": list,
@@ -167,6 +167,11 @@ _BRIDGE_KEYS = {
     "log": bool,  # obsolete, ignored: see load_file
     "discover_interval": (int, float),
 }
+
+
+def _has_type(value: object, kind: type | tuple[type, ...]) -> bool:
+    # To isinstance a bool is an int, but `true` is no number of seconds.
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 def load_file(path: str, config: Config | None = None) -> Config:
@@ -184,7 +189,7 @@ def load_file(path: str, config: Config | None = None) -> Config:
         kind = _BRIDGE_KEYS.get(key)
         if kind is None:
             raise ConfigError("config %s: unknown setting [bridge] %s" % (path, key))
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        if not _has_type(value, kind):
             raise ConfigError("config %s: [bridge] %s has the wrong type" % (path, key))
         if key == "log":
             # Once meant as the default of a send's log flag but never used: a file that has

@@ -161,7 +161,7 @@ def run(config: Config) -> int:
         return EXIT_FAILURE
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)

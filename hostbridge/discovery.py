@@ -19,6 +19,7 @@ import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,14 @@ class Found:
     path: str  # the channel socket
     # The socket's identity (device, inode, change time): QEMU binds a new socket at every boot,
     # even under a directory name seen before (ids start again at 1 when libvirtd restarts).
-    ident: tuple = field(default=(), compare=False)
+    ident: tuple[int, ...] = field(default=(), compare=False)
 
 
-def scan(dirs) -> list[Found]:
+# What a name is remembered under: the channel socket's boot, not the (id, short name) alone.
+_Key = tuple[int, str, tuple[int, ...]]
+
+
+def scan(dirs: Iterable[str]) -> list[Found]:
     """Every `domain-<id>-<name>/com.oracle.ovmd` socket under ``dirs``, in a stable order."""
     found = []
     for base in dirs:
@@ -71,9 +76,9 @@ class NameResolver:
     first 20 characters can get the same id, hence the same directory name, and would be taken
     for the VM resolved before (and receive its messages)."""
 
-    def __init__(self, uri: str = "qemu:///system"):
+    def __init__(self, uri: str = "qemu:///system") -> None:
         self.uri = uri
-        self._cache: dict[tuple, str] = {}  # _key(found) -> name
+        self._cache: dict[_Key, str] = {}  # _key(found) -> name
         self._virsh = shutil.which("virsh")
         try:
             import libvirt  # optional: python3-libvirt
@@ -82,10 +87,10 @@ class NameResolver:
         self._libvirt = libvirt
 
     @staticmethod
-    def _key(found: Found) -> tuple:
+    def _key(found: Found) -> _Key:
         return (found.dom_id, found.short_name, found.ident)
 
-    def retain(self, founds) -> None:
+    def retain(self, founds: Iterable[Found]) -> None:
         """Forget the answers for channels that are gone (keeps the cache to the running VMs)."""
         keep = {self._key(f) for f in founds}
         for key in [k for k in self._cache if k not in keep]:
@@ -105,7 +110,7 @@ class NameResolver:
         if self._libvirt is not None:
             name = await asyncio.to_thread(self._lookup_libvirt, dom_id)
         if name is None and self._virsh is not None:
-            name = await self._lookup_virsh(dom_id)
+            name = await self._lookup_virsh(self._virsh, dom_id)
         return name
 
     async def _lookup(self, found: Found) -> str | None:
@@ -125,17 +130,18 @@ class NameResolver:
         try:
             conn = self._libvirt.openReadOnly(self.uri)
             try:
-                return conn.lookupByID(dom_id).name()
+                name: str = conn.lookupByID(dom_id).name()
+                return name
             finally:
                 conn.close()
         except Exception as e:  # noqa: BLE001 - libvirtError, or a broken binding: use the directory
             log.debug("libvirt lookup of domain %d failed: %s", dom_id, e)
             return None
 
-    async def _lookup_virsh(self, dom_id: int) -> str | None:
+    async def _lookup_virsh(self, virsh: str, dom_id: int) -> str | None:
         try:
             proc = await asyncio.create_subprocess_exec(
-                self._virsh,
+                virsh,
                 "-c",
                 self.uri,
                 "domname",
@@ -162,8 +168,13 @@ class Discovery:
     """Rescan every ``interval`` seconds; call on_found(name, path) / on_lost(name) on changes."""
 
     def __init__(
-        self, dirs, on_found, on_lost, interval: float = 2.0, resolver: NameResolver | None = None
-    ):
+        self,
+        dirs: Iterable[str],
+        on_found: Callable[[str, str], Awaitable[None]],
+        on_lost: Callable[[str], Awaitable[None]],
+        interval: float = 2.0,
+        resolver: NameResolver | None = None,
+    ) -> None:
         self.dirs = list(dirs)
         self.on_found = on_found
         self.on_lost = on_lost

@@ -26,7 +26,7 @@ class BridgeError(OvmError):
 class UnknownVm(BridgeError):
     code = "unknown_vm"
 
-    def __init__(self, name):
+    def __init__(self, name: str) -> None:
         super().__init__("no VM named %r" % (name,))
         self.name = name
 
@@ -59,13 +59,14 @@ class Busy(BridgeError):
 
 class Unauthorized(BridgeError):
     code = "unauthorized"
-    http_status = 401
 
 
 class GuestError(BridgeError):
     """The guest answered a request with `err`; ``code`` is the guest's (e.g. "quota")."""
 
-    http_status = 409
+    # Not from the table: the code is the guest's and varies. An int attribute may stand for the
+    # base's read-only property: reading it still gives an int.
+    http_status: int = 409
 
 
 class LinkReset(AgentNotConnected):

@@ -6,9 +6,14 @@ A quota of keys and bytes bounds what one guest can make the bridge hold.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ovmproto.messages import OP_CLEAR, OP_DEL, OP_SET, ORIGIN_GUEST, ORIGIN_HOST
+
+if TYPE_CHECKING:
+    from .store import MirrorRow  # the rows only: the store's I/O stays out of this module
 
 
 @dataclass
@@ -32,7 +37,7 @@ def _size(key: str, value: str | None) -> int:
 
 
 class Mirror:
-    def __init__(self, max_keys: int, max_bytes: int, hidden: set[str] | None = None):
+    def __init__(self, max_keys: int, max_bytes: int, hidden: set[str] | None = None) -> None:
         self.max_keys = max_keys
         self.max_bytes = max_bytes
         self.entries: dict[str, Entry] = {}
@@ -48,13 +53,14 @@ class Mirror:
 
     # -- loading and persisting ----------------------------------------------------------------
 
-    def load(self, rows, gid: str | None, gseq: int | None) -> None:
+    def load(self, rows: Iterable[MirrorRow], gid: str | None, gseq: int | None) -> None:
         for r in rows:
             self._put(r.key, Entry(r.value, r.ts, r.origin, r.hidden), mark=False)
         self.gid, self.gseq = gid, gseq
 
-    def take_dirty(self):
-        """(rows to write, keys to delete, keys no longer hidden, replace-all) since the last call."""
+    def take_dirty(self) -> tuple[list[tuple[str, Entry]], list[str], list[str], bool]:
+        """(rows to write, keys to delete, keys no longer hidden, replace-all) since the last
+        call."""
         rows = [(k, self.entries[k]) for k in self._dirty if k in self.entries]
         out = (rows, sorted(self._deleted), sorted(self._unhidden), self._replace)
         self._dirty, self._deleted, self._unhidden, self._replace = set(), set(), set(), False
@@ -104,7 +110,9 @@ class Mirror:
             return self._put(key, Entry(value, ts, origin, self._is_hidden(key, origin)))
         return True
 
-    def replace(self, items, gid: str | None, gseq: int | None) -> None:
+    def replace(
+        self, items: Iterable[tuple[str, str, float, str]], gid: str | None, gseq: int | None
+    ) -> None:
         """A full `list` answer: items are (key, value, ts, origin)."""
         self.entries.clear()
         self.bytes = 0

@@ -109,7 +109,7 @@ class MirrorSync:
         held, self._held = self._held, []
         if self._held_overflow or (held and listed is None):
             self.refresh()  # cannot tell which held changes the listing has: list again
-        else:
+        elif listed is not None:  # None here: nothing was held
             for msg in held:
                 if msg.gseq > listed and not self._apply(msg):
                     break

@@ -13,6 +13,10 @@ import time
 from hostbridge import humanize
 from hostbridge.humanize import escape
 
+TYPE_CHECKING = False  # mypy takes a name TYPE_CHECKING as true; nothing is imported at run time
+if TYPE_CHECKING:
+    from hostbridge.apiclient import JsonObject
+
 _QUEUED = (
     "Message queued: the agent in VM '%s' is not connected; it will be delivered when it connects."
 )
@@ -56,18 +60,18 @@ def stale_line(last_seen: object, now: float) -> str:
     return "(stale: the agent has not been seen since the bridge started)"
 
 
-def _marked(lines: list[str], doc: dict, now: float) -> list[str]:
+def _marked(lines: list[str], doc: "JsonObject", now: float) -> list[str]:
     if doc.get("stale"):
         lines.append(stale_line(doc.get("last_seen"), now))
     return lines
 
 
-def _outcome(doc: dict, queued: str, done: str) -> list[str]:
+def _outcome(doc: "JsonObject", queued: str, done: str) -> list[str]:
     # A send or a delete is done, or queued in the bridge until the VM's agent connects.
     return [queued % escape(doc.get("vm", ""))] if doc.get("outcome") == "queued" else [done]
 
 
-def query_lines(doc: dict, now: float, *, whole_minutes: bool = False) -> list[str]:
+def query_lines(doc: "JsonObject", now: float, *, whole_minutes: bool = False) -> list[str]:
     """A key's value and when it was set (the original tool's phrases), then the stale marker.
 
     ``whole_minutes``: the age as the original `ovm_vmmessage` printed it, "Key set N minutes ago."
@@ -80,12 +84,12 @@ def query_lines(doc: dict, now: float, *, whole_minutes: bool = False) -> list[s
     return _marked(lines, doc, now)
 
 
-def send_lines(doc: dict, now: float) -> list[str]:
+def send_lines(doc: "JsonObject", now: float) -> list[str]:
     """Sent, or queued until the agent connects."""
     return _outcome(doc, _QUEUED, "Message sent successfully.")
 
 
-def vm_table(doc: dict, now: float) -> list[str]:
+def vm_table(doc: "JsonObject", now: float) -> list[str]:
     """``{"vms": [...]}`` as a table: name, agent state, last seen, queued count, channel."""
     rows = [("NAME", "AGENT", "LAST SEEN", "QUEUED", "CHANNEL")]
     for vm in doc["vms"]:
@@ -112,7 +116,7 @@ def vm_table(doc: dict, now: float) -> list[str]:
     return lines
 
 
-def status_lines(vm: dict, now: float) -> list[str]:
+def status_lines(vm: "JsonObject", now: float) -> list[str]:
     """One VM's details: channel, agent, connected since, last seen, queued, counters."""
     agent = escape(str(vm.get("agent", "?")))
     if vm.get("agent_version"):
@@ -139,7 +143,7 @@ def status_lines(vm: dict, now: float) -> list[str]:
     return lines
 
 
-def keys_lines(doc: dict, now: float) -> list[str]:
+def keys_lines(doc: "JsonObject", now: float) -> list[str]:
     """Every key of a VM with its value, age and origin, then the stale marker."""
     lines = [
         "%s = '%s'  (set %s by the %s)"
@@ -154,12 +158,12 @@ def keys_lines(doc: dict, now: float) -> list[str]:
     return _marked(lines or ["(no keys)"], doc, now)
 
 
-def rm_lines(doc: dict, now: float) -> list[str]:
+def rm_lines(doc: "JsonObject", now: float) -> list[str]:
     """Deleted, or the deletion queued until the agent connects."""
     return _outcome(doc, _DELETION_QUEUED, "Key '%s' deleted." % escape(doc.get("key", "")))
 
 
-def audit_lines(doc: dict, now: float) -> list[str]:
+def audit_lines(doc: "JsonObject", now: float) -> list[str]:
     """The audit trail, newest first: time, outcome, key, size, value or "(not logged)"."""
     lines = []
     for row in doc.get("entries", []):
@@ -186,7 +190,7 @@ def manager_time(now: float) -> str:
 
 
 def manager_lines(
-    args: list[str], now: float, *, error: object = None, doc: dict | None = None
+    args: list[str], now: float, *, error: object = None, doc: "JsonObject | None" = None
 ) -> list[str]:
     """The manager CLI's answer to ``sendVmMessage ARGS``: Command:, Status:, Time:, then
     ``Error Msg:`` (when ``error`` is given) or, for a queued message (``doc``), the queued line."""

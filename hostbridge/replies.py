@@ -30,7 +30,7 @@ class Pending:
         """The guest's `ok` or `err` for this request."""
         if self.fut.done():
             return
-        if type(msg) is Ok:
+        if isinstance(msg, Ok):
             self.fut.set_result((msg, self.items))
             return
         exc_cls = errors.NotFound if msg.code == "not_found" else GuestError

@@ -19,7 +19,10 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal
 
 from .config import Limits
 
@@ -84,6 +87,10 @@ def truncate_utf8(value: str, limit: int = AUDIT_VALUE_MAX) -> str:
     return data[:limit].decode("utf-8", "ignore")
 
 
+# An audit row as Store.audit() reads it: (id, vm, key, size, ts, outcome, value, op).
+AuditRecord = tuple[int, str, str, int, float, str, str | None, str]
+
+
 @dataclass
 class VmRow:
     name: str
@@ -126,7 +133,7 @@ class MirrorRow:
 
 
 class Store:
-    def __init__(self, path: str, audit_keep: int = AUDIT_KEEP):
+    def __init__(self, path: str, audit_keep: int = AUDIT_KEEP) -> None:
         self.path = path
         # Each VM keeps its newest audit_keep audit rows; changing it takes effect at that VM's
         # next audit row.
@@ -154,10 +161,10 @@ class Store:
             log.warning("checkpoint at close failed: %s", e)
         self._db.close()
 
-    def _tx(self):
+    def _tx(self) -> _Tx:
         return _Tx(self)
 
-    def batch(self):
+    def batch(self) -> _Tx:
         """One transaction (one fsync) around many writes: each write inside it becomes a
         savepoint, so a failed write undoes only itself. The bridge saves every VM's mirror
         and last_seen this way once a second instead of paying one fsync per VM."""
@@ -237,7 +244,8 @@ class Store:
         )
 
     def queued(self, vm: str) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM outbox WHERE vm=?", (vm,)).fetchone()[0]
+        count: int = self._db.execute("SELECT COUNT(*) FROM outbox WHERE vm=?", (vm,)).fetchone()[0]
+        return count
 
     def queued_counts(self) -> dict[str, int]:
         """Every VM's outbox length in one query (vmlist of 1,000 VMs: one query, not 1,000)."""
@@ -274,7 +282,17 @@ class Store:
 
     # -- audit --------------------------------------------------------------------------------
 
-    def _audit(self, db, vm, key, value, ts, outcome, log_value, op=None) -> int:
+    def _audit(
+        self,
+        db: sqlite3.Connection,
+        vm: str,
+        key: str,
+        value: str | None,
+        ts: float,
+        outcome: str,
+        log_value: bool,
+        op: str | None = None,
+    ) -> int:
         size = 0 if value is None else len(value.encode("utf-8"))
         kept = truncate_utf8(value) if (log_value and value is not None) else None
         op = op or ("set" if value is not None else "del")
@@ -297,7 +315,9 @@ class Store:
             )
             count -= excess
         self._audit_counts[vm] = count
-        return cur.lastrowid
+        audit_id = cur.lastrowid
+        assert audit_id is not None  # an INSERT sets it
+        return audit_id
 
     def audit_refused(
         self, vm: str, key: str, value: str | None, log_value: bool, outcome: str = "refused"
@@ -306,7 +326,7 @@ class Store:
         with self._tx() as db:
             self._audit(db, vm, key, value, time.time(), outcome, log_value)
 
-    def audit(self, vm: str, limit: int = 100) -> list[tuple]:
+    def audit(self, vm: str, limit: int = 100) -> list[AuditRecord]:
         """(id, vm, key, size, ts, outcome, value, op), newest first."""
         return self._db.execute(
             "SELECT id, vm, key, size, ts, outcome, value, op FROM audit WHERE vm=? "
@@ -334,7 +354,7 @@ class Store:
         last_seen: float | None,
         gid: str | None,
         gseq: int | None,
-        unhidden: list[str] = (),
+        unhidden: Sequence[str] = (),
     ) -> None:
         """Write mirror changes in one transaction; ``replace`` drops the VM's old rows first.
 
@@ -361,12 +381,12 @@ class Store:
 class _Tx:
     """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); inside a batch, a savepoint instead."""
 
-    def __init__(self, store, outer=False):
+    def __init__(self, store: Store, outer: bool = False) -> None:
         self._store = store
         self._outer = outer
         self._savepoint = False
 
-    def __enter__(self):
+    def __enter__(self) -> sqlite3.Connection:
         db = self._store._db
         if self._outer or not self._store._in_batch:
             db.execute("BEGIN IMMEDIATE")
@@ -376,7 +396,12 @@ class _Tx:
             self._savepoint = True
         return db
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
         db = self._store._db
         if exc_type is not None:
             # The counts may include rows the rollback removes: count again when next needed.

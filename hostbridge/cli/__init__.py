@@ -31,6 +31,10 @@ from _collections_abc import Callable
 from hostbridge import render
 from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, ApiError, Client, exit_code
 
+TYPE_CHECKING = False  # mypy takes a name TYPE_CHECKING as true; nothing is imported at run time
+if TYPE_CHECKING:
+    from hostbridge.apiclient import JsonObject
+
 PROG = "vmmessage"
 ENV_TOKEN = "VMMESSAGE_TOKEN"
 ENV_USER = "VMMESSAGE_USER"
@@ -65,7 +69,7 @@ def report(exc: ApiError, prog: str = PROG) -> int:
     return exit_code(exc.code)
 
 
-def print_json(doc: dict) -> None:
+def print_json(doc: "JsonObject") -> None:
     import json
 
     # ensure_ascii: a guest's string can then never put a raw control or C1 character on a terminal.
@@ -73,8 +77,8 @@ def print_json(doc: dict) -> None:
 
 
 def run_api(
-    fetch: Callable[[], dict],
-    lines: Callable[[dict, float], list[str]],
+    fetch: "Callable[[], JsonObject]",
+    lines: "Callable[[JsonObject, float], list[str]]",
     *,
     as_json: bool = False,
 ) -> int:

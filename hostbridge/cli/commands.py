@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import click
 
@@ -37,7 +38,9 @@ from hostbridge.cli import (
 EPILOG = credentials.EPILOG
 
 # What an API command's function returns: its request, and how to render the answer.
-ApiCall = tuple[Callable[[Client], dict], Callable[[dict, float], list[str]]]
+ApiCall = tuple[Callable[[Client], dict[str, Any]], Callable[[dict[str, Any], float], list[str]]]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 # (option, environment variable): an option given to the command wins over the same option given
 # before the command name, which wins over the environment.
@@ -50,7 +53,7 @@ _CONNECTION = (
 )
 
 
-def connection_options(f: Callable) -> Callable:
+def connection_options(f: _F) -> _F:
     """--bridge, --token, -u/--user, -p/--password, --cacert."""
     for option in reversed(
         (
@@ -80,17 +83,17 @@ def connection_options(f: Callable) -> Callable:
     return f
 
 
-def json_option(f: Callable) -> Callable:
+def json_option(f: _F) -> _F:
     """--json, accepted before and after the command name."""
     return click.option(
         "--json", "as_json", is_flag=True, default=None, help="print the API's JSON answer"
     )(f)
 
 
-def client_for(given: dict) -> Client:
+def client_for(given: Mapping[str, str | None]) -> Client:
     """The Client for this command line; asks for the password when -u comes without one."""
     top = click.get_current_context().find_root().params
-    s = {}
+    s: dict[str, str | None] = {}
     for name, env in _CONNECTION:
         for value in (given.get(name), top.get(name), os.environ.get(env)):
             if value is not None:
@@ -102,7 +105,9 @@ def client_for(given: dict) -> Client:
         and (s["bridge"] or "").startswith("https://")
     ):
         s["password"] = click.prompt("Password for %s" % s["user"], hide_input=True)
-    return Client(s.pop("bridge"), **s)
+    return Client(
+        s["bridge"], token=s["token"], user=s["user"], password=s["password"], cacert=s["cacert"]
+    )
 
 
 @click.group(context_settings={"help_option_names": ["--help"]}, epilog=EPILOG)
@@ -119,19 +124,21 @@ def api_command(name: str) -> Callable[[Callable[..., ApiCall]], click.Command]:
 
     def register(f: Callable[..., ApiCall]) -> click.Command:
         @functools.wraps(f)
-        def invoke(as_json: bool | None, **params: object) -> int:
+        def invoke(as_json: bool | None, **params: Any) -> int:
             given = {option: params.pop(option) for option, _ in _CONNECTION}
             call, lines = f(**params)
             as_json = bool(as_json or click.get_current_context().find_root().params["as_json"])
             return run_api(lambda: call(client_for(given)), lines, as_json=as_json)
 
-        invoke.__click_params__ = list(getattr(f, "__click_params__", ()))
+        # Its own list: wraps() shares f's, to which the options below would add theirs. A function
+        # takes any attribute, which mypy does not know.
+        invoke.__click_params__ = list(getattr(f, "__click_params__", ()))  # type: ignore[attr-defined]
         return vmmessage.command(name, epilog=EPILOG)(json_option(connection_options(invoke)))
 
     return register
 
 
-def timeout_option(text: str) -> Callable:
+def timeout_option(text: str) -> Callable[[_F], _F]:
     return click.option(
         "--timeout",
         type=click.FloatRange(min=0, min_open=True, max=300),

@@ -9,6 +9,8 @@ of vmmessage needs.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -19,7 +21,10 @@ from hostbridge.cli import EXIT_HELP, PROG, out
 EPILOG = "\b\n" + EXIT_HELP  # \b: click must not rewrap the table
 
 
-def _file_option(name: str, what: str):
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _file_option(name: str, what: str) -> Callable[[_F], _F]:
     return click.option(
         name,
         required=True,

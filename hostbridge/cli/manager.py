@@ -43,7 +43,8 @@ def parse_manager_args(args: list[str]) -> dict[str, str]:
 
 def run_manager_send(client: Client, args: list[str]) -> int:
     """Send as ``sendVmMessage ARGS`` asks; print the manager's lines; return the exit status."""
-    status, error, doc = EXIT_OK, None, None
+    status, doc = EXIT_OK, None
+    error: object = None  # the reason of a failure, as manager_lines takes it
     try:
         fields = parse_manager_args(args)
     except ValueError as exc:
