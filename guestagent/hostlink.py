@@ -25,7 +25,7 @@ from ovmproto.codec import Reader, encode
 from ovmproto.errors import OvmError, ProtocolError
 from ovmproto.framing import Resync
 from ovmproto.handshake import answer_hello
-from ovmproto.messages import Changed, Delete, Err, Get, Hello, Item, List, Message, Ok, Ping, Set
+from ovmproto.messages import Changed, Delete, Err, Get, Hello, Item, List, Ok, Ping, Set
 from ovmsys.ratelimit import RateLimitedLog
 
 from .channel import DEFAULT_PATH, READ_SIZE, Channel, find_port, is_hangup
@@ -77,7 +77,7 @@ class HostLink:
         self._closed = False
         self._warn = RateLimitedLog(log, 60.0)
         self._warn_open = RateLimitedLog(log, 300.0)  # a missing port may stay missing for long
-        self._handlers: dict[type[Message], Callable[[Any], None]] = {
+        self._handlers: dict[type[object], Callable[[Any], None]] = {
             Ping: self._on_ping,
             Get: self._on_get,
             List: self._on_list,
@@ -261,21 +261,24 @@ class HostLink:
                 handler(event)
             elif isinstance(event, ProtocolError):
                 self._on_bad(event)
-            elif type(event) is Resync:
+            elif isinstance(event, Resync):
                 # The host starts over (a hello follows): stop announcing until it has synced.
                 if self.state == SYNCED:
                     self._set_state(CONNECTED)
-            elif getattr(event, "id", None) is not None and type(event) not in (Ok, Err, Item):
-                self._send(
-                    encode(
-                        Err(
-                            id=event.id,
-                            code="bad_request",
-                            msg="%r is a local request, not accepted from the host" % event.TYPE,
+            else:
+                request_id = getattr(event, "id", None)
+                if request_id is not None and type(event) not in (Ok, Err, Item):
+                    self._send(
+                        encode(
+                            Err(
+                                id=request_id,
+                                code="bad_request",
+                                msg="%r is a local request, not accepted from the host"
+                                % event.TYPE,
+                            )
                         )
                     )
-                )
-            # ok, err, item and changed from the host are never answered
+                # ok, err, item and changed from the host are never answered
 
     def _on_bad(self, err: ProtocolError) -> None:
         self.bad_frames += 1

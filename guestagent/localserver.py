@@ -140,7 +140,7 @@ class LocalServer:
         self._uid = os.getuid()
         self._wait_token = 0
         self._warn = RateLimitedLog(log, 60.0)
-        self._handlers: dict[type[Message], Callable[[_Client, Any], None]] = {
+        self._handlers: dict[type[object], Callable[[_Client, Any], None]] = {
             Ping: self._on_ping,
             Get: self._on_get,
             List: self._on_list,
@@ -294,13 +294,19 @@ class LocalServer:
                 # silence would look like a hung daemon (the host link, by contrast, never
                 # answers id-less garbage: it may be stale bytes of an earlier connection).
                 self._send(client, error_reply(getattr(event, "request_id", None), event))
-            elif getattr(event, "id", None) is not None and event.TYPE not in ("ok", "err", "item"):
-                self._send(
-                    client,
-                    encode(
-                        Err(id=event.id, code="bad_request", msg="%r is not a request" % event.TYPE)
-                    ),
-                )
+            elif isinstance(event, Message):
+                request_id = getattr(event, "id", None)
+                if request_id is not None and event.TYPE not in ("ok", "err", "item"):
+                    self._send(
+                        client,
+                        encode(
+                            Err(
+                                id=request_id,
+                                code="bad_request",
+                                msg="%r is not a request" % event.TYPE,
+                            )
+                        ),
+                    )
 
     def _send(self, client: _Client, data: bytes) -> None:
         if client.closed:
@@ -458,14 +464,14 @@ class LocalServer:
             )
             return
 
-        def expired() -> None:
+        def expired(seconds: float) -> None:
             waiter, _ = client.waits.pop(token, (None, None))
             if waiter is not None:
                 waiter.cancel()
                 self._err(
-                    client, msg.id, "timeout", "key %r was not set within %gs" % (msg.key, timeout)
+                    client, msg.id, "timeout", "key %r was not set within %gs" % (msg.key, seconds)
                 )
                 self._update(client)  # a half-closed client may be finished now
 
-        timer = self.loop.call_later(timeout, expired) if timeout is not None else None
+        timer = self.loop.call_later(timeout, expired, timeout) if timeout is not None else None
         client.waits[token] = (result, timer)
