@@ -109,6 +109,8 @@ def socket_path(
     return configured or DEFAULT_SOCKET
 
 
+# Each returns its argument unchanged, whatever its type: _validate() also checks a Plan's
+# value, which is None when the command line gave no -e.
 def _valid_key(key: _T) -> _T:
     problem = check_key(key)
     if problem:

@@ -67,9 +67,8 @@ class HostLink:
         self._reader = Reader()
         self._outbox = Outbox(outbox_limit)
         self._want_out = False
-        self._held: list[Changed] | None = (
-            None  # changes announced while a host request is being answered
-        )
+        # Changes announced while a host request is being answered.
+        self._held: list[Changed] | None = None
         self._retry: Timer | None = None
         self._backoff = BACKOFF_FIRST
         self._proven = False  # bytes arrived since the channel was opened

@@ -25,9 +25,8 @@ OFF, STDERR, SYSLOG = 0, 1, 2
 _FORMAT_PLAIN = "%(asctime)s ovmd[%(process)d] %(levelname)s %(name)s: %(message)s"
 _FORMAT_JOURNAL = "%(levelname)s %(name)s: %(message)s"  # the journal adds time and pid
 
-_installed: list[
-    logging.Handler
-] = []  # our handlers on the root logger, so a second setup() replaces them
+# Our handlers on the root logger, so a second setup() replaces them.
+_installed: list[logging.Handler] = []
 
 
 def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
