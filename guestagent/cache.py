@@ -4,6 +4,8 @@ Pure logic: no I/O and no clock (callers pass ``ts``, UNIX seconds). store.py ma
 Every method that raises leaves the cache exactly as it was, so a refused request changes nothing.
 """
 
+from __future__ import annotations
+
 import binascii
 import os
 from collections import deque
@@ -12,6 +14,10 @@ from ovmproto import jsonlib
 from ovmproto.errors import OvmError
 from ovmproto.limits import DEFAULT_MAX_KEYS, EVENT_KEY, check_key, check_value
 from ovmproto.messages import OP_CLEAR, OP_DEL, OP_SET, ORIGIN_HOST, ORIGINS, Changed
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
 FORMAT = 1  # version of the file layout written by to_bytes
 DEFAULT_MAX_EVENTS = 64
@@ -24,13 +30,13 @@ class CacheError(OvmError):
 class Entry:
     __slots__ = ("key", "value", "ts", "origin")
 
-    def __init__(self, key, value, ts, origin):
+    def __init__(self, key: str, value: str, ts: float, origin: str) -> None:
         self.key = key
         self.value = value
         self.ts = ts
         self.origin = origin
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Entry) and (self.key, self.value, self.ts, self.origin) == (
             other.key,
             other.value,
@@ -38,9 +44,9 @@ class Entry:
             other.origin,
         )
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # unhashable (mutable, equal by value), as list
 
-    def __repr__(self):  # never the value: it may be a password
+    def __repr__(self) -> str:  # never the value: it may be a password
         return "Entry(key=%r, value=<%d chars>, ts=%r, origin=%r)" % (
             self.key,
             len(self.value),
@@ -49,50 +55,55 @@ class Entry:
         )
 
 
-def _new_gid():
+def _new_gid() -> str:
     return binascii.hexlify(os.urandom(8)).decode("ascii")
 
 
-def _validate(key, value):
+def _validate(key: str, value: str | None) -> None:
     problem = check_key(key) or (check_value(value) if value is not None else None)
     if problem:
         raise CacheError(problem[1], problem[0])
 
 
 class Cache:
-    def __init__(self, max_keys=DEFAULT_MAX_KEYS, max_events=DEFAULT_MAX_EVENTS, gid=None):
+    def __init__(
+        self,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        gid: str | None = None,
+    ) -> None:
         self.max_keys = max_keys
         self.gid = gid or _new_gid()  # a fresh identity tells the host its mirror is void
         self.gseq = 0  # counts every change, of any origin
-        self.epoch = None  # the host stream we follow
+        self.epoch: str | None = None  # the host stream we follow
         self.hseq = 0  # the last host seq applied in that epoch
         # A dict keeps insertion order; re-setting a key pops and re-inserts it, so iteration
         # order is the order keys were (last) set, which is what `ovmd -l` prints.
-        self._entries = {}
-        self._events = deque(maxlen=max_events)
+        self._entries: dict[str, Entry] = {}
+        self._events: deque[Entry] = deque(maxlen=max_events)
 
     # -- reading ------------------------------------------------------------------------------
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key):
+    def get(self, key: str) -> Entry | None:
         return self._entries.get(key)
 
-    def entries(self):
+    def entries(self) -> list[Entry]:
         return list(self._entries.values())
 
-    def events(self):
+    def events(self) -> list[Entry]:
         return list(self._events)
 
     # -- changes of any origin ----------------------------------------------------------------
 
-    def set(self, key, value, origin, ts):
+    def set(self, key: str, value: str, origin: str, ts: float) -> Changed:
         _validate(key, value)
         self._check_quota([key])
         return self._store(key, value, origin, ts)
 
-    def put(self, items, origin, ts):
+    def put(self, items: Sequence[Sequence[str]], origin: str, ts: float) -> list[Changed]:
         """Set several keys, all or none."""
         if not items:
             raise CacheError("nothing to set", "bad_request")
@@ -101,18 +112,18 @@ class Cache:
         self._check_quota([k for k, _ in items])
         return [self._store(key, value, origin, ts) for key, value in items]
 
-    def delete(self, key, origin, ts):
+    def delete(self, key: str, origin: str, ts: float) -> Changed | None:
         if self._entries.pop(key, None) is None:
             return None
         return self._changed(OP_DEL, origin, ts, key=key)
 
-    def clear(self, origin, ts):
+    def clear(self, origin: str, ts: float) -> Changed | None:
         if not self._entries:
             return None
         self._entries.clear()
         return self._changed(OP_CLEAR, origin, ts)
 
-    def add_event(self, value, ts):
+    def add_event(self, value: str, ts: float) -> None:
         problem = check_value(value)
         if problem:
             raise CacheError(problem[1], problem[0])
@@ -120,15 +131,15 @@ class Cache:
 
     # -- host messages: exactly once, in order ------------------------------------------------
 
-    def follow_epoch(self, epoch):
+    def follow_epoch(self, epoch: str) -> None:
         if epoch != self.epoch:
             self.epoch = epoch
             self.hseq = 0
 
-    def is_duplicate(self, seq):
+    def is_duplicate(self, seq: int) -> bool:
         return seq <= self.hseq
 
-    def apply_host_set(self, seq, key, value, ts):
+    def apply_host_set(self, seq: int, key: str, value: str, ts: float) -> Changed | None:
         """Apply a host set; a VMAPIEvent becomes an event. Records seq as applied."""
         if key == EVENT_KEY:
             self.add_event(value, ts)
@@ -138,14 +149,14 @@ class Cache:
         self.hseq = seq
         return change
 
-    def apply_host_delete(self, seq, key, ts):
+    def apply_host_delete(self, seq: int, key: str, ts: float) -> Changed | None:
         change = self.delete(key, ORIGIN_HOST, ts)
         self.hseq = seq
         return change
 
     # -- persistence --------------------------------------------------------------------------
 
-    def to_bytes(self):
+    def to_bytes(self) -> bytes:
         return jsonlib.dumps(
             {
                 "format": FORMAT,
@@ -159,7 +170,9 @@ class Cache:
         )
 
     @classmethod
-    def from_bytes(cls, data, max_keys=DEFAULT_MAX_KEYS, max_events=DEFAULT_MAX_EVENTS):
+    def from_bytes(
+        cls, data: bytes, max_keys: int = DEFAULT_MAX_KEYS, max_events: int = DEFAULT_MAX_EVENTS
+    ) -> Cache:
         """Rebuild a cache from to_bytes() output; raise CacheError(code "corrupt") on bad data.
 
         Entries over the current limits are still loaded (a lowered max_keys must not destroy
@@ -189,8 +202,8 @@ class Cache:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _check_quota(self, keys):
-        new = len(set(k for k in keys if k not in self._entries))
+    def _check_quota(self, keys: Iterable[str]) -> None:
+        new = len({k for k in keys if k not in self._entries})
         if new and len(self._entries) + new > self.max_keys:
             raise CacheError(
                 "the cache holds %d keys, the limit is %d keys"
@@ -198,11 +211,13 @@ class Cache:
                 "quota",
             )
 
-    def _store(self, key, value, origin, ts):
+    def _store(self, key: str, value: str, origin: str, ts: float) -> Changed:
         self._entries.pop(key, None)
         self._entries[key] = Entry(key, value, ts, origin)
         return self._changed(OP_SET, origin, ts, key=key, value=value)
 
-    def _changed(self, op, origin, ts, key=None, value=None):
+    def _changed(
+        self, op: str, origin: str, ts: float, key: str | None = None, value: str | None = None
+    ) -> Changed:
         self.gseq += 1
         return Changed(gseq=self.gseq, op=op, ts=ts, origin=origin, key=key, value=value)

@@ -10,6 +10,8 @@ is written to (docs/virtio-serial.md):
   default TCSAFLUSH discards input the host already wrote.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import termios
@@ -23,7 +25,9 @@ READ_SIZE = 65536  # the real port returns at most 4096 bytes a read; a pty a li
 _OPEN_FLAGS = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
-def find_port(default=DEFAULT_PATH, sysfs=SYSFS_PORTS, dev="/dev", name=PORT_NAME):
+def find_port(
+    default: str = DEFAULT_PATH, sysfs: str = SYSFS_PORTS, dev: str = "/dev", name: str = PORT_NAME
+) -> str | None:
     """The port's device path: the udev link if present, else the vport whose sysfs name matches.
 
     Return None when neither exists (the port may not be there yet: the caller retries).
@@ -49,13 +53,13 @@ class Channel:
 
     __slots__ = ("path", "fd", "is_tty")
 
-    def __init__(self, path, fd, is_tty):
+    def __init__(self, path: str, fd: int, is_tty: bool) -> None:
         self.path = path
         self.fd = fd
         self.is_tty = is_tty
 
     @classmethod
-    def open(cls, path):
+    def open(cls, path: str) -> Channel:
         """Open ``path``; raise OSError (ENOENT, EBUSY, EACCES...) for the caller to judge."""
         fd = os.open(path, _OPEN_FLAGS)
         try:
@@ -68,21 +72,21 @@ class Channel:
             raise
         return cls(path, fd, is_tty)
 
-    def read(self):
+    def read(self) -> bytes | None:
         """Bytes read; b"" at EOF; None when nothing is waiting. Raise OSError (e.g. EIO)."""
         try:
             return os.read(self.fd, READ_SIZE)
         except BlockingIOError:
             return None
 
-    def write(self, data):
+    def write(self, data: bytes | bytearray) -> int:
         """Bytes written (0 when the port would block). Raise OSError for real errors."""
         try:
             return os.write(self.fd, data)
         except BlockingIOError:
             return 0
 
-    def close(self):
+    def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             try:
@@ -90,10 +94,10 @@ class Channel:
             except OSError:
                 pass  # nothing to recover: the descriptor is gone either way
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Channel(%r, fd=%d%s)" % (self.path, self.fd, ", tty" if self.is_tty else "")
 
 
-def is_hangup(err):
+def is_hangup(err: OSError) -> bool:
     """True for the errors that mean the peer side of a tty went away."""
     return err.errno in (errno.EIO, errno.ENXIO, errno.EPIPE, errno.ECONNRESET)

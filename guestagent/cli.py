@@ -11,6 +11,8 @@ guestagent.client and guestagent.config (no json, re, socket or click); nothing 
 import more.
 """
 
+from __future__ import annotations
+
 import os
 import sys
 
@@ -21,6 +23,15 @@ from . import output
 from .client import DEFAULT_TIMEOUT, EXIT_OK, EXIT_USAGE, BadInput, Client, ClientError
 from .config import DEFAULT_PATH as DEFAULT_CONFIG
 from .config import DEFAULT_SOCKET, ConfigError, read_file
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from typing import Any, TypeVar
+
+    import click
+
+    _T = TypeVar("_T")
 
 PROG = "ovmd"
 SOCKET_ENV = "OVMD_SOCKET"
@@ -58,16 +69,16 @@ class Plan:
 
     def __init__(
         self,
-        action,
-        socket=None,
-        config=None,
-        key=None,
-        pairs=(),
-        value=None,
-        as_json=False,
-        changed=False,
-        timeout=None,
-    ):
+        action: str,
+        socket: str | None = None,
+        config: str | None = None,
+        key: str | None = None,
+        pairs: Sequence[str] = (),
+        value: str | None = None,
+        as_json: bool = False,
+        changed: bool = False,
+        timeout: float | None = None,
+    ) -> None:
         self.action = action  # list, get, set, delete, clear, event, wait, events
         self.socket = socket  # --socket, or None: $OVMD_SOCKET, the config file, the default
         self.config = config  # --config: where to look for the socket path
@@ -82,7 +93,9 @@ class Plan:
 # -- the executor ----------------------------------------------------------------------------------
 
 
-def socket_path(option, config_path=None, environ=None):
+def socket_path(
+    option: str | None, config_path: str | None = None, environ: Mapping[str, str] | None = None
+) -> str:
     """--socket, else $OVMD_SOCKET, else `socket` in the config file's [ovmd], else the default."""
     if option:
         return option
@@ -96,21 +109,23 @@ def socket_path(option, config_path=None, environ=None):
     return configured or DEFAULT_SOCKET
 
 
-def _valid_key(key):
+# Each returns its argument unchanged, whatever its type: _validate() also checks a Plan's
+# value, which is None when the command line gave no -e.
+def _valid_key(key: _T) -> _T:
     problem = check_key(key)
     if problem:
         raise BadInput(problem[1])
     return key
 
 
-def _valid_value(value):
+def _valid_value(value: _T) -> _T:
     problem = check_value(value)
     if problem:
         raise BadInput(problem[1])
     return value
 
 
-def parse_pairs(args):
+def parse_pairs(args: Iterable[str]) -> list[list[str]]:
     """-p arguments to [[key, value], ...], split at the first '='.
 
     Raise BadInput for the first bad one; the message never shows a value.
@@ -125,20 +140,20 @@ def parse_pairs(args):
     return pairs
 
 
-def _entries(items, as_json):
+def _entries(items: Iterable[Mapping[str, Any]], as_json: bool) -> bytes:
     return output.entry_lines(items) if as_json else output.pair_lines(items)
 
 
-def _do_list(client, plan):
+def _do_list(client: Client, plan: Plan) -> bytes:
     return _entries(client.collect("list"), plan.as_json)
 
 
-def _do_get(client, plan):
+def _do_get(client: Client, plan: Plan) -> bytes:
     reply = client.call("get", key=plan.key)
     return _one_entry(reply, plan)
 
 
-def _one_entry(reply, plan):
+def _one_entry(reply: Mapping[str, Any], plan: Plan) -> bytes:
     value = reply.get("value")
     if type(value) is not str:
         raise ClientError("the daemon's answer has no value")
@@ -149,30 +164,30 @@ def _one_entry(reply, plan):
     return output.value_line(value)
 
 
-def _do_set(client, plan):
+def _do_set(client: Client, plan: Plan) -> bytes:
     client.call("put", items=parse_pairs(plan.pairs))
     return b""
 
 
-def _do_delete(client, plan):
+def _do_delete(client: Client, plan: Plan) -> bytes:
     # A key that is not there is not an error (found: false): scripts clean up with -r, and the
     # original documented no failure for it.
     client.call("del", key=plan.key)
     return b""
 
 
-def _do_clear(client, plan):
+def _do_clear(client: Client, plan: Plan) -> bytes:
     client.call("clear")
     return b""
 
 
-def _do_event(client, plan):
+def _do_event(client: Client, plan: Plan) -> bytes:
     client.call("event", value=plan.value)
     return b""
 
 
-def _do_wait(client, plan):
-    fields = {"key": plan.key}
+def _do_wait(client: Client, plan: Plan) -> bytes:
+    fields: dict[str, object] = {"key": plan.key}
     if plan.changed:
         fields["changed"] = True
     if plan.timeout is not None:
@@ -183,11 +198,11 @@ def _do_wait(client, plan):
     return _one_entry(client.call("wait", **fields), plan)
 
 
-def _do_events(client, plan):
+def _do_events(client: Client, plan: Plan) -> bytes:
     return _entries(client.collect("events"), plan.as_json)
 
 
-_ACTIONS = {
+_ACTIONS: dict[str, Callable[[Client, Plan], bytes]] = {
     "list": _do_list,
     "get": _do_get,
     "set": _do_set,
@@ -199,7 +214,7 @@ _ACTIONS = {
 }
 
 
-def _validate(plan):
+def _validate(plan: Plan) -> None:
     """Check the input before talking to the daemon (which checks again)."""
     if plan.key is not None:
         _valid_key(plan.key)
@@ -209,7 +224,7 @@ def _validate(plan):
         _valid_value(plan.value)
 
 
-def _explain(err, plan):
+def _explain(err: ClientError, plan: Plan) -> str:
     """The one line for a failure; not_found and timeout get our own wording with the key."""
     if err.code == "not_found" and plan.key is not None:
         return "key not found: %s" % plan.key
@@ -219,7 +234,7 @@ def _explain(err, plan):
     return str(err)
 
 
-def complain(message):
+def complain(message: object) -> None:
     """One line on stderr: "ovmd: <message>"."""
     line = "%s: %s\n" % (PROG, " ".join(str(message).splitlines()))
     try:
@@ -228,7 +243,7 @@ def complain(message):
         pass  # nowhere left to tell
 
 
-def execute(plan):
+def execute(plan: Plan) -> int:
     """Run a client Plan; print its output; return the exit code. Never raises a ClientError."""
     try:
         _validate(plan)
@@ -243,7 +258,7 @@ def execute(plan):
     return emit(data)
 
 
-def emit(data):
+def emit(data: bytes) -> int:
     """Write ``data`` to stdout; the exit code (a reader that went away is not worth a message)."""
     if not data:
         return EXIT_OK
@@ -260,13 +275,13 @@ def emit(data):
 # -- the fast parser -------------------------------------------------------------------------------
 
 
-def _plain(arg):
+def _plain(arg: str) -> bool:
     # An argument click would also read as a value. Anything starting with '-' is left to click,
     # so the two parsers never disagree about an odd command line.
     return not arg.startswith("-")
 
 
-def fast_plan(args):
+def fast_plan(args: Sequence[str]) -> Plan | None:
     """A Plan for the exact shapes scripts use, or None to let click parse ``args``."""
     socket = None
     if len(args) >= 2 and args[0] == "--socket" and _plain(args[1]):
@@ -289,7 +304,7 @@ def fast_plan(args):
     return None
 
 
-def main(argv=None):
+def main(argv: Iterable[str] | None = None) -> int:
     """The console script. Returns the exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
     plan = fast_plan(args)
@@ -305,7 +320,7 @@ def main(argv=None):
 # life (1.6 MB of its ~15 MB). config.load() validates the values; any other shape of command line
 # (an unknown option, a value-less flag, -d2) goes to click, which explains what is wrong. A test
 # checks that this table names exactly click's options that apply to --daemon.
-DAEMON_OPTIONS = {
+DAEMON_OPTIONS: dict[str, str | None] = {
     "--channel": "channel",
     "--socket": "socket",
     "--state-dir": "state_dir",
@@ -322,11 +337,11 @@ DAEMON_OPTIONS = {
 }
 
 
-def daemon_options(args):
+def daemon_options(args: Sequence[str]) -> dict[str, str] | None:
     """The options of a plain ``ovmd --daemon ...`` command line as a dict, else None."""
     if "--daemon" not in args:
         return None
-    opts = {}
+    opts: dict[str, str] = {}
     i = 0
     while i < len(args):
         arg = args[i]
@@ -341,8 +356,9 @@ def daemon_options(args):
                 return None
             value = args[i]
             i += 1
-        if DAEMON_OPTIONS[name] is not None:
-            opts[DAEMON_OPTIONS[name]] = value
+        field = DAEMON_OPTIONS[name]
+        if field is not None:
+            opts[field] = value
     return opts
 
 
@@ -364,7 +380,7 @@ _ACTION_FLAGS = (
 )
 
 
-def plan_from_options(opts):
+def plan_from_options(opts: Mapping[str, Any]) -> Plan | None:
     """Check a click parse's combination of options; return a Plan, or None for --daemon.
 
     Raise BadInput for combinations that make no sense (one action per call).
@@ -384,7 +400,7 @@ def plan_from_options(opts):
     flag, action = given[0]
     if flag == "-s":
         raise BadInput("-s (template configuration scripts) is not supported by this ovmd")
-    if flag == "--daemon":
+    if action is None:  # --daemon, the only other flag that is no client action
         for name in ("json", "changed"):
             if opts.get(name):
                 raise BadInput("--%s does not apply to --daemon" % name)
@@ -418,7 +434,7 @@ def plan_from_options(opts):
     )
 
 
-def run_daemon(opts):
+def run_daemon(opts: Mapping[str, Any]) -> int:
     """--daemon: load the configuration and run the daemon until it stops; its exit code."""
     # Imported here only: the daemon pulls in orjson, selectors, logging... which no client needs.
     try:
@@ -426,7 +442,7 @@ def run_daemon(opts):
     except ImportError as e:  # a broken installation (e.g. orjson missing): say so in one line
         complain("cannot load the daemon: %s" % e)
         return EXIT_DAEMON_FAILED
-    overrides = {"socket": opts.get("socket"), "debug": opts.get("debug")}
+    overrides: dict[str, object] = {"socket": opts.get("socket"), "debug": opts.get("debug")}
     for name in _DAEMON_ONLY:
         overrides[name] = opts.get(name)
     try:
@@ -437,12 +453,12 @@ def run_daemon(opts):
     return daemon.run(cfg)
 
 
-def _print_version(ctx, param, value):
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value and not ctx.resilient_parsing:
         ctx.exit(emit(("%s %s\n" % (PROG, __version__)).encode("ascii")))
 
 
-def build_command():
+def build_command() -> click.Command:
     """The click command (built on demand: importing click is the slow part of the CLI)."""
     import click
 
@@ -546,7 +562,7 @@ def build_command():
         callback=_print_version,
         help="Print the version.",
     )
-    def command(**opts):
+    def command(**opts: Any) -> int:
         try:
             plan = plan_from_options(opts)
         except BadInput as e:
@@ -559,12 +575,14 @@ def build_command():
     return command
 
 
-def click_main(args):
+def click_main(args: list[str]) -> int:
     """Parse ``args`` with click and run; usage errors are one line and exit 2."""
     import click
 
     try:
-        return build_command().main(args, prog_name=PROG, standalone_mode=False)
+        # Not standalone: main() returns what the command returned, or the code given to exit().
+        code: int = build_command().main(args, prog_name=PROG, standalone_mode=False)
+        return code
     except click.UsageError as e:
         complain(e.format_message())
         return EXIT_USAGE

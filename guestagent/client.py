@@ -15,11 +15,17 @@ Failures are ClientError subclasses carrying the CLI's exit code; their text is 
 never holds a value.
 """
 
+from __future__ import annotations
+
 import _socket
 
 from ovmproto import compactjson, errorcodes
 from ovmproto.errors import OvmError
 from ovmproto.limits import FRAME_MAX
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from typing import Any
 
 # Exit codes of the ovmd command (docs/cli.md), by name; an error's comes from its code.
 EXIT_OK = 0
@@ -62,7 +68,7 @@ class DaemonError(ClientError):
         super().__init__(message, code)
 
 
-def _one_line(text, limit=300):
+def _one_line(text: object, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -72,21 +78,24 @@ class Client:
 
     __slots__ = ("path", "timeout", "_sock", "_buf", "_next_id")
 
-    def __init__(self, path, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, path: str, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         self.path = path
         self.timeout = timeout  # seconds, or None to wait forever
-        self._sock = None
+        self._sock: _socket.socket | None = None
         self._buf = b""
         self._next_id = 1
 
-    def __enter__(self):
+    def __enter__(self) -> Client:
         self.connect()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def connect(self):
+    def connect(self) -> None:
+        self._connect()
+
+    def _connect(self) -> _socket.socket:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
@@ -95,21 +104,22 @@ class Client:
             sock.close()
             raise self._unreachable(e) from None
         self._sock = sock
+        return sock
 
-    def close(self):
+    def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
 
     # -- requests -----------------------------------------------------------------------------
 
-    def set_timeout(self, seconds):
+    def set_timeout(self, seconds: float | None) -> None:
         """How long any later send or receive may take (None: forever, as a wait may need)."""
         self.timeout = seconds
         if self._sock is not None:
             self._sock.settimeout(seconds)
 
-    def call(self, t, **fields):
+    def call(self, t: str, **fields: Any) -> dict[str, Any]:
         """Send one request; return its ``ok`` reply (a dict). Raise DaemonError on ``err``."""
         rid = self._send(t, fields)
         while True:
@@ -118,10 +128,10 @@ class Client:
                 return msg
             # An "item" outside a stream request: not ours to handle; skip it.
 
-    def collect(self, t, **fields):
+    def collect(self, t: str, **fields: Any) -> list[dict[str, Any]]:
         """Send a streaming request (list, events); return its items, in order."""
         rid = self._send(t, fields)
-        items = []
+        items: list[dict[str, Any]] = []
         while True:
             msg = self._read_reply(rid)
             kind = msg.get("t")
@@ -134,12 +144,11 @@ class Client:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _send(self, t, fields):
-        if self._sock is None:
-            self.connect()
+    def _send(self, t: str, fields: dict[str, Any]) -> int:
+        sock = self._sock if self._sock is not None else self._connect()
         rid = self._next_id
         self._next_id += 1
-        obj = {"t": t, "id": rid}
+        obj: dict[str, Any] = {"t": t, "id": rid}
         obj.update(fields)
         data = compactjson.dumps(obj).encode("utf-8") + b"\n"
         if len(data) > FRAME_MAX:
@@ -150,23 +159,23 @@ class Client:
                 "values in one call" % (len(data), FRAME_MAX)
             )
         try:
-            self._sock.sendall(data)
+            sock.sendall(data)
         except OSError as e:
             # The daemon may have said why before it hung up (e.g. err denied): read that first.
-            if self._buf or self._peek_pending():
+            if self._buf or self._peek_pending(sock):
                 return rid
             raise self._unreachable(e) from None
         return rid
 
-    def _peek_pending(self):
+    def _peek_pending(self, sock: _socket.socket) -> bool:
         try:
-            chunk = self._sock.recv(_RECV_SIZE)
+            chunk = sock.recv(_RECV_SIZE)
         except OSError:
             return False
         self._buf += chunk
         return bool(chunk)
 
-    def _read_reply(self, rid):
+    def _read_reply(self, rid: int) -> dict[str, Any]:
         """The next ok/err/item frame for ``rid``; raise DaemonError for its err."""
         while True:
             frame = self._read_frame()
@@ -189,7 +198,9 @@ class Client:
                 continue  # not for us (a reply to nothing we asked, or a notification)
             return msg
 
-    def _read_frame(self):
+    def _read_frame(self) -> bytes:
+        sock = self._sock
+        assert sock is not None, "a reply is read only after a request was sent"
         while True:
             nl = self._buf.find(b"\n")
             if nl >= 0:
@@ -203,7 +214,7 @@ class Client:
             if len(self._buf) > FRAME_MAX:
                 raise self._garbled("a frame over %d bytes" % FRAME_MAX)
             try:
-                chunk = self._sock.recv(_RECV_SIZE)
+                chunk = sock.recv(_RECV_SIZE)
             except OSError as e:
                 raise self._unreachable(e) from None
             if not chunk:
@@ -212,15 +223,15 @@ class Client:
                 )
             self._buf += chunk
 
-    def _unreachable(self, e):
-        if isinstance(e, _socket.timeout):
+    def _unreachable(self, e: OSError) -> Unreachable:
+        if isinstance(e, _socket.timeout) and self.timeout is not None:
             return Unreachable(
                 "the ovmd daemon at %s did not answer within %g s" % (self.path, self.timeout)
             )
         reason = e.strerror or str(e) or type(e).__name__
         return Unreachable("cannot reach the ovmd daemon at %s: %s" % (self.path, reason))
 
-    def _garbled(self, what):
+    def _garbled(self, what: str) -> Unreachable:
         return Unreachable(
             "the program at %s does not speak the ovmd protocol (it sent %s)" % (self.path, what)
         )

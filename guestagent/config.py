@@ -26,6 +26,13 @@ import os
 
 from ovmproto.errors import OvmError
 
+# No `from __future__ import annotations` (tests/guestagent/test_config.py keeps this module's
+# imports to os and ovmproto.errors): annotations that 3.9 cannot evaluate are quoted.
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
 DEFAULT_PATH = "/etc/ovmd.conf"
 DEFAULT_SOCKET = "/run/ovmd/ovmd.sock"
 DEFAULT_STATE_DIR = "/run/ovmd"
@@ -41,7 +48,7 @@ class ConfigError(OvmError):
     code = "config"
 
 
-def _strip_comment(line):
+def _strip_comment(line: str) -> str:
     """``line`` up to its first '#' or ';' that follows a space or tab (the line is stripped)."""
     end = len(line)
     for mark in "#;":
@@ -53,7 +60,7 @@ def _strip_comment(line):
     return line[:end].rstrip()
 
 
-def _parse(path):
+def _parse(path: str) -> dict[str, tuple[str, int]]:
     """{key: (value, line number)} of the [ovmd] section; {} when the file does not exist."""
     try:
         with open(path, "rb") as f:
@@ -66,7 +73,7 @@ def _parse(path):
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("%s: not valid UTF-8" % path) from None
-    out = {}
+    out: dict[str, tuple[str, int]] = {}
     section = SECTION
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -88,34 +95,34 @@ def _parse(path):
     return out
 
 
-def read_file(path=DEFAULT_PATH):
+def read_file(path: str = DEFAULT_PATH) -> dict[str, str]:
     """The [ovmd] settings of ``path`` as {key: string}, unvalidated; {} when it is missing."""
     return {k: v for k, (v, _) in _parse(path).items()}
 
 
-def _path(value):
+def _path(value: str) -> str:
     if not value:
         raise ValueError("is empty")
     return value
 
 
-def _socket_path(value):
+def _socket_path(value: str) -> str:
     _path(value)
     if len(os.fsencode(value)) > _SUN_PATH_MAX:
         raise ValueError("is longer than %d bytes, the limit of a unix socket path" % _SUN_PATH_MAX)
     return value
 
 
-def _optional_path(value):
+def _optional_path(value: "str | None") -> "str | None":
     # "auto" (or nothing) lets the daemon find the virtio port itself.
     return None if value in (None, "", "auto") else value
 
 
-def _optional_name(value):
+def _optional_name(value: "str | None") -> "str | None":
     return value or None
 
 
-def _positive_int(value):
+def _positive_int(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
     else:
@@ -128,7 +135,7 @@ def _positive_int(value):
     return n
 
 
-def _debug_level(value):
+def _debug_level(value: object) -> int:
     try:
         n = int(str(value).strip(), 10)
     except ValueError:
@@ -139,7 +146,7 @@ def _debug_level(value):
 
 
 # key -> (parser, default). The parser raises ValueError with the reason (one line).
-_FIELDS = {
+_FIELDS: "dict[str, tuple[Callable[[Any], object], object]]" = {
     "channel": (_optional_path, None),
     "socket": (_socket_path, DEFAULT_SOCKET),
     "state_dir": (_path, DEFAULT_STATE_DIR),
@@ -155,34 +162,44 @@ class Config:
 
     __slots__ = ("path",) + tuple(_FIELDS)
 
-    def __init__(self, **fields):
+    # The fields of _FIELDS (set in __init__), for the type checker.
+    path: "str | None"
+    channel: "str | None"
+    socket: str
+    state_dir: str
+    max_keys: int
+    max_events: int
+    group: "str | None"
+    debug: int
+
+    def __init__(self, **fields: "Any") -> None:
         self.path = fields.pop("path", None)  # the file read, for messages
         for key, (_, default) in _FIELDS.items():
             setattr(self, key, fields.pop(key, default))
         if fields:
             raise TypeError("Config got unknown fields %s" % sorted(fields))
 
-    def as_dict(self):
+    def as_dict(self) -> "dict[str, Any]":
         return {k: getattr(self, k) for k in _FIELDS}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Config(%s)" % ", ".join("%s=%r" % kv for kv in self.as_dict().items())
 
 
-def load(path=None, overrides=None):
+def load(path: "str | None" = None, overrides: "Mapping[str, object] | None" = None) -> Config:
     """Defaults, then the file (``path`` or /etc/ovmd.conf), then ``overrides``.
 
     ``overrides`` maps keys (as in the file; '-' or '_') to values; None means "not given",
     so an argparse namespace's vars() can be passed as it is.
     """
     file_path = path or DEFAULT_PATH
-    fields = {"path": file_path}
-    for key, (value, lineno) in _parse(file_path).items():
+    fields: dict[str, object] = {"path": file_path}
+    for key, (text, lineno) in _parse(file_path).items():
         spec = _FIELDS.get(key)
         if spec is None:
             raise ConfigError("%s line %d: unknown key %r" % (file_path, lineno, key))
         try:
-            fields[key] = spec[0](value)
+            fields[key] = spec[0](text)
         except ValueError as e:
             raise ConfigError("%s line %d: %s %s" % (file_path, lineno, key, e)) from None
     for key, value in (overrides or {}).items():

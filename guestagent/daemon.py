@@ -6,6 +6,8 @@ SIGTERM/SIGINT; SIGHUP reopens the channel.
 ``python -m guestagent.daemon [options]`` does the same as ``ovmd --daemon [options]``.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import signal
@@ -22,26 +24,32 @@ from .loop import Loop
 from .service import Service
 from .store import CacheStore
 
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .config import Config
+
 log = logging.getLogger(__name__)
 
 
-def status_text(state, path):
+def status_text(state: str, path: str) -> str:
     if state == DISCONNECTED:
         return "waiting for host on %s" % path
     return "host connected"
 
 
 class Daemon:
-    def __init__(self, config, notifier=None):
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
         self.notifier = notifier if notifier is not None else Notifier()
         self.loop = Loop()
-        self.service = None
-        self.server = None
-        self.link = None
-        self._watchdog_interval = None
+        self.service: Service | None = None
+        self.server: LocalServer | None = None
+        self.link: HostLink | None = None
+        self._watchdog_interval: float | None = None
 
-    def start(self):
+    def start(self) -> None:
         """Everything up to READY=1; raise OvmError or OSError (one line) when impossible."""
         config = self.config
         loop = self.loop
@@ -71,25 +79,26 @@ class Daemon:
         if self._watchdog_interval:
             self._watchdog()
 
-    def _on_state(self, state, path):
+    def _on_state(self, state: str, path: str) -> None:
         self.notifier.status(status_text(state, path))
 
-    def _on_stop(self, signum):
+    def _on_stop(self, signum: int) -> None:
         log.info("stopping on signal %d", signum)
         self.loop.stop()
 
-    def _on_hup(self, signum):
+    def _on_hup(self, signum: int) -> None:
         if self.link is not None:
             self.link.reopen()
 
-    def _watchdog(self):
+    def _watchdog(self) -> None:
         self.notifier.watchdog()
-        self.loop.call_later(self._watchdog_interval, self._watchdog)
+        if self._watchdog_interval:  # always: start() calls this only then
+            self.loop.call_later(self._watchdog_interval, self._watchdog)
 
-    def serve(self):
+    def serve(self) -> None:
         self.loop.run()
 
-    def close(self):
+    def close(self) -> None:
         self.notifier.stopping()
         if self.server is not None:
             self.server.close()
@@ -99,7 +108,7 @@ class Daemon:
         self.notifier.close()
 
 
-def run(config):
+def run(config: Config) -> int:
     """Run the daemon until a stop signal; return the exit code (0 after a clean stop)."""
     setup_logging(config.debug)
     daemon = Daemon(config)
@@ -122,7 +131,7 @@ def run(config):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m guestagent.daemon [options]`` is ``ovmd --daemon [options]``: one parser (the
     CLI's) for the daemon's options, so the two spellings cannot drift apart."""
     from .cli import main as cli_main

@@ -15,6 +15,8 @@ next edge (connect, data) and not before. On a tty, HUP/EIO means the pty's mast
 good: close it and reopen the path with backoff (the link may then point at a new pty).
 """
 
+from __future__ import annotations
+
 import errno
 import logging
 
@@ -23,12 +25,17 @@ from ovmproto.codec import Reader, encode
 from ovmproto.errors import OvmError, ProtocolError
 from ovmproto.framing import Resync
 from ovmproto.handshake import answer_hello
-from ovmproto.messages import Delete, Err, Get, Hello, Item, List, Ok, Ping, Set
+from ovmproto.messages import Changed, Delete, Err, Get, Hello, Item, List, Ok, Ping, Set
 from ovmsys.ratelimit import RateLimitedLog
 
 from .channel import DEFAULT_PATH, READ_SIZE, Channel, find_port, is_hangup
-from .loop import ET, IN, OUT, Outbox
-from .service import AGENT, error_reply, list_frames, ok_frame
+from .loop import ET, IN, OUT, Loop, Outbox, Timer
+from .service import AGENT, Service, error_reply, list_frames, ok_frame
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +49,34 @@ BACKOFF_MAX = 2.0
 
 
 class HostLink:
-    def __init__(self, loop, service, path=None, on_state=None, outbox_limit=OUTBOX_LIMIT):
+    def __init__(
+        self,
+        loop: Loop,
+        service: Service,
+        path: str | None = None,
+        on_state: Callable[[str, str], object] | None = None,
+        outbox_limit: int = OUTBOX_LIMIT,
+    ) -> None:
         self.loop = loop
         self.service = service
         self.configured_path = path  # None: find the port (udev link, then sysfs)
         self.on_state = on_state  # on_state(state, path) after every change of state
         self.state = DISCONNECTED
-        self.channel = None
+        self.channel: Channel | None = None
         self.bad_frames = 0
         self._reader = Reader()
         self._outbox = Outbox(outbox_limit)
         self._want_out = False
-        self._held = None  # changes announced while a host request is being answered
-        self._retry = None
+        # Changes announced while a host request is being answered.
+        self._held: list[Changed] | None = None
+        self._retry: Timer | None = None
         self._backoff = BACKOFF_FIRST
         self._proven = False  # bytes arrived since the channel was opened
         self._quiet = False  # opens keep failing at once (a pty hung up for good): log less
         self._closed = False
         self._warn = RateLimitedLog(log, 60.0)
         self._warn_open = RateLimitedLog(log, 300.0)  # a missing port may stay missing for long
-        self._handlers = {
+        self._handlers: dict[type[object], Callable[[Any], None]] = {
             Ping: self._on_ping,
             Get: self._on_get,
             List: self._on_list,
@@ -72,17 +87,17 @@ class HostLink:
         service.add_listener(self.announce)
 
     @property
-    def path(self):
+    def path(self) -> str:
         if self.channel is not None:
             return self.channel.path
         return self.configured_path or DEFAULT_PATH
 
     # -- the channel's life -----------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         self._open()
 
-    def reopen(self):
+    def reopen(self) -> None:
         """Close the channel and open it again now (SIGHUP)."""
         log.info("reopening the channel")
         self._close_channel()
@@ -90,27 +105,27 @@ class HostLink:
         self._backoff = BACKOFF_FIRST
         self._open()
 
-    def close(self):
+    def close(self) -> None:
         self._closed = True
         self._cancel_retry()
         self._close_channel()
 
-    def _cancel_retry(self):
+    def _cancel_retry(self) -> None:
         if self._retry is not None:
             self.loop.cancel(self._retry)
             self._retry = None
 
-    def _schedule_open(self):
+    def _schedule_open(self) -> None:
         if self._closed or self._retry is not None:
             return
         self._retry = self.loop.call_later(self._backoff, self._retry_open)
         self._backoff = min(self._backoff * 2, BACKOFF_MAX)
 
-    def _retry_open(self):
+    def _retry_open(self) -> None:
         self._retry = None
         self._open()
 
-    def _open(self):
+    def _open(self) -> None:
         if self._closed or self.channel is not None:
             return
         path = self.configured_path or find_port()
@@ -149,7 +164,7 @@ class HostLink:
         # take what it already wrote (edge-triggered, so nothing may be left behind).
         self._drain()
 
-    def _close_channel(self):
+    def _close_channel(self) -> None:
         channel = self.channel
         if channel is None:
             return
@@ -158,7 +173,7 @@ class HostLink:
         self.channel = None
         self._set_state(DISCONNECTED)
 
-    def _hangup(self):
+    def _hangup(self) -> None:
         """A tty's master went away: this descriptor is dead; reopen the path later.
 
         The backoff restarts only after a connection that carried bytes: a pty that hangs up
@@ -172,13 +187,13 @@ class HostLink:
         self._close_channel()
         self._schedule_open()
 
-    def _host_absent(self):
+    def _host_absent(self) -> None:
         """The real port's EOF: keep the descriptor, forget the connection, wait for an edge."""
         if self.state != DISCONNECTED:
             log.info("host disconnected from %s", self.path)
         self._set_state(DISCONNECTED)
 
-    def _set_state(self, state):
+    def _set_state(self, state: str) -> None:
         if state == self.state:
             return
         if state == DISCONNECTED or self.state == DISCONNECTED:
@@ -192,13 +207,13 @@ class HostLink:
 
     # -- input --------------------------------------------------------------------------------
 
-    def _on_events(self, events):
+    def _on_events(self, events: int) -> None:
         if events & OUT and self.channel is not None:
             self._flush()
         if self.channel is not None:
             self._drain()
 
-    def _drain(self):
+    def _drain(self) -> None:
         """Read until the port has nothing more (edge-triggered: we will not be told again)."""
         while self.channel is not None:
             channel = self.channel
@@ -237,7 +252,7 @@ class HostLink:
                 # the virtio port: a read returns one 4 KiB buffer of possibly several.)
                 return
 
-    def _feed(self, data):
+    def _feed(self, data: bytes) -> None:
         handlers = self._handlers
         for event in self._reader.feed(data):
             handler = handlers.get(type(event))
@@ -245,23 +260,26 @@ class HostLink:
                 handler(event)
             elif isinstance(event, ProtocolError):
                 self._on_bad(event)
-            elif type(event) is Resync:
+            elif isinstance(event, Resync):
                 # The host starts over (a hello follows): stop announcing until it has synced.
                 if self.state == SYNCED:
                     self._set_state(CONNECTED)
-            elif getattr(event, "id", None) is not None and type(event) not in (Ok, Err, Item):
-                self._send(
-                    encode(
-                        Err(
-                            id=event.id,
-                            code="bad_request",
-                            msg="%r is a local request, not accepted from the host" % event.TYPE,
+            else:
+                request_id = getattr(event, "id", None)
+                if request_id is not None and type(event) not in (Ok, Err, Item):
+                    self._send(
+                        encode(
+                            Err(
+                                id=request_id,
+                                code="bad_request",
+                                msg="%r is a local request, not accepted from the host"
+                                % event.TYPE,
+                            )
                         )
                     )
-                )
-            # ok, err, item and changed from the host are never answered
+                # ok, err, item and changed from the host are never answered
 
-    def _on_bad(self, err):
+    def _on_bad(self, err: ProtocolError) -> None:
         self.bad_frames += 1
         self._warn.warn(
             "bad_frame", "bad frame from the host (%d so far): %s", self.bad_frames, err.message
@@ -272,7 +290,7 @@ class HostLink:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _on_hello(self, msg):
+    def _on_hello(self, msg: Hello) -> None:
         service = self.service
         if msg.epoch is not None and msg.v >= MIN_VERSION:
             try:
@@ -296,10 +314,10 @@ class HostLink:
                 "host synced (epoch %s, hseq %d, gseq %d)", cache.epoch, cache.hseq, cache.gseq
             )
 
-    def _on_ping(self, msg):
+    def _on_ping(self, msg: Ping) -> None:
         self._send(ok_frame(msg.id))
 
-    def _on_get(self, msg):
+    def _on_get(self, msg: Get) -> None:
         entry = self.service.get(msg.key)
         if entry is None:
             self._send(encode(Err(id=msg.id, code="not_found", msg="no such key")))
@@ -316,10 +334,10 @@ class HostLink:
                 )
             )
 
-    def _on_list(self, msg):
+    def _on_list(self, msg: List) -> None:
         self._send_stream(list_frames(msg.id, self.service.entries(), self.service.cache.gseq))
 
-    def _refuse_unsynced(self, msg):
+    def _refuse_unsynced(self, msg: Set | Delete) -> bool:
         if self.state == SYNCED:
             return False
         self._send(
@@ -333,7 +351,7 @@ class HostLink:
         )
         return True
 
-    def _on_set(self, msg):
+    def _on_set(self, msg: Set) -> None:
         if self._refuse_unsynced(msg):
             return
         self._held = []  # the host hears its ok first, then the `changed` it caused
@@ -346,7 +364,7 @@ class HostLink:
             self._send(encode(Ok(id=msg.id, seq=msg.seq, dup=True if dup else None)))
         self._release_held()
 
-    def _on_delete(self, msg):
+    def _on_delete(self, msg: Delete) -> None:
         if self._refuse_unsynced(msg):
             return
         self._held = []
@@ -358,37 +376,35 @@ class HostLink:
             self._send(encode(Ok(id=msg.id, seq=msg.seq, found=found, dup=True if dup else None)))
         self._release_held()
 
-    def _release_held(self):
+    def _release_held(self) -> None:
         held, self._held = self._held, None
-        for changed in held:
+        for changed in held or ():
             self.announce(changed)
 
     # -- output -------------------------------------------------------------------------------
 
-    def announce(self, changed):
+    def announce(self, changed: Changed) -> None:
         """A listener of the service: tell a synced host about every change."""
         if self._held is not None:
             self._held.append(changed)
         elif self.state == SYNCED:
             self._send(encode(changed))
 
-    def _write(self, data):
-        return self.channel.write(data)
-
-    def _send(self, data):
-        if self.state == DISCONNECTED or self.channel is None:
+    def _send(self, data: bytes) -> None:
+        channel = self.channel
+        if self.state == DISCONNECTED or channel is None:
             return  # the port would drop it; the host resyncs and asks again
         try:
-            ok = self._outbox.send(data, self._write)
+            ok = self._outbox.send(data, channel.write)
         except OSError as e:
-            self._write_failed(e)
+            self._write_failed(channel, e)
             return
         if not ok:
             self._overflow()
         elif self._outbox:
             self._start_out()
 
-    def _send_stream(self, frames):
+    def _send_stream(self, frames: Iterator[bytes]) -> None:
         if self.state == DISCONNECTED or self.channel is None:
             return
         if not self._outbox.add_stream(frames):
@@ -396,30 +412,32 @@ class HostLink:
             return
         self._flush()
 
-    def _flush(self):
+    def _flush(self) -> None:
+        channel = self.channel
+        if channel is None:
+            return  # closed: nothing to write to
         try:
-            done = self._outbox.flush(self._write)
+            done = self._outbox.flush(channel.write)
         except OSError as e:
-            self._write_failed(e)
+            self._write_failed(channel, e)
             return
         if done:
             self._stop_out()
         else:
             self._start_out()
 
-    def _start_out(self):
+    def _start_out(self) -> None:
         if not self._want_out and self.channel is not None:
             self._want_out = True
             self.loop.modify(self.channel.fd, IN | OUT | ET)
 
-    def _stop_out(self):
+    def _stop_out(self) -> None:
         if self._want_out and self.channel is not None:
             self._want_out = False
             self.loop.modify(self.channel.fd, IN | ET)
         self._want_out = False
 
-    def _write_failed(self, err):
-        channel = self.channel
+    def _write_failed(self, channel: Channel, err: OSError) -> None:
         if channel.is_tty and is_hangup(err):
             self._hangup()
         else:
@@ -429,7 +447,7 @@ class HostLink:
             if self.state == SYNCED:
                 self._set_state(CONNECTED)
 
-    def _overflow(self):
+    def _overflow(self) -> None:
         log.warning(
             "the host is not reading: dropped %d bytes of output; it must send hello again",
             self._outbox.size,

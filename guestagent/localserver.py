@@ -9,6 +9,9 @@ that does not read its replies is disconnected once its output is full, so it ca
 the daemon or the host link. ``wait`` registers a waiter that the change itself wakes.
 """
 
+from __future__ import annotations
+
+import functools
 import grp
 import logging
 import os
@@ -26,6 +29,7 @@ from ovmproto.messages import (
     Get,
     Hello,
     List,
+    Message,
     Ok,
     Ping,
     PostEvent,
@@ -36,8 +40,18 @@ from ovmproto.messages import (
 from ovmsys import unixsocket
 from ovmsys.ratelimit import RateLimitedLog
 
-from .loop import ERR, HUP, IN, OUT, Outbox
-from .service import AGENT, Waiter, error_reply, list_frames, ok_frame
+from .cache import Entry
+from .loop import ERR, HUP, IN, OUT, Loop, Outbox, Timer
+from .service import AGENT, Service, Waiter, error_reply, list_frames, ok_frame
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any, TypeVar
+
+    from .loop import Write
+
+    _R = TypeVar("_R")
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +67,7 @@ class LocalServerError(OvmError):
     code = "internal"
 
 
-def supplementary_groups(pid):
+def supplementary_groups(pid: int) -> set[int]:
     """The groups of process ``pid`` (from /proc/PID/status), or an empty set."""
     try:
         with open("/proc/%d/status" % pid, "rb") as f:
@@ -65,8 +79,8 @@ def supplementary_groups(pid):
     return set()
 
 
-def _write_to(sock):
-    def write(data):
+def _write_to(sock: socket.socket) -> Write:
+    def write(data: bytes | bytearray) -> int:
         try:
             return sock.send(data)
         except BlockingIOError:
@@ -90,7 +104,7 @@ class _Client:
         "closed",
     )
 
-    def __init__(self, sock, pid, uid, outbox_limit):
+    def __init__(self, sock: socket.socket, pid: int, uid: int, outbox_limit: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.pid = pid
@@ -98,7 +112,7 @@ class _Client:
         self.reader = Reader()
         self.outbox = Outbox(outbox_limit)
         self.write = _write_to(sock)
-        self.waits = {}  # token -> (Waiter, Timer or None)
+        self.waits: dict[int, tuple[Waiter, Timer | None]] = {}  # by token
         self.mask = IN  # the epoll events we asked for
         self.eof = False  # the client shut its writing side: answer what it asked, then close
         self.closed = False
@@ -106,21 +120,27 @@ class _Client:
 
 class LocalServer:
     def __init__(
-        self, loop, service, path, group=None, max_clients=MAX_CLIENTS, outbox_limit=OUTBOX_LIMIT
-    ):
+        self,
+        loop: Loop,
+        service: Service,
+        path: str,
+        group: str | None = None,
+        max_clients: int = MAX_CLIENTS,
+        outbox_limit: int = OUTBOX_LIMIT,
+    ) -> None:
         self.loop = loop
         self.service = service
         self.path = path
         self.group = group
         self.max_clients = max_clients
         self.outbox_limit = outbox_limit
-        self.clients = {}
-        self._listener = None
-        self._gid = None
+        self.clients: dict[int, _Client] = {}
+        self._listener: unixsocket.UnixListener | None = None
+        self._gid: int | None = None
         self._uid = os.getuid()
         self._wait_token = 0
         self._warn = RateLimitedLog(log, 60.0)
-        self._handlers = {
+        self._handlers: dict[type[object], Callable[[_Client, Any], None]] = {
             Ping: self._on_ping,
             Get: self._on_get,
             List: self._on_list,
@@ -136,7 +156,7 @@ class LocalServer:
 
     # -- the listening socket ---------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         """Bind and listen; raise LocalServerError (one line) when that is impossible."""
         if self.group is not None:
             try:
@@ -156,7 +176,7 @@ class LocalServer:
         self.loop.add(self._listener.fileno(), IN, self._on_accept)
         log.info("listening on %s", self.path)
 
-    def close(self):
+    def close(self) -> None:
         for client in list(self.clients.values()):
             self._drop(client)
         if self._listener is not None:
@@ -164,7 +184,7 @@ class LocalServer:
             self._listener.close()
             self._listener = None
 
-    def _on_accept(self, events):
+    def _on_accept(self, events: int) -> None:
         while self._listener is not None:
             try:
                 sock, _ = self._listener.sock.accept()
@@ -205,9 +225,9 @@ class LocalServer:
                 continue
             client = _Client(sock, pid, uid, self.outbox_limit)
             self.clients[client.fd] = client
-            self.loop.add(client.fd, IN, lambda ev, c=client: self._on_client(c, ev))
+            self.loop.add(client.fd, IN, functools.partial(self._on_client, client))
 
-    def _allowed(self, pid, uid, gid):
+    def _allowed(self, pid: int, uid: int, gid: int) -> bool:
         if uid == 0 or uid == self._uid:
             return True
         if self._gid is None:
@@ -215,7 +235,7 @@ class LocalServer:
         return gid == self._gid or self._gid in supplementary_groups(pid)
 
     @staticmethod
-    def _refuse(sock, code, msg):
+    def _refuse(sock: socket.socket, code: str, msg: str) -> None:
         try:
             sock.send(encode(Err(code=code, msg=msg)))
         except OSError:
@@ -224,7 +244,7 @@ class LocalServer:
 
     # -- clients ------------------------------------------------------------------------------
 
-    def _drop(self, client):
+    def _drop(self, client: _Client) -> None:
         if client.closed:
             return
         client.closed = True
@@ -236,7 +256,7 @@ class LocalServer:
         self.clients.pop(client.fd, None)
         client.sock.close()
 
-    def _on_client(self, client, events):
+    def _on_client(self, client: _Client, events: int) -> None:
         if events & OUT:
             self._flush(client)
         if client.closed:
@@ -274,15 +294,21 @@ class LocalServer:
                 # silence would look like a hung daemon (the host link, by contrast, never
                 # answers id-less garbage: it may be stale bytes of an earlier connection).
                 self._send(client, error_reply(getattr(event, "request_id", None), event))
-            elif getattr(event, "id", None) is not None and event.TYPE not in ("ok", "err", "item"):
-                self._send(
-                    client,
-                    encode(
-                        Err(id=event.id, code="bad_request", msg="%r is not a request" % event.TYPE)
-                    ),
-                )
+            elif isinstance(event, Message):
+                request_id = getattr(event, "id", None)
+                if request_id is not None and event.TYPE not in ("ok", "err", "item"):
+                    self._send(
+                        client,
+                        encode(
+                            Err(
+                                id=request_id,
+                                code="bad_request",
+                                msg="%r is not a request" % event.TYPE,
+                            )
+                        ),
+                    )
 
-    def _send(self, client, data):
+    def _send(self, client: _Client, data: bytes) -> None:
         if client.closed:
             return
         try:
@@ -295,7 +321,7 @@ class LocalServer:
         elif client.outbox or client.eof:
             self._update(client)
 
-    def _send_stream(self, client, frames):
+    def _send_stream(self, client: _Client, frames: Iterator[bytes]) -> None:
         if client.closed:
             return
         if not client.outbox.add_stream(frames):
@@ -303,7 +329,7 @@ class LocalServer:
             return
         self._flush(client)
 
-    def _flush(self, client):
+    def _flush(self, client: _Client) -> None:
         try:
             client.outbox.flush(client.write)
         except OSError:
@@ -311,7 +337,7 @@ class LocalServer:
             return
         self._update(client)
 
-    def _update(self, client):
+    def _update(self, client: _Client) -> None:
         """Ask epoll for what the client needs now; close it when it is finished."""
         if client.closed:
             return
@@ -323,7 +349,7 @@ class LocalServer:
             client.mask = mask
             self.loop.modify(client.fd, mask)
 
-    def _overflow(self, client):
+    def _overflow(self, client: _Client) -> None:
         self._warn.warn(
             "refused",
             "local client pid %d does not read its replies (%d bytes waiting); disconnected",
@@ -334,20 +360,20 @@ class LocalServer:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _ok(self, client, request_id, **fields):
+    def _ok(self, client: _Client, request_id: int, **fields: Any) -> None:
         self._send(client, encode(Ok(id=request_id, **fields)))
 
-    def _err(self, client, request_id, code, msg):
+    def _err(self, client: _Client, request_id: int, code: str, msg: str) -> None:
         self._send(client, encode(Err(id=request_id, code=code, msg=msg)))
 
-    def _on_ping(self, client, msg):
+    def _on_ping(self, client: _Client, msg: Ping) -> None:
         self._send(client, ok_frame(msg.id))
 
-    def _on_hello(self, client, msg):
+    def _on_hello(self, client: _Client, msg: Hello) -> None:
         cache = self.service.cache
         self._send(client, answer_hello(msg, AGENT, cache.gid, cache.gseq, cache.epoch, cache.hseq))
 
-    def _on_get(self, client, msg):
+    def _on_get(self, client: _Client, msg: Get) -> None:
         entry = self.service.get(msg.key)
         if entry is None:
             self._err(client, msg.id, "not_found", "no such key")
@@ -356,15 +382,21 @@ class LocalServer:
                 client, msg.id, key=entry.key, value=entry.value, ts=entry.ts, origin=entry.origin
             )
 
-    def _on_list(self, client, msg):
+    def _on_list(self, client: _Client, msg: List) -> None:
         self._send_stream(
             client, list_frames(msg.id, self.service.entries(), self.service.cache.gseq)
         )
 
-    def _on_events(self, client, msg):
+    def _on_events(self, client: _Client, msg: Events) -> None:
         self._send_stream(client, list_frames(msg.id, self.service.events()))
 
-    def _mutate(self, client, msg, operation, *args):
+    def _mutate(
+        self,
+        client: _Client,
+        msg: Set | Put | Delete | Clear | PostEvent,
+        operation: Callable[..., _R],
+        *args: Any,
+    ) -> tuple[bool, _R | None]:
         if getattr(msg, "seq", None) is not None:
             self._err(
                 client, msg.id, "bad_request", "seq is for the host; local requests have none"
@@ -376,32 +408,32 @@ class LocalServer:
             self._send(client, error_reply(msg.id, e))
             return False, None
 
-    def _on_set(self, client, msg):
+    def _on_set(self, client: _Client, msg: Set) -> None:
         ok, _ = self._mutate(client, msg, self.service.set, msg.key, msg.value, ORIGIN)
         if ok:
             self._send(client, ok_frame(msg.id))
 
-    def _on_put(self, client, msg):
+    def _on_put(self, client: _Client, msg: Put) -> None:
         ok, _ = self._mutate(client, msg, self.service.put, msg.items, ORIGIN)
         if ok:
             self._send(client, ok_frame(msg.id))
 
-    def _on_delete(self, client, msg):
+    def _on_delete(self, client: _Client, msg: Delete) -> None:
         ok, change = self._mutate(client, msg, self.service.delete, msg.key, ORIGIN)
         if ok:
             self._ok(client, msg.id, found=change is not None)
 
-    def _on_clear(self, client, msg):
+    def _on_clear(self, client: _Client, msg: Clear) -> None:
         ok, _ = self._mutate(client, msg, self.service.clear, ORIGIN)
         if ok:
             self._send(client, ok_frame(msg.id))
 
-    def _on_event(self, client, msg):
+    def _on_event(self, client: _Client, msg: PostEvent) -> None:
         ok, _ = self._mutate(client, msg, self.service.post_event, msg.value)
         if ok:
             self._send(client, ok_frame(msg.id))
 
-    def _on_wait(self, client, msg):
+    def _on_wait(self, client: _Client, msg: Wait) -> None:
         timeout = msg.timeout
         if timeout is not None and timeout < 0:
             self._err(client, msg.id, "bad_request", "timeout must not be negative")
@@ -412,7 +444,7 @@ class LocalServer:
         self._wait_token += 1
         token = self._wait_token
 
-        def woken(entry):
+        def woken(entry: Entry) -> None:
             _, timer = client.waits.pop(token, (None, None))
             self.loop.cancel(timer)
             self._ok(
@@ -432,14 +464,14 @@ class LocalServer:
             )
             return
 
-        def expired():
+        def expired(seconds: float) -> None:
             waiter, _ = client.waits.pop(token, (None, None))
             if waiter is not None:
                 waiter.cancel()
                 self._err(
-                    client, msg.id, "timeout", "key %r was not set within %gs" % (msg.key, timeout)
+                    client, msg.id, "timeout", "key %r was not set within %gs" % (msg.key, seconds)
                 )
                 self._update(client)  # a half-closed client may be finished now
 
-        timer = self.loop.call_later(timeout, expired) if timeout is not None else None
+        timer = self.loop.call_later(timeout, expired, timeout) if timeout is not None else None
         client.waits[token] = (result, timer)

@@ -9,41 +9,52 @@ Nothing logged anywhere in guestagent ever contains a value: keys and sizes only
 may repeat (a bad peer, a failing disk) goes through ovmsys.ratelimit.RateLimitedLog.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import sys
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import TextIO
 
 OFF, STDERR, SYSLOG = 0, 1, 2
 
 _FORMAT_PLAIN = "%(asctime)s ovmd[%(process)d] %(levelname)s %(name)s: %(message)s"
 _FORMAT_JOURNAL = "%(levelname)s %(name)s: %(message)s"  # the journal adds time and pid
 
-_installed = []  # our handlers on the root logger, so a second setup() replaces them
+# Our handlers on the root logger, so a second setup() replaces them.
+_installed: list[logging.Handler] = []
 
 
-def under_systemd(environ=None):
+def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     return bool(env.get("JOURNAL_STREAM") or env.get("INVOCATION_ID"))
 
 
-def _journal_handler():
+def _journal_handler() -> logging.Handler | None:
     try:
         from systemd.journal import JournalHandler
     except ImportError:
         return None
-    return JournalHandler(SYSLOG_IDENTIFIER="ovmd")
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="ovmd")  # untyped package
+    return handler
 
 
-def setup(level, stream=None, environ=None):
+def setup(
+    level: int, stream: TextIO | None = None, environ: Mapping[str, str] | None = None
+) -> logging.Handler | None:
     """Configure the root logger for debug level 0, 1 or 2; return the handler (or None)."""
     root = logging.getLogger()
-    for handler in _installed:
-        root.removeHandler(handler)
+    for old in _installed:
+        root.removeHandler(old)
     del _installed[:]
     if level <= OFF:
         root.setLevel(logging.CRITICAL + 1)
         return None
-    handler = None
+    handler: logging.Handler | None = None
     fmt = _FORMAT_PLAIN
     if level >= SYSLOG and under_systemd(environ):
         handler = _journal_handler()

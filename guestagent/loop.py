@@ -10,6 +10,8 @@ Signals arrive through signal.set_wakeup_fd, so a handler runs in the loop, neve
 of a callback.
 """
 
+from __future__ import annotations
+
 import heapq
 import logging
 import os
@@ -17,6 +19,17 @@ import select
 import signal
 import time
 from collections import deque
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from types import FrameType
+    from typing import Any, Optional, Union
+
+    # What signal.signal() installs and returns (the handler a signal had before ours).
+    _SignalHandler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
+    # A non-blocking write: how many bytes the descriptor took, 0 when it would block.
+    Write = Callable[[Union[bytes, bytearray]], int]
 
 log = logging.getLogger(__name__)
 
@@ -30,47 +43,47 @@ ERR = select.EPOLLERR
 class Timer:
     __slots__ = ("when", "callback", "args", "cancelled")
 
-    def __init__(self, when, callback, args):
+    def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
         self.when = when
         self.callback = callback
         self.args = args
         self.cancelled = False
 
-    def cancel(self):
+    def cancel(self) -> None:
         self.cancelled = True
 
-    def __lt__(self, other):
+    def __lt__(self, other: Timer) -> bool:
         return self.when < other.when
 
 
-def _noop_handler(signum, frame):
+def _noop_handler(signum: int, frame: FrameType | None) -> None:
     """Python needs a handler for the signal to be caught; the work happens in the loop."""
 
 
 class Loop:
     """Callbacks for descriptors (``callback(events)``), timers and signals, in one thread."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._epoll = select.epoll()
-        self._callbacks = {}
-        self._timers = []
+        self._callbacks: dict[int, Callable[[int], object]] = {}
+        self._timers: list[Timer] = []
         self._cancelled = 0
         self._running = False
-        self._signals = {}
-        self._old_handlers = {}
-        self._wakeup = None  # (read fd, write fd) of the signal wakeup pipe
+        self._signals: dict[int, Callable[[int], object]] = {}
+        self._old_handlers: dict[int, _SignalHandler] = {}
+        self._wakeup: tuple[int, int] | None = None  # (read fd, write fd) of the wakeup pipe
 
     # -- descriptors ------------------------------------------------------------------------
 
-    def add(self, fd, events, callback):
+    def add(self, fd: int, events: int, callback: Callable[[int], object]) -> None:
         self._epoll.register(fd, events)
         self._callbacks[fd] = callback
 
-    def modify(self, fd, events):
+    def modify(self, fd: int, events: int) -> None:
         self._epoll.modify(fd, events)
 
-    def remove(self, fd):
+    def remove(self, fd: int) -> None:
         if self._callbacks.pop(fd, None) is not None:
             try:
                 self._epoll.unregister(fd)
@@ -79,7 +92,7 @@ class Loop:
 
     # -- timers -----------------------------------------------------------------------------
 
-    def call_later(self, delay, callback, *args):
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
         """Run ``callback(*args)`` once after ``delay`` seconds; return a Timer to cancel()."""
         timer = Timer(self.clock() + max(0.0, delay), callback, args)
         heapq.heappush(self._timers, timer)
@@ -90,14 +103,14 @@ class Loop:
             self._cancelled = 0
         return timer
 
-    def cancel(self, timer):
+    def cancel(self, timer: Timer | None) -> None:
         if timer is not None and not timer.cancelled:
             timer.cancel()
             self._cancelled += 1
 
     # -- signals ----------------------------------------------------------------------------
 
-    def add_signal(self, signum, callback):
+    def add_signal(self, signum: int, callback: Callable[[int], object]) -> None:
         """Run ``callback(signum)`` from the loop when the signal arrives (main thread only)."""
         if self._wakeup is None:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -108,7 +121,9 @@ class Loop:
         if signum not in self._old_handlers:
             self._old_handlers[signum] = signal.signal(signum, _noop_handler)
 
-    def _on_wakeup(self, events):
+    def _on_wakeup(self, events: int) -> None:
+        if self._wakeup is None:
+            return  # closed (close() removes this callback first: not expected)
         try:
             data = os.read(self._wakeup[0], 512)
         except BlockingIOError:
@@ -120,10 +135,10 @@ class Loop:
 
     # -- running ----------------------------------------------------------------------------
 
-    def stop(self):
+    def stop(self) -> None:
         self._running = False
 
-    def run(self):
+    def run(self) -> None:
         """Dispatch until stop(). A failing callback is logged, not fatal: one bad input must
         not take the daemon down (the callbacks handle every expected error themselves)."""
         self._running = True
@@ -131,7 +146,7 @@ class Loop:
         callbacks = self._callbacks
         while self._running:
             timers = self._timers
-            timeout = -1
+            timeout: float = -1
             while timers and timers[0].cancelled:
                 heapq.heappop(timers)
                 self._cancelled -= 1
@@ -148,7 +163,7 @@ class Loop:
             if self._timers:
                 self._run_timers()
 
-    def run_once(self, timeout=None):
+    def run_once(self, timeout: float | None = None) -> None:
         """One iteration: wait up to ``timeout`` seconds (or until the next timer), dispatch.
         Unlike run(), a failing callback raises: for tests and embedding."""
         while self._timers and self._timers[0].cancelled:
@@ -165,7 +180,7 @@ class Loop:
         if self._timers:
             self._run_timers()
 
-    def _run_timers(self):
+    def _run_timers(self) -> None:
         timers = self._timers
         now = self.clock()
         while timers and timers[0].when <= now:
@@ -179,7 +194,7 @@ class Loop:
             except Exception:
                 log.exception("internal error in a timer")
 
-    def close(self):
+    def close(self) -> None:
         if self._wakeup is not None:
             signal.set_wakeup_fd(-1)
             for signum, handler in self._old_handlers.items():
@@ -206,25 +221,25 @@ class Outbox:
     LOW_WATER = 64 * 1024  # refill the buffer from parts below this
     CHUNK = 64 * 1024  # most bytes handed to one write()
 
-    def __init__(self, limit):
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self._buf = bytearray()
-        self._parts = deque()
+        self._parts: deque[bytes | Iterator[bytes]] = deque()
         self._queued = 0  # bytes (and stream weights) in _parts
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return bool(self._buf) or bool(self._parts)
 
     @property
-    def size(self):
+    def size(self) -> int:
         return len(self._buf) + self._queued
 
-    def clear(self):
+    def clear(self) -> None:
         self._buf.clear()
         self._parts.clear()
         self._queued = 0
 
-    def add(self, data):
+    def add(self, data: bytes) -> bool:
         """Queue bytes; False (and nothing queued) if that would exceed the limit."""
         if len(self._buf) + self._queued + len(data) > self.limit:
             return False
@@ -235,7 +250,7 @@ class Outbox:
             self._buf += data
         return True
 
-    def add_stream(self, iterator):
+    def add_stream(self, iterator: Iterator[bytes]) -> bool:
         """Queue an iterator of bytes, consumed as the descriptor drains."""
         if len(self._buf) + self._queued + self.STREAM_WEIGHT > self.limit:
             return False
@@ -243,7 +258,7 @@ class Outbox:
         self._queued += self.STREAM_WEIGHT
         return True
 
-    def send(self, data, write):
+    def send(self, data: bytes, write: Write) -> bool:
         """Write ``data`` now if nothing is queued, queue the rest; False on overflow.
 
         ``write(bytes) -> int`` returns 0 when the descriptor would block and raises OSError
@@ -256,14 +271,14 @@ class Outbox:
             data = data[n:]
         return self.add(data)
 
-    def flush(self, write):
+    def flush(self, write: Write) -> bool:
         """Write what the descriptor takes; True when everything is out."""
         buf = self._buf
         parts = self._parts
         while True:
             while parts and len(buf) < self.LOW_WATER:
                 part = parts[0]
-                if type(part) is bytes:
+                if isinstance(part, bytes):
                     buf += part
                     parts.popleft()
                     self._queued -= len(part)

@@ -10,18 +10,27 @@ Also the reply frames both peers build the same way (list_frames, error_reply).
 No I/O besides the store, no event loop: callers own timeouts and sockets.
 """
 
+from __future__ import annotations
+
 import logging
 import time
 
 from ovmproto.codec import encode
 from ovmproto.errors import OvmError
 from ovmproto.limits import EVENT_KEY
-from ovmproto.messages import Err, Item, Ok
+from ovmproto.messages import Changed, Err, Item, Ok
 from ovmsys.ratelimit import RateLimitedLog
 
 from . import __version__
-from .cache import Cache
-from .store import StoreError
+from .cache import Cache, Entry
+from .store import CacheStore, StoreError
+
+TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; at run time nothing here is imported
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from typing import TypeVar
+
+    _R = TypeVar("_R")
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +48,35 @@ class Waiter:
 
     __slots__ = ("key", "callback", "_service")
 
-    def __init__(self, service, key, callback):
-        self._service = service
+    def __init__(self, service: Service, key: str, callback: Callable[[Entry], object]) -> None:
+        self._service: Service | None = service
         self.key = key
         self.callback = callback
 
-    def cancel(self):
+    def cancel(self) -> None:
         if self._service is not None:
             self._service._drop_waiter(self)
             self._service = None
 
 
 class Service:
-    def __init__(self, store, clock=time.time):
+    def __init__(self, store: CacheStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
         self.cache = store.load()
-        self._listeners = []
-        self._waiters = {}  # key -> [Waiter]
+        self._listeners: list[Callable[[Changed], object]] = []
+        self._waiters: dict[str, list[Waiter]] = {}  # key -> [Waiter]
         self._warn = RateLimitedLog(log)
 
     # -- observers ----------------------------------------------------------------------------
 
-    def add_listener(self, callback):
+    def add_listener(self, callback: Callable[[Changed], object]) -> None:
         """``callback(changed)`` for every change of the cache, after it is stored."""
         self._listeners.append(callback)
 
-    def wait(self, key, callback, changed=False):
+    def wait(
+        self, key: str, callback: Callable[[Entry], object], changed: bool = False
+    ) -> Entry | Waiter:
         """Return the current entry when ``key`` exists (unless ``changed``), else a Waiter whose
         callback gets the entry when the key is next set. For VMAPIEvent: the latest event."""
         if not changed:
@@ -76,7 +87,7 @@ class Service:
         self._waiters.setdefault(key, []).append(waiter)
         return waiter
 
-    def _drop_waiter(self, waiter):
+    def _drop_waiter(self, waiter: Waiter) -> None:
         waiters = self._waiters.get(waiter.key)
         if waiters:
             try:
@@ -86,7 +97,7 @@ class Service:
             if not waiters:
                 del self._waiters[waiter.key]
 
-    def _wake(self, key, entry):
+    def _wake(self, key: str, entry: Entry) -> None:
         waiters = self._waiters.pop(key, None)
         if waiters:
             for waiter in waiters:
@@ -95,24 +106,24 @@ class Service:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def get(self, key):
+    def get(self, key: str) -> Entry | None:
         return self.cache.get(key)
 
-    def current(self, key):
+    def current(self, key: str) -> Entry | None:
         if key == EVENT_KEY:
             events = self.cache.events()
             return events[-1] if events else None
         return self.cache.get(key)
 
-    def entries(self):
+    def entries(self) -> list[Entry]:
         return self.cache.entries()
 
-    def events(self):
+    def events(self) -> list[Entry]:
         return self.cache.events()
 
     # -- changes ------------------------------------------------------------------------------
 
-    def _commit(self, apply):
+    def _commit(self, apply: Callable[[Cache], _R]) -> _R:
         """Run ``apply(cache)``, store the result, or undo it and raise ServiceError."""
         cache = self.cache
         before = cache.to_bytes()
@@ -126,32 +137,36 @@ class Service:
         self._warn.reset("save")
         return result
 
-    def _announce(self, changes):
+    def _announce(self, changes: Iterable[Changed | None]) -> None:
         for change in changes:
             if change is None:
                 continue
             for listener in self._listeners:
                 listener(change)
             if change.key is not None and change.op == "set" and change.key in self._waiters:
-                self._wake(change.key, self.cache.get(change.key))
+                entry = self.cache.get(change.key)
+                if entry is not None:  # always: the key was just set
+                    self._wake(change.key, entry)
 
-    def _announce_event(self):
+    def _announce_event(self) -> None:
         if EVENT_KEY in self._waiters:
-            self._wake(EVENT_KEY, self.current(EVENT_KEY))
+            entry = self.current(EVENT_KEY)
+            if entry is not None:  # always: an event was just added
+                self._wake(EVENT_KEY, entry)
 
-    def set(self, key, value, origin):
+    def set(self, key: str, value: str, origin: str) -> Changed:
         ts = self.clock()
         change = self._commit(lambda c: c.set(key, value, origin, ts))
         self._announce((change,))
         return change
 
-    def put(self, items, origin):
+    def put(self, items: Sequence[Sequence[str]], origin: str) -> list[Changed]:
         ts = self.clock()
         changes = self._commit(lambda c: c.put(items, origin, ts))
         self._announce(changes)
         return changes
 
-    def delete(self, key, origin):
+    def delete(self, key: str, origin: str) -> Changed | None:
         """The change, or None when the key did not exist (nothing stored then)."""
         if self.cache.get(key) is None:
             return None
@@ -160,7 +175,7 @@ class Service:
         self._announce((change,))
         return change
 
-    def clear(self, origin):
+    def clear(self, origin: str) -> Changed | None:
         if not len(self.cache):
             return None
         ts = self.clock()
@@ -168,19 +183,19 @@ class Service:
         self._announce((change,))
         return change
 
-    def post_event(self, value):
+    def post_event(self, value: str) -> None:
         ts = self.clock()
         self._commit(lambda c: c.add_event(value, ts))
         self._announce_event()
 
     # -- host messages, exactly once --------------------------------------------------------
 
-    def follow_epoch(self, epoch):
+    def follow_epoch(self, epoch: str) -> None:
         """Follow the host stream ``epoch`` (a new one restarts hseq at 0); stored at once."""
         if epoch != self.cache.epoch:
             self._commit(lambda c: c.follow_epoch(epoch))
 
-    def host_set(self, seq, key, value):
+    def host_set(self, seq: int | None, key: str, value: str) -> bool:
         """Apply a host set; True when ``seq`` was already applied (nothing done then).
 
         Without a seq (a host tool that does not number its messages) it is applied as is.
@@ -202,7 +217,7 @@ class Service:
             self._announce((change,))
         return False
 
-    def host_delete(self, seq, key):
+    def host_delete(self, seq: int | None, key: str) -> tuple[bool, bool]:
         """Apply a host del; return (duplicate, found)."""
         if seq is not None and self.cache.is_duplicate(seq):
             return True, False
@@ -214,7 +229,9 @@ class Service:
         return False, change is not None
 
 
-def list_frames(request_id, entries, gseq=None):
+def list_frames(
+    request_id: int, entries: Sequence[Entry], gseq: int | None = None
+) -> Iterator[bytes]:
     """The frames answering a list (or events) request: one Item per entry, then Ok(count).
 
     A generator: encoded only as the peer reads, so a full cache is never held twice. ``entries``
@@ -226,12 +243,12 @@ def list_frames(request_id, entries, gseq=None):
     yield encode(Ok(id=request_id, count=len(entries), gseq=gseq))
 
 
-def ok_frame(request_id):
+def ok_frame(request_id: int) -> bytes:
     """The frame of a bare Ok: what encode(Ok(id=...)) gives, without building the message (the
     ping round trip is the path the agent is measured on)."""
     return b'{"t":"ok","id":%d}\n' % request_id
 
 
-def error_reply(request_id, err):
+def error_reply(request_id: int | None, err: OvmError) -> bytes:
     """The Err frame for an OvmError (its one-line text never holds a value)."""
     return encode(Err(id=request_id, code=err.code, msg=err.message))

@@ -5,6 +5,8 @@ renamed over the old one, and the rename itself fsync'd through the directory (o
 A kill -9 at any point leaves either the old file or the new one, never a mixture.
 """
 
+from __future__ import annotations
+
 import errno
 import logging
 import os
@@ -30,7 +32,7 @@ def write_atomic(path: str, data: bytes) -> None:
         raise StoreError("cannot write %s: %s" % (path, e.strerror or e)) from e
 
 
-def read(path):
+def read(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -45,12 +47,12 @@ class CacheStore:
 
     FILENAME = "cache.json"
 
-    def __init__(self, state_dir, max_keys, max_events):
+    def __init__(self, state_dir: str, max_keys: int, max_events: int) -> None:
         self.path = os.path.join(state_dir, self.FILENAME)
         self.max_keys = max_keys
         self.max_events = max_events
 
-    def load(self):
+    def load(self) -> Cache:
         """The stored cache, or a fresh one when there is none.
 
         A corrupt file (which atomic writes should make impossible, but disks and people exist)
@@ -70,5 +72,5 @@ class CacheStore:
             log.error("%s: %s; moved it to %s and started with an empty cache", self.path, e, aside)
             return Cache(self.max_keys, self.max_events)
 
-    def save(self, cache):
+    def save(self, cache: Cache) -> None:
         write_atomic(self.path, cache.to_bytes())
