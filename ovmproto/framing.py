@@ -15,10 +15,21 @@ from __future__ import annotations
 from .errors import FrameTooLong
 from .limits import FRAME_MAX
 
+TYPE_CHECKING = False  # mypy treats a name TYPE_CHECKING as true; nothing is imported at run time
+if TYPE_CHECKING:
+    from typing import final
+else:
+
+    def final(cls: type) -> type:
+        """Only a mark for type checkers, without importing typing."""
+        return cls
+
+
 DELIMITER = b"\n"
 RESYNC = b"\xff"
 
 
+@final  # told apart with type(event) is Resync, which mypy narrows only for a final class
 class Resync:
     """Event: the peer sent RESYNC; ``dropped`` bytes of partial frame were discarded."""
 
