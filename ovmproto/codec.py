@@ -7,18 +7,20 @@ decoding.
     channel.write(encode(Ok(id=1)))
 """
 
+from __future__ import annotations
+
 from . import jsonlib
-from .errors import BadFrame, BadMessage
+from .errors import BadFrame, BadMessage, ProtocolError
 from .framing import DELIMITER, FrameDecoder, Resync
-from .messages import MESSAGE_TYPES, _is_int
+from .messages import MESSAGE_TYPES, Message, _is_int
 
 
-def encode(msg):
+def encode(msg: Message) -> bytes:
     """The frame for ``msg``: compact JSON and the delimiter."""
     return jsonlib.dumps(msg.to_wire()) + DELIMITER
 
 
-def decode(frame):
+def decode(frame: bytes) -> Message:
     """One frame (bytes, no delimiter) to a typed message; raise BadFrame or BadMessage."""
     try:
         obj = jsonlib.loads(frame)
@@ -49,26 +51,29 @@ class Reader:
 
     __slots__ = ("_frames",)
 
-    def __init__(self, max_frame=None):
+    def __init__(self, max_frame: int | None = None) -> None:
         self._frames = FrameDecoder() if max_frame is None else FrameDecoder(max_frame)
 
     @property
-    def buffered(self):
+    def buffered(self) -> int:
         return self._frames.buffered
 
-    def reset(self):
+    def reset(self) -> None:
         self._frames.reset()
 
-    def feed(self, data):
-        events = []
+    def feed(self, data: bytes | bytearray) -> list[Message | Resync | ProtocolError]:
+        events: list[Message | Resync | ProtocolError] = []
         for item in self._frames.feed(data):
+            # type() rather than isinstance(): measurably cheaper in this per-frame loop.
             if type(item) is bytes:
                 try:
                     events.append(decode(item))
                 except (BadFrame, BadMessage) as e:
                     events.append(e)
             else:
-                events.append(item)  # Resync or FrameTooLong
+                # A Resync or a FrameTooLong (frames are exactly bytes); mypy narrows the other
+                # branch of isinstance() only.
+                events.append(item)  # type: ignore[arg-type]
         return events
 
 

@@ -2,25 +2,32 @@
 
 `import json` pulls in re and enum: ~7 ms at every `ovmd -g` or `vmmessage query`, against a
 ~12 ms interpreter start, and scripts call them in loops. The CLIs write small flat objects and
-read flat replies (the daemon's frames, the bridge API's answers), so the C accelerator _json (always built with CPython) does the string work here.
+read flat replies (the daemon's frames, the bridge API's answers), so the C accelerator _json
+(always built with CPython) does the string work here.
 Anything this module does not recognise is handed to the json package, imported only then: the
 result is always exactly what json would give, errors included (a ValueError).
 """
 
+TYPE_CHECKING = False  # mypy treats a name TYPE_CHECKING as true; nothing is imported at run time
+if TYPE_CHECKING:
+    from typing import Any
+
 try:
     from _json import encode_basestring as _quote
     from _json import scanstring as _scanstring
+
+    _ACCELERATED = True
 except ImportError:  # an interpreter without the accelerator: the json package does it all
-    _quote = _scanstring = None
+    _ACCELERATED = False
 
 
 class _Unsupported(Exception):
     pass
 
 
-def dumps(obj):
+def dumps(obj: object) -> str:
     """What json.dumps(obj, ensure_ascii=False, separators=(",", ":")) returns."""
-    if _quote is not None:
+    if _ACCELERATED:
         try:
             return "".join(_dump(obj, []))
         except _Unsupported:
@@ -30,7 +37,7 @@ def dumps(obj):
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def _dump(obj, out):
+def _dump(obj: "Any", out: "list[str]") -> "list[str]":
     t = type(obj)
     if t is str:
         out.append(_quote(obj))
@@ -63,10 +70,10 @@ def _dump(obj, out):
     return out
 
 
-def loads(data):
+def loads(data: "bytes | bytearray | str") -> "Any":
     """What json.loads(data) returns for ``data`` (bytes of UTF-8, or str)."""
     text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
-    if _scanstring is not None:
+    if _ACCELERATED:
         obj = _flat_object(text)
         if obj is not None:
             return obj
@@ -75,16 +82,17 @@ def loads(data):
     return json.loads(text)
 
 
-_LITERALS = (("true", True), ("false", False), ("null", None))
+_LITERALS = {"t": ("true", True), "f": ("false", False), "n": ("null", None)}
 _NUMBER_CHARS = frozenset("-+.eE0123456789")
 
 
-def _flat_object(text):
+def _flat_object(text: str) -> "dict[str, Any] | None":
     """A compact JSON object whose values are strings, numbers, true, false or null; else None."""
+    value: str | int | float | bool | None
     try:
         if text[:1] != "{":
             return None
-        out = {}
+        out: dict[str, Any] = {}
         i = 1
         if text[i] == "}":
             return out if len(text) == 2 else None
@@ -98,13 +106,11 @@ def _flat_object(text):
             c = text[i]
             if c == '"':
                 value, i = _scanstring(text, i + 1, True)
-            elif c in "tfn":
-                for word, value in _LITERALS:
-                    if text.startswith(word, i):
-                        i += len(word)
-                        break
-                else:
+            elif c in _LITERALS:
+                word, value = _LITERALS[c]
+                if not text.startswith(word, i):
                     return None
+                i += len(word)
             else:
                 j = i
                 while j < len(text) and text[j] in _NUMBER_CHARS:
@@ -122,7 +128,7 @@ def _flat_object(text):
         return None  # json gives the answer, or the precise error
 
 
-def _number(tok):
+def _number(tok: str) -> "int | float":
     """A JSON number token as json reads it; ValueError for anything JSON does not allow."""
     body = tok[1:] if tok[:1] == "-" else tok
     mantissa, e, exponent = body.replace("E", "e").partition("e")

@@ -20,20 +20,20 @@ class OvmError(Exception):
 
     code = "internal"
 
-    def __init__(self, message, code=None):
+    def __init__(self, message: str, code: "str | None" = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
 
     @property
-    def message(self):
+    def message(self) -> str:
         return str(self.args[0]) if self.args else ""
 
 
 class ProtocolError(OvmError):
     code = "bad_frame"
 
-    def __init__(self, message, raw=b"", code=None):
+    def __init__(self, message: str, raw: bytes = b"", code: "str | None" = None) -> None:
         super().__init__(message, code)
         # At most a short prefix: a frame may hold a secret, so never keep or log more than needed.
         self.raw = bytes(raw[:64])
@@ -42,7 +42,7 @@ class ProtocolError(OvmError):
 class FrameTooLong(ProtocolError):
     code = "frame_too_long"
 
-    def __init__(self, size, limit):
+    def __init__(self, size: int, limit: int) -> None:
         super().__init__("frame of %d bytes discarded, the limit is %d bytes" % (size, limit))
         self.size = size
         self.limit = limit
@@ -55,7 +55,13 @@ class BadFrame(ProtocolError):
 class BadMessage(ProtocolError):
     code = "bad_request"
 
-    def __init__(self, message, raw=b"", code=None, request_id=None):
+    def __init__(
+        self,
+        message: str,
+        raw: bytes = b"",
+        code: "str | None" = None,
+        request_id: "int | None" = None,
+    ) -> None:
         super().__init__(message, raw, code)
         # When the frame was an object with a usable "id" the receiver can answer it with an error.
         self.request_id = request_id

@@ -10,25 +10,38 @@ No JSON here, no I/O: FrameDecoder.feed() takes whatever a read() returned, any 
 returns events; memory stays within max_frame however the peer behaves.
 """
 
+from __future__ import annotations
+
 from .errors import FrameTooLong
 from .limits import FRAME_MAX
+
+TYPE_CHECKING = False  # mypy treats a name TYPE_CHECKING as true; nothing is imported at run time
+if TYPE_CHECKING:
+    from typing import final
+else:
+
+    def final(cls: type) -> type:
+        """Only a mark for type checkers, without importing typing."""
+        return cls
+
 
 DELIMITER = b"\n"
 RESYNC = b"\xff"
 
 
+@final  # told apart with type(event) is Resync, which mypy narrows only for a final class
 class Resync:
     """Event: the peer sent RESYNC; ``dropped`` bytes of partial frame were discarded."""
 
     __slots__ = ("dropped",)
 
-    def __init__(self, dropped=0):
+    def __init__(self, dropped: int = 0) -> None:
         self.dropped = dropped
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Resync) and other.dropped == self.dropped
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Resync(dropped=%d)" % self.dropped
 
 
@@ -41,23 +54,23 @@ class FrameDecoder:
 
     __slots__ = ("max_frame", "_buf", "_discarding")
 
-    def __init__(self, max_frame=FRAME_MAX):
+    def __init__(self, max_frame: int = FRAME_MAX) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._discarding = 0  # >0: inside an over-long frame, counting its bytes until a delimiter
 
     @property
-    def buffered(self):
+    def buffered(self) -> int:
         """Bytes held for an incomplete frame (never more than max_frame)."""
         return len(self._buf)
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget any partial input (a new connection starts clean)."""
         self._buf.clear()
         self._discarding = 0
 
-    def feed(self, data):
-        out = []
+    def feed(self, data: bytes | bytearray) -> list[bytes | Resync | FrameTooLong]:
+        out: list[bytes | Resync | FrameTooLong] = []
         if RESYNC[0] in data:
             segments = bytes(data).split(RESYNC)
             self._feed_segment(segments[0], out)
@@ -71,7 +84,9 @@ class FrameDecoder:
             self._feed_segment(data, out)
         return out
 
-    def _feed_segment(self, seg, out):
+    def _feed_segment(
+        self, seg: bytes | bytearray, out: list[bytes | Resync | FrameTooLong]
+    ) -> None:
         start = 0
         n = len(seg)
         buf = self._buf

@@ -9,6 +9,8 @@ earlier connection (docs/virtio-serial.md). Pure: the caller supplies the nonce 
 I/O.
 """
 
+from __future__ import annotations
+
 from . import MIN_VERSION, PROTOCOL_VERSION
 from .codec import encode
 from .errors import RemoteError
@@ -21,7 +23,9 @@ class HelloResult:
 
     __slots__ = ("version", "agent", "gid", "gseq", "epoch", "hseq")
 
-    def __init__(self, version, agent, gid, gseq, epoch, hseq):
+    def __init__(
+        self, version: int, agent: str, gid: str, gseq: int, epoch: str | None, hseq: int
+    ) -> None:
         self.version = version
         self.agent = agent
         self.gid = gid  # identity of the guest's cache; a new one means it was recreated
@@ -29,7 +33,7 @@ class HelloResult:
         self.epoch = epoch  # the host stream the guest follows
         self.hseq = hseq  # the last host seq the guest applied in that epoch
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "HelloResult(v=%d, agent=%r, gid=%r, gseq=%d, epoch=%r, hseq=%d)" % (
             self.version,
             self.agent,
@@ -43,19 +47,25 @@ class HelloResult:
 class Handshake:
     __slots__ = ("request_id", "nonce", "epoch", "version")
 
-    def __init__(self, request_id, nonce, epoch=None, version=PROTOCOL_VERSION):
+    def __init__(
+        self,
+        request_id: int,
+        nonce: str,
+        epoch: str | None = None,
+        version: int = PROTOCOL_VERSION,
+    ) -> None:
         self.request_id = request_id
         self.nonce = nonce
         self.epoch = epoch
         self.version = version
 
-    def opening(self):
+    def opening(self) -> bytes:
         """The bytes to write: RESYNC, then the Hello."""
         return RESYNC + encode(
             Hello(id=self.request_id, v=self.version, nonce=self.nonce, epoch=self.epoch)
         )
 
-    def accept(self, msg):
+    def accept(self, msg: object) -> HelloResult | None:
         """Return a HelloResult for the reply that echoes our nonce, None for anything else.
 
         Raise RemoteError if the guest refused this very hello (matching id) or negotiated a
@@ -76,7 +86,15 @@ class Handshake:
         )
 
 
-def answer_hello(hello, agent, gid, gseq, epoch, hseq, max_version=PROTOCOL_VERSION):
+def answer_hello(
+    hello: Hello,
+    agent: str,
+    gid: str,
+    gseq: int,
+    epoch: str | None,
+    hseq: int,
+    max_version: int = PROTOCOL_VERSION,
+) -> bytes:
     """The guest's bytes for a Hello: RESYNC then Ok (or Err if no common version).
 
     The leading RESYNC makes the host drop any stale partial frame in front of the reply.

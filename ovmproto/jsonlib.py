@@ -11,15 +11,28 @@ Python's recursion limit; no message of ours is more than 3 levels deep).
     dumps(obj) -> bytes        loads(bytes) -> object      JSONDecodeError (a ValueError)
 """
 
+from __future__ import annotations
+
+TYPE_CHECKING = False  # mypy treats a name TYPE_CHECKING as true; nothing is imported at run time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
 FALLBACK_NESTING_MAX = 512  # well inside Python's recursion limit, whatever the caller's depth
+
+# What either backend provides (orjson's functions take more options, which we never pass).
+JSONDecodeError: type[ValueError]
+dumps: Callable[[Any], bytes]
+loads: Callable[[bytes | bytearray | memoryview | str], Any]
 
 try:
     import orjson as _orjson
 except ImportError:  # the standard library does the same job, more slowly
-    _orjson = None
-
-if _orjson is not None:
+    BACKEND = "json"
+else:
     BACKEND = "orjson"
+
+if BACKEND == "orjson":
     JSONDecodeError = _orjson.JSONDecodeError
     dumps = _orjson.dumps
     loads = _orjson.loads
@@ -27,9 +40,9 @@ else:
     import json as _json
     import re as _re
 
-    BACKEND = "json"
-
-    class JSONDecodeError(ValueError):
+    # The fallback's own class where orjson has its own. The code is right, but mypy takes a class
+    # statement for a name declared as a variable (above) as a redefinition.
+    class JSONDecodeError(ValueError):  # type: ignore[no-redef]
         pass
 
     _encoder = _json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -37,19 +50,19 @@ else:
     # character, or a lone one, which must be refused like invalid UTF-8.
     _SURROGATE_ESCAPE = _re.compile(rb"\\u[dD][89a-fA-F]")
 
-    def dumps(obj):
+    def dumps(obj: Any) -> bytes:
         try:
             return _encoder.encode(obj).encode("utf-8")
         except UnicodeEncodeError as e:  # a str holding a lone surrogate: orjson raises too
             raise TypeError("str is not valid UTF-8: surrogates not allowed") from e
 
-    def _refuse_constant(name):
+    def _refuse_constant(name: str) -> NoReturn:
         raise ValueError("%s is not valid JSON" % name)
 
     # Built once: json.loads(text, parse_constant=...) would build a decoder at every call.
     _decode = _json.JSONDecoder(parse_constant=_refuse_constant).decode
 
-    def _depth_ok(data):
+    def _depth_ok(data: bytes) -> bool:
         depth = 0
         in_string = escaped = False
         for b in data:
@@ -70,7 +83,7 @@ else:
                 depth -= 1
         return True
 
-    def _all_strings_utf8(obj):
+    def _all_strings_utf8(obj: Any) -> None:
         stack = [obj]
         while stack:
             o = stack.pop()
@@ -82,7 +95,7 @@ else:
                 stack.extend(o.keys())
                 stack.extend(o.values())
 
-    def loads(data):
+    def loads(data: bytes | bytearray | memoryview | str) -> Any:
         if isinstance(data, (bytes, bytearray, memoryview)):
             try:
                 text = bytes(data).decode("utf-8")

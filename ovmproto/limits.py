@@ -23,12 +23,12 @@ INVALID_KEY = "invalid_key"
 INVALID_VALUE = "invalid_value"
 
 
-def _is_control(ch):
+def _is_control(ch: str) -> bool:
     o = ord(ch)
     return o < 0x20 or 0x7F <= o <= 0x9F
 
 
-def check_key(key):
+def check_key(key: object) -> "tuple[str, str] | None":
     """Return None if ``key`` is a legal key, else ``(code, one-line reason)``."""
     if not isinstance(key, str):
         return INVALID_KEY, "key must be a string"
@@ -50,7 +50,7 @@ def check_key(key):
     return None
 
 
-def check_value(value):
+def check_value(value: object) -> "tuple[str, str] | None":
     """Return None if ``value`` is a legal value, else ``(code, one-line reason)``."""
     if not isinstance(value, str):
         return INVALID_VALUE, "value must be a string"

@@ -73,7 +73,9 @@ class BuiltinSender:
 
 def _systemd_sender() -> Callable[[str], None] | None:
     try:
-        from systemd import daemon
+        # Not `from systemd import daemon`: mypy would look in this repository's systemd/ (unit
+        # files), a namespace package without it, before the optional systemd-python.
+        import systemd.daemon as daemon
     except ImportError:
         return None
 

@@ -24,12 +24,14 @@ from ovmproto.messages import (
     Hello,
     Item,
     List,
+    Message,
     Ok,
     Ping,
     PostEvent,
     Put,
     Set,
     Wait,
+    _message,
 )
 
 SECRET = "s3cr3t-Pa55w0rd"
@@ -271,3 +273,48 @@ def test_messages_should_compare_by_type_and_fields():
 def test_constructing_with_an_unknown_field_should_be_a_type_error():
     with pytest.raises(TypeError):
         Ping(id=1, colour="blue")
+
+
+# ---- how a message type is declared -------------------------------------------------------
+
+
+def test_every_message_type_should_keep_its_fields_in_slots_and_no_instance_dict():
+    for cls in MESSAGE_TYPES.values():
+        assert cls.__slots__ == tuple(n for n, _ in cls.REQUIRED + cls.OPTIONAL)
+        msg = cls(**{name: None for name, _ in cls.REQUIRED})
+        assert not hasattr(msg, "__dict__")
+
+
+def define(*fields):
+    """A message type ``Odd`` declared, as in ovmproto.messages, with these field lines."""
+    namespace = {"_message": _message, "Message": Message}
+    body = "".join("    %s\n" % line for line in fields)
+    exec(
+        "from __future__ import annotations\n@_message\nclass Odd(Message):\n    TYPE = 'odd'\n"
+        + body,
+        namespace,
+    )
+    return namespace["Odd"]
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "x: int = 3",  # a required field with a default
+        "x: int | None",  # an optional field without its `= None`
+        "x: int | None = 0",  # an optional field whose default is not None
+        "x: dict",  # no such kind
+        "x: str | None = None",  # no required field at all
+        "pass",
+    ],
+)
+def test_a_message_type_with_a_malformed_field_should_be_refused_when_defined(field):
+    with pytest.raises(TypeError):
+        define(field)
+
+
+def test_a_message_type_should_take_its_fields_in_order_required_then_optional():
+    odd = define("a: int", "b: float | None = None", "c: list[list[str]]")
+    assert odd.REQUIRED == (("a", INT), ("c", ITEMS))
+    assert odd.OPTIONAL == (("b", NUM),)
+    assert encode(odd(c=[["k", "v"]], a=1)) == b'{"t":"odd","a":1,"c":[["k","v"]]}\n'
