@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 
+from hostbridge import DEFAULT_API_SOCKET
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.errors import BridgeError, InvalidInput
 from ovmproto import errorcodes, jsonlib, limits
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
-DEFAULT_SOCKET = "/run/hostbridge/api.sock"
 # A request body holds one key and one value; even a worst-case JSON-escaped value is under this.
 MAX_BODY = 128 * 1024
 MAX_TIMEOUT = 300.0
@@ -393,7 +393,7 @@ async def _start_unix(
 
 async def start(app: web.Application, config: object) -> ApiServer:
     """Bind the unix socket (and TCP with TLS when configured); return an object with close()."""
-    unix_path = getattr(config, "api_socket", DEFAULT_SOCKET)
+    unix_path = getattr(config, "api_socket", DEFAULT_API_SOCKET)
     tcp = getattr(config, "api_tcp", None)
     cert, key = getattr(config, "tls_cert", None), getattr(config, "tls_key", None)
     ctx = None

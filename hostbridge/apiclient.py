@@ -11,6 +11,7 @@ Errors become ApiError(code, message, status); ``exit_code()`` maps a code to th
 JSON goes through ovmproto.compactjson: the json package would import re and enum (~7 ms).
 """
 
+from hostbridge import DEFAULT_API_SOCKET
 from ovmproto import compactjson, errorcodes
 
 TYPE_CHECKING = False  # mypy takes a name TYPE_CHECKING as true; nothing is imported at run time
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     # One JSON object of the API (docs/api.md), as decoded.
     JsonObject = dict[str, Any]
 
-DEFAULT_SOCKET = "/run/hostbridge/api.sock"
 DEFAULT_TCP_PORT = 8443
 ENV_BRIDGE = "VMMESSAGE_BRIDGE"
 _MAX_RESPONSE = 16 * 1024 * 1024
@@ -155,7 +155,7 @@ class Client:
         timeout: float = 30.0,
     ) -> None:
         if not url:
-            url = DEFAULT_SOCKET
+            url = DEFAULT_API_SOCKET
         self.url = url
         self.token = token
         self.user = user

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 import tomllib
 
+from . import DEFAULT_API_SOCKET
 from .errors import BridgeError
 
 DEFAULT_DB = "/var/lib/hostbridge/bridge.sqlite3"
-DEFAULT_API_SOCKET = "/run/hostbridge/api.sock"
 DEFAULT_LIBVIRT_DIRS = (
     "/var/lib/libvirt/qemu/channel/target",
     "/root/.config/libvirt/qemu/channel/target",
