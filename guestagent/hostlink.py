@@ -362,7 +362,9 @@ class HostLink:
             self._send(error_reply(msg.id, e))
         else:
             self._send(encode(Ok(id=msg.id, seq=msg.seq, dup=True if dup else None)))
-        self._release_held()
+        finally:
+            # Whatever failed, never leave changes held: every later one would be held too.
+            self._release_held()
 
     def _on_delete(self, msg: Delete) -> None:
         if self._refuse_unsynced(msg):
@@ -374,7 +376,8 @@ class HostLink:
             self._send(error_reply(msg.id, e))
         else:
             self._send(encode(Ok(id=msg.id, seq=msg.seq, found=found, dup=True if dup else None)))
-        self._release_held()
+        finally:
+            self._release_held()
 
     def _release_held(self) -> None:
         held, self._held = self._held, None

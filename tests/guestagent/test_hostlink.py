@@ -199,6 +199,20 @@ def test_a_failed_save_should_refuse_the_set_and_change_nothing(rig):
     assert rig.service.get("k").value == "new"
 
 
+def test_an_unexpected_failure_of_a_host_set_should_not_hold_back_later_changes(rig, monkeypatch):
+    rig.hello()
+
+    def broken(seq, key, value):
+        raise RuntimeError("a bug, not a refusal")
+
+    monkeypatch.setattr(rig.service, "host_set", broken)
+    with pytest.raises(RuntimeError):
+        rig.link._on_set(Set(id=rig.host.next_id(), key="k", value="v", seq=1))
+    rig.service.set("after", "x", "guest")
+    rig.settle(lambda: rig.host.changed, what="the change after the failure")
+    assert [c.key for c in rig.host.changed] == ["after"]
+
+
 def test_a_guest_change_should_be_announced_only_while_synced(rig):
     rig.settle(lambda: rig.link.state == CONNECTED)
     rig.service.set("early", "x", "guest")
