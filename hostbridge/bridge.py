@@ -28,6 +28,7 @@ from .config import Config, VmSpec
 from .discovery import Discovery
 from .errors import GuestError, LinkReset
 from .guest import Guest
+from .mirror import Entry
 from .model import AuditRow, KeyList, KeyValue, SendResult, VmInfo
 from .session import State
 from .store import Store
@@ -41,6 +42,13 @@ def _check(key: str, value: str | None = None, check_val: bool = False) -> None:
     problem = check_key(key) or (check_value(value) if check_val else None)
     if problem:
         raise errors.InvalidInput(problem[1], problem[0])
+
+
+def _from_mirror(vm: str, key: str, value: str, e: Entry, last_seen: float | None) -> KeyValue:
+    """An answer from the bridge's copy (the agent is away or did not answer): stale."""
+    return KeyValue(
+        vm=vm, key=key, value=value, ts=e.ts, origin=e.origin, stale=True, last_seen=last_seen
+    )
 
 
 class Bridge:
@@ -236,15 +244,7 @@ class Bridge:
                 "the value of key %r in VM %r was sent with log off and is not "
                 "kept on disk; the agent is not connected" % (key, name)
             )
-        return KeyValue(
-            vm=name,
-            key=key,
-            value=e.value,
-            ts=e.ts,
-            origin=e.origin,
-            stale=True,
-            last_seen=s.last_seen,
-        )
+        return _from_mirror(name, key, e.value, e, s.last_seen)
 
     async def keys(self, name: str, *, timeout: float = 5.0) -> KeyList:
         """Every key, live when synced, else (or on timeout) from the mirror marked stale."""
@@ -277,15 +277,7 @@ class Bridge:
             stale=True,
             last_seen=s.last_seen,
             entries=[
-                KeyValue(
-                    vm=name,
-                    key=k,
-                    value=e.value,
-                    ts=e.ts,
-                    origin=e.origin,
-                    stale=True,
-                    last_seen=s.last_seen,
-                )
+                _from_mirror(name, k, e.value, e, s.last_seen)
                 for k, e in g.mirror.entries.items()
                 if e.value is not None
             ],

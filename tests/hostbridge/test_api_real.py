@@ -3,6 +3,7 @@ hostbridge.daemon) with pty channels, real guest agents (python -m guestagent.da
 `vmmessage` / `ovm_vmmessage` run as users run them. Also schemathesis against the real daemon over
 TLS."""
 
+import contextlib
 import json
 import os
 import socket
@@ -34,12 +35,13 @@ def agent_state(bridge, vm):
     return json.loads(r.stdout)["agent"] if r.returncode == 0 else None
 
 
-@pytest.fixture
-def stack(short_dir):
-    channel = os.path.join(short_dir, "vm1.pty")
+@contextlib.contextmanager
+def bridge_with_agent(directory, agent_class=Agent):
+    """A real bridge with VM vm1 on a pty, and a real agent on it, connected."""
+    channel = os.path.join(directory, "vm1.pty")
     with BridgeProc({"vm1": "pty:" + channel}) as bridge:
         bridge.wait_ready()
-        agent = Agent(channel)
+        agent = agent_class(channel)
         try:
             agent.start().wait_ready()
             wait_for(
@@ -48,6 +50,12 @@ def stack(short_dir):
             yield bridge, agent
         finally:
             agent.close()
+
+
+@pytest.fixture
+def stack(short_dir):
+    with bridge_with_agent(short_dir) as pair:
+        yield pair
 
 
 def test_it_should_send_query_list_status_keys_rm_and_audit_through_the_real_bridge(stack):
@@ -187,29 +195,19 @@ class OneKeyAgent(Agent):
 
 
 def test_both_clis_should_exit_7_when_the_agent_refuses_a_message(short_dir):
-    channel = str(short_dir / "vm1.pty")
-    with BridgeProc({"vm1": "pty:" + channel}) as bridge:
-        bridge.wait_ready()
-        agent = OneKeyAgent(channel)
-        try:
-            agent.start().wait_ready()
-            wait_for(
-                lambda: agent_state(bridge, "vm1") == "connected", what="vm1's agent to connect"
-            )
-            assert cli(bridge, "send", "vm1", "first", "fills-the-cache").returncode == 0
-            r = cli(bridge, "send", "vm1", "second", SECRET)
-            assert (r.returncode, r.stdout) == (7, "")
-            assert r.stderr.startswith("vmmessage: error: the agent in VM 'vm1' refused key ")
-            assert r.stderr.count("\n") == 1 and SECRET not in r.stderr
-            r = cli(bridge, "-v", "vm1", "-k", "third", "-V", SECRET, prog="ovm_vmmessage")
-            assert r.returncode == 7
-            assert r.stdout.splitlines()[-1] == "Sending message."
-            assert r.stderr.startswith("ovm_vmmessage: error: the agent in VM 'vm1' refused key ")
-            assert SECRET not in r.stderr and SECRET not in bridge.log()
-            assert agent.ovmd("-g", "second").returncode == 1
-            assert agent.ovmd("-g", "first").stdout == "fills-the-cache\n"
-        finally:
-            agent.close()
+    with bridge_with_agent(short_dir, OneKeyAgent) as (bridge, agent):
+        assert cli(bridge, "send", "vm1", "first", "fills-the-cache").returncode == 0
+        r = cli(bridge, "send", "vm1", "second", SECRET)
+        assert (r.returncode, r.stdout) == (7, "")
+        assert r.stderr.startswith("vmmessage: error: the agent in VM 'vm1' refused key ")
+        assert r.stderr.count("\n") == 1 and SECRET not in r.stderr
+        r = cli(bridge, "-v", "vm1", "-k", "third", "-V", SECRET, prog="ovm_vmmessage")
+        assert r.returncode == 7
+        assert r.stdout.splitlines()[-1] == "Sending message."
+        assert r.stderr.startswith("ovm_vmmessage: error: the agent in VM 'vm1' refused key ")
+        assert SECRET not in r.stderr and SECRET not in bridge.log()
+        assert agent.ovmd("-g", "second").returncode == 1
+        assert agent.ovmd("-g", "first").stdout == "fills-the-cache\n"
 
 
 def free_port():
