@@ -58,6 +58,13 @@ class SendResult(_Json):
 
 
 @dataclass
+class CancelResult(_Json):
+    vm: str
+    cancelled: list[int] = field(default_factory=list)  # seqs withdrawn, never to be delivered
+    in_flight: list[int] = field(default_factory=list)  # seqs the guest may hold: value erased
+
+
+@dataclass
 class KeyValue(_Json):
     vm: str
     key: str
@@ -91,5 +98,5 @@ class AuditRow(_Json):
     key: str
     size: int  # bytes of UTF-8
     ts: float
-    outcome: str  # "delivered" | "queued" | "refused" | "failed" | ...
+    outcome: str  # "delivered" | "queued" | "refused" | "failed" | "cancelled" | "expired" | ...
     value: str | None = None  # only when the send had log on; at most 1024 bytes
