@@ -163,6 +163,28 @@ def rm_lines(doc: "JsonObject", now: float) -> list[str]:
     return _outcome(doc, _DELETION_QUEUED, "Key '%s' deleted." % escape(doc.get("key", "")))
 
 
+def cancel_lines(doc: "JsonObject", now: float) -> list[str]:
+    """What a cancel withdrew, and what was already on its way to the guest."""
+    vm = escape(doc.get("vm", ""))
+    cancelled = doc.get("cancelled") or []
+    in_flight = doc.get("in_flight") or []
+    lines = []
+    if len(cancelled) == 1:
+        lines.append("Message %s to VM '%s' cancelled." % (cancelled[0], vm))
+    elif cancelled:
+        lines.append(
+            "%d messages to VM '%s' cancelled: %s."
+            % (len(cancelled), vm, ", ".join(str(s) for s in cancelled))
+        )
+    for seq in in_flight:
+        lines.append(
+            "Message %s to VM '%s' was already written to the agent: its value is erased from "
+            "the bridge and it will not be sent again; the audit will say whether it arrived."
+            % (seq, vm)
+        )
+    return lines or ["No message to VM '%s' is waiting for delivery." % vm]
+
+
 def audit_lines(doc: "JsonObject", now: float) -> list[str]:
     """The audit trail, newest first: time, outcome, key, size, value or "(not logged)"."""
     lines = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from hostbridge.errors import AgentNotConnected, InvalidInput, NotFound, UnknownVm
-from hostbridge.model import AuditRow, KeyList, KeyValue, SendResult, VmInfo
+from hostbridge.model import AuditRow, CancelResult, KeyList, KeyValue, SendResult, VmInfo
 from ovmproto import limits
 
 
@@ -103,7 +103,9 @@ class FakeBridge:
     def vm(self, name: str) -> VmInfo:
         return self._get(name).info
 
-    async def send(self, name, key, value, *, log=True, queue=True, timeout=5.0) -> SendResult:
+    async def send(
+        self, name, key, value, *, log=True, queue=True, timeout=5.0, expires=None
+    ) -> SendResult:
         self.calls.append(("send", name, key, log, queue, timeout))
         vm = self._get(name)
         for problem in (limits.check_key(key), limits.check_value(value)):
@@ -165,6 +167,17 @@ class FakeBridge:
         vm.outbox.append((vm.seq, key, None))
         vm.info.queued = len(vm.outbox)
         return SendResult(vm=name, key=key, outcome="queued", seq=vm.seq)
+
+    def cancel(self, name, seq=None) -> CancelResult:
+        self.calls.append(("cancel", name, seq))
+        vm = self._get(name)
+        self._maybe_fail("cancel")
+        gone = [row[0] for row in vm.outbox if seq is None or row[0] == seq]
+        if seq is not None and not gone:
+            raise NotFound("VM %r has no message %d waiting for delivery" % (name, seq))
+        vm.outbox = [row for row in vm.outbox if row[0] not in gone]
+        vm.info.queued = len(vm.outbox)
+        return CancelResult(vm=name, cancelled=gone)
 
     def audit(self, name, *, limit=100) -> list[AuditRow]:
         self.calls.append(("audit", name, limit))
