@@ -69,6 +69,7 @@ class FakeBridge:
         self._vms: dict[str, FakeVm] = {}
         self.calls: list[tuple] = []
         self.fail_with: dict[str, Exception] = {}
+        self.expires: float | None = None
         self.started = time.time()
         for name in vms:
             self.add_vm(name)
@@ -107,6 +108,7 @@ class FakeBridge:
         self, name, key, value, *, log=True, queue=True, timeout=5.0, expires=None
     ) -> SendResult:
         self.calls.append(("send", name, key, log, queue, timeout))
+        self.expires = expires  # the last send's
         vm = self._get(name)
         for problem in (limits.check_key(key), limits.check_value(value)):
             if problem is not None:
