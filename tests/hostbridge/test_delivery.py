@@ -13,7 +13,7 @@ from hostbridge.config import Limits
 from hostbridge.delivery import Delivery
 from hostbridge.errors import GuestError, LinkReset, MessageCancelled
 from hostbridge.mirror import Mirror
-from hostbridge.session import State
+from hostbridge.session import Session, State
 from hostbridge.store import Store
 from hostbridge.tasks import TaskSet
 from ovmproto.messages import Set
@@ -231,3 +231,19 @@ def test_an_expired_message_should_be_dropped_and_never_written():
             assert [o for _, o in outcomes(store)] == ["delivered", "expired", "delivered"]
 
     run(main())
+
+
+def test_after_a_restart_the_first_queued_message_should_count_as_possibly_written(tmp_path):
+    # The bridge may have written it just before it was killed: only the guest's hello can say
+    # whether it arrived, so a cancel erases its value but leaves the outcome to that hello.
+    store = Store(str(tmp_path / "bridge.sqlite3"))
+    epoch = store.vm("vm").epoch
+    store.enqueue("vm", "first", "v", True)
+    store.enqueue("vm", "second", "v", True)
+    session = Session("vm", FAST, epoch)
+    delivery = Delivery(
+        session, store, Mirror(100, 100000), epoch, 5.0, TaskSet("vm", logging.getLogger("t"))
+    )
+    assert delivery.withdraw(None, "cancelled") == ([2], [1])
+    assert [o for _, o in outcomes(store)] == ["cancelled_in_flight", "cancelled"]
+    store.close()
