@@ -4,6 +4,7 @@
     GET    /v1/vms                        every VM: channel, agent state, last seen, queued (vmlist)
     GET    /v1/vms/{vm}                   one VM's details (vmstat)
     POST   /v1/vms/{vm}/messages          send {key, value, log?, queue?, timeout?, expires?}
+    GET    /v1/vms/{vm}/messages          the messages waiting for delivery (no values)
     DELETE /v1/vms/{vm}/messages          cancel every undelivered message
     DELETE /v1/vms/{vm}/messages/{seq}    cancel one undelivered message
     GET    /v1/vms/{vm}/keys              the VM's keys (live, else the mirror marked stale)
@@ -40,7 +41,15 @@ from ovmsys import unixsocket
 if TYPE_CHECKING:
     from aiohttp.typedefs import Handler
 
-    from hostbridge.model import AuditRow, CancelResult, KeyList, KeyValue, SendResult, VmInfo
+    from hostbridge.model import (
+        AuditRow,
+        CancelResult,
+        KeyList,
+        KeyValue,
+        QueueList,
+        SendResult,
+        VmInfo,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,7 @@ class BridgeApi(Protocol):
         expires: float | None = None,
     ) -> SendResult: ...
     def cancel(self, name: str, seq: int | None = None) -> CancelResult: ...
+    def queue(self, name: str, *, limit: int) -> QueueList: ...
     async def query(self, name: str, key: str, *, timeout: float) -> KeyValue: ...
     async def keys(self, name: str, *, timeout: float) -> KeyList: ...
     async def delete(self, name: str, key: str, *, timeout: float) -> SendResult: ...
@@ -294,6 +304,20 @@ async def send_message(request: web.Request) -> web.Response:
     return _json(data, 202 if data.get("outcome") == "queued" else 200)
 
 
+def _limit(request: web.Request) -> int:
+    limit = _query_number(request, "limit")
+    if limit is None:
+        limit = DEFAULT_AUDIT_LIMIT
+    if limit != int(limit) or not 1 <= limit <= MAX_AUDIT_LIMIT:
+        raise InvalidInput("limit must be a whole number from 1 to %d" % MAX_AUDIT_LIMIT)
+    return int(limit)
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    vm = request.match_info["vm"]
+    return _json(request.app[BRIDGE].queue(vm, limit=_limit(request)).to_json())
+
+
 async def cancel_messages(request: web.Request) -> web.Response:
     vm = request.match_info["vm"]
     raw = request.match_info.get("seq")
@@ -329,12 +353,7 @@ async def delete_key(request: web.Request) -> web.Response:
 
 async def get_audit(request: web.Request) -> web.Response:
     vm = request.match_info["vm"]
-    limit = _query_number(request, "limit")
-    if limit is None:
-        limit = DEFAULT_AUDIT_LIMIT
-    if limit != int(limit) or not 1 <= limit <= MAX_AUDIT_LIMIT:
-        raise InvalidInput("limit must be a whole number from 1 to %d" % MAX_AUDIT_LIMIT)
-    rows = request.app[BRIDGE].audit(vm, limit=int(limit))
+    rows = request.app[BRIDGE].audit(vm, limit=_limit(request))
     return _json({"vm": vm, "entries": [row.to_json() for row in rows]})
 
 
@@ -360,6 +379,7 @@ def make_app(bridge: BridgeApi, config: object) -> web.Application:
     r.add_get("/v1/vms", list_vms)
     r.add_get("/v1/vms/{vm}", get_vm)
     r.add_post("/v1/vms/{vm}/messages", send_message)
+    r.add_get("/v1/vms/{vm}/messages", list_messages)
     r.add_delete("/v1/vms/{vm}/messages", cancel_messages)
     r.add_delete("/v1/vms/{vm}/messages/{seq}", cancel_messages)
     r.add_get("/v1/vms/{vm}/keys", list_keys)

@@ -348,6 +348,10 @@ class Client:
     def delete(self, vm: str, key: str) -> "JsonObject":
         return self.request("DELETE", path("vms", vm, "keys", key))
 
+    def queue(self, vm: str, limit: int | None = None) -> "JsonObject":
+        q = {"limit": limit} if limit is not None else None
+        return self.request("GET", path("vms", vm, "messages", query=q))
+
     def cancel(self, vm: str, seq: int | None = None) -> "JsonObject":
         """Cancel the VM's undelivered message ``seq``, or every one (None)."""
         if seq is None:

@@ -29,7 +29,16 @@ from .discovery import Discovery
 from .errors import GuestError, LinkReset
 from .guest import Guest
 from .mirror import Entry
-from .model import AuditRow, CancelResult, KeyList, KeyValue, SendResult, VmInfo
+from .model import (
+    AuditRow,
+    CancelResult,
+    KeyList,
+    KeyValue,
+    QueuedMessage,
+    QueueList,
+    SendResult,
+    VmInfo,
+)
 from .session import State
 from .store import Store
 
@@ -380,6 +389,26 @@ class Bridge:
         return SendResult(vm=name, key=key, outcome="delivered", seq=row.seq)
 
     # -- withdrawing ----------------------------------------------------------------------------
+
+    def queue(self, name: str, *, limit: int = 100) -> QueueList:
+        """VM ``name``'s messages waiting for delivery, oldest first, without their values."""
+        g = self.guest(name)
+        return QueueList(
+            vm=name,
+            messages=[
+                QueuedMessage(
+                    seq=r.seq,
+                    key=r.key,
+                    op="del" if r.value is None else "set",
+                    size=0 if r.value is None else len(r.value.encode("utf-8")),
+                    log=r.log,
+                    created=r.created,
+                    expires=r.expires,
+                    in_flight=g.delivery.was_written(r.seq),
+                )
+                for r in self.store.outbox(name, limit=max(0, int(limit)))
+            ],
+        )
 
     def cancel(self, name: str, seq: int | None = None) -> CancelResult:
         """Withdraw VM ``name``'s undelivered message ``seq`` (None: all of them).

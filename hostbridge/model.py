@@ -58,6 +58,26 @@ class SendResult(_Json):
 
 
 @dataclass
+class QueuedMessage(_Json):
+    """A message waiting for delivery, as the queue listing shows it: never its value."""
+
+    seq: int
+    key: str
+    op: str  # "set" | "del"
+    size: int  # bytes of UTF-8 in the value
+    log: bool
+    created: float
+    expires: float | None = None  # UNIX time; None: never
+    in_flight: bool = False  # written to the guest, not yet acknowledged
+
+
+@dataclass
+class QueueList(_Json):
+    vm: str
+    messages: list[QueuedMessage] = field(default_factory=list)
+
+
+@dataclass
 class CancelResult(_Json):
     vm: str
     cancelled: list[int] = field(default_factory=list)  # seqs withdrawn, never to be delivered

@@ -2,7 +2,7 @@
 
     vmmessage send VM KEY VALUE [--no-log] [--no-queue] [--timeout S] [--expires DURATION]
     vmmessage query VM KEY | list | status VM | keys VM | rm VM KEY | audit VM
-    vmmessage cancel VM SEQ | vmmessage cancel VM --all
+    vmmessage queue VM | vmmessage cancel VM SEQ | vmmessage cancel VM --all
     vmmessage sendVmMessage Vm name=X key=foo message=bar log=no      (the manager CLI's form)
     vmmessage adduser USER --users-file F | vmmessage newtoken NAME --tokens-file F
 

@@ -210,13 +210,24 @@ def send(
     )
 
 
+@api_command("queue")
+@click.argument("vm")
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=None, help="rows to show (default 100)"
+)
+def queue(vm: str, limit: int | None) -> ApiCall:
+    """List the messages to VM waiting for delivery, oldest first, with their SEQ (never a
+    value)."""
+    return lambda c: c.queue(vm, limit), render.queue_lines
+
+
 @api_command("cancel")
 @click.argument("vm")
 @click.argument("seq", type=click.IntRange(min=1), required=False)
 @click.option("--all", "every", is_flag=True, help="cancel every undelivered message to VM")
 def cancel(vm: str, seq: int | None, every: bool) -> ApiCall:
-    """Cancel message SEQ (send --json shows it) to VM, or --all, while still undelivered: it is
-    never delivered and its value leaves the bridge's database."""
+    """Cancel message SEQ (see vmmessage queue VM) to VM, or --all, while still undelivered: it
+    is never delivered and its value leaves the bridge's database."""
     if (seq is None) == (not every):
         raise click.UsageError(
             "give either a message number SEQ or --all", ctx=click.get_current_context()

@@ -12,7 +12,16 @@ from __future__ import annotations
 import time
 
 from hostbridge.errors import AgentNotConnected, InvalidInput, NotFound, UnknownVm
-from hostbridge.model import AuditRow, CancelResult, KeyList, KeyValue, SendResult, VmInfo
+from hostbridge.model import (
+    AuditRow,
+    CancelResult,
+    KeyList,
+    KeyValue,
+    QueuedMessage,
+    QueueList,
+    SendResult,
+    VmInfo,
+)
 from ovmproto import limits
 
 
@@ -169,6 +178,23 @@ class FakeBridge:
         vm.outbox.append((vm.seq, key, None))
         vm.info.queued = len(vm.outbox)
         return SendResult(vm=name, key=key, outcome="queued", seq=vm.seq)
+
+    def queue(self, name, *, limit=100) -> QueueList:
+        self.calls.append(("queue", name, limit))
+        vm = self._get(name)
+        self._maybe_fail("queue")
+        messages = [
+            QueuedMessage(
+                seq=seq,
+                key=key,
+                op="del" if value is None else "set",
+                size=0 if value is None else len(value.encode("utf-8")),
+                log=True,
+                created=self.started,
+            )
+            for seq, key, value in vm.outbox[:limit]
+        ]
+        return QueueList(vm=name, messages=messages)
 
     def cancel(self, name, seq=None) -> CancelResult:
         self.calls.append(("cancel", name, seq))

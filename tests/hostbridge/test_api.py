@@ -124,7 +124,9 @@ def test_it_should_pass_a_sends_expiry_to_the_bridge(served, client):
 def test_it_should_cancel_one_or_every_undelivered_message(served, client):
     for i in range(3):
         assert client.send("vm2", "k%d" % i, "v")["outcome"] == "queued"
+    assert [m["seq"] for m in client.queue("vm2")["messages"]] == [1, 2, 3]
     assert client.cancel("vm2", 2) == {"vm": "vm2", "cancelled": [2], "in_flight": []}
+    assert [m["seq"] for m in client.queue("vm2", limit=1)["messages"]] == [1]
     assert client.vm("vm2")["queued"] == 2
     status, doc = raw(served, request("DELETE", "/v1/vms/vm2/messages"))
     assert (status, doc) == (200, {"vm": "vm2", "cancelled": [1, 3], "in_flight": []})

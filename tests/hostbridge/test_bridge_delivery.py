@@ -254,6 +254,11 @@ def test_a_send_waiting_for_its_acknowledgement_should_end_when_its_message_is_w
                     bridge.send("vm1", "second", "v", log=False, timeout=60, expires=3600)
                 )
                 await async_wait_for(lambda: bridge.vm("vm1").queued == 2, what="both queued")
+                listed = bridge.queue("vm1").messages
+                assert [(m.seq, m.key, m.in_flight) for m in listed] == [
+                    (1, "first", True),
+                    (2, "second", False),
+                ]
                 if how == "cancelled":
                     assert bridge.cancel("vm1", 2).cancelled == [2]
                 else:

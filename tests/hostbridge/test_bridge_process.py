@@ -276,6 +276,10 @@ def test_a_cancelled_log_off_message_should_leave_no_trace_and_never_be_delivere
     assert api.send("vm1", "root-pw", secret, log=False)["outcome"] == "queued"
     assert api.send("vm1", "kept", "public-value")["outcome"] == "queued"
     assert token in db_bytes(bridge.db)  # on disk while it waits
+    r = vmmessage(bridge, "queue", "vm1")
+    assert r.returncode == 0 and token.decode() not in r.stdout
+    assert [line.split()[0] for line in r.stdout.splitlines()] == ["SEQ", "1", "2"]
+    assert "%d bytes" % size in r.stdout.splitlines()[1]
     r = vmmessage(bridge, "cancel", "vm1", "1")
     assert (r.returncode, r.stdout, r.stderr) == (0, "Message 1 to VM 'vm1' cancelled.\n", "")
     assert token not in db_bytes(bridge.db)

@@ -101,6 +101,42 @@ def test_cancel_should_say_what_it_cancelled(served):
     assert "Queued messages: 0" in vmm(served, "status", "vm2").stdout.splitlines()
 
 
+def test_queue_should_list_waiting_messages_with_their_seq_and_never_a_value():
+    doc = {
+        "vm": "web2",
+        "messages": [
+            {
+                "seq": 4,
+                "key": "pw",
+                "op": "set",
+                "size": 12,
+                "log": False,
+                "created": 1000.0,
+                "expires": None,
+                "in_flight": True,
+            },
+            {
+                "seq": 9,
+                "key": "k\x1b",
+                "op": "del",
+                "size": 0,
+                "log": True,
+                "created": 1290.0,
+                "expires": 7200.0,
+                "in_flight": False,
+            },
+        ],
+    }
+    assert render.queue_lines(doc, 1300.0) == [
+        "SEQ  QUEUED          EXPIRES                  SIZE      KEY",
+        "4    5 minutes ago   never                    12 bytes  pw (in flight)",
+        "9    10 seconds ago  1970-01-01 02:00:00 UTC  0 bytes   k\\x1b (delete)",
+    ]
+    assert render.queue_lines({"vm": "web2", "messages": []}, 0.0) == [
+        "No message to VM 'web2' is waiting for delivery."
+    ]
+
+
 def test_cancel_should_say_when_a_message_was_already_written_to_the_agent():
     lines = render.cancel_lines({"vm": "web\x1b1", "cancelled": [], "in_flight": [4]}, 0.0)
     assert lines == [
