@@ -3,7 +3,10 @@
     GET    /v1/health                     liveness and counts
     GET    /v1/vms                        every VM: channel, agent state, last seen, queued (vmlist)
     GET    /v1/vms/{vm}                   one VM's details (vmstat)
-    POST   /v1/vms/{vm}/messages          send {key, value, log?, queue?, timeout?}
+    POST   /v1/vms/{vm}/messages          send {key, value, log?, queue?, timeout?, expires?}
+    GET    /v1/vms/{vm}/messages          the messages waiting for delivery (no values)
+    DELETE /v1/vms/{vm}/messages          cancel every undelivered message
+    DELETE /v1/vms/{vm}/messages/{seq}    cancel one undelivered message
     GET    /v1/vms/{vm}/keys              the VM's keys (live, else the mirror marked stale)
     GET    /v1/vms/{vm}/keys/{key}        one key (key percent-encoded; may hold '/')
     DELETE /v1/vms/{vm}/keys/{key}        delete a key in the guest (sequenced like a send)
@@ -29,6 +32,7 @@ from aiohttp import web
 
 from hostbridge import DEFAULT_API_SOCKET
 from hostbridge.auth import Authenticator, CredentialFileError
+from hostbridge.config import MAX_EXPIRY, MIN_EXPIRY
 from hostbridge.errors import BridgeError, InvalidInput
 from ovmproto import errorcodes, jsonlib, limits
 from ovmproto.errors import OvmError
@@ -37,7 +41,15 @@ from ovmsys import unixsocket
 if TYPE_CHECKING:
     from aiohttp.typedefs import Handler
 
-    from hostbridge.model import AuditRow, KeyList, KeyValue, SendResult, VmInfo
+    from hostbridge.model import (
+        AuditRow,
+        CancelResult,
+        KeyList,
+        KeyValue,
+        QueueList,
+        SendResult,
+        VmInfo,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +68,18 @@ class BridgeApi(Protocol):
     def vms(self) -> list[VmInfo]: ...
     def vm(self, name: str) -> VmInfo: ...
     async def send(
-        self, name: str, key: str, value: str, *, log: bool, queue: bool, timeout: float
+        self,
+        name: str,
+        key: str,
+        value: str,
+        *,
+        log: bool,
+        queue: bool,
+        timeout: float,
+        expires: float | None = None,
     ) -> SendResult: ...
+    def cancel(self, name: str, seq: int | None = None) -> CancelResult: ...
+    def queue(self, name: str, *, limit: int) -> QueueList: ...
     async def query(self, name: str, key: str, *, timeout: float) -> KeyValue: ...
     async def keys(self, name: str, *, timeout: float) -> KeyList: ...
     async def delete(self, name: str, key: str, *, timeout: float) -> SendResult: ...
@@ -189,6 +211,17 @@ def _timeout(value: Any) -> float:
     return float(value)
 
 
+def _expires(value: Any) -> float:
+    """A send's expires: 0 (never) or seconds in [MIN_EXPIRY, MAX_EXPIRY]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput("expires must be a number of seconds")
+    if value != 0 and not MIN_EXPIRY <= value <= MAX_EXPIRY:
+        raise InvalidInput(
+            "expires must be 0 (never) or from %g to %d seconds" % (MIN_EXPIRY, MAX_EXPIRY)
+        )
+    return float(value)
+
+
 def _query_number(request: web.Request, name: str) -> float | None:
     raw = request.query.get(name)
     if raw is None:
@@ -246,7 +279,7 @@ async def send_message(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     bridge.vm(vm)  # an unknown VM is a 404 whatever the body holds
     doc = await _body(request)
-    unknown = set(doc) - {"key", "value", "log", "queue", "timeout"}
+    unknown = set(doc) - {"key", "value", "log", "queue", "timeout", "expires"}
     if unknown:
         raise InvalidInput("unknown field(s): %s" % ", ".join(sorted(repr(u) for u in unknown)))
     if "key" not in doc or "value" not in doc:
@@ -265,9 +298,36 @@ async def send_message(request: web.Request) -> web.Response:
         timeout=_timeout(doc["timeout"])
         if "timeout" in doc
         else request.app[SETTINGS].default_timeout,
+        expires=_expires(doc["expires"]) if "expires" in doc else None,
     )
     data = result.to_json()
     return _json(data, 202 if data.get("outcome") == "queued" else 200)
+
+
+def _limit(request: web.Request) -> int:
+    limit = _query_number(request, "limit")
+    if limit is None:
+        limit = DEFAULT_AUDIT_LIMIT
+    if limit != int(limit) or not 1 <= limit <= MAX_AUDIT_LIMIT:
+        raise InvalidInput("limit must be a whole number from 1 to %d" % MAX_AUDIT_LIMIT)
+    return int(limit)
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    vm = request.match_info["vm"]
+    return _json(request.app[BRIDGE].queue(vm, limit=_limit(request)).to_json())
+
+
+async def cancel_messages(request: web.Request) -> web.Response:
+    vm = request.match_info["vm"]
+    raw = request.match_info.get("seq")
+    seq = None
+    if raw is not None:
+        if not (raw.isascii() and raw.isdigit() and 0 < len(raw) <= 18 and int(raw) > 0):
+            raise InvalidInput("seq must be a message's number, a whole number from 1")
+        seq = int(raw)
+    result = request.app[BRIDGE].cancel(vm, seq).to_json()
+    return _json(result, 202 if result.get("in_flight") else 200)
 
 
 async def get_key(request: web.Request) -> web.Response:
@@ -293,12 +353,7 @@ async def delete_key(request: web.Request) -> web.Response:
 
 async def get_audit(request: web.Request) -> web.Response:
     vm = request.match_info["vm"]
-    limit = _query_number(request, "limit")
-    if limit is None:
-        limit = DEFAULT_AUDIT_LIMIT
-    if limit != int(limit) or not 1 <= limit <= MAX_AUDIT_LIMIT:
-        raise InvalidInput("limit must be a whole number from 1 to %d" % MAX_AUDIT_LIMIT)
-    rows = request.app[BRIDGE].audit(vm, limit=int(limit))
+    rows = request.app[BRIDGE].audit(vm, limit=_limit(request))
     return _json({"vm": vm, "entries": [row.to_json() for row in rows]})
 
 
@@ -324,6 +379,9 @@ def make_app(bridge: BridgeApi, config: object) -> web.Application:
     r.add_get("/v1/vms", list_vms)
     r.add_get("/v1/vms/{vm}", get_vm)
     r.add_post("/v1/vms/{vm}/messages", send_message)
+    r.add_get("/v1/vms/{vm}/messages", list_messages)
+    r.add_delete("/v1/vms/{vm}/messages", cancel_messages)
+    r.add_delete("/v1/vms/{vm}/messages/{seq}", cancel_messages)
     r.add_get("/v1/vms/{vm}/keys", list_keys)
     r.add_get("/v1/vms/{vm}/keys/{key:.+}", get_key)
     r.add_delete("/v1/vms/{vm}/keys/{key:.+}", delete_key)

@@ -327,10 +327,13 @@ class Client:
         log: bool = True,
         queue: bool = True,
         timeout: float | None = None,
+        expires: float | None = None,
     ) -> "JsonObject":
         body: JsonObject = {"key": key, "value": value, "log": log, "queue": queue}
         if timeout is not None:
             body["timeout"] = timeout
+        if expires is not None:
+            body["expires"] = expires
         return self.request("POST", path("vms", vm, "messages"), body, timeout=self._wait(timeout))
 
     def query(self, vm: str, key: str, *, timeout: float | None = None) -> "JsonObject":
@@ -344,6 +347,16 @@ class Client:
 
     def delete(self, vm: str, key: str) -> "JsonObject":
         return self.request("DELETE", path("vms", vm, "keys", key))
+
+    def queue(self, vm: str, limit: int | None = None) -> "JsonObject":
+        q = {"limit": limit} if limit is not None else None
+        return self.request("GET", path("vms", vm, "messages", query=q))
+
+    def cancel(self, vm: str, seq: int | None = None) -> "JsonObject":
+        """Cancel the VM's undelivered message ``seq``, or every one (None)."""
+        if seq is None:
+            return self.request("DELETE", path("vms", vm, "messages"))
+        return self.request("DELETE", path("vms", vm, "messages", str(seq)))
 
     def audit(self, vm: str, limit: int | None = None) -> "JsonObject":
         q = {"limit": limit} if limit is not None else None

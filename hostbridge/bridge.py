@@ -29,7 +29,16 @@ from .discovery import Discovery
 from .errors import GuestError, LinkReset
 from .guest import Guest
 from .mirror import Entry
-from .model import AuditRow, KeyList, KeyValue, SendResult, VmInfo
+from .model import (
+    AuditRow,
+    CancelResult,
+    KeyList,
+    KeyValue,
+    QueuedMessage,
+    QueueList,
+    SendResult,
+    VmInfo,
+)
 from .session import State
 from .store import Store
 
@@ -152,6 +161,10 @@ class Bridge:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
             self.flush()
+            try:
+                self.expire()
+            except Exception as e:  # noqa: BLE001 - the next round tries again
+                log.error("cannot drop expired messages: %s", e)
 
     def flush(self) -> None:
         """Save every VM's mirror changes and last_seen in one transaction (one fsync)."""
@@ -294,6 +307,7 @@ class Bridge:
         log: bool = True,
         queue: bool = True,
         timeout: float = 5.0,
+        expires: float | None = None,
     ) -> SendResult:
         """Send key=value to the VM's guest.
 
@@ -302,9 +316,12 @@ class Bridge:
         outbox and will be delivered in order, exactly once. queue=False: AgentNotConnected
         instead, and nothing is kept. With log=False the value is never written to the audit,
         the logs or an error message, and leaves the database file once delivered.
+        ``expires``: seconds after which it is dropped if still undelivered (0: never; None: the
+        configured [limits] message_expiry). Cancelled or expired while the sender waits:
+        MessageCancelled / MessageExpired.
         """
         _check(key, value, check_val=True)
-        return await self._submit(self.guest(name), key, value, log, queue, timeout)
+        return await self._submit(self.guest(name), key, value, log, queue, timeout, expires)
 
     async def delete(
         self, name: str, key: str, *, timeout: float = 5.0, queue: bool = True
@@ -314,7 +331,14 @@ class Bridge:
         return await self._submit(self.guest(name), key, None, True, queue, timeout)
 
     async def _submit(
-        self, g: Guest, key: str, value: str | None, log_value: bool, queue: bool, timeout: float
+        self,
+        g: Guest,
+        key: str,
+        value: str | None,
+        log_value: bool,
+        queue: bool,
+        timeout: float,
+        expires: float | None = None,
     ) -> SendResult:
         name = g.name
         if not queue and g.state is not State.SYNCED:
@@ -326,7 +350,9 @@ class Bridge:
             raise errors.Busy(
                 "VM %r has %d requests outstanding, the limit" % (name, g.outstanding)
             )
-        row = self.store.enqueue(name, key, value, log_value)
+        lifetime = self.config.limits.message_expiry if expires is None else expires
+        deadline = time.time() + lifetime if lifetime > 0 else None
+        row = self.store.enqueue(name, key, value, log_value, expires=deadline)
         if value is not None and not log_value:
             g.mirror.hide(key)
         if g.state is not State.SYNCED:
@@ -361,3 +387,61 @@ class Bridge:
                 "the agent in VM %r refused key %r: %s" % (name, key, e.message), e.code
             ) from None
         return SendResult(vm=name, key=key, outcome="delivered", seq=row.seq)
+
+    # -- withdrawing ----------------------------------------------------------------------------
+
+    def queue(self, name: str, *, limit: int = 100) -> QueueList:
+        """VM ``name``'s messages waiting for delivery, oldest first, without their values."""
+        g = self.guest(name)
+        return QueueList(
+            vm=name,
+            messages=[
+                QueuedMessage(
+                    seq=r.seq,
+                    key=r.key,
+                    op="del" if r.value is None else "set",
+                    size=0 if r.value is None else len(r.value.encode("utf-8")),
+                    log=r.log,
+                    created=r.created,
+                    expires=r.expires,
+                    in_flight=g.delivery.was_written(r.seq),
+                )
+                for r in self.store.outbox(name, limit=max(0, int(limit)))
+            ],
+        )
+
+    def cancel(self, name: str, seq: int | None = None) -> CancelResult:
+        """Withdraw VM ``name``'s undelivered message ``seq`` (None: all of them).
+
+        A message not yet written to the guest is deleted (value and all) and never delivered;
+        its audit row says "cancelled". One written but not acknowledged (in flight) may already
+        be in the guest: its value is erased at once and it is never written again, and the
+        guest's acknowledgement or next hello settles it as "delivered" or "cancelled". NotFound
+        when ``seq`` is not waiting for delivery.
+        """
+        g = self.guest(name)
+        cancelled, in_flight = g.delivery.withdraw(None if seq is None else [seq], "cancelled")
+        if seq is not None and not (cancelled or in_flight):
+            raise errors.NotFound(
+                "VM %r has no message %d waiting for delivery (delivered, refused, cancelled, "
+                "expired, or never sent)" % (name, seq)
+            )
+        if cancelled or in_flight:
+            log.info(
+                "VM %r: cancelled %d queued message(s); %d in flight",
+                name,
+                len(cancelled),
+                len(in_flight),
+            )
+        return CancelResult(vm=name, cancelled=cancelled, in_flight=in_flight)
+
+    def expire(self, now: float | None = None) -> int:
+        """Withdraw every undelivered message past its expiry; return how many."""
+        count = 0
+        for name, seqs in self.store.expired(time.time() if now is None else now).items():
+            g = self._guests.get(name)
+            if g is not None:
+                withdrawn, in_flight = g.delivery.withdraw(seqs, "expired")
+                count += len(withdrawn) + len(in_flight)
+                log.info("VM %r: %d queued message(s) expired", name, len(seqs))
+        return count

@@ -16,6 +16,7 @@ query_timeout = 5.0
 [limits]                      # per VM; see Limits
 max_outstanding = 64
 audit_rows = 10000
+message_expiry = 0            # seconds a queued message may wait for delivery; 0: no limit
 
 [[vm]]
 name = "web1"
@@ -39,6 +40,8 @@ DEFAULT_LIBVIRT_DIRS = (
     "/root/.config/libvirt/qemu/channel/target",
 )
 CHANNEL_KINDS = ("unix", "pty")
+MAX_EXPIRY = 10 * 366 * 86400  # the longest expiry of a queued message: about ten years
+MIN_EXPIRY = 1.0  # the shortest; shorter is surely a mistake (seconds for milliseconds)
 _VM_NAME = re.compile(r"^[^\x00-\x1f\x7f/]{1,200}$")
 
 
@@ -79,6 +82,9 @@ class Limits:
     delivery_timeout: float = 10.0  # an outbox message unacknowledged this long: resync
     reconnect_max: float = 5.0  # longest backoff between connects of a unix channel
     audit_rows: int = 10000  # the newest audit rows kept per VM; older ones are deleted
+    # Seconds a message may wait undelivered before it is dropped (a send's expires overrides);
+    # 0: no limit, the outbox keeps it until the guest takes it.
+    message_expiry: float = 0.0
 
 
 @dataclass
@@ -119,6 +125,12 @@ class Config:
             raise ConfigError("query_timeout must be positive")
         if self.limits.audit_rows < 1:
             raise ConfigError("[limits] audit_rows must be at least 1")
+        expiry = self.limits.message_expiry
+        if expiry != 0 and not MIN_EXPIRY <= expiry <= MAX_EXPIRY:
+            raise ConfigError(
+                "[limits] message_expiry must be 0 (no limit) or from %g to %d seconds"
+                % (MIN_EXPIRY, MAX_EXPIRY)
+            )
 
 
 def parse_channel(text: str) -> str:

@@ -7,19 +7,27 @@ epoch) and drops a seq it has already applied, and its hello answer tells us tha
 row up to it counts as delivered even when its acknowledgement was lost with the link.
 
 A sender waiting for its message (``wait``) is woken with the outcome: delivered, refused by the
-guest (GuestError), or LinkReset when the link goes down first.
+guest (GuestError), withdrawn (MessageCancelled, MessageExpired), or LinkReset when the link goes
+down first.
+
+Withdrawing (withdraw(): a cancel, or an expiry) and delivering never overlap: both run on the
+event loop's thread, and _deliver reads a row, marks it written and writes it to the channel
+without yielding in between. So a row is either withdrawn before it was written (deleted, never
+written) or after (the guest may hold it: it stays, valueless and marked, until the guest's
+acknowledgement or next hello says "delivered" after all, or else it ends withdrawn).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from ovmproto.handshake import HelloResult
 from ovmproto.messages import Delete, Set
 
 from . import errors
-from .errors import GuestError, LinkReset
+from .errors import GuestError, LinkReset, MessageCancelled, MessageExpired
 from .mirror import Mirror
 from .session import Session, State
 from .store import OutboxRow, Store
@@ -51,7 +59,10 @@ class Delivery:
         self._tasks = tasks
         self._wake = asyncio.Event()
         self._waiters: dict[int, asyncio.Future[int]] = {}  # seq -> sender waiting for the ack
-        self._written_seq = 0  # the highest seq written to the guest (it may have it)
+        # The highest seq written to the guest (it may have it). At start the first row may have
+        # been written by an earlier run of the bridge: the guest's hello will tell.
+        first = store.outbox(self.vm, limit=1, withdrawn=True)
+        self._written_seq = first[0].seq if first else 0
         self._loop: asyncio.Task[None] | None = None
 
     @property
@@ -87,14 +98,41 @@ class Delivery:
         """Whether the guest may have received row ``seq``."""
         return seq <= self._written_seq
 
+    def withdraw(self, seqs: list[int] | None, outcome: str) -> tuple[list[int], list[int]]:
+        """Withdraw rows ``seqs`` (None: all) as "cancelled" or "expired": (withdrawn, in_flight).
+
+        Withdrawn rows are gone and never delivered; their senders get the outcome. In-flight
+        rows (written, not acknowledged) lose their value and are never written again; the
+        guest's answer decides their outcome (Store.withdraw).
+        """
+        withdrawn, in_flight = self.store.withdraw(self.vm, seqs, outcome, self._written_seq)
+        for seq in withdrawn:
+            self._settle(seq, self._withdrawn_error(seq, outcome))
+        return withdrawn, in_flight
+
+    def _withdrawn_error(self, seq: int, outcome: str) -> Exception:
+        if outcome == "expired":
+            return MessageExpired(
+                "message %d to VM %r expired before it was delivered" % (seq, self.vm)
+            )
+        return MessageCancelled(
+            "message %d to VM %r was cancelled before it was delivered" % (seq, self.vm)
+        )
+
     # -- what the link tells us -----------------------------------------------------------------
 
     def on_synced(self, result: HelloResult) -> None:
         # Everything up to hseq in our epoch was applied by the guest, acknowledged or not.
         hseq = result.hseq if result.epoch == self.epoch else 0
-        done = [r for r in self.store.outbox(self.vm, limit=1 << 30) if r.seq <= hseq]
+        rows = self.store.outbox(self.vm, limit=1 << 30, withdrawn=True)
+        done = [r for r in rows if r.seq <= hseq]
         if done:
             self._delivered(done)
+        # Withdrawn while in flight, and the guest did not apply it: withdrawn for good.
+        for row in rows:
+            if row.seq > hseq and row.withdrawn is not None:
+                self.store.finish(self.vm, [row.seq], row.withdrawn)
+                self._settle(row.seq, self._withdrawn_error(row.seq, row.withdrawn))
         self._written_seq = hseq
         self._wake.set()
 
@@ -112,11 +150,15 @@ class Delivery:
             self._wake.clear()
             while self.session.state is State.SYNCED:
                 rows = self.store.outbox(self.vm, limit=1)
+                if rows and rows[0].expires is not None and rows[0].expires <= time.time():
+                    self.withdraw([rows[0].seq], "expired")  # before the bridge's sweep saw it
+                    continue
                 if not rows or not await self._deliver(rows[0]):
                     break
 
     async def _deliver(self, row: OutboxRow) -> bool:
         """Send one row and wait for its acknowledgement; False when the link failed."""
+        # No await between here and the write in request(): see the module's docstring.
         self._written_seq = max(self._written_seq, row.seq)
         try:
             await self.session.request(_request_for(row), self.timeout, internal=True)

@@ -57,6 +57,18 @@ class Busy(BridgeError):
     code = "busy"
 
 
+class MessageCancelled(BridgeError):
+    """The message a sender waits for was cancelled (vmmessage cancel) before it was delivered."""
+
+    code = "cancelled"
+
+
+class MessageExpired(BridgeError):
+    """The message a sender waits for reached its expiry before it was delivered."""
+
+    code = "expired"
+
+
 class Unauthorized(BridgeError):
     code = "unauthorized"
 

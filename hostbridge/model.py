@@ -58,6 +58,33 @@ class SendResult(_Json):
 
 
 @dataclass
+class QueuedMessage(_Json):
+    """A message waiting for delivery, as the queue listing shows it: never its value."""
+
+    seq: int
+    key: str
+    op: str  # "set" | "del"
+    size: int  # bytes of UTF-8 in the value
+    log: bool
+    created: float
+    expires: float | None = None  # UNIX time; None: never
+    in_flight: bool = False  # written to the guest, not yet acknowledged
+
+
+@dataclass
+class QueueList(_Json):
+    vm: str
+    messages: list[QueuedMessage] = field(default_factory=list)
+
+
+@dataclass
+class CancelResult(_Json):
+    vm: str
+    cancelled: list[int] = field(default_factory=list)  # seqs withdrawn, never to be delivered
+    in_flight: list[int] = field(default_factory=list)  # seqs the guest may hold: value erased
+
+
+@dataclass
 class KeyValue(_Json):
     vm: str
     key: str
@@ -91,5 +118,5 @@ class AuditRow(_Json):
     key: str
     size: int  # bytes of UTF-8
     ts: float
-    outcome: str  # "delivered" | "queued" | "refused" | "failed" | ...
+    outcome: str  # "delivered" | "queued" | "refused" | "failed" | "cancelled" | "expired" | ...
     value: str | None = None  # only when the send had log on; at most 1024 bytes

@@ -163,6 +163,52 @@ def rm_lines(doc: "JsonObject", now: float) -> list[str]:
     return _outcome(doc, _DELETION_QUEUED, "Key '%s' deleted." % escape(doc.get("key", "")))
 
 
+def queue_lines(doc: "JsonObject", now: float) -> list[str]:
+    """The messages waiting for delivery, oldest first: seq, age, expiry, size, key (no value)."""
+    rows = [("SEQ", "QUEUED", "EXPIRES", "SIZE", "KEY")]
+    for m in doc.get("messages", []):
+        key = escape(m.get("key", ""))
+        if m.get("op") == "del":
+            key += " (delete)"
+        if m.get("in_flight"):
+            key += " (in flight)"
+        rows.append(
+            (
+                str(m.get("seq", "?")),
+                _ago(m.get("created"), now),
+                utc(m["expires"]) if m.get("expires") is not None else "never",
+                "%d bytes" % m.get("size", 0),
+                key,
+            )
+        )
+    if len(rows) == 1:
+        return ["No message to VM '%s' is waiting for delivery." % escape(doc.get("vm", ""))]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4] for row in rows]
+
+
+def cancel_lines(doc: "JsonObject", now: float) -> list[str]:
+    """What a cancel withdrew, and what was already on its way to the guest."""
+    vm = escape(doc.get("vm", ""))
+    cancelled = doc.get("cancelled") or []
+    in_flight = doc.get("in_flight") or []
+    lines = []
+    if len(cancelled) == 1:
+        lines.append("Message %s to VM '%s' cancelled." % (cancelled[0], vm))
+    elif cancelled:
+        lines.append(
+            "%d messages to VM '%s' cancelled: %s."
+            % (len(cancelled), vm, ", ".join(str(s) for s in cancelled))
+        )
+    for seq in in_flight:
+        lines.append(
+            "Message %s to VM '%s' was already written to the agent: its value is erased from "
+            "the bridge and it will not be sent again; the audit will say whether it arrived."
+            % (seq, vm)
+        )
+    return lines or ["No message to VM '%s' is waiting for delivery." % vm]
+
+
 def audit_lines(doc: "JsonObject", now: float) -> list[str]:
     """The audit trail, newest first: time, outcome, key, size, value or "(not logged)"."""
     lines = []

@@ -8,7 +8,9 @@ Secrecy (log=no): such a value is on disk only in its outbox row, and only until
 acknowledged it. secure_delete=ON zeroes deleted content, and a TRUNCATE checkpoint after the
 delete folds the WAL into the main file and empties it, so the bytes linger in neither file.
 The audit row of such a send has value NULL; the mirror keeps such a key's value in memory only
-(its row has value NULL and hidden=1).
+(its row has value NULL and hidden=1). A message withdrawn before delivery (cancelled, or past its
+expiry) loses its value the same way: deleted, or, when the guest may already hold it, kept as a
+valueless "withdrawn" row until the guest's answer says which outcome it had (withdraw()).
 
 Calls are synchronous and short: the bridge calls them from its event loop thread.
 """
@@ -79,6 +81,20 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_vm ON audit (vm, id);
 """
 
+# Columns added to a table after its CREATE above: (table, column, declaration). open() adds the
+# missing ones to a database made before them (ADD COLUMN rewrites nothing), and to a new one.
+_ADDED_COLUMNS = (
+    # The UNIX time after which an undelivered outbox row is dropped (expired); NULL: never.
+    ("outbox", "expires", "REAL"),
+    # NULL while the row waits for delivery. "cancelled" or "expired": withdrawn while the guest
+    # may hold it (written, not acknowledged); its value is gone, and the guest's next answer
+    # tells whether it was delivered after all or ends withdrawn.
+    ("outbox", "withdrawn", "TEXT"),
+)
+_AFTER_COLUMNS = """
+CREATE INDEX IF NOT EXISTS outbox_expires ON outbox (expires) WHERE expires IS NOT NULL;
+"""
+
 
 def truncate_utf8(value: str, limit: int = AUDIT_VALUE_MAX) -> str:
     data = value.encode("utf-8")
@@ -112,6 +128,8 @@ class OutboxRow:
     log: bool
     created: float
     audit_id: int | None
+    expires: float | None = None  # UNIX time; None: never
+    withdrawn: str | None = None  # see _ADDED_COLUMNS
 
     def __repr__(self) -> str:  # never the value
         return "OutboxRow(vm=%r, seq=%d, key=%r, size=%s, log=%r)" % (
@@ -152,7 +170,15 @@ class Store:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        self._add_columns()
         self._in_batch = False
+
+    def _add_columns(self) -> None:
+        for table, column, declaration in _ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(%s)" % table)}
+            if column not in have:
+                self._db.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, declaration))
+        self._db.executescript(_AFTER_COLUMNS)
 
     def close(self) -> None:
         try:
@@ -203,9 +229,17 @@ class Store:
     # -- outbox -------------------------------------------------------------------------------
 
     def enqueue(
-        self, vm: str, key: str, value: str | None, log_value: bool, ts: float | None = None
+        self,
+        vm: str,
+        key: str,
+        value: str | None,
+        log_value: bool,
+        ts: float | None = None,
+        expires: float | None = None,
     ) -> OutboxRow:
-        """Durably add a host set (value) or del (value None); audit it as "queued"."""
+        """Durably add a host set (value) or del (value None); audit it as "queued".
+
+        ``expires``: the UNIX time after which it is dropped undelivered (None: never)."""
         ts = time.time() if ts is None else ts
         with self._tx() as db:
             db.execute("UPDATE vms SET seq=seq+1 WHERE name=?", (vm,))
@@ -218,19 +252,23 @@ class Store:
                 # Before the guest can announce the value back: its mirror row stays valueless.
                 db.execute("INSERT OR IGNORE INTO hidden (vm, key) VALUES (?,?)", (vm, key))
             db.execute(
-                "INSERT INTO outbox (vm, seq, key, value, log, created, audit_id) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (vm, seq, key, value, int(log_value), ts, audit_id),
+                "INSERT INTO outbox (vm, seq, key, value, log, created, audit_id, expires) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (vm, seq, key, value, int(log_value), ts, audit_id, expires),
             )
-        return OutboxRow(vm, seq, key, value, log_value, ts, audit_id)
+        return OutboxRow(vm, seq, key, value, log_value, ts, audit_id, expires)
 
-    def outbox(self, vm: str, after: int = 0, limit: int = 100) -> list[OutboxRow]:
+    def outbox(
+        self, vm: str, after: int = 0, limit: int = 100, withdrawn: bool = False
+    ) -> list[OutboxRow]:
+        """The rows waiting for delivery, in order; ``withdrawn``: the withdrawn ones too."""
         rows = self._db.execute(
-            "SELECT vm, seq, key, value, log, created, audit_id FROM outbox "
-            "WHERE vm=? AND seq>? ORDER BY seq LIMIT ?",
+            "SELECT vm, seq, key, value, log, created, audit_id, expires, withdrawn FROM outbox "
+            "WHERE vm=? AND seq>? %sORDER BY seq LIMIT ?"
+            % ("" if withdrawn else "AND withdrawn IS NULL "),
             (vm, after, limit),
         ).fetchall()
-        return [OutboxRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+        return [OutboxRow(r[0], r[1], r[2], r[3], bool(r[4]), *r[5:]) for r in rows]
 
     def secret_pending(self, vm: str, key: str, after: int) -> bool:
         """Whether a later outbox row sets ``key`` with log off."""
@@ -244,12 +282,71 @@ class Store:
         )
 
     def queued(self, vm: str) -> int:
-        count: int = self._db.execute("SELECT COUNT(*) FROM outbox WHERE vm=?", (vm,)).fetchone()[0]
+        count: int = self._db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE vm=? AND withdrawn IS NULL", (vm,)
+        ).fetchone()[0]
         return count
 
     def queued_counts(self) -> dict[str, int]:
         """Every VM's outbox length in one query (vmlist of 1,000 VMs: one query, not 1,000)."""
-        return dict(self._db.execute("SELECT vm, COUNT(*) FROM outbox GROUP BY vm"))
+        return dict(
+            self._db.execute("SELECT vm, COUNT(*) FROM outbox WHERE withdrawn IS NULL GROUP BY vm")
+        )
+
+    def expired(self, now: float) -> dict[str, list[int]]:
+        """vm -> the seqs of its rows waiting for delivery whose expiry is ``now`` or earlier."""
+        due: dict[str, list[int]] = {}
+        for vm, seq in self._db.execute(
+            "SELECT vm, seq FROM outbox WHERE expires IS NOT NULL AND expires<=? "
+            "AND withdrawn IS NULL ORDER BY vm, seq",
+            (now,),
+        ):
+            due.setdefault(vm, []).append(seq)
+        return due
+
+    def withdraw(
+        self, vm: str, seqs: Sequence[int] | None, outcome: str, written: int
+    ) -> tuple[list[int], list[int]]:
+        """Withdraw rows ``seqs`` (None: every row) of ``vm`` as ``outcome`` ("cancelled",
+        "expired") in one transaction; return (withdrawn, in_flight) seqs, missing ones left out.
+
+        A row above ``written`` (the highest seq the guest may hold) is deleted and its audit
+        row gets ``outcome``. One at or below it may be in the guest: it keeps its place, without
+        its value, marked withdrawn (and audited "<outcome>_in_flight") until the guest's answer
+        finishes it. Either way no value stays behind: when one had log off, the WAL is folded
+        and emptied as after a delivery (scrub()).
+        """
+        withdrawn: list[int] = []
+        in_flight: list[int] = []
+        secret = False
+        query = "SELECT seq, log, value IS NOT NULL, audit_id FROM outbox WHERE vm=?"
+        args: list[object] = [vm]
+        if seqs is not None:
+            query += " AND seq IN (%s)" % ",".join("?" * len(seqs))
+            args += list(seqs)
+        with self._tx() as db:
+            for seq, log_value, has_value, audit_id in db.execute(query, args).fetchall():
+                secret = secret or (not log_value and has_value)
+                if seq <= written:
+                    db.execute(
+                        "UPDATE outbox SET value=NULL, withdrawn=coalesce(withdrawn, ?) "
+                        "WHERE vm=? AND seq=?",
+                        (outcome, vm, seq),
+                    )
+                    after = outcome + "_in_flight"
+                    in_flight.append(seq)
+                else:
+                    db.execute("DELETE FROM outbox WHERE vm=? AND seq=?", (vm, seq))
+                    after = outcome
+                    withdrawn.append(seq)
+                if audit_id is not None:
+                    db.execute(
+                        "UPDATE audit SET outcome=? WHERE id=? AND outcome='queued'",
+                        (after, audit_id),
+                    )
+        if secret:
+            self.scrub()
+        return sorted(withdrawn), sorted(in_flight)
 
     def finish(self, vm: str, seqs: list[int], outcome: str) -> None:
         """Remove outbox rows (delivered, failed or withdrawn) and record the outcome in audit.
@@ -278,7 +375,7 @@ class Store:
         """Fold the WAL into the file and truncate it (deleted content is already zeroed)."""
         busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
-            log.warning("WAL checkpoint was blocked; a delivered secret may linger in the WAL")
+            log.warning("WAL checkpoint was blocked; a removed secret may linger in the WAL")
 
     # -- audit --------------------------------------------------------------------------------
 

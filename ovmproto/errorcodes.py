@@ -41,6 +41,8 @@ CODES = {
     "method_not_allowed":     (405,   7,    None, "no such method on that resource"),
     "request_too_large":      (413,   7,    None, "a request body over 128 KiB"),
     "unsupported_media_type": (415,   7,    None, "a request body that is not JSON"),
+    "cancelled":              (410,   7,    None, "the message was cancelled before delivery"),
+    "expired":                (410,   7,    None, "the message expired before delivery"),
     # -- the CLIs themselves, before or instead of an answer
     "usage":                  (None,  2,    2,    "bad command line or invalid input"),
     "unreachable":            (None,  3,    3,    "cannot talk to the daemon or the bridge"),

@@ -1,7 +1,8 @@
 """`vmmessage`: the operator's command line to the host bridge's API (docs/cli-host.md).
 
-    vmmessage send VM KEY VALUE [--no-log] [--no-queue] [--timeout S]
+    vmmessage send VM KEY VALUE [--no-log] [--no-queue] [--timeout S] [--expires DURATION]
     vmmessage query VM KEY | list | status VM | keys VM | rm VM KEY | audit VM
+    vmmessage queue VM | vmmessage cancel VM SEQ | vmmessage cancel VM --all
     vmmessage sendVmMessage Vm name=X key=foo message=bar log=no      (the manager CLI's form)
     vmmessage adduser USER --users-file F | vmmessage newtoken NAME --tokens-file F
 
@@ -47,14 +48,14 @@ EXIT_BROKEN_PIPE = 141
 
 EXIT_HELP = """Exit status:
   0  success
-  1  not found (unknown VM, or the key is not set)
+  1  not found (unknown VM, the key is not set, or no such message waiting to cancel)
   2  usage error or invalid input (bad key, value too long, ...)
   3  the bridge is unreachable (no socket, connection refused, TLS failure, no answer)
   4  the agent did not answer in time
   5  the agent is not connected (send --no-queue, or rm of an unconnected VM's key)
   6  unauthorized (no or bad token / user and password, or no permission on the socket)
-  7  the agent refused the message (e.g. its key quota is full), or any other error of the
-     bridge (busy, internal)
+  7  the agent refused the message (e.g. its key quota is full), the message was cancelled
+     or expired while send waited, or any other error of the bridge (busy, internal)
 130  interrupted (Ctrl-C, or no answer at a password prompt)
 141  stdout is a pipe nobody reads any more (quietly, as if killed by SIGPIPE)"""
 

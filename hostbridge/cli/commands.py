@@ -138,6 +138,30 @@ def api_command(name: str) -> Callable[[Callable[..., ApiCall]], click.Command]:
     return register
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Duration(click.ParamType):
+    """``90``, ``90s``, ``15m``, ``2h``, ``7d`` -> seconds; ``never`` or ``0`` -> 0."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        text = str(value).strip().lower()
+        if text == "never":
+            return 0.0
+        number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+        try:
+            seconds = float(number) * _UNITS[unit]
+        except ValueError:
+            seconds = -1.0
+        if not seconds >= 0 or seconds == float("inf"):
+            self.fail("%r is not a duration such as 90s, 15m, 2h, 7d or never" % value, param, ctx)
+        return seconds
+
+
 def timeout_option(text: str) -> Callable[[_F], _F]:
     return click.option(
         "--timeout",
@@ -160,14 +184,55 @@ def timeout_option(text: str) -> Callable[[_F], _F]:
     help="fail (exit 5) instead of queueing when the agent is not connected",
 )
 @timeout_option("seconds to wait for the guest's acknowledgement (default: the bridge's, 5)")
+@click.option(
+    "--expires",
+    type=Duration(),
+    default=None,
+    metavar="DURATION",
+    help="drop the message if it is still undelivered after DURATION (90s, 15m, 2h, 7d; "
+    "'never'); default: the bridge's [limits] message_expiry",
+)
 def send(
-    vm: str, key: str, value: str, no_log: bool, no_queue: bool, timeout: float | None
+    vm: str,
+    key: str,
+    value: str,
+    no_log: bool,
+    no_queue: bool,
+    timeout: float | None,
+    expires: float | None,
 ) -> ApiCall:
     """Send KEY=VALUE to the agent in VM (queued until it connects unless --no-queue)."""
     return (
-        lambda c: c.send(vm, key, value, log=not no_log, queue=not no_queue, timeout=timeout),
+        lambda c: c.send(
+            vm, key, value, log=not no_log, queue=not no_queue, timeout=timeout, expires=expires
+        ),
         render.send_lines,
     )
+
+
+@api_command("queue")
+@click.argument("vm")
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=None, help="rows to show (default 100)"
+)
+def queue(vm: str, limit: int | None) -> ApiCall:
+    """List the messages to VM waiting for delivery, oldest first, with their SEQ (never a
+    value)."""
+    return lambda c: c.queue(vm, limit), render.queue_lines
+
+
+@api_command("cancel")
+@click.argument("vm")
+@click.argument("seq", type=click.IntRange(min=1), required=False)
+@click.option("--all", "every", is_flag=True, help="cancel every undelivered message to VM")
+def cancel(vm: str, seq: int | None, every: bool) -> ApiCall:
+    """Cancel message SEQ (see vmmessage queue VM) to VM, or --all, while still undelivered: it
+    is never delivered and its value leaves the bridge's database."""
+    if (seq is None) == (not every):
+        raise click.UsageError(
+            "give either a message number SEQ or --all", ctx=click.get_current_context()
+        )
+    return lambda c: c.cancel(vm, seq), render.cancel_lines
 
 
 @api_command("query")

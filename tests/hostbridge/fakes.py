@@ -12,7 +12,16 @@ from __future__ import annotations
 import time
 
 from hostbridge.errors import AgentNotConnected, InvalidInput, NotFound, UnknownVm
-from hostbridge.model import AuditRow, KeyList, KeyValue, SendResult, VmInfo
+from hostbridge.model import (
+    AuditRow,
+    CancelResult,
+    KeyList,
+    KeyValue,
+    QueuedMessage,
+    QueueList,
+    SendResult,
+    VmInfo,
+)
 from ovmproto import limits
 
 
@@ -69,6 +78,7 @@ class FakeBridge:
         self._vms: dict[str, FakeVm] = {}
         self.calls: list[tuple] = []
         self.fail_with: dict[str, Exception] = {}
+        self.expires: float | None = None
         self.started = time.time()
         for name in vms:
             self.add_vm(name)
@@ -103,8 +113,11 @@ class FakeBridge:
     def vm(self, name: str) -> VmInfo:
         return self._get(name).info
 
-    async def send(self, name, key, value, *, log=True, queue=True, timeout=5.0) -> SendResult:
+    async def send(
+        self, name, key, value, *, log=True, queue=True, timeout=5.0, expires=None
+    ) -> SendResult:
         self.calls.append(("send", name, key, log, queue, timeout))
+        self.expires = expires  # the last send's
         vm = self._get(name)
         for problem in (limits.check_key(key), limits.check_value(value)):
             if problem is not None:
@@ -165,6 +178,34 @@ class FakeBridge:
         vm.outbox.append((vm.seq, key, None))
         vm.info.queued = len(vm.outbox)
         return SendResult(vm=name, key=key, outcome="queued", seq=vm.seq)
+
+    def queue(self, name, *, limit=100) -> QueueList:
+        self.calls.append(("queue", name, limit))
+        vm = self._get(name)
+        self._maybe_fail("queue")
+        messages = [
+            QueuedMessage(
+                seq=seq,
+                key=key,
+                op="del" if value is None else "set",
+                size=0 if value is None else len(value.encode("utf-8")),
+                log=True,
+                created=self.started,
+            )
+            for seq, key, value in vm.outbox[:limit]
+        ]
+        return QueueList(vm=name, messages=messages)
+
+    def cancel(self, name, seq=None) -> CancelResult:
+        self.calls.append(("cancel", name, seq))
+        vm = self._get(name)
+        self._maybe_fail("cancel")
+        gone = [row[0] for row in vm.outbox if seq is None or row[0] == seq]
+        if seq is not None and not gone:
+            raise NotFound("VM %r has no message %d waiting for delivery" % (name, seq))
+        vm.outbox = [row for row in vm.outbox if row[0] not in gone]
+        vm.info.queued = len(vm.outbox)
+        return CancelResult(vm=name, cancelled=gone)
 
     def audit(self, name, *, limit=100) -> list[AuditRow]:
         self.calls.append(("audit", name, limit))

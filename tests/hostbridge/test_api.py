@@ -14,7 +14,7 @@ import pytest
 
 from hostbridge import api
 from hostbridge.apiclient import ApiError, Client, parse_response
-from hostbridge.errors import AgentTimeout, Busy
+from hostbridge.errors import AgentTimeout, Busy, MessageCancelled, MessageExpired
 from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config
 
 SECRET = "s3cr3t-Pa55word-that-must-not-leak"
@@ -112,6 +112,54 @@ def test_it_should_pass_log_queue_and_timeout_to_the_bridge(served, client):
     assert served.bridge.calls[-1] == ("send", "vm1", "k", True, True, 5.0)
 
 
+def test_it_should_pass_a_sends_expiry_to_the_bridge(served, client):
+    client.send("vm2", "k", "v", expires=3600)
+    assert served.bridge.expires == 3600.0
+    client.send("vm2", "k", "v", expires=0)  # never, whatever the bridge's default
+    assert served.bridge.expires == 0.0
+    client.send("vm2", "k", "v")
+    assert served.bridge.expires is None  # the bridge's default
+
+
+def test_it_should_cancel_one_or_every_undelivered_message(served, client):
+    for i in range(3):
+        assert client.send("vm2", "k%d" % i, "v")["outcome"] == "queued"
+    assert [m["seq"] for m in client.queue("vm2")["messages"]] == [1, 2, 3]
+    assert client.cancel("vm2", 2) == {"vm": "vm2", "cancelled": [2], "in_flight": []}
+    assert [m["seq"] for m in client.queue("vm2", limit=1)["messages"]] == [1]
+    assert client.vm("vm2")["queued"] == 2
+    status, doc = raw(served, request("DELETE", "/v1/vms/vm2/messages"))
+    assert (status, doc) == (200, {"vm": "vm2", "cancelled": [1, 3], "in_flight": []})
+    assert client.cancel("vm2") == {"vm": "vm2", "cancelled": [], "in_flight": []}
+    with pytest.raises(ApiError) as e:
+        client.cancel("vm2", 2)
+    assert err(e)[:2] == (404, "not_found")
+    with pytest.raises(ApiError) as e:
+        client.cancel("nope")
+    assert err(e) == (404, "unknown_vm", "no VM named 'nope'")
+
+
+@pytest.mark.parametrize("seq", ["0", "-1", "x", "1.5", "%C2%B2", "9" * 19])
+def test_it_should_answer_400_for_a_seq_that_is_not_a_messages_number(served, seq):
+    status, doc = raw(served, request("DELETE", "/v1/vms/vm2/messages/" + seq))
+    assert (status, doc["error"]["code"]) == (400, "bad_request")
+    assert "seq must be a message's number" in doc["error"]["message"]
+
+
+@pytest.mark.parametrize("exc,code", [(MessageCancelled, "cancelled"), (MessageExpired, "expired")])
+def test_a_send_whose_message_is_withdrawn_while_it_waits_should_answer_410(
+    served, client, exc, code
+):
+    served.call(
+        lambda: served.bridge.fail_with.__setitem__(
+            "send", exc("message 1 to VM 'vm1' was withdrawn before it was delivered")
+        )
+    )
+    with pytest.raises(ApiError) as e:
+        client.send("vm1", "k", "v")
+    assert err(e)[:2] == (410, code)
+
+
 @pytest.mark.parametrize(
     "key,limit,code", [("k" * 257, "256", "key_too_long"), ("é" * 129, "256", "key_too_long")]
 )
@@ -149,6 +197,10 @@ def test_it_should_answer_413_for_an_oversized_key_in_the_url(client):
         (b'{"key":"k","value":"v","timeout":"soon"}', "timeout must be a number"),
         (b'{"key":"k","value":"v","timeout":-1}', "timeout must be over 0"),
         (b'{"key":"k","value":"v","timeout":true}', "timeout must be a number"),
+        (b'{"key":"k","value":"v","expires":"1h"}', "expires must be a number"),
+        (b'{"key":"k","value":"v","expires":5e-324}', "0 (never) or from 1 to"),
+        (b'{"key":"k","value":"v","expires":-1}', "0 (never) or from 1 to"),
+        (b'{"key":"k","value":"v","expires":1e300}', "0 (never) or from 1 to"),
         (b'{"key":1,"value":"v"}', "key must be a string"),
         (b'{"key":"k","value":null}', "value must be a string"),
         (b'{"key":"a=b","value":"v"}', "'='"),

@@ -26,6 +26,21 @@ def test_an_audit_limit_below_one_row_should_be_refused_in_one_line(tmp_path, va
     assert "audit_rows" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_queued_messages_should_not_expire_unless_the_file_says_so(tmp_path):
+    assert Config().limits.message_expiry == 0
+    config = load_file(write(tmp_path, "[limits]\nmessage_expiry = 86400\n"))
+    assert config.limits.message_expiry == 86400.0
+    config.check()
+
+
+@pytest.mark.parametrize("value", ["0.5", "-1", "1e12", "nan"])
+def test_a_message_expiry_outside_its_range_should_be_refused_in_one_line(tmp_path, value):
+    config = load_file(write(tmp_path, "[limits]\nmessage_expiry = %s\n" % value))
+    with pytest.raises(ConfigError) as e:
+        config.check()
+    assert "message_expiry" in str(e.value) and "from 1 to" in str(e.value)
+
+
 def test_the_obsolete_bridge_log_setting_should_be_accepted_ignored_and_noted_once(tmp_path):
     path = write(tmp_path, '[bridge]\nlog = false\napi_group = "g"\n')
     config = load_file(path)

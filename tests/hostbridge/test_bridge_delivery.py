@@ -3,14 +3,18 @@
 import asyncio
 import os
 import shutil
+import time
 
 import pytest
 
 from hostbridge import errors
 from hostbridge.bridge import Bridge
+from hostbridge.config import Config, Limits, VmSpec
+from ovmproto.messages import Set
 from tests.hostbridge.bridge_harness import pty_config
+from tests.hostbridge.scripted_guest import ScriptedGuest
 from tests.support.agent import Agent
-from tests.support.tempdirs import short_tempdir
+from tests.support.tempdirs import short_dir, short_tempdir
 from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -220,3 +224,55 @@ def test_a_second_bridge_on_the_same_database_should_be_refused():
         assert "another bridge" in e.value.message
 
     run_world(["vm1"], body)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "expired"])
+def test_a_send_waiting_for_its_acknowledgement_should_end_when_its_message_is_withdrawn(how):
+    """The second of two sends waits behind the first, which the guest never answers: a cancel
+    (or its expiry) ends the wait with that outcome, long before the send's timeout."""
+
+    async def main():
+        with short_dir() as d:
+            guest = await ScriptedGuest(str(d / "chan")).start()
+            limits = Limits(hello_interval=0.1, hello_interval_max=0.2, keepalive=0)
+            config = Config(
+                vms=[VmSpec("vm1", "unix:" + guest.path, "flag")],
+                db=str(d / "bridge.sqlite3"),
+                discover=False,
+                limits=limits,
+            )
+            bridge = Bridge(config)
+            await bridge.start()
+            try:
+                await async_wait_for(lambda: bridge.vm("vm1").agent == "connected", what="sync")
+                guest.silent = {"set"}
+                first = asyncio.ensure_future(
+                    bridge.send("vm1", "first", "v", timeout=60, expires=3600)
+                )
+                await async_wait_for(lambda: guest.of_type(Set), what="the first set written")
+                second = asyncio.ensure_future(
+                    bridge.send("vm1", "second", "v", log=False, timeout=60, expires=3600)
+                )
+                await async_wait_for(lambda: bridge.vm("vm1").queued == 2, what="both queued")
+                listed = bridge.queue("vm1").messages
+                assert [(m.seq, m.key, m.in_flight) for m in listed] == [
+                    (1, "first", True),
+                    (2, "second", False),
+                ]
+                if how == "cancelled":
+                    assert bridge.cancel("vm1", 2).cancelled == [2]
+                else:
+                    assert bridge.expire(time.time() + 7200) == 2  # both are past theirs
+                with pytest.raises((errors.MessageCancelled, errors.MessageExpired)) as caught:
+                    await asyncio.wait_for(second, 10)
+                assert caught.value.code == how
+                assert "message 2 to VM 'vm1'" in caught.value.message
+                assert [m.key for m in guest.of_type(Set)] == ["first"]
+                newest = bridge.audit("vm1")[0]
+                assert (newest.key, newest.outcome, newest.value) == ("second", how, None)
+                first.cancel()
+            finally:
+                await bridge.stop()
+                await guest.stop()
+
+    asyncio.run(main())

@@ -1,7 +1,9 @@
-"""The bridge daemon as a real process: kill -9 with queued messages, agent restarts, and a unix
-channel behind a QEMU stand-in (one connection, reconnect with backoff)."""
+"""The bridge daemon as a real process: kill -9 with queued messages, agent restarts, a unix
+channel behind a QEMU stand-in (one connection, reconnect with backoff), and queued messages
+cancelled or expired for a guest that is absent."""
 
 import os
+import subprocess
 from contextlib import closing
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from hostbridge.apiclient import Client
 from tests.hostbridge.bridge_harness import BridgeProc, QemuStandIn
 from tests.support.agent import Agent
+from tests.support.processes import child_env, script
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -84,12 +87,12 @@ def test_a_delivered_message_should_survive_kill_9_of_both_bridge_and_agent(vm1)
     assert api.query("vm1", "durable")["value"] == "yes"
 
 
-def write_config(directory, sock):
+def write_config(directory, sock, limits=""):
     path = os.path.join(directory, "bridge.toml")
     with open(path, "w") as f:
         f.write(
-            "[limits]\ndelivery_timeout = 2.0\nkeepalive = 2.0\nreconnect_max = 0.5\n\n"
-            '[[vm]]\nname = "vm1"\nchannel = "unix:%s"\n' % sock
+            "[limits]\ndelivery_timeout = 2.0\nkeepalive = 2.0\nreconnect_max = 0.5\n%s\n"
+            '[[vm]]\nname = "vm1"\nchannel = "unix:%s"\n' % (limits, sock)
         )
     return path
 
@@ -205,3 +208,108 @@ def test_the_audit_should_keep_the_number_of_rows_the_config_file_names(short_di
         assert bridge.log().count("[bridge] log is obsolete") == 1
     finally:
         bridge.close()
+
+
+def db_bytes(db):
+    """The database as it is on disk: the file, its WAL and shared-memory index."""
+    data = b""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        if os.path.exists(db + suffix):
+            with open(db + suffix, "rb") as f:
+                data += f.read()
+    return data
+
+
+def secret_value(size):
+    token = os.urandom(8).hex()  # 16 characters found in any 32-byte piece of the value
+    return token.encode(), (token * (size // 16 + 1))[:size]
+
+
+def vmmessage(bridge, *args):
+    env = child_env({"VMMESSAGE_BRIDGE": bridge.api_socket}, drop_prefixes=("VMMESSAGE_",))
+    return subprocess.run(
+        [script("vmmessage"), *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+@pytest.fixture
+def guest_absent(short_dir):
+    """vm1's unix channel, whose socket does not exist yet (the VM is not running), and
+    ``start(limits)``: the bridge on it, with those [limits] lines; then ``arrive()``: the VM
+    comes (a QEMU stand-in on the socket, an agent behind it); yields (start, arrive)."""
+    sock = os.path.join(short_dir, "qemu.sock")
+    link = os.path.join(short_dir, "port")
+    parts = []
+
+    def start(limits=""):
+        bridge = BridgeProc({}, args=["--config", write_config(short_dir, sock, limits)])
+        parts.append(bridge)
+        return bridge.start().wait_ready()
+
+    def arrive():
+        qemu = QemuStandIn(sock, link)
+        parts.append(qemu)
+        qemu.start().wait_ready()
+        agent = Agent(link)
+        parts.append(agent)
+        return agent.start().wait_ready()
+
+    try:
+        yield start, arrive
+    finally:
+        for part in reversed(parts):
+            part.close()
+
+
+def audit_of(api, key):
+    return [(r["outcome"], r["value"]) for r in api.audit("vm1")["entries"] if r["key"] == key]
+
+
+@pytest.mark.parametrize("size", [40, 8192])
+def test_a_cancelled_log_off_message_should_leave_no_trace_and_never_be_delivered(
+    guest_absent, size
+):
+    start, arrive = guest_absent
+    bridge = start()
+    api = Client(bridge.api_socket)
+    token, secret = secret_value(size)
+    assert api.send("vm1", "root-pw", secret, log=False)["outcome"] == "queued"
+    assert api.send("vm1", "kept", "public-value")["outcome"] == "queued"
+    assert token in db_bytes(bridge.db)  # on disk while it waits
+    r = vmmessage(bridge, "queue", "vm1")
+    assert r.returncode == 0 and token.decode() not in r.stdout
+    assert [line.split()[0] for line in r.stdout.splitlines()] == ["SEQ", "1", "2"]
+    assert "%d bytes" % size in r.stdout.splitlines()[1]
+    r = vmmessage(bridge, "cancel", "vm1", "1")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "Message 1 to VM 'vm1' cancelled.\n", "")
+    assert token not in db_bytes(bridge.db)
+    assert api.vm("vm1")["queued"] == 1
+    assert audit_of(api, "root-pw") == [("cancelled", None)]
+    r = vmmessage(bridge, "cancel", "vm1", "1")  # nothing left to cancel
+    assert r.returncode == 1 and "no message 1 waiting for delivery" in r.stderr
+    # The VM comes: the message left is delivered, the cancelled one never.
+    agent = arrive()
+    wait_for(lambda: api.vm("vm1")["queued"] == 0, what="the outbox to drain")
+    assert guest_value(agent, "kept") == "public-value"
+    assert guest_value(agent, "root-pw") is None
+    assert audit_of(api, "root-pw") == [("cancelled", None)]
+    assert token not in db_bytes(bridge.db) and token.decode() not in bridge.log()
+
+
+def test_a_queued_message_should_expire_after_the_configured_time_and_never_be_delivered(
+    guest_absent,
+):
+    start, arrive = guest_absent
+    bridge = start("message_expiry = 1")
+    api = Client(bridge.api_socket)
+    token, secret = secret_value(100)
+    assert api.send("vm1", "root-pw", secret, log=False)["outcome"] == "queued"
+    r = vmmessage(bridge, "send", "vm1", "forever", "v", "--expires", "never")
+    assert r.returncode == 0 and "Message queued" in r.stdout
+    wait_for(lambda: audit_of(api, "root-pw") == [("expired", None)], what="the expiry")
+    assert token not in db_bytes(bridge.db)
+    assert api.vm("vm1")["queued"] == 1 and audit_of(api, "forever") == [("queued", "v")]
+    agent = arrive()
+    wait_for(lambda: api.vm("vm1")["queued"] == 0, what="the outbox to drain")
+    assert guest_value(agent, "forever") == "v" and guest_value(agent, "root-pw") is None
+    assert audit_of(api, "root-pw") == [("expired", None)]

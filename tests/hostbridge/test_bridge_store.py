@@ -209,3 +209,95 @@ def test_a_rolled_back_audit_row_should_not_make_the_audit_keep_fewer_rows(db_pa
     assert audit_keys(s, "a") == ["k0", "k1", "k2"]
     s.audit_refused("a", "k3", "v", True)
     assert audit_keys(s, "a") == ["k1", "k2", "k3"]
+
+
+def secret_of(size):
+    token = os.urandom(8).hex()  # 16 characters found in any 32-byte piece of the value
+    return token.encode(), (token * (size // 16 + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [40, 8192])
+def test_a_cancelled_log_off_value_should_leave_no_trace_in_the_database_files(db_path, size):
+    token, secret = secret_of(size)
+    s = Store(db_path)
+    s.vm("a")
+    s.enqueue("a", "before", "public-before", True)
+    s.enqueue("a", "pw", secret, False)
+    s.enqueue("a", "after", "public-after", True)
+    assert token in file_bytes(db_path)  # on disk while queued
+    assert s.withdraw("a", [2], "cancelled", written=0) == ([2], [])
+    data = file_bytes(db_path)
+    assert token not in data
+    assert b"public-before" in data and b"public-after" in data
+    assert [r.seq for r in s.outbox("a")] == [1, 3] and s.queued("a") == 2
+    assert [(r[2], r[5], r[6]) for r in s.audit("a")][1] == ("pw", "cancelled", None)
+    s.close()
+    assert token not in file_bytes(db_path)
+
+
+def test_cancelling_every_message_should_empty_the_vms_outbox_and_audit_each(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    s.vm("b")
+    for i in range(3):
+        s.enqueue("a", "k%d" % i, "v", True)
+    s.enqueue("b", "other", "v", True)
+    assert s.withdraw("a", None, "cancelled", written=0) == ([1, 2, 3], [])
+    assert s.queued("a") == 0 and s.queued_counts() == {"b": 1}
+    assert [r[5] for r in s.audit("a")] == ["cancelled"] * 3
+    assert s.withdraw("a", [1], "cancelled", written=0) == ([], [])  # gone: nothing to do
+
+
+@pytest.mark.parametrize("size", [40, 8192])
+def test_a_message_withdrawn_in_flight_should_lose_its_value_but_keep_its_place(db_path, size):
+    token, secret = secret_of(size)
+    s = Store(db_path)
+    s.vm("a")
+    s.enqueue("a", "pw", secret, False)
+    s.enqueue("a", "next", "v", True)
+    # Seq 1 was written to the guest, not acknowledged: the guest may hold it.
+    assert s.withdraw("a", None, "cancelled", written=1) == ([2], [1])
+    assert token not in file_bytes(db_path)
+    assert s.outbox("a") == [] and s.queued("a") == 0 and s.queued_counts() == {}
+    (row,) = s.outbox("a", withdrawn=True)
+    assert (row.seq, row.value, row.withdrawn) == (1, None, "cancelled")
+    assert [r[5] for r in reversed(s.audit("a"))] == ["cancelled_in_flight", "cancelled"]
+    # Withdrawn again (an expiry, a second cancel): still in flight, first outcome kept.
+    assert s.withdraw("a", [1], "expired", written=1) == ([], [1])
+    assert s.outbox("a", withdrawn=True)[0].withdrawn == "cancelled"
+    s.finish("a", [1], "cancelled")  # the guest's hello showed it never arrived
+    assert s.outbox("a", withdrawn=True) == []
+    assert s.audit("a")[1][5] == "cancelled"
+
+
+def test_expired_should_name_the_waiting_rows_past_their_expiry(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    s.vm("b")
+    s.enqueue("a", "old", "v", True, expires=100.0)
+    s.enqueue("a", "never", "v", True)
+    s.enqueue("a", "later", "v", True, expires=300.0)
+    s.enqueue("b", "old", "v", True, expires=150.0)
+    s.enqueue("b", "flying", "v", True, expires=50.0)
+    s.withdraw("b", [2], "cancelled", written=2)
+    assert s.expired(200.0) == {"a": [1], "b": [1]}
+    assert s.expired(99.0) == {}
+    assert s.outbox("a")[2].expires == 300.0 and s.outbox("a")[1].expires is None
+
+
+def test_a_database_from_before_expiry_should_gain_its_columns_and_keep_its_outbox(db_path):
+    old = sqlite3.connect(db_path)
+    old.executescript(
+        "CREATE TABLE outbox (vm TEXT NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, "
+        "value TEXT, log INTEGER NOT NULL, created REAL NOT NULL, audit_id INTEGER, "
+        "PRIMARY KEY (vm, seq));"
+        "INSERT INTO outbox VALUES ('a', 1, 'k', 'v', 1, 1.0, NULL);"
+    )
+    old.commit()
+    old.close()
+    s = Store(db_path)
+    (row,) = s.outbox("a")
+    assert (row.seq, row.key, row.expires, row.withdrawn) == (1, "k", None, None)
+    s.close()
+    s = Store(db_path)  # a second open adds nothing twice
+    assert s.queued("a") == 1

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from hostbridge import cli
+from hostbridge import cli, render
 from hostbridge.cli import commands
 from hostbridge.errors import AgentTimeout
 from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config
@@ -71,6 +71,80 @@ def test_it_should_say_sent_or_queued(served):
     )
 
 
+@pytest.mark.parametrize(
+    "given,seconds", [("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0), ("7d", 604800.0)]
+)
+def test_send_should_pass_its_expiry_in_seconds(served, given, seconds):
+    r = vmm(served, "send", "vm2", "k", "v", "--expires", given)
+    assert r.returncode == 0 and "Message queued" in r.stdout
+    assert served.bridge.expires == seconds
+
+
+def test_send_should_pass_an_expiry_of_never_as_0_and_none_when_not_given(served):
+    assert vmm(served, "send", "vm2", "k", "v", "--expires", "never").returncode == 0
+    assert served.bridge.expires == 0.0
+    assert vmm(served, "send", "vm2", "k", "v", "--no-log").returncode == 0
+    assert served.bridge.expires is None
+
+
+def test_cancel_should_say_what_it_cancelled(served):
+    for i in range(3):
+        vmm(served, "send", "vm2", "k%d" % i, "v")
+    r = vmm(served, "cancel", "vm2", "2")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "Message 2 to VM 'vm2' cancelled.\n", "")
+    r = vmm(served, "cancel", "vm2", "--all")
+    assert (r.returncode, r.stdout) == (0, "2 messages to VM 'vm2' cancelled: 1, 3.\n")
+    r = vmm(served, "cancel", "vm2", "--all")
+    assert (r.returncode, r.stdout) == (0, "No message to VM 'vm2' is waiting for delivery.\n")
+    r = vmm(served, "cancel", "vm2", "2")
+    assert r.returncode == 1 and "no message 2 waiting for delivery" in r.stderr
+    assert "Queued messages: 0" in vmm(served, "status", "vm2").stdout.splitlines()
+
+
+def test_queue_should_list_waiting_messages_with_their_seq_and_never_a_value():
+    doc = {
+        "vm": "web2",
+        "messages": [
+            {
+                "seq": 4,
+                "key": "pw",
+                "op": "set",
+                "size": 12,
+                "log": False,
+                "created": 1000.0,
+                "expires": None,
+                "in_flight": True,
+            },
+            {
+                "seq": 9,
+                "key": "k\x1b",
+                "op": "del",
+                "size": 0,
+                "log": True,
+                "created": 1290.0,
+                "expires": 7200.0,
+                "in_flight": False,
+            },
+        ],
+    }
+    assert render.queue_lines(doc, 1300.0) == [
+        "SEQ  QUEUED          EXPIRES                  SIZE      KEY",
+        "4    5 minutes ago   never                    12 bytes  pw (in flight)",
+        "9    10 seconds ago  1970-01-01 02:00:00 UTC  0 bytes   k\\x1b (delete)",
+    ]
+    assert render.queue_lines({"vm": "web2", "messages": []}, 0.0) == [
+        "No message to VM 'web2' is waiting for delivery."
+    ]
+
+
+def test_cancel_should_say_when_a_message_was_already_written_to_the_agent():
+    lines = render.cancel_lines({"vm": "web\x1b1", "cancelled": [], "in_flight": [4]}, 0.0)
+    assert lines == [
+        "Message 4 to VM 'web\\x1b1' was already written to the agent: its value is erased "
+        "from the bridge and it will not be sent again; the audit will say whether it arrived."
+    ]
+
+
 def test_it_should_pass_no_log_no_queue_and_timeout(served):
     r = vmm(served, "send", "vm1", "k", "v", "--no-log", "--timeout", "2.5")
     assert r.returncode == 0
@@ -122,6 +196,11 @@ def test_it_should_exit_with_the_documented_status_and_one_line_errors(
         # click does not say which command's parser this came from: the top help it is.
         (["list", "--bridge"], "Option '--bridge' requires an argument", "vmmessage"),
         (["newtoken", "ci"], "Missing option '--tokens-file'", "vmmessage newtoken"),
+        (["cancel", "vm2"], "give either a message number SEQ or --all", "vmmessage cancel"),
+        (["cancel", "vm2", "3", "--all"], "give either a message number SEQ or --all", None),
+        (["cancel", "vm2", "0"], "Invalid value for '[SEQ]'", None),
+        (["send", "vm1", "k", "v", "--expires", "soon"], "Invalid value for '--expires'", None),
+        (["send", "vm1", "k", "v", "--expires", "-5m"], "Invalid value for '--expires'", None),
     ],
 )
 def test_a_usage_error_should_be_one_line_on_stderr_and_exit_2(served, args, reason, command):

@@ -5,14 +5,15 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 
 import pytest
 
 from hostbridge.config import Limits
 from hostbridge.delivery import Delivery
-from hostbridge.errors import GuestError, LinkReset
+from hostbridge.errors import GuestError, LinkReset, MessageCancelled
 from hostbridge.mirror import Mirror
-from hostbridge.session import State
+from hostbridge.session import Session, State
 from hostbridge.store import Store
 from hostbridge.tasks import TaskSet
 from ovmproto.messages import Set
@@ -145,3 +146,104 @@ def test_a_sender_should_learn_when_the_link_goes_down_before_the_acknowledgemen
             assert guest.applied == [("set", "k", row.seq)]
 
     run(main())
+
+
+async def one_in_flight(guest, session, store, delivery, key="first"):
+    """Sync, then write row ``key`` to a guest that neither applies nor answers it."""
+    await async_wait_for(lambda: session.state is State.SYNCED, what="sync")
+    guest.silent = {"set"}
+    row = store.enqueue("vm", key, "v-" + key, True)
+    delivery.wake()
+    await async_wait_for(lambda: guest.of_type(Set), what="the set written")
+    return row
+
+
+def written_keys(guest):
+    return [m.key for m in guest.of_type(Set)]
+
+
+def test_a_message_cancelled_before_it_was_written_should_never_reach_the_guest():
+    async def main():
+        async with outbox() as (guest, session, store, delivery):
+            first = await one_in_flight(guest, session, store, delivery)
+            second = store.enqueue("vm", "second", "v", True)
+            waiter = delivery.wait(second.seq)
+            assert delivery.withdraw([second.seq], "cancelled") == ([second.seq], [])
+            with pytest.raises(MessageCancelled):  # its sender is told, not left waiting
+                await asyncio.wait_for(waiter, 5)
+            guest.silent = set()
+            await guest.drop()  # the link comes back: the first is sent again, the second never
+            await async_wait_for(lambda: guest.applied, what="redelivery")
+            await async_wait_for(lambda: store.outbox("vm", withdrawn=True) == [], what="drain")
+            assert guest.applied == [("set", "first", first.seq)]
+            assert "second" not in written_keys(guest)
+            assert outcomes(store) == [("first", "delivered"), ("second", "cancelled")]
+
+    run(main())
+
+
+def test_a_message_cancelled_in_flight_that_never_arrived_should_end_cancelled_unsent():
+    async def main():
+        async with outbox() as (guest, session, store, delivery):
+            row = await one_in_flight(guest, session, store, delivery)
+            assert delivery.withdraw(None, "cancelled") == ([], [row.seq])
+            assert store.queued("vm") == 0 and outcomes(store) == [("first", "cancelled_in_flight")]
+            guest.silent = set()
+            await guest.drop()  # the guest never applied it: its hello says hseq 0
+            await async_wait_for(lambda: len(guest.hellos()) == 2, what="the resync")
+            await async_wait_for(lambda: store.outbox("vm", withdrawn=True) == [], what="settled")
+            assert outcomes(store) == [("first", "cancelled")]
+            later = store.enqueue("vm", "later", "v", True)
+            delivery.wake()
+            await async_wait_for(lambda: store.queued("vm") == 0, what="the next one delivered")
+            assert guest.applied == [("set", "later", later.seq)]  # "first" was not sent again
+            assert written_keys(guest) == ["first", "later"]
+
+    run(main())
+
+
+def test_a_message_cancelled_in_flight_that_arrived_should_end_delivered():
+    async def main():
+        async with outbox() as (guest, session, store, delivery):
+            row = await one_in_flight(guest, session, store, delivery)
+            assert delivery.withdraw([row.seq], "cancelled") == ([], [row.seq])
+            guest.hseq, guest.cache["first"] = row.seq, "v-first"  # applied; the answer was lost
+            guest.silent = set()
+            await guest.drop()
+            await async_wait_for(lambda: store.outbox("vm", withdrawn=True) == [], what="settled")
+            assert outcomes(store) == [("first", "delivered")]  # never both
+            assert written_keys(guest) == ["first"]
+
+    run(main())
+
+
+def test_an_expired_message_should_be_dropped_and_never_written():
+    async def main():
+        async with outbox() as (guest, session, store, delivery):
+            await one_in_flight(guest, session, store, delivery)
+            stale = store.enqueue("vm", "stale", "v", True, expires=time.time() - 1)
+            fresh = store.enqueue("vm", "fresh", "v", True, expires=time.time() + 3600)
+            guest.silent = set()
+            await guest.drop()
+            await async_wait_for(lambda: store.queued("vm") == 0, what="the outbox drained")
+            assert [a[1] for a in guest.applied] == ["first", "fresh"]
+            assert "stale" not in written_keys(guest) and stale.seq < fresh.seq
+            assert [o for _, o in outcomes(store)] == ["delivered", "expired", "delivered"]
+
+    run(main())
+
+
+def test_after_a_restart_the_first_queued_message_should_count_as_possibly_written(tmp_path):
+    # The bridge may have written it just before it was killed: only the guest's hello can say
+    # whether it arrived, so a cancel erases its value but leaves the outcome to that hello.
+    store = Store(str(tmp_path / "bridge.sqlite3"))
+    epoch = store.vm("vm").epoch
+    store.enqueue("vm", "first", "v", True)
+    store.enqueue("vm", "second", "v", True)
+    session = Session("vm", FAST, epoch)
+    delivery = Delivery(
+        session, store, Mirror(100, 100000), epoch, 5.0, TaskSet("vm", logging.getLogger("t"))
+    )
+    assert delivery.withdraw(None, "cancelled") == ([2], [1])
+    assert [o for _, o in outcomes(store)] == ["cancelled_in_flight", "cancelled"]
+    store.close()

@@ -37,7 +37,10 @@ def test_it_should_publish_a_valid_openapi_3_document():
         ("/v1/health", "get"),
         ("/v1/vms", "get"),
         ("/v1/vms/{vm}", "get"),
+        ("/v1/vms/{vm}/messages", "get"),
         ("/v1/vms/{vm}/messages", "post"),
+        ("/v1/vms/{vm}/messages", "delete"),
+        ("/v1/vms/{vm}/messages/{seq}", "delete"),
         ("/v1/vms/{vm}/keys", "get"),
         ("/v1/vms/{vm}/keys/{key}", "get"),
         ("/v1/vms/{vm}/keys/{key}", "delete"),
@@ -103,4 +106,4 @@ def test_it_should_conform_to_its_openapi_document_under_schemathesis(short_dir)
     with served:
         result = run_schemathesis(short_dir, served.tcp_port, cert)
     assert result.returncode == 0, summary(result)
-    assert "Tested: 9" in result.stdout
+    assert "Tested: 12" in result.stdout
