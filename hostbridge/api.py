@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 
-from hostbridge import DEFAULT_API_SOCKET
+from hostbridge import DEFAULT_API_SOCKET, TIMEOUT_MAX, TIMEOUT_MIN
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.errors import BridgeError, InvalidInput
 from ovmproto import errorcodes, jsonlib, limits
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 # A request body holds one key and one value; even a worst-case JSON-escaped value is under this.
 MAX_BODY = 128 * 1024
-MAX_TIMEOUT = 300.0
 MAX_AUDIT_LIMIT = 1000
 DEFAULT_AUDIT_LIMIT = 100
 
@@ -181,11 +180,15 @@ def _check_key(key: Any) -> str:
 
 
 def _timeout(value: Any) -> float:
-    """A timeout the client gave, checked to be a number in (0, MAX_TIMEOUT] (null is refused)."""
+    """A timeout the client gave, checked to be a number in [TIMEOUT_MIN, TIMEOUT_MAX] (null is
+    refused). A tiny one (5e-324) is refused too: the bridge could not honour it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput("timeout must be a number of seconds")
-    if not 0 < value <= MAX_TIMEOUT:
-        raise InvalidInput("timeout must be over 0 and at most %g seconds" % MAX_TIMEOUT)
+    if not TIMEOUT_MIN <= value <= TIMEOUT_MAX:
+        raise InvalidInput(
+            "timeout must be from %g to %g seconds (the bridge cannot honour less than %g s)"
+            % (TIMEOUT_MIN, TIMEOUT_MAX, TIMEOUT_MIN)
+        )
     return float(value)
 
 

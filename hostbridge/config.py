@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import tomllib
 
-from . import DEFAULT_API_SOCKET
+from . import DEFAULT_API_SOCKET, TIMEOUT_MAX, TIMEOUT_MIN
 from .errors import BridgeError
 
 DEFAULT_DB = "/var/lib/hostbridge/bridge.sqlite3"
@@ -115,8 +115,10 @@ class Config:
             seen.add(vm.name)
         if self.api_tcp and not (self.tls_cert and self.tls_key):
             raise ConfigError("the TCP API needs tls_cert and tls_key: it is always TLS")
-        if self.query_timeout <= 0:
-            raise ConfigError("query_timeout must be positive")
+        if not TIMEOUT_MIN <= self.query_timeout <= TIMEOUT_MAX:
+            raise ConfigError(
+                "query_timeout must be from %g to %g seconds" % (TIMEOUT_MIN, TIMEOUT_MAX)
+            )
         if self.limits.audit_rows < 1:
             raise ConfigError("[limits] audit_rows must be at least 1")
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
-from hostbridge import render
+from hostbridge import TIMEOUT_MAX, TIMEOUT_MIN, render
 from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client
 from hostbridge.cli import (
     ENV_CACERT,
@@ -141,7 +141,7 @@ def api_command(name: str) -> Callable[[Callable[..., ApiCall]], click.Command]:
 def timeout_option(text: str) -> Callable[[_F], _F]:
     return click.option(
         "--timeout",
-        type=click.FloatRange(min=0, min_open=True, max=300),
+        type=click.FloatRange(min=TIMEOUT_MIN, max=TIMEOUT_MAX),
         default=None,
         help=text,
     )

@@ -147,7 +147,7 @@ def test_it_should_answer_413_for_an_oversized_key_in_the_url(client):
         (b'{"key":"k","value":"v","log":"no"}', "log must be true or false"),
         (b'{"key":"k","value":"v","queue":1}', "queue must be true or false"),
         (b'{"key":"k","value":"v","timeout":"soon"}', "timeout must be a number"),
-        (b'{"key":"k","value":"v","timeout":-1}', "timeout must be over 0"),
+        (b'{"key":"k","value":"v","timeout":-1}', "timeout must be from 0.1 to 300 seconds"),
         (b'{"key":"k","value":"v","timeout":true}', "timeout must be a number"),
         (b'{"key":1,"value":"v"}', "key must be a string"),
         (b'{"key":"k","value":null}', "value must be a string"),
@@ -161,6 +161,35 @@ def test_it_should_answer_400_with_a_one_line_reason_for_bad_input(served, body,
     assert fragment in doc["error"]["message"]
     assert "\n" not in doc["error"]["message"]
     assert doc["error"]["code"] in ("bad_request", "invalid_key", "invalid_value")
+
+
+@pytest.mark.parametrize("value", ["0", "5e-324", "1e-300", "0.001", "0.05", "300.5"])
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("POST", "/v1/vms/vm1/messages", b'{"key":"k","value":"v","timeout":%s}'),
+        ("GET", "/v1/vms/vm1/keys/k?timeout=%s", b""),
+        ("GET", "/v1/vms/vm1/keys?timeout=%s", b""),
+        ("DELETE", "/v1/vms/vm1/keys/k?timeout=%s", b""),
+    ],
+)
+def test_a_timeout_the_bridge_cannot_honour_should_be_a_400_naming_the_minimum(
+    served, method, path, body, value
+):
+    if body:
+        body = body % value.encode()
+    else:
+        path = path % value
+    status, doc = raw(served, request(method, path, body))
+    assert (status, doc["error"]["code"]) == (400, "bad_request"), doc
+    assert "from 0.1 to 300 seconds" in doc["error"]["message"]
+    assert served.bridge.calls == []
+
+
+def test_the_shortest_and_longest_timeouts_the_bridge_honours_should_be_accepted(served, client):
+    client.send("vm1", "k", "v", timeout=0.1)
+    client.query("vm1", "k", timeout=300)
+    assert [c[-1] for c in served.bridge.calls] == [0.1, 300.0]
 
 
 def test_it_should_answer_413_request_too_large_for_a_huge_body(served):

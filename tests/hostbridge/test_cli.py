@@ -93,6 +93,8 @@ def test_it_should_pass_no_log_no_queue_and_timeout(served):
         (["send", "vm1", "k"], 2, "Missing argument"),
         (["frobnicate"], 2, "No such command"),
         (["send", "vm1", "k", "v", "--timeout", "0"], 2, "timeout"),
+        (["send", "vm1", "k", "v", "--timeout", "5e-324"], 2, "0.1<=x<=300"),
+        (["query", "vm1", "k", "--timeout", "0.001"], 2, "0.1<=x<=300"),
     ],
 )
 def test_it_should_exit_with_the_documented_status_and_one_line_errors(
