@@ -14,3 +14,20 @@ DEFAULT_API_SOCKET = "/run/hostbridge/api.sock"
 # (400 / exit 2, the message names the minimum), not turned into an agent_timeout.
 TIMEOUT_MIN = 0.1
 TIMEOUT_MAX = 300.0
+
+# A send's idempotency key (the API's Idempotency-Key header, vmmessage send --id): a retry with
+# the same key to the same VM is answered with the first send's outcome, never applied twice.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_MAX = 128
+_IDEMPOTENCY_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:~+/="
+)
+
+
+def check_idempotency_key(key: str) -> "str | None":
+    """None when ``key`` may be an idempotency key, else a one-line reason (never echoing it)."""
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
+        return "an idempotency key is 1 to %d characters, not %d" % (IDEMPOTENCY_KEY_MAX, len(key))
+    if not _IDEMPOTENCY_CHARS.issuperset(key):
+        return "an idempotency key holds only letters, digits and - _ . : ~ + / ="
+    return None

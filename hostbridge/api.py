@@ -3,7 +3,7 @@
     GET    /v1/health                     liveness and counts
     GET    /v1/vms                        every VM: channel, agent state, last seen, queued (vmlist)
     GET    /v1/vms/{vm}                   one VM's details (vmstat)
-    POST   /v1/vms/{vm}/messages          send {key, value, log?, queue?, timeout?}
+    POST   /v1/vms/{vm}/messages          send {key, value, log?, queue?, timeout?}; Idempotency-Key
     GET    /v1/vms/{vm}/keys              the VM's keys (live, else the mirror marked stale)
     GET    /v1/vms/{vm}/keys/{key}        one key (key percent-encoded; may hold '/')
     DELETE /v1/vms/{vm}/keys/{key}        delete a key in the guest (sequenced like a send)
@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 
-from hostbridge import DEFAULT_API_SOCKET, TIMEOUT_MAX, TIMEOUT_MIN
+from hostbridge import (
+    DEFAULT_API_SOCKET,
+    IDEMPOTENCY_HEADER,
+    TIMEOUT_MAX,
+    TIMEOUT_MIN,
+    check_idempotency_key,
+)
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.errors import BridgeError, InvalidInput
 from ovmproto import errorcodes, jsonlib, limits
@@ -55,7 +61,15 @@ class BridgeApi(Protocol):
     def vms(self) -> list[VmInfo]: ...
     def vm(self, name: str) -> VmInfo: ...
     async def send(
-        self, name: str, key: str, value: str, *, log: bool, queue: bool, timeout: float
+        self,
+        name: str,
+        key: str,
+        value: str,
+        *,
+        log: bool,
+        queue: bool,
+        timeout: float,
+        idempotency_key: str | None = None,
     ) -> SendResult: ...
     async def query(self, name: str, key: str, *, timeout: float) -> KeyValue: ...
     async def keys(self, name: str, *, timeout: float) -> KeyList: ...
@@ -221,6 +235,19 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return doc
 
 
+def _idempotency_key(request: web.Request) -> str | None:
+    """The send's Idempotency-Key header, checked; None without one."""
+    values = request.headers.getall(IDEMPOTENCY_HEADER, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidInput("give one %s header, not %d" % (IDEMPOTENCY_HEADER, len(values)))
+    problem = check_idempotency_key(values[0])
+    if problem is not None:
+        raise InvalidInput(problem)
+    return values[0]
+
+
 def _bool_field(doc: dict[str, Any], name: str, default: bool) -> bool:
     value = doc.get(name, default)
     if not isinstance(value, bool):
@@ -268,6 +295,7 @@ async def send_message(request: web.Request) -> web.Response:
         timeout=_timeout(doc["timeout"])
         if "timeout" in doc
         else request.app[SETTINGS].default_timeout,
+        idempotency_key=_idempotency_key(request),
     )
     data = result.to_json()
     return _json(data, 202 if data.get("outcome") == "queued" else 200)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import logging
 import os
 import time
 
+from ovmproto import jsonlib
 from ovmproto.limits import check_key, check_value
 from ovmproto.messages import Get, List
 
@@ -31,7 +33,7 @@ from .guest import Guest
 from .mirror import Entry
 from .model import AuditRow, KeyList, KeyValue, SendResult, VmInfo
 from .session import State
-from .store import Store
+from .store import IdempotencyRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,18 @@ def _check(key: str, value: str | None = None, check_val: bool = False) -> None:
     problem = check_key(key) or (check_value(value) if check_val else None)
     if problem:
         raise errors.InvalidInput(problem[1], problem[0])
+
+
+def _digest(key: str, value: str, log_value: bool) -> str:
+    """What a retry with the same idempotency key must ask for again. A log=no value enters by its
+    size only: a hash of a secret kept on disk would let whoever reads the database test guesses
+    at it (so a reuse of the key with another secret of the same size is not noticed)."""
+    what: str | int = value if log_value else len(value.encode("utf-8"))
+    return hashlib.sha256(jsonlib.dumps([key, what, log_value])).hexdigest()
+
+
+# What a retry is told about a message whose first send was not delivered, by its audit outcome.
+_NOT_DELIVERED = {"failed": "the agent refused it"}
 
 
 def _from_mirror(vm: str, key: str, value: str, e: Entry, last_seen: float | None) -> KeyValue:
@@ -72,7 +86,13 @@ class Bridge:
 
     async def start(self) -> None:
         self._lock_db()
-        self._store = Store(self.config.db, audit_keep=self.config.limits.audit_rows)
+        limits = self.config.limits
+        self._store = Store(
+            self.config.db,
+            audit_keep=limits.audit_rows,
+            idempotency_keep=limits.idempotency_keys,
+            idempotency_ttl=limits.idempotency_ttl,
+        )
         configured = {vm.name for vm in self.config.vms}
         # VMs we knew before (queued messages, mirrors) stay visible even while not running.
         for row in self._store.vms():
@@ -294,6 +314,7 @@ class Bridge:
         log: bool = True,
         queue: bool = True,
         timeout: float = 5.0,
+        idempotency_key: str | None = None,
     ) -> SendResult:
         """Send key=value to the VM's guest.
 
@@ -302,9 +323,19 @@ class Bridge:
         outbox and will be delivered in order, exactly once. queue=False: AgentNotConnected
         instead, and nothing is kept. With log=False the value is never written to the audit,
         the logs or an error message, and leaves the database file once delivered.
+
+        ``idempotency_key``: remembered with the message (same transaction); a send to the same VM
+        with the same key is a retry of that message and is never applied again (_replay).
         """
         _check(key, value, check_val=True)
-        return await self._submit(self.guest(name), key, value, log, queue, timeout)
+        g = self.guest(name)
+        if idempotency_key is None:
+            return await self._submit(g, key, value, log, queue, timeout)
+        digest = _digest(key, value, log)
+        prior = self.store.idempotent(name, idempotency_key)
+        if prior is not None:
+            return await self._replay(g, prior, digest, key, queue, timeout)
+        return await self._submit(g, key, value, log, queue, timeout, (idempotency_key, digest))
 
     async def delete(
         self, name: str, key: str, *, timeout: float = 5.0, queue: bool = True
@@ -314,7 +345,14 @@ class Bridge:
         return await self._submit(self.guest(name), key, None, True, queue, timeout)
 
     async def _submit(
-        self, g: Guest, key: str, value: str | None, log_value: bool, queue: bool, timeout: float
+        self,
+        g: Guest,
+        key: str,
+        value: str | None,
+        log_value: bool,
+        queue: bool,
+        timeout: float,
+        idempotency: tuple[str, str] | None = None,
     ) -> SendResult:
         name = g.name
         if not queue and g.state is not State.SYNCED:
@@ -326,29 +364,74 @@ class Bridge:
             raise errors.Busy(
                 "VM %r has %d requests outstanding, the limit" % (name, g.outstanding)
             )
-        row = self.store.enqueue(name, key, value, log_value)
+        row = self.store.enqueue(name, key, value, log_value, idempotency=idempotency)
         if value is not None and not log_value:
             g.mirror.hide(key)
         if g.state is not State.SYNCED:
             g.delivery.wake()
             return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
-        fut = g.delivery.wait(row.seq)
+        return await self._await_ack(g, row.seq, key, queue, timeout)
+
+    async def _replay(
+        self,
+        g: Guest,
+        prior: IdempotencyRow,
+        digest: str,
+        key: str,
+        queue: bool,
+        timeout: float,
+    ) -> SendResult:
+        """A retry of a send made with the same idempotency key: its message's outcome, never a
+        second message. Still queued: wait for it as the first send would have."""
+        name = g.name
+        if prior.digest != digest:
+            raise errors.IdempotencyKeyReused(
+                "this idempotency key was used for another message to VM %r (message %d); "
+                "give each new message a new key" % (name, prior.seq)
+            )
+        if prior.outcome == "delivered":
+            return SendResult(vm=name, key=key, outcome="delivered", seq=prior.seq, replayed=True)
+        if prior.outcome != "queued":
+            raise errors.NotDelivered(
+                "message %d to VM %r (key %r), sent earlier with this idempotency key, was not "
+                "delivered: %s; it is not sent again"
+                % (prior.seq, name, key, _NOT_DELIVERED.get(prior.outcome, prior.outcome))
+            )
+        if g.state is not State.SYNCED:
+            if queue:
+                return SendResult(vm=name, key=key, outcome="queued", seq=prior.seq, replayed=True)
+            raise errors.AgentNotConnected(
+                "the agent in VM %r is not connected; message %d, sent earlier with this "
+                "idempotency key, stays queued" % (name, prior.seq)
+            )
+        if g.outstanding >= self.config.limits.max_outstanding:
+            raise errors.Busy(
+                "VM %r has %d requests outstanding, the limit" % (name, g.outstanding)
+            )
+        return await self._await_ack(g, prior.seq, key, queue, timeout, replayed=True)
+
+    async def _await_ack(
+        self, g: Guest, seq: int, key: str, queue: bool, timeout: float, replayed: bool = False
+    ) -> SendResult:
+        """Wait for the guest's acknowledgement of outbox row ``seq`` (the agent is synced)."""
+        name = g.name
+        fut = g.delivery.wait(seq)
         g.delivery.wake()
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            g.delivery.forget(row.seq)
+            g.delivery.forget(seq, fut)
             if queue:
-                return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
+                return SendResult(vm=name, key=key, outcome="queued", seq=seq, replayed=replayed)
             raise errors.AgentTimeout(
                 "the agent in VM %r did not acknowledge within %.1f s; the "
                 "message stays queued, as it may have arrived" % (name, timeout)
             ) from None
         except LinkReset:
             if queue:
-                return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
-            if not g.delivery.was_written(row.seq):
-                self.store.finish(name, [row.seq], "refused")
+                return SendResult(vm=name, key=key, outcome="queued", seq=seq, replayed=replayed)
+            if not g.delivery.was_written(seq):
+                self.store.finish(name, [seq], "refused")
                 raise errors.AgentNotConnected(
                     "the agent in VM %r disconnected; nothing was queued" % name
                 ) from None
@@ -360,4 +443,4 @@ class Bridge:
             raise GuestError(
                 "the agent in VM %r refused key %r: %s" % (name, key, e.message), e.code
             ) from None
-        return SendResult(vm=name, key=key, outcome="delivered", seq=row.seq)
+        return SendResult(vm=name, key=key, outcome="delivered", seq=seq, replayed=replayed)

@@ -79,6 +79,10 @@ class Limits:
     delivery_timeout: float = 10.0  # an outbox message unacknowledged this long: resync
     reconnect_max: float = 5.0  # longest backoff between connects of a unix channel
     audit_rows: int = 10000  # the newest audit rows kept per VM; older ones are deleted
+    # A send's idempotency key is remembered for the VM's next idempotency_keys messages and at
+    # most idempotency_ttl seconds: a retry within both is answered, not applied again.
+    idempotency_keys: int = 10000
+    idempotency_ttl: float = 86400.0
 
 
 @dataclass
@@ -121,6 +125,10 @@ class Config:
             )
         if self.limits.audit_rows < 1:
             raise ConfigError("[limits] audit_rows must be at least 1")
+        if self.limits.idempotency_keys < 1 or self.limits.idempotency_ttl <= 0:
+            raise ConfigError(
+                "[limits] idempotency_keys must be at least 1 and idempotency_ttl over 0"
+            )
 
 
 def parse_channel(text: str) -> str:

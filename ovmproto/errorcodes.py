@@ -41,6 +41,10 @@ CODES = {
     "method_not_allowed":     (405,   7,    None, "no such method on that resource"),
     "request_too_large":      (413,   7,    None, "a request body over 128 KiB"),
     "unsupported_media_type": (415,   7,    None, "a request body that is not JSON"),
+    "idempotency_key_reused": (422,   2,    None, "a send's idempotency key, used before for "
+                                                  "another message to that VM"),
+    "not_delivered":          (409,   7,    None, "a retry (same idempotency key) of a message "
+                                                  "that ended undelivered; not sent again"),
     # -- the CLIs themselves, before or instead of an answer
     "usage":                  (None,  2,    2,    "bad command line or invalid input"),
     "unreachable":            (None,  3,    3,    "cannot talk to the daemon or the bridge"),
