@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
-from hostbridge import TIMEOUT_MAX, TIMEOUT_MIN, render
+from hostbridge import TIMEOUT_MAX, TIMEOUT_MIN, check_idempotency_key, render
 from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client
 from hostbridge.cli import (
     ENV_CACERT,
@@ -160,14 +160,46 @@ def timeout_option(text: str) -> Callable[[_F], _F]:
     help="fail (exit 5) instead of queueing when the agent is not connected",
 )
 @timeout_option("seconds to wait for the guest's acknowledgement (default: the bridge's, 5)")
+@click.option(
+    "--id",
+    "ident",
+    metavar="KEY",
+    callback=lambda _ctx, _param, value: idempotency_key(value),
+    help="idempotency key: a send with the KEY of an earlier send to VM is not applied again "
+    "but answered with that message's outcome (default: a random one). Up to 128 letters, "
+    "digits and - _ . : ~ + / =",
+)
 def send(
-    vm: str, key: str, value: str, no_log: bool, no_queue: bool, timeout: float | None
+    vm: str,
+    key: str,
+    value: str,
+    no_log: bool,
+    no_queue: bool,
+    timeout: float | None,
+    ident: str | None,
 ) -> ApiCall:
-    """Send KEY=VALUE to the agent in VM (queued until it connects unless --no-queue)."""
+    """Send KEY=VALUE to the agent in VM (queued until it connects unless --no-queue). After a
+    failed connection, a reset or a bad answer it tries again, with the same idempotency key."""
     return (
-        lambda c: c.send(vm, key, value, log=not no_log, queue=not no_queue, timeout=timeout),
+        lambda c: c.send(
+            vm,
+            key,
+            value,
+            log=not no_log,
+            queue=not no_queue,
+            timeout=timeout,
+            idempotency_key=ident,
+        ),
         render.send_lines,
     )
+
+
+def idempotency_key(value: str | None) -> str | None:
+    """--id's value, checked as the bridge checks it (a usage error otherwise)."""
+    problem = None if value is None else check_idempotency_key(value)
+    if problem is not None:
+        raise click.BadParameter(problem)
+    return value
 
 
 @api_command("query")
