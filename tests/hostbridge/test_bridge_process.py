@@ -1,7 +1,12 @@
 """The bridge daemon as a real process: kill -9 with queued messages, agent restarts, and a unix
 channel behind a QEMU stand-in (one connection, reconnect with backoff)."""
 
+import json
 import os
+import signal
+import sqlite3
+import subprocess
+import sys
 from contextlib import closing
 
 import pytest
@@ -10,6 +15,8 @@ from hostbridge.apiclient import Client
 from tests.hostbridge.bridge_harness import BridgeProc, QemuStandIn
 from tests.support.agent import Agent
 from tests.support.waiting import wait_for
+
+VMMESSAGE = os.path.join(os.path.dirname(sys.executable), "vmmessage")
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -82,6 +89,62 @@ def test_a_delivered_message_should_survive_kill_9_of_both_bridge_and_agent(vm1)
     assert guest_value(agent, "durable") == "yes"
     assert api.vm("vm1")["queued"] == 0
     assert api.query("vm1", "durable")["value"] == "yes"
+
+
+def vmmessage(bridge, *args, **popen):
+    """`vmmessage ARGS` against ``bridge``, as a process (Popen when ``popen`` says so)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMMESSAGE_")}
+    env["VMMESSAGE_BRIDGE"] = bridge.api_socket
+    argv = [VMMESSAGE, *args]
+    if popen:
+        return subprocess.Popen(argv, text=True, env=env, **popen)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+
+
+def outbox_keys(db):
+    """The keys in the outbox of the database ``db`` (the bridge's file, read beside it)."""
+    try:
+        with closing(sqlite3.connect(db, timeout=5)) as conn:
+            return [key for (key,) in conn.execute("SELECT key FROM outbox ORDER BY seq")]
+    except sqlite3.OperationalError:  # not created yet
+        return []
+
+
+def test_a_send_cut_off_by_kill_9_after_its_commit_should_be_applied_once_when_retried(vm1):
+    agent, start_bridge = vm1
+    bridge = start_bridge()
+    agent.start().wait_ready()
+    wait_for(lambda: agent_state(Client(bridge.api_socket), "vm1") == "connected", what="sync")
+    send = ["send", "vm1", "VMAPIEvent", "boot-1", "--id", "web1-boot-1", "--timeout", "60"]
+    # The agent stops reading: the bridge commits the event, writes it and waits for the ack;
+    # the test knows the commit happened from the database itself, then kills the bridge.
+    agent.signal(signal.SIGSTOP)
+    try:
+        first = vmmessage(bridge, *send, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: outbox_keys(bridge.db) == ["VMAPIEvent"], what="the commit")
+            bridge.kill()
+            _, err = first.communicate(timeout=60)
+        finally:
+            first.kill()
+    finally:
+        agent.signal(signal.SIGCONT)
+    # vmmessage tried again by itself (the bridge stayed down), then said what to do.
+    assert first.returncode == 3, err
+    assert "5 attempts; the message may have been queued" in err and "--id web1-boot-1" in err
+    bridge = start_bridge()
+    api = Client(bridge.api_socket)
+    wait_for(lambda: agent_state(api, "vm1") == "connected", what="sync after the restart")
+    again = vmmessage(bridge, *send, "--json")
+    assert again.returncode == 0, again.stderr
+    # One event in the guest, one message in the bridge's audit, and the retry told so.
+    events = agent.ovmd("--events", "--json").stdout.splitlines()
+    assert [json.loads(line)["value"] for line in events] == ["boot-1"]
+    assert [(r["key"], r["outcome"]) for r in api.audit("vm1")["entries"]] == [
+        ("VMAPIEvent", "delivered")
+    ]
+    answer = json.loads(again.stdout)
+    assert (answer["outcome"], answer["seq"], answer["replayed"]) == ("delivered", 1, True)
 
 
 def write_config(directory, sock):
