@@ -1,6 +1,6 @@
 """`vmmessage`: the operator's command line to the host bridge's API (docs/cli-host.md).
 
-    vmmessage send VM KEY VALUE [--no-log] [--no-queue] [--timeout S]
+    vmmessage send VM KEY VALUE [--no-log] [--no-queue] [--timeout S] [--id KEY]
     vmmessage query VM KEY | list | status VM | keys VM | rm VM KEY | audit VM
     vmmessage sendVmMessage Vm name=X key=foo message=bar log=no      (the manager CLI's form)
     vmmessage adduser USER --users-file F | vmmessage newtoken NAME --tokens-file F
@@ -49,7 +49,9 @@ EXIT_HELP = """Exit status:
   0  success
   1  not found (unknown VM, or the key is not set)
   2  usage error or invalid input (bad key, value too long, ...)
-  3  the bridge is unreachable (no socket, connection refused, TLS failure, no answer)
+  3  the bridge is unreachable (no socket, connection refused, TLS failure, no answer); a send
+     retries first, and then says whether the message may have been queued and the --id to
+     send it again with (it is then not applied twice)
   4  the agent did not answer in time
   5  the agent is not connected (send --no-queue, or rm of an unconnected VM's key)
   6  unauthorized (no or bad token / user and password, or no permission on the socket)
