@@ -391,6 +391,9 @@ class Bridge:
             )
         if prior.outcome == "delivered":
             return SendResult(vm=name, key=key, outcome="delivered", seq=prior.seq, replayed=True)
+        if prior.outcome == "queued" and not self.store.in_outbox(name, prior.seq):
+            # Removed without an outcome recorded: it is not coming, whatever removed it.
+            prior.outcome = "withdrawn"
         if prior.outcome != "queued":
             raise errors.NotDelivered(
                 "message %d to VM %r (key %r), sent earlier with this idempotency key, was not "
@@ -420,7 +423,6 @@ class Bridge:
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            g.delivery.forget(seq, fut)
             if queue:
                 return SendResult(vm=name, key=key, outcome="queued", seq=seq, replayed=replayed)
             raise errors.AgentTimeout(
@@ -443,4 +445,8 @@ class Bridge:
             raise GuestError(
                 "the agent in VM %r refused key %r: %s" % (name, key, e.message), e.code
             ) from None
+        finally:
+            # Given up (timeout, or the request cancelled) or settled: it no longer counts as an
+            # outstanding sender.
+            g.delivery.forget(seq, fut)
         return SendResult(vm=name, key=key, outcome="delivered", seq=seq, replayed=replayed)

@@ -309,6 +309,11 @@ class Store:
         ).fetchall()
         return [OutboxRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
 
+    def in_outbox(self, vm: str, seq: int) -> bool:
+        """Whether outbox row ``seq`` of ``vm`` still waits for delivery."""
+        row = self._db.execute("SELECT 1 FROM outbox WHERE vm=? AND seq=?", (vm, seq)).fetchone()
+        return row is not None
+
     def secret_pending(self, vm: str, key: str, after: int) -> bool:
         """Whether a later outbox row sets ``key`` with log off."""
         return (

@@ -153,3 +153,33 @@ def test_a_retry_of_a_message_the_agent_refused_should_say_so_and_send_nothing()
             assert len(guest.of_type(Set)) == 1
 
     asyncio.run(main())
+
+
+def test_a_retry_of_a_message_removed_from_the_outbox_otherwise_should_not_wait_for_it():
+    async def main():
+        async with bridge_and_guest() as (bridge, guest):
+            guest.silent = {"set"}
+            first = await bridge.send("vm1", "k", "v", idempotency_key="W", timeout=0.2)
+            assert first.outcome == "queued"
+            # Gone by another path than delivery (one that records no outcome for the key).
+            bridge.store._db.execute("DELETE FROM outbox WHERE vm='vm1' AND seq=?", (first.seq,))
+            with pytest.raises(errors.NotDelivered) as e:
+                await bridge.send("vm1", "k", "v", idempotency_key="W", timeout=5.0)
+            assert "was not delivered: withdrawn" in e.value.message
+
+    asyncio.run(main())
+
+
+def test_a_sender_given_up_by_its_caller_should_stop_counting_as_outstanding():
+    async def main():
+        async with bridge_and_guest() as (bridge, guest):
+            guest.silent = {"set"}
+            task = asyncio.ensure_future(bridge.send("vm1", "k", "v", timeout=20.0))
+            await async_wait_for(lambda: guest.of_type(Set), what="the set")
+            assert bridge.guest("vm1").delivery.waiting == 1
+            task.cancel()  # as aiohttp does with the handler of a client that went away
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert bridge.guest("vm1").delivery.waiting == 0
+
+    asyncio.run(main())
