@@ -3,7 +3,8 @@
     GET    /v1/health                     liveness and counts
     GET    /v1/vms                        every VM: channel, agent state, last seen, queued (vmlist)
     GET    /v1/vms/{vm}                   one VM's details (vmstat)
-    POST   /v1/vms/{vm}/messages          send {key, value, log?, queue?, timeout?, expires?}
+    POST   /v1/vms/{vm}/messages          send {key, value, log?, queue?, timeout?, expires?};
+                                          header Idempotency-Key
     GET    /v1/vms/{vm}/messages          the messages waiting for delivery (no values)
     DELETE /v1/vms/{vm}/messages          cancel every undelivered message
     DELETE /v1/vms/{vm}/messages/{seq}    cancel one undelivered message
@@ -30,7 +31,13 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 
-from hostbridge import DEFAULT_API_SOCKET
+from hostbridge import (
+    DEFAULT_API_SOCKET,
+    IDEMPOTENCY_HEADER,
+    TIMEOUT_MAX,
+    TIMEOUT_MIN,
+    check_idempotency_key,
+)
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.config import MAX_EXPIRY, MIN_EXPIRY
 from hostbridge.errors import BridgeError, InvalidInput
@@ -56,7 +63,6 @@ log = logging.getLogger(__name__)
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 # A request body holds one key and one value; even a worst-case JSON-escaped value is under this.
 MAX_BODY = 128 * 1024
-MAX_TIMEOUT = 300.0
 MAX_AUDIT_LIMIT = 1000
 DEFAULT_AUDIT_LIMIT = 100
 
@@ -77,6 +83,7 @@ class BridgeApi(Protocol):
         queue: bool,
         timeout: float,
         expires: float | None = None,
+        idempotency_key: str | None = None,
     ) -> SendResult: ...
     def cancel(self, name: str, seq: int | None = None) -> CancelResult: ...
     def queue(self, name: str, *, limit: int) -> QueueList: ...
@@ -203,11 +210,15 @@ def _check_key(key: Any) -> str:
 
 
 def _timeout(value: Any) -> float:
-    """A timeout the client gave, checked to be a number in (0, MAX_TIMEOUT] (null is refused)."""
+    """A timeout the client gave, checked to be a number in [TIMEOUT_MIN, TIMEOUT_MAX] (null is
+    refused). A tiny one (5e-324) is refused too: the bridge could not honour it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput("timeout must be a number of seconds")
-    if not 0 < value <= MAX_TIMEOUT:
-        raise InvalidInput("timeout must be over 0 and at most %g seconds" % MAX_TIMEOUT)
+    if not TIMEOUT_MIN <= value <= TIMEOUT_MAX:
+        raise InvalidInput(
+            "timeout must be from %g to %g seconds (the bridge cannot honour less than %g s)"
+            % (TIMEOUT_MIN, TIMEOUT_MAX, TIMEOUT_MIN)
+        )
     return float(value)
 
 
@@ -249,6 +260,19 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise InvalidInput("the request body must be a JSON object")
     return doc
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    """The send's Idempotency-Key header, checked; None without one."""
+    values = request.headers.getall(IDEMPOTENCY_HEADER, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidInput("give one %s header, not %d" % (IDEMPOTENCY_HEADER, len(values)))
+    problem = check_idempotency_key(values[0])
+    if problem is not None:
+        raise InvalidInput(problem)
+    return values[0]
 
 
 def _bool_field(doc: dict[str, Any], name: str, default: bool) -> bool:
@@ -299,6 +323,7 @@ async def send_message(request: web.Request) -> web.Response:
         if "timeout" in doc
         else request.app[SETTINGS].default_timeout,
         expires=_expires(doc["expires"]) if "expires" in doc else None,
+        idempotency_key=_idempotency_key(request),
     )
     data = result.to_json()
     return _json(data, 202 if data.get("outcome") == "queued" else 200)

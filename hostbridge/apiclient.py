@@ -9,9 +9,16 @@ password (Basic).
 Errors become ApiError(code, message, status); ``exit_code()`` maps a code to the CLI's exit status
 (ovmproto.errorcodes).
 JSON goes through ovmproto.compactjson: the json package would import re and enum (~7 ms).
+
+A send carries an idempotency key (random unless the caller gives one) and is tried again, with
+the same key, when the connection fails, is reset or brings back a bad answer: the bridge answers
+a retry with the first attempt's message, never a second one (docs/reliability.md).
 """
 
-from hostbridge import DEFAULT_API_SOCKET
+import os
+import time
+
+from hostbridge import DEFAULT_API_SOCKET, IDEMPOTENCY_HEADER
 from ovmproto import compactjson, errorcodes
 
 TYPE_CHECKING = False  # mypy takes a name TYPE_CHECKING as true; nothing is imported at run time
@@ -25,6 +32,9 @@ if TYPE_CHECKING:
 DEFAULT_TCP_PORT = 8443
 ENV_BRIDGE = "VMMESSAGE_BRIDGE"
 _MAX_RESPONSE = 16 * 1024 * 1024
+# The pauses between a send's attempts (each +-25%): 5 attempts at most, over about 5.5 s, which
+# covers a bridge restarted by systemd (RestartSec=2); never beyond the send's own time budget.
+SEND_RETRY_DELAYS = (0.5, 1.0, 2.0, 2.0)
 
 # The CLI's exit statuses (documented in `vmmessage --help` and docs/cli-host.md), by name.
 EXIT_OK = 0
@@ -38,13 +48,32 @@ EXIT_OTHER = errorcodes.vmmessage_exit("internal")
 
 
 class ApiError(Exception):
-    """An error answer of the bridge, or a failure to reach it (code "unreachable")."""
+    """An error answer of the bridge, or a failure to reach it (code "unreachable").
 
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+    ``retry``: the connection failed in a way another attempt may not (refused, reset, a bad
+    answer). ``sent``: the request may have reached the bridge before it failed.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: int | None = None,
+        *,
+        retry: bool = False,
+        sent: bool = False,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.retry = retry
+        self.sent = sent
+
+
+def new_idempotency_key() -> str:
+    """A random idempotency key (128 bits, hex)."""
+    return os.urandom(16).hex()
 
 
 def exit_code(code: str) -> int:
@@ -69,6 +98,20 @@ def path(*segments: str, query: "Mapping[str, object] | None" = None) -> str:
     if query:
         p += "?" + "&".join("%s=%s" % (quote(k), quote(str(v))) for k, v in query.items())
     return p
+
+
+def _final(exc: ApiError, attempts: int, sent: bool, ident: str) -> ApiError:
+    """A send's last error, saying how many attempts it took and, when one of them may have
+    reached the bridge, how to learn the outcome without sending the message twice."""
+    if exc.code != "unreachable" or (attempts == 1 and not sent):
+        return exc
+    notes = ["%d attempt%s" % (attempts, "s" if attempts > 1 else "")]
+    if sent:
+        notes.append(
+            "the message may have been queued: send it again with --id %s to learn its outcome "
+            "without sending it twice" % ident
+        )
+    return ApiError(exc.code, "%s (%s)" % (exc.message, "; ".join(notes)), exc.status)
 
 
 def _decode_body(status: int, body: bytes) -> "JsonObject":
@@ -182,19 +225,27 @@ class Client:
         target: str,
         body: "JsonObject | None" = None,
         timeout: float | None = None,
+        headers: "Mapping[str, str] | None" = None,
     ) -> "JsonObject":
         """Send one request; return the decoded JSON object or raise ApiError."""
         payload = None if body is None else compactjson.dumps(body).encode("utf-8")
         timeout = self.timeout if timeout is None else timeout
+        extra = dict(headers or {})
         address = self._address
         if isinstance(address, str):
-            status, data = self._unix_request(address, method, target, payload, timeout)
+            status, data = self._unix_request(address, method, target, payload, timeout, extra)
         else:
-            status, data = self._https_request(address, method, target, payload, timeout)
+            status, data = self._https_request(address, method, target, payload, timeout, extra)
         return _decode_body(status, data)
 
     def _unix_request(
-        self, where: str, method: str, target: str, payload: bytes | None, timeout: float
+        self,
+        where: str,
+        method: str,
+        target: str,
+        payload: bytes | None,
+        timeout: float,
+        extra: "dict[str, str]",
     ) -> tuple[int, bytes]:
         import _socket
 
@@ -202,6 +253,8 @@ class Client:
             "%s %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: application/json\r\n"
             % (method, target)
         )
+        for name, value in extra.items():
+            head += "%s: %s\r\n" % (name, value)
         if payload is not None:
             head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(payload)
         data = (head + "\r\n").encode("ascii") + (payload or b"")
@@ -217,9 +270,12 @@ class Client:
                     "(is your user in its group?)" % where,
                 ) from None
             except OSError as exc:
+                # Refused: a socket file nobody serves, as while a killed bridge restarts. No
+                # file at all: no bridge is running, which waiting does not change.
                 raise ApiError(
                     "unreachable",
                     "cannot connect to the bridge at %s: %s" % (where, exc.strerror or exc),
+                    retry=isinstance(exc, ConnectionRefusedError),
                 ) from None
             chunks = []
             total = 0
@@ -239,19 +295,26 @@ class Client:
                 raise ApiError(
                     "unreachable",
                     "the bridge at %s did not answer within %g s" % (where, timeout),
+                    sent=True,
                 ) from None
             except OSError as exc:
                 raise ApiError(
                     "unreachable",
                     "lost the connection to the bridge at %s: %s" % (where, exc.strerror or exc),
+                    retry=True,
+                    sent=True,
                 ) from None
         finally:
             sock.close()
         try:
             return parse_response(b"".join(chunks))
         except ValueError as exc:
+            # Typically the bridge went away mid-answer (killed, restarted).
             raise ApiError(
-                "unreachable", "bad answer from the bridge at %s: %s" % (where, exc)
+                "unreachable",
+                "bad answer from the bridge at %s: %s" % (where, exc),
+                retry=True,
+                sent=True,
             ) from None
 
     def _https_request(
@@ -261,6 +324,7 @@ class Client:
         target: str,
         payload: bytes | None,
         timeout: float,
+        extra: "dict[str, str]",
     ) -> tuple[int, bytes]:
         import base64
         import http.client
@@ -268,7 +332,7 @@ class Client:
 
         host, port = hostport
         where = "%s:%d" % (host, port)
-        headers = {"Accept": "application/json", "Connection": "close"}
+        headers = {"Accept": "application/json", "Connection": "close", **extra}
         if payload is not None:
             headers["Content-Type"] = "application/json"
         if self.token:
@@ -281,7 +345,10 @@ class Client:
         except (OSError, ssl.SSLError) as exc:
             raise ApiError("usage", "cannot load the CA file %s: %s" % (self.cacert, exc)) from None
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        sent = False  # from the handshake on, the request may reach the bridge
         try:
+            conn.connect()
+            sent = True
             conn.request(method, target, body=payload, headers=headers)
             resp = conn.getresponse()
             data = resp.read(_MAX_RESPONSE + 1)
@@ -291,16 +358,23 @@ class Client:
                 "unreachable",
                 "TLS with the bridge at %s failed: %s"
                 % (where, getattr(exc, "verify_message", None) or exc.reason or exc),
+                # A certificate that fails now fails again; a TLS stream cut short may not.
+                retry=sent,
+                sent=sent,
             ) from None
         except TimeoutError:
             raise ApiError(
-                "unreachable", "the bridge at %s did not answer within %g s" % (where, timeout)
+                "unreachable",
+                "the bridge at %s did not answer within %g s" % (where, timeout),
+                sent=sent,
             ) from None
         except (OSError, http.client.HTTPException) as exc:
             raise ApiError(
                 "unreachable",
                 "cannot reach the bridge at %s: %s"
                 % (where, getattr(exc, "strerror", None) or exc),
+                retry=sent or isinstance(exc, ConnectionRefusedError),
+                sent=sent,
             ) from None
         finally:
             conn.close()
@@ -328,13 +402,41 @@ class Client:
         queue: bool = True,
         timeout: float | None = None,
         expires: float | None = None,
+        idempotency_key: str | None = None,
     ) -> "JsonObject":
+        """Send, and try again after a failed connection, a reset or a bad answer (at most
+        len(SEND_RETRY_DELAYS) times, within the time one attempt would have had): every attempt
+        carries the same idempotency key (a random one unless given), so the bridge applies the
+        message once and answers a retry with its outcome."""
         body: JsonObject = {"key": key, "value": value, "log": log, "queue": queue}
         if timeout is not None:
             body["timeout"] = timeout
         if expires is not None:
             body["expires"] = expires
-        return self.request("POST", path("vms", vm, "messages"), body, timeout=self._wait(timeout))
+        ident = idempotency_key or new_idempotency_key()
+        target = path("vms", vm, "messages")
+        deadline = time.monotonic() + self._wait(timeout)
+        sent = False  # whether a failed attempt may have reached the bridge
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self.request(
+                    "POST",
+                    target,
+                    body,
+                    timeout=max(deadline - time.monotonic(), 0.1),
+                    headers={IDEMPOTENCY_HEADER: ident},
+                )
+            except ApiError as exc:
+                sent = sent or exc.sent
+                pause = 0.0
+                if exc.retry and attempt <= len(SEND_RETRY_DELAYS):
+                    # +-25%, so that the senders a restart cut off do not come back in step.
+                    pause = SEND_RETRY_DELAYS[attempt - 1] * (0.75 + os.urandom(1)[0] / 510)
+                if not pause or time.monotonic() + pause >= deadline:
+                    raise _final(exc, attempt, sent, ident) from None
+            time.sleep(pause)
 
     def query(self, vm: str, key: str, *, timeout: float | None = None) -> "JsonObject":
         q = {"timeout": timeout} if timeout is not None else None

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import logging
 import os
 import time
 
+from ovmproto import jsonlib
 from ovmproto.limits import check_key, check_value
 from ovmproto.messages import Get, List
 
@@ -40,7 +42,7 @@ from .model import (
     VmInfo,
 )
 from .session import State
-from .store import Store
+from .store import IdempotencyRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,18 @@ def _check(key: str, value: str | None = None, check_val: bool = False) -> None:
     problem = check_key(key) or (check_value(value) if check_val else None)
     if problem:
         raise errors.InvalidInput(problem[1], problem[0])
+
+
+def _digest(key: str, value: str, log_value: bool) -> str:
+    """What a retry with the same idempotency key must ask for again. A log=no value enters by its
+    size only: a hash of a secret kept on disk would let whoever reads the database test guesses
+    at it (so a reuse of the key with another secret of the same size is not noticed)."""
+    what: str | int = value if log_value else len(value.encode("utf-8"))
+    return hashlib.sha256(jsonlib.dumps([key, what, log_value])).hexdigest()
+
+
+# What a retry is told about a message whose first send was not delivered, by its audit outcome.
+_NOT_DELIVERED = {"failed": "the agent refused it"}
 
 
 def _from_mirror(vm: str, key: str, value: str, e: Entry, last_seen: float | None) -> KeyValue:
@@ -81,7 +95,13 @@ class Bridge:
 
     async def start(self) -> None:
         self._lock_db()
-        self._store = Store(self.config.db, audit_keep=self.config.limits.audit_rows)
+        limits = self.config.limits
+        self._store = Store(
+            self.config.db,
+            audit_keep=limits.audit_rows,
+            idempotency_keep=limits.idempotency_keys,
+            idempotency_ttl=limits.idempotency_ttl,
+        )
         configured = {vm.name for vm in self.config.vms}
         # VMs we knew before (queued messages, mirrors) stay visible even while not running.
         for row in self._store.vms():
@@ -308,6 +328,7 @@ class Bridge:
         queue: bool = True,
         timeout: float = 5.0,
         expires: float | None = None,
+        idempotency_key: str | None = None,
     ) -> SendResult:
         """Send key=value to the VM's guest.
 
@@ -316,12 +337,24 @@ class Bridge:
         outbox and will be delivered in order, exactly once. queue=False: AgentNotConnected
         instead, and nothing is kept. With log=False the value is never written to the audit,
         the logs or an error message, and leaves the database file once delivered.
+
         ``expires``: seconds after which it is dropped if still undelivered (0: never; None: the
         configured [limits] message_expiry). Cancelled or expired while the sender waits:
         MessageCancelled / MessageExpired.
+        ``idempotency_key``: remembered with the message (same transaction); a send to the same VM
+        with the same key is a retry of that message and is never applied again (_replay).
         """
         _check(key, value, check_val=True)
-        return await self._submit(self.guest(name), key, value, log, queue, timeout, expires)
+        g = self.guest(name)
+        if idempotency_key is None:
+            return await self._submit(g, key, value, log, queue, timeout, expires)
+        digest = _digest(key, value, log)
+        prior = self.store.idempotent(name, idempotency_key)
+        if prior is not None:
+            return await self._replay(g, prior, digest, key, queue, timeout)
+        return await self._submit(
+            g, key, value, log, queue, timeout, expires, (idempotency_key, digest)
+        )
 
     async def delete(
         self, name: str, key: str, *, timeout: float = 5.0, queue: bool = True
@@ -339,6 +372,7 @@ class Bridge:
         queue: bool,
         timeout: float,
         expires: float | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> SendResult:
         name = g.name
         if not queue and g.state is not State.SYNCED:
@@ -352,29 +386,88 @@ class Bridge:
             )
         lifetime = self.config.limits.message_expiry if expires is None else expires
         deadline = time.time() + lifetime if lifetime > 0 else None
-        row = self.store.enqueue(name, key, value, log_value, expires=deadline)
+        row = self.store.enqueue(
+            name, key, value, log_value, expires=deadline, idempotency=idempotency
+        )
         if value is not None and not log_value:
             g.mirror.hide(key)
         if g.state is not State.SYNCED:
             g.delivery.wake()
             return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
-        fut = g.delivery.wait(row.seq)
+        return await self._await_ack(g, row.seq, key, queue, timeout)
+
+    async def _replay(
+        self,
+        g: Guest,
+        prior: IdempotencyRow,
+        digest: str,
+        key: str,
+        queue: bool,
+        timeout: float,
+    ) -> SendResult:
+        """A retry of a send made with the same idempotency key: its message's outcome, never a
+        second message. Still queued: wait for it as the first send would have."""
+        name = g.name
+        if prior.digest != digest:
+            raise errors.IdempotencyKeyReused(
+                "this idempotency key was used for another message to VM %r (message %d); "
+                "give each new message a new key" % (name, prior.seq)
+            )
+        if prior.outcome == "delivered":
+            return SendResult(vm=name, key=key, outcome="delivered", seq=prior.seq, replayed=True)
+        if prior.outcome == "queued" and not self.store.in_outbox(name, prior.seq):
+            # Removed without an outcome recorded: it is not coming, whatever removed it.
+            prior.outcome = "withdrawn"
+        if prior.outcome == "cancelled":
+            raise errors.MessageCancelled(
+                "message %d to VM %r, sent earlier with this idempotency key, was cancelled "
+                "before delivery; it is not sent again" % (prior.seq, name)
+            )
+        if prior.outcome == "expired":
+            raise errors.MessageExpired(
+                "message %d to VM %r, sent earlier with this idempotency key, expired before "
+                "delivery; it is not sent again" % (prior.seq, name)
+            )
+        if prior.outcome != "queued":
+            raise errors.NotDelivered(
+                "message %d to VM %r (key %r), sent earlier with this idempotency key, was not "
+                "delivered: %s; it is not sent again"
+                % (prior.seq, name, key, _NOT_DELIVERED.get(prior.outcome, prior.outcome))
+            )
+        if g.state is not State.SYNCED:
+            if queue:
+                return SendResult(vm=name, key=key, outcome="queued", seq=prior.seq, replayed=True)
+            raise errors.AgentNotConnected(
+                "the agent in VM %r is not connected; message %d, sent earlier with this "
+                "idempotency key, stays queued" % (name, prior.seq)
+            )
+        if g.outstanding >= self.config.limits.max_outstanding:
+            raise errors.Busy(
+                "VM %r has %d requests outstanding, the limit" % (name, g.outstanding)
+            )
+        return await self._await_ack(g, prior.seq, key, queue, timeout, replayed=True)
+
+    async def _await_ack(
+        self, g: Guest, seq: int, key: str, queue: bool, timeout: float, replayed: bool = False
+    ) -> SendResult:
+        """Wait for the guest's acknowledgement of outbox row ``seq`` (the agent is synced)."""
+        name = g.name
+        fut = g.delivery.wait(seq)
         g.delivery.wake()
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            g.delivery.forget(row.seq)
             if queue:
-                return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
+                return SendResult(vm=name, key=key, outcome="queued", seq=seq, replayed=replayed)
             raise errors.AgentTimeout(
                 "the agent in VM %r did not acknowledge within %.1f s; the "
                 "message stays queued, as it may have arrived" % (name, timeout)
             ) from None
         except LinkReset:
             if queue:
-                return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
-            if not g.delivery.was_written(row.seq):
-                self.store.finish(name, [row.seq], "refused")
+                return SendResult(vm=name, key=key, outcome="queued", seq=seq, replayed=replayed)
+            if not g.delivery.was_written(seq):
+                self.store.finish(name, [seq], "refused")
                 raise errors.AgentNotConnected(
                     "the agent in VM %r disconnected; nothing was queued" % name
                 ) from None
@@ -386,7 +479,11 @@ class Bridge:
             raise GuestError(
                 "the agent in VM %r refused key %r: %s" % (name, key, e.message), e.code
             ) from None
-        return SendResult(vm=name, key=key, outcome="delivered", seq=row.seq)
+        finally:
+            # Given up (timeout, or the request cancelled) or settled: it no longer counts as an
+            # outstanding sender.
+            g.delivery.forget(seq, fut)
+        return SendResult(vm=name, key=key, outcome="delivered", seq=seq, replayed=replayed)
 
     # -- withdrawing ----------------------------------------------------------------------------
 

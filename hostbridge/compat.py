@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from hostbridge import cli, humanize, render
+from hostbridge import check_idempotency_key, cli, humanize, render
 from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client
 
 TYPE_CHECKING = False  # mypy takes a name TYPE_CHECKING as true; typing is not imported at run time
@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cacert", help="CA certificate to verify a remote bridge (default $%s)" % cli.ENV_CACERT
     )
+    p.add_argument(
+        "--id",
+        dest="ident",
+        metavar="KEY",
+        help="idempotency key of the message (default: a random one); a send with the KEY of an "
+        "earlier one to the VM is answered with that message's outcome, not applied again",
+    )
     return p
 
 
@@ -94,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         return _usage("give -k KEY -V VALUE to send, or -q KEY to query")
     if (args.key is None) != (args.value is None):
         return _usage("-k and -V go together")
+    problem = check_idempotency_key(args.ident) if args.ident is not None else None
+    if problem is not None:
+        return _usage("--id: " + problem)
     _say(BANNER)
     try:
         client = client_for(args.host, args.user, args.password, args.cacert)
@@ -103,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         _say("Connected.", "VM : '%s' has status :  %s." % (humanize.escape(args.vm), state))
         if args.key is not None:
             _say("Sending message.")
-            doc = client.send(args.vm, args.key, args.value)
+            doc = client.send(args.vm, args.key, args.value, idempotency_key=args.ident)
             _say(*render.send_lines(doc, time.time()))
         if args.query is not None:
             _say("Querying for key '%s'." % humanize.escape(args.query))

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import tomllib
 
-from . import DEFAULT_API_SOCKET
+from . import DEFAULT_API_SOCKET, TIMEOUT_MAX, TIMEOUT_MIN
 from .errors import BridgeError
 
 DEFAULT_DB = "/var/lib/hostbridge/bridge.sqlite3"
@@ -85,6 +85,10 @@ class Limits:
     # Seconds a message may wait undelivered before it is dropped (a send's expires overrides);
     # 0: no limit, the outbox keeps it until the guest takes it.
     message_expiry: float = 0.0
+    # A send's idempotency key is remembered for the VM's next idempotency_keys messages and at
+    # most idempotency_ttl seconds: a retry within both is answered, not applied again.
+    idempotency_keys: int = 10000
+    idempotency_ttl: float = 86400.0
 
 
 @dataclass
@@ -121,8 +125,10 @@ class Config:
             seen.add(vm.name)
         if self.api_tcp and not (self.tls_cert and self.tls_key):
             raise ConfigError("the TCP API needs tls_cert and tls_key: it is always TLS")
-        if self.query_timeout <= 0:
-            raise ConfigError("query_timeout must be positive")
+        if not TIMEOUT_MIN <= self.query_timeout <= TIMEOUT_MAX:
+            raise ConfigError(
+                "query_timeout must be from %g to %g seconds" % (TIMEOUT_MIN, TIMEOUT_MAX)
+            )
         if self.limits.audit_rows < 1:
             raise ConfigError("[limits] audit_rows must be at least 1")
         expiry = self.limits.message_expiry
@@ -130,6 +136,10 @@ class Config:
             raise ConfigError(
                 "[limits] message_expiry must be 0 (no limit) or from %g to %d seconds"
                 % (MIN_EXPIRY, MAX_EXPIRY)
+            )
+        if self.limits.idempotency_keys < 1 or self.limits.idempotency_ttl <= 0:
+            raise ConfigError(
+                "[limits] idempotency_keys must be at least 1 and idempotency_ttl over 0"
             )
 
 

@@ -58,7 +58,8 @@ class Delivery:
         self.timeout = timeout
         self._tasks = tasks
         self._wake = asyncio.Event()
-        self._waiters: dict[int, asyncio.Future[int]] = {}  # seq -> sender waiting for the ack
+        # seq -> the senders waiting for its ack: the first, and any retry of it (idempotency key)
+        self._waiters: dict[int, list[asyncio.Future[int]]] = {}
         # The highest seq written to the guest (it may have it). At start the first row may have
         # been written by an earlier run of the bridge: the guest's hello will tell.
         first = store.outbox(self.vm, limit=1, withdrawn=True)
@@ -83,16 +84,20 @@ class Delivery:
     def wait(self, seq: int) -> asyncio.Future[int]:
         """A future for the outcome of row ``seq``; forget() it when giving up on it."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters[seq] = fut
+        self._waiters.setdefault(seq, []).append(fut)
         return fut
 
-    def forget(self, seq: int) -> None:
-        self._waiters.pop(seq, None)
+    def forget(self, seq: int, fut: asyncio.Future[int]) -> None:
+        waiting = self._waiters.get(seq, [])
+        if fut in waiting:
+            waiting.remove(fut)
+        if not waiting:
+            self._waiters.pop(seq, None)
 
     @property
     def waiting(self) -> int:
         """Senders waiting for an acknowledgement."""
-        return len(self._waiters)
+        return sum(len(futs) for futs in self._waiters.values())
 
     def was_written(self, seq: int) -> bool:
         """Whether the guest may have received row ``seq``."""
@@ -138,9 +143,10 @@ class Delivery:
 
     def on_link_down(self) -> None:
         waiters, self._waiters = self._waiters, {}
-        for fut in waiters.values():
-            if not fut.done():
-                fut.set_exception(LinkReset("the agent in VM %r disconnected" % self.vm))
+        for futs in waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(LinkReset("the agent in VM %r disconnected" % self.vm))
 
     # -- delivering -----------------------------------------------------------------------------
 
@@ -208,10 +214,10 @@ class Delivery:
         self._settle(row.seq, exc)
 
     def _settle(self, seq: int, exc: Exception | None) -> None:
-        fut = self._waiters.pop(seq, None)
-        if fut is None or fut.done():
-            return
-        if exc is None:
-            fut.set_result(seq)
-        else:
-            fut.set_exception(exc)
+        for fut in self._waiters.pop(seq, []):
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(seq)
+            else:
+                fut.set_exception(exc)

@@ -73,6 +73,19 @@ class Unauthorized(BridgeError):
     code = "unauthorized"
 
 
+class IdempotencyKeyReused(BridgeError):
+    """A send's idempotency key was used before for a different message to the same VM."""
+
+    code = "idempotency_key_reused"
+
+
+class NotDelivered(BridgeError):
+    """A retry (same idempotency key) of a message that ended undelivered (e.g. the agent
+    refused it); it is not sent again."""
+
+    code = "not_delivered"
+
+
 class GuestError(BridgeError):
     """The guest answered a request with `err`; ``code`` is the guest's (e.g. "quota")."""
 

@@ -55,6 +55,7 @@ class SendResult(_Json):
     key: str
     outcome: str  # "delivered" | "queued"
     seq: int
+    replayed: bool = False  # the answer to a retry (same idempotency key): nothing new was sent
 
 
 @dataclass

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 AUDIT_VALUE_MAX = 1024  # bytes of UTF-8, as the original manager's log limit
 AUDIT_KEEP = Limits.audit_rows  # audit rows kept per VM unless the config says otherwise
+IDEMPOTENCY_KEEP = Limits.idempotency_keys
+IDEMPOTENCY_TTL = Limits.idempotency_ttl
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -79,6 +81,17 @@ CREATE TABLE IF NOT EXISTS audit (
     op TEXT NOT NULL DEFAULT 'set'
 );
 CREATE INDEX IF NOT EXISTS audit_vm ON audit (vm, id);
+CREATE TABLE IF NOT EXISTS idempotency (
+    vm TEXT NOT NULL,
+    key TEXT NOT NULL,              -- a send's Idempotency-Key
+    digest TEXT NOT NULL,           -- what that send asked for (Bridge: never a log=no value)
+    seq INTEGER NOT NULL,           -- the outbox row it made
+    outcome TEXT NOT NULL,          -- queued, then what finish() recorded (delivered, failed...)
+    created REAL NOT NULL,
+    PRIMARY KEY (vm, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_seq ON idempotency (vm, seq);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (vm, created);
 """
 
 # Columns added to a table after its CREATE above: (table, column, declaration). open() adds the
@@ -142,6 +155,18 @@ class OutboxRow:
 
 
 @dataclass
+class IdempotencyRow:
+    """A send made with an idempotency key: what it asked for, its outbox row, and its outcome
+    (queued while the row waits; delivered, failed, ... once finish() removed it)."""
+
+    key: str
+    digest: str
+    seq: int
+    outcome: str
+    created: float
+
+
+@dataclass
 class MirrorRow:
     key: str
     value: str | None
@@ -151,8 +176,18 @@ class MirrorRow:
 
 
 class Store:
-    def __init__(self, path: str, audit_keep: int = AUDIT_KEEP) -> None:
+    def __init__(
+        self,
+        path: str,
+        audit_keep: int = AUDIT_KEEP,
+        idempotency_keep: int = IDEMPOTENCY_KEEP,
+        idempotency_ttl: float = IDEMPOTENCY_TTL,
+    ) -> None:
         self.path = path
+        # A send's idempotency key is remembered for the VM's next idempotency_keep messages and
+        # at most idempotency_ttl seconds, whichever ends first.
+        self.idempotency_keep = idempotency_keep
+        self.idempotency_ttl = idempotency_ttl
         # Each VM keeps its newest audit_keep audit rows; changing it takes effect at that VM's
         # next audit row.
         self.audit_keep = audit_keep
@@ -236,10 +271,14 @@ class Store:
         log_value: bool,
         ts: float | None = None,
         expires: float | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> OutboxRow:
         """Durably add a host set (value) or del (value None); audit it as "queued".
 
-        ``expires``: the UNIX time after which it is dropped undelivered (None: never)."""
+        ``expires``: the UNIX time after which it is dropped undelivered (None: never).
+        ``idempotency``: (the send's idempotency key, its digest), remembered in the same
+        transaction, so that a retry finds it (idempotent()) whatever crashed in between.
+        """
         ts = time.time() if ts is None else ts
         with self._tx() as db:
             db.execute("UPDATE vms SET seq=seq+1 WHERE name=?", (vm,))
@@ -256,7 +295,39 @@ class Store:
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (vm, seq, key, value, int(log_value), ts, audit_id, expires),
             )
+            if idempotency is not None:
+                self._remember(db, vm, idempotency[0], idempotency[1], seq, ts)
         return OutboxRow(vm, seq, key, value, log_value, ts, audit_id, expires)
+
+    # -- idempotency keys ---------------------------------------------------------------------
+
+    def _remember(
+        self, db: sqlite3.Connection, vm: str, key: str, digest: str, seq: int, ts: float
+    ) -> None:
+        # Forget the VM's keys beyond the bounds first, each an index range: by age, and those
+        # older than its last idempotency_keep messages (seqs are dense, one per message).
+        db.execute(
+            "DELETE FROM idempotency WHERE vm=? AND created<?", (vm, ts - self.idempotency_ttl)
+        )
+        db.execute(
+            "DELETE FROM idempotency WHERE vm=? AND seq<=?",
+            (vm, seq - max(1, self.idempotency_keep)),
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO idempotency (vm, key, digest, seq, outcome, created) "
+            "VALUES (?,?,?,?,'queued',?)",
+            (vm, key, digest, seq, ts),
+        )
+
+    def idempotent(self, vm: str, key: str, now: float | None = None) -> IdempotencyRow | None:
+        """The send made to ``vm`` with idempotency key ``key``, if remembered (not too old)."""
+        now = time.time() if now is None else now
+        row = self._db.execute(
+            "SELECT key, digest, seq, outcome, created FROM idempotency "
+            "WHERE vm=? AND key=? AND created>=?",
+            (vm, key, now - self.idempotency_ttl),
+        ).fetchone()
+        return None if row is None else IdempotencyRow(*row)
 
     def outbox(
         self, vm: str, after: int = 0, limit: int = 100, withdrawn: bool = False
@@ -269,6 +340,11 @@ class Store:
             (vm, after, limit),
         ).fetchall()
         return [OutboxRow(r[0], r[1], r[2], r[3], bool(r[4]), *r[5:]) for r in rows]
+
+    def in_outbox(self, vm: str, seq: int) -> bool:
+        """Whether outbox row ``seq`` of ``vm`` still waits for delivery."""
+        row = self._db.execute("SELECT 1 FROM outbox WHERE vm=? AND seq=?", (vm, seq)).fetchone()
+        return row is not None
 
     def secret_pending(self, vm: str, key: str, after: int) -> bool:
         """Whether a later outbox row sets ``key`` with log off."""
@@ -339,6 +415,7 @@ class Store:
                     db.execute("DELETE FROM outbox WHERE vm=? AND seq=?", (vm, seq))
                     after = outcome
                     withdrawn.append(seq)
+                    self._settle_idempotency(db, vm, seq, outcome)
                 if audit_id is not None:
                     db.execute(
                         "UPDATE audit SET outcome=? WHERE id=? AND outcome='queued'",
@@ -368,8 +445,18 @@ class Store:
                 db.execute("DELETE FROM outbox WHERE vm=? AND seq=?", (vm, seq))
                 if row[1] is not None:
                     db.execute("UPDATE audit SET outcome=? WHERE id=?", (outcome, row[1]))
+                self._settle_idempotency(db, vm, seq, outcome)
         if secret:
             self.scrub()
+
+    @staticmethod
+    def _settle_idempotency(db: sqlite3.Connection, vm: str, seq: int, outcome: str) -> None:
+        # A retry with the same key then answers this outcome. "refused" kept nothing and applied
+        # nothing (the sender was told so): a retry may send it afresh.
+        if outcome == "refused":
+            db.execute("DELETE FROM idempotency WHERE vm=? AND seq=?", (vm, seq))
+        else:
+            db.execute("UPDATE idempotency SET outcome=? WHERE vm=? AND seq=?", (outcome, vm, seq))
 
     def scrub(self) -> None:
         """Fold the WAL into the file and truncate it (deleted content is already zeroed)."""

@@ -43,6 +43,10 @@ CODES = {
     "unsupported_media_type": (415,   7,    None, "a request body that is not JSON"),
     "cancelled":              (410,   7,    None, "the message was cancelled before delivery"),
     "expired":                (410,   7,    None, "the message expired before delivery"),
+    "idempotency_key_reused": (422,   2,    None, "a send's idempotency key, used before for "
+                                                  "another message to that VM"),
+    "not_delivered":          (409,   7,    None, "a retry (same idempotency key) of a message "
+                                                  "that ended undelivered; not sent again"),
     # -- the CLIs themselves, before or instead of an answer
     "usage":                  (None,  2,    2,    "bad command line or invalid input"),
     "unreachable":            (None,  3,    3,    "cannot talk to the daemon or the bridge"),

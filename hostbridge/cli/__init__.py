@@ -1,6 +1,7 @@
 """`vmmessage`: the operator's command line to the host bridge's API (docs/cli-host.md).
 
     vmmessage send VM KEY VALUE [--no-log] [--no-queue] [--timeout S] [--expires DURATION]
+                                [--id KEY]
     vmmessage query VM KEY | list | status VM | keys VM | rm VM KEY | audit VM
     vmmessage queue VM | vmmessage cancel VM SEQ | vmmessage cancel VM --all
     vmmessage sendVmMessage Vm name=X key=foo message=bar log=no      (the manager CLI's form)
@@ -50,7 +51,9 @@ EXIT_HELP = """Exit status:
   0  success
   1  not found (unknown VM, the key is not set, or no such message waiting to cancel)
   2  usage error or invalid input (bad key, value too long, ...)
-  3  the bridge is unreachable (no socket, connection refused, TLS failure, no answer)
+  3  the bridge is unreachable (no socket, connection refused, TLS failure, no answer); a send
+     retries first, and then says whether the message may have been queued and the --id to
+     send it again with (it is then not applied twice)
   4  the agent did not answer in time
   5  the agent is not connected (send --no-queue, or rm of an unconnected VM's key)
   6  unauthorized (no or bad token / user and password, or no permission on the socket)

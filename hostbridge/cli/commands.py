@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
-from hostbridge import render
+from hostbridge import TIMEOUT_MAX, TIMEOUT_MIN, check_idempotency_key, render
 from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client
 from hostbridge.cli import (
     ENV_CACERT,
@@ -165,7 +165,7 @@ class Duration(click.ParamType):
 def timeout_option(text: str) -> Callable[[_F], _F]:
     return click.option(
         "--timeout",
-        type=click.FloatRange(min=0, min_open=True, max=300),
+        type=click.FloatRange(min=TIMEOUT_MIN, max=TIMEOUT_MAX),
         default=None,
         help=text,
     )
@@ -192,6 +192,15 @@ def timeout_option(text: str) -> Callable[[_F], _F]:
     help="drop the message if it is still undelivered after DURATION (90s, 15m, 2h, 7d; "
     "'never'); default: the bridge's [limits] message_expiry",
 )
+@click.option(
+    "--id",
+    "ident",
+    metavar="KEY",
+    callback=lambda _ctx, _param, value: idempotency_key(value),
+    help="idempotency key: a send with the KEY of an earlier send to VM is not applied again "
+    "but answered with that message's outcome (default: a random one). Up to 128 letters, "
+    "digits and - _ . : ~ + / =",
+)
 def send(
     vm: str,
     key: str,
@@ -200,14 +209,31 @@ def send(
     no_queue: bool,
     timeout: float | None,
     expires: float | None,
+    ident: str | None,
 ) -> ApiCall:
-    """Send KEY=VALUE to the agent in VM (queued until it connects unless --no-queue)."""
+    """Send KEY=VALUE to the agent in VM (queued until it connects unless --no-queue). After a
+    failed connection, a reset or a bad answer it tries again, with the same idempotency key."""
     return (
         lambda c: c.send(
-            vm, key, value, log=not no_log, queue=not no_queue, timeout=timeout, expires=expires
+            vm,
+            key,
+            value,
+            log=not no_log,
+            queue=not no_queue,
+            timeout=timeout,
+            expires=expires,
+            idempotency_key=ident,
         ),
         render.send_lines,
     )
+
+
+def idempotency_key(value: str | None) -> str | None:
+    """--id's value, checked as the bridge checks it (a usage error otherwise)."""
+    problem = None if value is None else check_idempotency_key(value)
+    if problem is not None:
+        raise click.BadParameter(problem)
+    return value
 
 
 @api_command("queue")

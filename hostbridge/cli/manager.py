@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import time
 
-from hostbridge import render
+from hostbridge import check_idempotency_key, render
 from hostbridge.apiclient import EXIT_OK, EXIT_USAGE, ApiError, Client, exit_code
 from hostbridge.cli import out
 
-_FIELDS = ("name", "key", "message", "log", "queue")
+_FIELDS = ("name", "key", "message", "log", "queue", "id")
 _YES = ("yes", "true")
 _NO = ("no", "false")
 
@@ -28,7 +28,9 @@ def parse_manager_args(args: list[str]) -> dict[str, str]:
         name, sep, value = arg.partition("=")
         name = name.lower()
         if not sep or name not in _FIELDS:
-            raise ValueError("unexpected argument %r (expected name=, key=, message=, log=)" % arg)
+            raise ValueError(
+                "unexpected argument %r (expected name=, key=, message=, log=, queue=, id=)" % arg
+            )
         if name in fields:
             raise ValueError("%s= given twice" % name)
         fields[name] = value
@@ -38,6 +40,9 @@ def parse_manager_args(args: list[str]) -> dict[str, str]:
     for flag in ("log", "queue"):
         if fields.get(flag, "yes").lower() not in _YES + _NO:
             raise ValueError("%s= must be yes or no" % flag)
+    problem = check_idempotency_key(fields["id"]) if "id" in fields else None
+    if problem is not None:
+        raise ValueError("id=: %s" % problem)
     return fields
 
 
@@ -57,6 +62,7 @@ def run_manager_send(client: Client, args: list[str]) -> int:
                 fields["message"],
                 log=fields.get("log", "yes").lower() in _YES,
                 queue=fields.get("queue", "yes").lower() in _YES,
+                idempotency_key=fields.get("id"),
             )
         except ApiError as exc:
             status, error = exit_code(exc.code), exc.message

@@ -9,6 +9,7 @@ when log is off. ``fail_with`` makes the next call of a method raise a given err
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from hostbridge.errors import AgentNotConnected, InvalidInput, NotFound, UnknownVm
@@ -77,6 +78,8 @@ class FakeBridge:
     def __init__(self, vms=()):
         self._vms: dict[str, FakeVm] = {}
         self.calls: list[tuple] = []
+        self.idempotency_keys: list[str | None] = []  # each send's, in order
+        self.sent: dict[tuple[str, str], SendResult] = {}  # (vm, idempotency key) -> its answer
         self.fail_with: dict[str, Exception] = {}
         self.expires: float | None = None
         self.started = time.time()
@@ -114,11 +117,30 @@ class FakeBridge:
         return self._get(name).info
 
     async def send(
-        self, name, key, value, *, log=True, queue=True, timeout=5.0, expires=None
+        self,
+        name,
+        key,
+        value,
+        *,
+        log=True,
+        queue=True,
+        timeout=5.0,
+        expires=None,
+        idempotency_key=None,
     ) -> SendResult:
         self.calls.append(("send", name, key, log, queue, timeout))
         self.expires = expires  # the last send's
+        self.idempotency_keys.append(idempotency_key)
         vm = self._get(name)
+        prior = self.sent.get((name, idempotency_key)) if idempotency_key else None
+        if prior is not None:  # the real bridge's rules are tested on the real bridge
+            return dataclasses.replace(prior, replayed=True)
+        result = await self._send(vm, name, key, value, log, queue)
+        if idempotency_key:
+            self.sent[(name, idempotency_key)] = result
+        return result
+
+    async def _send(self, vm, name, key, value, log, queue) -> SendResult:
         for problem in (limits.check_key(key), limits.check_value(value)):
             if problem is not None:
                 raise InvalidInput(problem[1], problem[0])

@@ -14,7 +14,14 @@ import pytest
 
 from hostbridge import api
 from hostbridge.apiclient import ApiError, Client, parse_response
-from hostbridge.errors import AgentTimeout, Busy, MessageCancelled, MessageExpired
+from hostbridge.errors import (
+    AgentTimeout,
+    Busy,
+    IdempotencyKeyReused,
+    MessageCancelled,
+    MessageExpired,
+    NotDelivered,
+)
 from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config
 
 SECRET = "s3cr3t-Pa55word-that-must-not-leak"
@@ -93,6 +100,7 @@ def test_it_should_deliver_with_200_and_queue_with_202(served, client):
         "key": "foo",
         "outcome": "delivered",
         "seq": 1,
+        "replayed": False,
     }
     status, doc = raw(served, request("POST", "/v1/vms/vm2/messages", b'{"key":"k","value":"v"}'))
     assert (status, doc["outcome"]) == (202, "queued")
@@ -195,7 +203,7 @@ def test_it_should_answer_413_for_an_oversized_key_in_the_url(client):
         (b'{"key":"k","value":"v","log":"no"}', "log must be true or false"),
         (b'{"key":"k","value":"v","queue":1}', "queue must be true or false"),
         (b'{"key":"k","value":"v","timeout":"soon"}', "timeout must be a number"),
-        (b'{"key":"k","value":"v","timeout":-1}', "timeout must be over 0"),
+        (b'{"key":"k","value":"v","timeout":-1}', "timeout must be from 0.1 to 300 seconds"),
         (b'{"key":"k","value":"v","timeout":true}', "timeout must be a number"),
         (b'{"key":"k","value":"v","expires":"1h"}', "expires must be a number"),
         (b'{"key":"k","value":"v","expires":5e-324}', "0 (never) or from 1 to"),
@@ -213,6 +221,90 @@ def test_it_should_answer_400_with_a_one_line_reason_for_bad_input(served, body,
     assert fragment in doc["error"]["message"]
     assert "\n" not in doc["error"]["message"]
     assert doc["error"]["code"] in ("bad_request", "invalid_key", "invalid_value")
+
+
+@pytest.mark.parametrize("value", ["0", "5e-324", "1e-300", "0.001", "0.05", "300.5"])
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("POST", "/v1/vms/vm1/messages", b'{"key":"k","value":"v","timeout":%s}'),
+        ("GET", "/v1/vms/vm1/keys/k?timeout=%s", b""),
+        ("GET", "/v1/vms/vm1/keys?timeout=%s", b""),
+        ("DELETE", "/v1/vms/vm1/keys/k?timeout=%s", b""),
+    ],
+)
+def test_a_timeout_the_bridge_cannot_honour_should_be_a_400_naming_the_minimum(
+    served, method, path, body, value
+):
+    if body:
+        body = body % value.encode()
+    else:
+        path = path % value
+    status, doc = raw(served, request(method, path, body))
+    assert (status, doc["error"]["code"]) == (400, "bad_request"), doc
+    assert "from 0.1 to 300 seconds" in doc["error"]["message"]
+    assert served.bridge.calls == []
+
+
+def test_the_shortest_and_longest_timeouts_the_bridge_honours_should_be_accepted(served, client):
+    client.send("vm1", "k", "v", timeout=0.1)
+    client.query("vm1", "k", timeout=300)
+    assert [c[-1] for c in served.bridge.calls] == [0.1, 300.0]
+
+
+def test_it_should_hand_the_idempotency_key_header_to_the_bridge_and_mark_a_replay(served):
+    body = b'{"key":"k","value":"v"}'
+    answers = [
+        raw(served, request("POST", "/v1/vms/vm1/messages", body, "Idempotency-Key: a-1\r\n"))
+        for _ in range(2)
+    ]
+    assert [(status, doc["seq"], doc["replayed"]) for status, doc in answers] == [
+        (200, 1, False),
+        (200, 1, True),
+    ]
+    assert served.bridge.idempotency_keys == ["a-1", "a-1"]
+    raw(served, request("POST", "/v1/vms/vm1/messages", body))
+    assert served.bridge.idempotency_keys[-1] is None
+
+
+@pytest.mark.parametrize(
+    "headers,fragment",
+    [
+        ("Idempotency-Key: \r\n", "1 to 128 characters, not 0"),
+        ("Idempotency-Key: %s\r\n" % ("x" * 129), "1 to 128 characters, not 129"),
+        ("Idempotency-Key: a b\r\n", "only letters, digits and - _ . : ~ + / ="),
+        ("Idempotency-Key: a;b\r\n", "only letters, digits"),
+        ("Idempotency-Key: \xc3\xa9\r\n", "only letters, digits"),
+        ("Idempotency-Key: a\r\nIdempotency-Key: b\r\n", "one Idempotency-Key header, not 2"),
+    ],
+)
+def test_a_bad_idempotency_key_should_be_a_400_and_send_nothing(served, headers, fragment):
+    body = b'{"key":"k","value":"v"}'
+    status, doc = raw(
+        served,
+        request("POST", "/v1/vms/vm1/messages", body).replace(
+            b"\r\n\r\n", b"\r\n" + headers.encode("latin-1") + b"\r\n", 1
+        ),
+    )
+    assert (status, doc["error"]["code"]) == (400, "bad_request")
+    assert fragment in doc["error"]["message"]
+    assert served.bridge.calls == []
+
+
+@pytest.mark.parametrize(
+    "error,status",
+    [
+        (IdempotencyKeyReused("this idempotency key was used for another message"), 422),
+        (NotDelivered("message 1 ... was not delivered: the agent refused it"), 409),
+    ],
+)
+def test_a_retry_the_bridge_will_not_answer_with_a_message_should_be_422_or_409(
+    served, client, error, status
+):
+    served.call(lambda: served.bridge.fail_with.__setitem__("send", error))
+    with pytest.raises(ApiError) as e:
+        client.send("vm1", "k", "v", idempotency_key="r-1")
+    assert err(e) == (status, error.code, error.message)
 
 
 def test_it_should_answer_413_request_too_large_for_a_huge_body(served):

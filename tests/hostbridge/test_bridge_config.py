@@ -57,3 +57,12 @@ def test_a_config_without_obsolete_settings_should_have_nothing_to_note(tmp_path
 def test_the_obsolete_bridge_log_setting_should_still_be_type_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"\[bridge\] log has the wrong type"):
         load_file(write(tmp_path, '[bridge]\nlog = "yes"\n'))
+
+
+@pytest.mark.parametrize("value", ["0", "5e-324", "0.05", "301"])
+def test_a_query_timeout_the_bridge_cannot_honour_should_be_refused_naming_the_bounds(
+    tmp_path, value
+):
+    config = load_file(write(tmp_path, "[bridge]\nquery_timeout = %s\n" % value))
+    with pytest.raises(ConfigError, match=r"^query_timeout must be from 0.1 to 300 seconds$"):
+        config.check()

@@ -2,8 +2,12 @@
 channel behind a QEMU stand-in (one connection, reconnect with backoff), and queued messages
 cancelled or expired for a guest that is absent."""
 
+import json
 import os
+import signal
+import sqlite3
 import subprocess
+import sys
 from contextlib import closing
 
 import pytest
@@ -87,6 +91,61 @@ def test_a_delivered_message_should_survive_kill_9_of_both_bridge_and_agent(vm1)
     assert api.query("vm1", "durable")["value"] == "yes"
 
 
+def vmmessage(bridge, *args, **popen):
+    """`vmmessage ARGS` against ``bridge``, as a process (Popen when ``popen`` says so)."""
+    env = child_env({"VMMESSAGE_BRIDGE": bridge.api_socket}, drop_prefixes=("VMMESSAGE_",))
+    argv = [script("vmmessage"), *args]
+    if popen:
+        return subprocess.Popen(argv, text=True, env=env, **popen)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+
+
+def outbox_keys(db):
+    """The keys in the outbox of the database ``db`` (the bridge's file, read beside it)."""
+    try:
+        with closing(sqlite3.connect(db, timeout=5)) as conn:
+            return [key for (key,) in conn.execute("SELECT key FROM outbox ORDER BY seq")]
+    except sqlite3.OperationalError:  # not created yet
+        return []
+
+
+def test_a_send_cut_off_by_kill_9_after_its_commit_should_be_applied_once_when_retried(vm1):
+    agent, start_bridge = vm1
+    bridge = start_bridge()
+    agent.start().wait_ready()
+    wait_for(lambda: agent_state(Client(bridge.api_socket), "vm1") == "connected", what="sync")
+    send = ["send", "vm1", "VMAPIEvent", "boot-1", "--id", "web1-boot-1", "--timeout", "60"]
+    # The agent stops reading: the bridge commits the event, writes it and waits for the ack;
+    # the test knows the commit happened from the database itself, then kills the bridge.
+    agent.signal(signal.SIGSTOP)
+    try:
+        first = vmmessage(bridge, *send, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: outbox_keys(bridge.db) == ["VMAPIEvent"], what="the commit")
+            bridge.kill()
+            _, err = first.communicate(timeout=60)
+        finally:
+            first.kill()
+    finally:
+        agent.signal(signal.SIGCONT)
+    # vmmessage tried again by itself (the bridge stayed down), then said what to do.
+    assert first.returncode == 3, err
+    assert "5 attempts; the message may have been queued" in err and "--id web1-boot-1" in err
+    bridge = start_bridge()
+    api = Client(bridge.api_socket)
+    wait_for(lambda: agent_state(api, "vm1") == "connected", what="sync after the restart")
+    again = vmmessage(bridge, *send, "--json")
+    assert again.returncode == 0, again.stderr
+    # One event in the guest, one message in the bridge's audit, and the retry told so.
+    events = agent.ovmd("--events", "--json").stdout.splitlines()
+    assert [json.loads(line)["value"] for line in events] == ["boot-1"]
+    assert [(r["key"], r["outcome"]) for r in api.audit("vm1")["entries"]] == [
+        ("VMAPIEvent", "delivered")
+    ]
+    answer = json.loads(again.stdout)
+    assert (answer["outcome"], answer["seq"], answer["replayed"]) == ("delivered", 1, True)
+
+
 def write_config(directory, sock, limits=""):
     path = os.path.join(directory, "bridge.toml")
     with open(path, "w") as f:
@@ -148,7 +207,6 @@ def test_an_agent_stopping_behind_qemu_should_be_noticed_and_its_messages_queued
 
 def test_the_daemon_should_refuse_a_bad_flag_with_one_line():
     import subprocess
-    import sys
 
     r = subprocess.run(
         [sys.executable, "-m", "hostbridge.daemon", "--vm", "nochannel"],
@@ -223,13 +281,6 @@ def db_bytes(db):
 def secret_value(size):
     token = os.urandom(8).hex()  # 16 characters found in any 32-byte piece of the value
     return token.encode(), (token * (size // 16 + 1))[:size]
-
-
-def vmmessage(bridge, *args):
-    env = child_env({"VMMESSAGE_BRIDGE": bridge.api_socket}, drop_prefixes=("VMMESSAGE_",))
-    return subprocess.run(
-        [script("vmmessage"), *args], capture_output=True, text=True, timeout=60, env=env
-    )
 
 
 @pytest.fixture

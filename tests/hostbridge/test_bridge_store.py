@@ -301,3 +301,53 @@ def test_a_database_from_before_expiry_should_gain_its_columns_and_keep_its_outb
     s.close()
     s = Store(db_path)  # a second open adds nothing twice
     assert s.queued("a") == 1
+
+
+def test_an_idempotency_key_should_be_committed_with_its_message_and_survive_kill_9(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    row = s.enqueue("a", "k", "v", True, idempotency=("key-1", "digest-1"))
+    s._db.close()  # no checkpoint: as after kill -9
+    s = Store(db_path)
+    found = s.idempotent("a", "key-1")
+    assert (found.digest, found.seq, found.outcome) == ("digest-1", row.seq, "queued")
+    assert s.idempotent("b", "key-1") is None and s.idempotent("a", "key-2") is None
+    s.finish("a", [row.seq], "delivered")
+    assert s.idempotent("a", "key-1").outcome == "delivered"
+
+
+def test_a_refused_message_should_forget_its_idempotency_key_as_nothing_was_kept(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    failed = s.enqueue("a", "k", "v", True, idempotency=("failed", "d"))
+    refused = s.enqueue("a", "k", "v", True, idempotency=("refused", "d"))
+    s.finish("a", [failed.seq], "failed")
+    s.finish("a", [refused.seq], "refused")
+    assert s.idempotent("a", "failed").outcome == "failed"
+    assert s.idempotent("a", "refused") is None
+
+
+def test_idempotency_keys_should_be_forgotten_beyond_their_count_and_age_per_vm(db_path):
+    s = Store(db_path, idempotency_keep=3, idempotency_ttl=100.0)
+    s.vm("a")
+    s.vm("b")
+    s.enqueue("b", "k", "v", True, ts=1000.0, idempotency=("b-old", "d"))
+    for i in range(5):
+        s.enqueue("a", "k", "v", True, ts=1000.0 + i, idempotency=("a%d" % i, "d"))
+    kept = {k for (k,) in s._db.execute("SELECT key FROM idempotency WHERE vm='a'")}
+    assert kept == {"a2", "a3", "a4"}  # the VM's last 3 messages
+    assert s.idempotent("b", "b-old", now=1050.0) is not None  # another VM's are its own
+    # Too old to answer at once, and pruned at the VM's next keyed send.
+    assert s.idempotent("a", "a4", now=1105.0) is None
+    s.enqueue("a", "k", "v", True, ts=1200.0, idempotency=("new", "d"))
+    assert [k for (k,) in s._db.execute("SELECT key FROM idempotency WHERE vm='a'")] == ["new"]
+
+
+def test_a_database_from_before_idempotency_keys_should_gain_their_table(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    s._db.execute("DROP TABLE idempotency")
+    s.close()
+    s = Store(db_path)
+    s.enqueue("a", "k", "v", True, idempotency=("key", "d"))
+    assert s.idempotent("a", "key").seq == 1

@@ -167,6 +167,8 @@ def test_it_should_pass_no_log_no_queue_and_timeout(served):
         (["send", "vm1", "k"], 2, "Missing argument"),
         (["frobnicate"], 2, "No such command"),
         (["send", "vm1", "k", "v", "--timeout", "0"], 2, "timeout"),
+        (["send", "vm1", "k", "v", "--timeout", "5e-324"], 2, "0.1<=x<=300"),
+        (["query", "vm1", "k", "--timeout", "0.001"], 2, "0.1<=x<=300"),
     ],
 )
 def test_it_should_exit_with_the_documented_status_and_one_line_errors(
@@ -535,3 +537,44 @@ def test_it_should_import_click_on_the_other_paths(served):
     r, mods = imported_modules(served, "list")
     assert r.returncode == 0
     assert "click" in mods and "aiohttp" not in mods
+
+
+def test_every_send_should_carry_an_idempotency_key_random_or_given_with_id(served):
+    for args in (
+        ["send", "vm1", "k", "v"],  # the fast path
+        ["send", "vm1", "k", "v", "--json"],  # click
+        ["send", "vm1", "k", "v", "--id", "run-42:step.3"],
+        ["sendVmMessage", "Vm", "name=vm1", "key=k", "message=v", "id=run-42:step.4"],
+    ):
+        assert vmm(served, *args).returncode == 0
+    random_fast, random_click, *given = served.bridge.idempotency_keys
+    assert re.fullmatch("[0-9a-f]{32}", random_fast) and re.fullmatch("[0-9a-f]{32}", random_click)
+    assert random_fast != random_click
+    assert given == ["run-42:step.3", "run-42:step.4"]
+
+
+def test_a_send_with_the_id_of_an_earlier_one_should_print_that_ones_outcome(served):
+    first = vmm(served, "send", "vm2", "k", "v", "--id", "once", "--json")
+    again = vmm(served, "send", "vm2", "k", "v", "--id", "once", "--json")
+    assert (json.loads(first.stdout)["replayed"], json.loads(again.stdout)["replayed"]) == (
+        False,
+        True,
+    )
+    assert json.loads(first.stdout)["seq"] == json.loads(again.stdout)["seq"]
+    assert served.bridge.fake("vm2").info.queued == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["send", "vm1", "k", "v", "--id", "has space"],
+        ["send", "vm1", "k", "v", "--id", "x" * 129],
+        ["send", "vm1", "k", "v", "--id", ""],
+        ["sendVmMessage", "Vm", "name=vm1", "key=k", "message=v", "id=a;b"],
+    ],
+)
+def test_a_bad_id_should_be_a_usage_error_and_send_nothing(served, args):
+    r = vmm(served, *args)
+    assert r.returncode == 2
+    assert "idempotency key" in r.stderr + r.stdout
+    assert served.bridge.calls == []

@@ -154,3 +154,13 @@ def test_it_should_document_its_flags_in_help():
     assert r.returncode == 0
     for flag in ("-u", "-p", "-h", "-v", "-k", "-V", "-q", "Exit status"):
         assert flag in r.stdout
+
+
+def test_it_should_send_with_the_id_given_or_a_random_one_and_refuse_a_bad_one(served):
+    assert ovm(served, *AS_DOCUMENTED, "-k", "foo", "-V", "bar").returncode == 0
+    assert ovm(served, *AS_DOCUMENTED, "-k", "foo", "-V", "bar", "--id", "op-7").returncode == 0
+    generated, given = served.bridge.idempotency_keys
+    assert re.fullmatch("[0-9a-f]{32}", generated) and given == "op-7"
+    r = ovm(served, *AS_DOCUMENTED, "-k", "foo", "-V", "bar", "--id", "no spaces")
+    assert r.returncode == 2 and "--id: an idempotency key holds only" in r.stderr
+    assert len(served.bridge.idempotency_keys) == 2
