@@ -70,7 +70,17 @@ class Daemon:
             cache.gseq,
             jsonlib.BACKEND,
         )
-        self.server = LocalServer(self.loop, self.service, config.socket, config.group)
+        self.server = LocalServer(
+            self.loop,
+            self.service,
+            config.socket,
+            config.group,
+            max_clients=config.max_clients,
+            max_clients_per_user=config.max_clients_per_user,
+            reserved_root_clients=config.reserved_root_clients,
+            request_timeout=config.request_timeout,
+            idle_timeout=config.idle_timeout,
+        )
         self.server.start()
         self.link = HostLink(loop, self.service, config.channel, on_state=self._on_state)
         self.link.start()
