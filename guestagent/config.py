@@ -12,6 +12,13 @@
     group = ovmd
     # 0 off, 1 stderr, 2 syslog/journal.
     debug = 2
+    # The local socket's clients (docs/reliability.md): in all, per non-root uid, kept for root.
+    max_clients = 64
+    max_clients_per_user = 16
+    reserved_root_clients = 4
+    # Seconds: to finish a request once begun; with nothing in progress (a wait is not idle).
+    request_timeout = 10
+    idle_timeout = 300
 
 A value therefore cannot hold a '#' or ';' that follows whitespace ("a #b" reads as "a"); one
 inside a word is kept ("a#b"). Keys may be written with '-' or '_'. Lines before any section
@@ -39,6 +46,12 @@ DEFAULT_STATE_DIR = "/run/ovmd"
 DEFAULT_MAX_KEYS = 1024
 DEFAULT_MAX_EVENTS = 64
 DEFAULT_DEBUG = 2
+# The local socket's limits (guestagent.localserver has the same numbers; a test keeps them equal).
+DEFAULT_MAX_CLIENTS = 64
+DEFAULT_MAX_CLIENTS_PER_USER = 16
+DEFAULT_RESERVED_ROOT_CLIENTS = 4
+DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 300.0
 SECTION = "ovmd"
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
@@ -135,6 +148,16 @@ def _positive_int(value: object) -> int:
     return n
 
 
+def _positive_seconds(value: object) -> float:
+    try:
+        n = float(str(value).strip())
+    except ValueError:
+        raise ValueError("must be a number of seconds, not %r" % value) from None
+    if not n > 0 or n == float("inf"):  # not n > 0: also NaN
+        raise ValueError("must be a number of seconds above 0, not %r" % value)
+    return n
+
+
 def _debug_level(value: object) -> int:
     try:
         n = int(str(value).strip(), 10)
@@ -154,6 +177,11 @@ _FIELDS: "dict[str, tuple[Callable[[Any], object], object]]" = {
     "max_events": (_positive_int, DEFAULT_MAX_EVENTS),
     "group": (_optional_name, None),
     "debug": (_debug_level, DEFAULT_DEBUG),
+    "max_clients": (_positive_int, DEFAULT_MAX_CLIENTS),
+    "max_clients_per_user": (_positive_int, DEFAULT_MAX_CLIENTS_PER_USER),
+    "reserved_root_clients": (_positive_int, DEFAULT_RESERVED_ROOT_CLIENTS),
+    "request_timeout": (_positive_seconds, DEFAULT_REQUEST_TIMEOUT),
+    "idle_timeout": (_positive_seconds, DEFAULT_IDLE_TIMEOUT),
 }
 
 
@@ -171,6 +199,11 @@ class Config:
     max_events: int
     group: "str | None"
     debug: int
+    max_clients: int
+    max_clients_per_user: int
+    reserved_root_clients: int
+    request_timeout: float
+    idle_timeout: float
 
     def __init__(self, **fields: "Any") -> None:
         self.path = fields.pop("path", None)  # the file read, for messages
@@ -213,4 +246,10 @@ def load(path: "str | None" = None, overrides: "Mapping[str, object] | None" = N
             fields[key] = spec[0](value)
         except ValueError as e:
             raise ConfigError("option --%s %s" % (key.replace("_", "-"), e)) from None
-    return Config(**fields)
+    config = Config(**fields)
+    if config.reserved_root_clients >= config.max_clients:
+        raise ConfigError(
+            "%s: reserved_root_clients (%d) must be less than max_clients (%d)"
+            % (file_path, config.reserved_root_clients, config.max_clients)
+        )
+    return config

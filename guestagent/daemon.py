@@ -15,6 +15,7 @@ import sys
 
 from ovmproto import jsonlib
 from ovmproto.errors import OvmError
+from ovmsys import securedir
 from ovmsys.notify import Notifier, watchdog_interval
 
 from .hostlink import DISCONNECTED, HostLink
@@ -39,6 +40,19 @@ def status_text(state: str, path: str) -> str:
     return "host connected"
 
 
+class UnsafeDirectoryError(OvmError):
+    code = "internal"
+
+
+def _secure_directory(what: str, path: str) -> str:
+    """securedir.secure(path) (made when missing, checked, resolved); one-line OvmError when
+    someone other than root or our uid could change it (docs/reliability.md)."""
+    try:
+        return securedir.secure(os.path.abspath(path))
+    except securedir.UnsafeDirectory as e:
+        raise UnsafeDirectoryError("%s %s" % (what, e.strerror)) from None
+
+
 class Daemon:
     def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
@@ -57,9 +71,10 @@ class Daemon:
         loop.add_signal(signal.SIGTERM, self._on_stop)
         loop.add_signal(signal.SIGINT, self._on_stop)
         loop.add_signal(signal.SIGHUP, self._on_hup)
-        if not os.path.isdir(config.state_dir):
-            os.makedirs(config.state_dir, 0o755)
-        store = CacheStore(config.state_dir, config.max_keys, config.max_events)
+        # Before anything is created: directories only root can change, used by their real path.
+        state_dir = _secure_directory("state directory", config.state_dir)
+        socket_dir = _secure_directory("socket directory", os.path.dirname(config.socket))
+        store = CacheStore(state_dir, config.max_keys, config.max_events)
         self.service = Service(store)
         cache = self.service.cache
         log.info(
@@ -70,7 +85,17 @@ class Daemon:
             cache.gseq,
             jsonlib.BACKEND,
         )
-        self.server = LocalServer(self.loop, self.service, config.socket, config.group)
+        self.server = LocalServer(
+            self.loop,
+            self.service,
+            os.path.join(socket_dir, os.path.basename(config.socket)),
+            config.group,
+            max_clients=config.max_clients,
+            max_clients_per_user=config.max_clients_per_user,
+            reserved_root_clients=config.reserved_root_clients,
+            request_timeout=config.request_timeout,
+            idle_timeout=config.idle_timeout,
+        )
         self.server.start()
         self.link = HostLink(loop, self.service, config.channel, on_state=self._on_state)
         self.link.start()

@@ -7,6 +7,14 @@ The socket is created mode 0600 (0660 and group-owned when a group is configured
 Each client is non-blocking with bounded input (the frame limit) and bounded output: a client
 that does not read its replies is disconnected once its output is full, so it can never block
 the daemon or the host link. ``wait`` registers a waiter that the change itself wakes.
+
+No local user can take the socket away from root (docs/reliability.md): every uid but root's (and
+the daemon's own) holds at most ``max_clients_per_user`` connections, and the last
+``reserved_root_clients`` of ``max_clients`` are for root alone. A client that leaves a request
+unfinished for ``request_timeout`` seconds, or has nothing in progress for ``idle_timeout``
+seconds, is disconnected; one blocked in a ``wait`` is not: the wait has its own timeout, if any.
+One timer, at the earliest deadline, checks them all: nothing runs while no client is connected,
+and a request costs no timer bookkeeping.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import struct
 
 from ovmproto.codec import Reader, encode
 from ovmproto.errors import OvmError, ProtocolError
+from ovmproto.framing import Resync
 from ovmproto.handshake import answer_hello
 from ovmproto.messages import (
     Clear,
@@ -56,7 +65,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ORIGIN = "guest"
+# The defaults of guestagent.config (max_clients, ...): docs/cli.md and docs/reliability.md.
 MAX_CLIENTS = 64
+MAX_CLIENTS_PER_USER = 16
+RESERVED_ROOT_CLIENTS = 4
+REQUEST_TIMEOUT = 10.0  # seconds from a request's first byte to its end of line
+IDLE_TIMEOUT = 300.0  # seconds without a byte in or out, nothing pending
 OUTBOX_LIMIT = 256 * 1024
 MAX_WAITS = 64  # pending waits per client
 RECV_SIZE = 65536
@@ -102,9 +116,13 @@ class _Client:
         "mask",
         "eof",
         "closed",
+        "active",
+        "partial_since",
     )
 
-    def __init__(self, sock: socket.socket, pid: int, uid: int, outbox_limit: int) -> None:
+    def __init__(
+        self, sock: socket.socket, pid: int, uid: int, outbox_limit: int, now: float
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.pid = pid
@@ -116,6 +134,8 @@ class _Client:
         self.mask = IN  # the epoll events we asked for
         self.eof = False  # the client shut its writing side: answer what it asked, then close
         self.closed = False
+        self.active = now  # when a byte last went in or out
+        self.partial_since: float | None = None  # when its unfinished request began
 
 
 class LocalServer:
@@ -127,6 +147,10 @@ class LocalServer:
         group: str | None = None,
         max_clients: int = MAX_CLIENTS,
         outbox_limit: int = OUTBOX_LIMIT,
+        max_clients_per_user: int = MAX_CLIENTS_PER_USER,
+        reserved_root_clients: int = RESERVED_ROOT_CLIENTS,
+        request_timeout: float = REQUEST_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.loop = loop
         self.service = service
@@ -134,7 +158,14 @@ class LocalServer:
         self.group = group
         self.max_clients = max_clients
         self.outbox_limit = outbox_limit
+        self.max_clients_per_user = max_clients_per_user
+        # At least one slot stays root's, however the numbers were configured.
+        self.reserved_root_clients = max(1, min(reserved_root_clients, max_clients - 1))
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
         self.clients: dict[int, _Client] = {}
+        self._per_uid: dict[int, int] = {}  # connected clients by uid
+        self._sweep: Timer | None = None  # the one timer that enforces the timeouts
         self._listener: unixsocket.UnixListener | None = None
         self._gid: int | None = None
         self._uid = os.getuid()
@@ -214,18 +245,46 @@ class LocalServer:
                     % (uid, self._uid, self.group or "-"),
                 )
                 continue
-            if len(self.clients) >= self.max_clients:
+            full = self._full(uid)
+            if full is not None:
+                # One line per uid and minute: a flooding user cannot hide another's refusals.
                 self._warn.warn(
-                    "refused",
-                    "refused local client pid %d: %d clients already",
+                    "busy-%d" % uid,
+                    "refused local client pid %d uid %d: %s",
                     pid,
-                    len(self.clients),
+                    uid,
+                    full,
                 )
-                self._refuse(sock, "busy", "too many clients (%d)" % self.max_clients)
+                self._refuse(sock, "busy", "too many clients: %s" % full)
                 continue
-            client = _Client(sock, pid, uid, self.outbox_limit)
+            client = _Client(sock, pid, uid, self.outbox_limit, self.loop.clock())
             self.clients[client.fd] = client
+            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
             self.loop.add(client.fd, IN, functools.partial(self._on_client, client))
+            self._arm(client.active + self.idle_timeout)
+
+    def _full(self, uid: int) -> str | None:
+        """Why a new client of ``uid`` cannot have a slot now (the refusal's text), or None."""
+        total = len(self.clients)
+        if total >= self.max_clients:
+            return "%d connected, the limit is %d" % (total, self.max_clients)
+        if uid == 0 or uid == self._uid:
+            return None
+        shared = self.max_clients - self.reserved_root_clients
+        if total >= shared:
+            return "%d connected, the limit is %d (the other %d are kept for root)" % (
+                total,
+                shared,
+                self.reserved_root_clients,
+            )
+        mine = self._per_uid.get(uid, 0)
+        if mine >= self.max_clients_per_user:
+            return "uid %d has %d connected, the limit per user is %d" % (
+                uid,
+                mine,
+                self.max_clients_per_user,
+            )
+        return None
 
     def _allowed(self, pid: int, uid: int, gid: int) -> bool:
         if uid == 0 or uid == self._uid:
@@ -254,7 +313,69 @@ class LocalServer:
         client.waits.clear()
         self.loop.remove(client.fd)
         self.clients.pop(client.fd, None)
+        left = self._per_uid.get(client.uid, 1) - 1
+        if left > 0:
+            self._per_uid[client.uid] = left
+        else:
+            self._per_uid.pop(client.uid, None)
         client.sock.close()
+        if not self.clients and self._sweep is not None:
+            self.loop.cancel(self._sweep)  # nobody left to check: no wakeups while idle
+            self._sweep = None
+
+    # -- timeouts -----------------------------------------------------------------------------
+
+    def _deadline(self, client: _Client) -> float | None:
+        """When ``client`` is to be disconnected if nothing changes; None: not while it waits."""
+        if client.partial_since is not None:
+            return client.partial_since + self.request_timeout
+        if client.waits:
+            return None  # in a documented wait (`ovmd -w`): its own timeout, if any, ends it
+        return client.active + self.idle_timeout
+
+    def _arm(self, when: float) -> None:
+        """Make sure the sweep runs no later than ``when``."""
+        sweep = self._sweep
+        if sweep is not None and not sweep.cancelled and sweep.when <= when:
+            return
+        self.loop.cancel(sweep)
+        self._sweep = self.loop.call_later(when - self.loop.clock(), self._on_sweep)
+
+    def _on_sweep(self) -> None:
+        self._sweep = None
+        now = self.loop.clock()
+        earliest: float | None = None
+        for client in list(self.clients.values()):
+            deadline = self._deadline(client)
+            if deadline is None:
+                continue
+            if deadline <= now:
+                self._expire(client)
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if self.clients:
+            # Clients in a wait have no deadline now; look again after idle_timeout all the same.
+            later = now + self.idle_timeout
+            self._arm(later if earliest is None else min(earliest, later))
+
+    def _expire(self, client: _Client) -> None:
+        if client.partial_since is not None:
+            why = "did not finish its request within %gs" % self.request_timeout
+        else:
+            why = "was idle for %gs" % self.idle_timeout
+        self._warn.warn(
+            "timeout-%d" % client.uid,
+            "local client pid %d uid %d %s; disconnected",
+            client.pid,
+            client.uid,
+            why,
+        )
+        if not client.outbox:  # else a line would land inside a frame the client has not read
+            try:
+                client.sock.send(encode(Err(code="busy", msg="disconnected: the client " + why)))
+            except OSError:
+                pass  # it is going away either way
+        self._drop(client)
 
     def _on_client(self, client: _Client, events: int) -> None:
         if events & OUT:
@@ -274,13 +395,24 @@ class LocalServer:
         except OSError:
             self._drop(client)
             return
+        client.active = now = self.loop.clock()
         if not data:
             # Half-closed (e.g. `socat` after its input ended): it still reads the answers.
             client.eof = True
+            client.partial_since = None  # an unfinished request never will be now
             self._update(client)
             return
         handlers = self._handlers
-        for event in client.reader.feed(data):
+        reader = client.reader
+        received = reader.feed(data)
+        if not reader.in_frame:
+            client.partial_since = None
+        elif client.partial_since is None or any(type(e) is not Resync for e in received):
+            # A request began in this read: from now on it has request_timeout to end. A RESYNC
+            # byte alone does not restart the clock (it is not a request).
+            client.partial_since = now
+            self._arm(now + self.request_timeout)
+        for event in received:
             if client.closed:
                 return
             handler = handlers.get(type(event))
@@ -311,6 +443,7 @@ class LocalServer:
     def _send(self, client: _Client, data: bytes) -> None:
         if client.closed:
             return
+        client.active = self.loop.clock()  # e.g. a wait that ended: idle from now on
         try:
             ok = client.outbox.send(data, client.write)
         except OSError:
@@ -330,6 +463,7 @@ class LocalServer:
         self._flush(client)
 
     def _flush(self, client: _Client) -> None:
+        client.active = self.loop.clock()
         try:
             client.outbox.flush(client.write)
         except OSError:
@@ -450,7 +584,7 @@ class LocalServer:
             self._ok(
                 client, msg.id, key=entry.key, value=entry.value, ts=entry.ts, origin=entry.origin
             )
-            self._update(client)
+            self._waited(client)
 
         result = self.service.wait(msg.key, woken, changed=bool(msg.changed))
         if not isinstance(result, Waiter):
@@ -471,7 +605,13 @@ class LocalServer:
                 self._err(
                     client, msg.id, "timeout", "key %r was not set within %gs" % (msg.key, seconds)
                 )
-                self._update(client)  # a half-closed client may be finished now
+                self._waited(client)
 
         timer = self.loop.call_later(timeout, expired, timeout) if timeout is not None else None
         client.waits[token] = (result, timer)
+
+    def _waited(self, client: _Client) -> None:
+        """A wait of ``client`` ended: it may be finished, or idle from now on."""
+        self._update(client)  # a half-closed client may be finished now
+        if not client.closed and not client.waits:
+            self._arm(client.active + self.idle_timeout)

@@ -33,8 +33,11 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 def read(path: str) -> bytes | None:
+    """The file's bytes, None when there is none. A symlink is refused (ELOOP), never followed:
+    the cache must be a file the daemon wrote, not one someone pointed it at."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
             return f.read()
     except OSError as e:
         if e.errno == errno.ENOENT:

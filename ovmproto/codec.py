@@ -58,6 +58,10 @@ class Reader:
     def buffered(self) -> int:
         return self._frames.buffered
 
+    @property
+    def in_frame(self) -> bool:
+        return self._frames.in_frame
+
     def reset(self) -> None:
         self._frames.reset()
 

@@ -64,6 +64,11 @@ class FrameDecoder:
         """Bytes held for an incomplete frame (never more than max_frame)."""
         return len(self._buf)
 
+    @property
+    def in_frame(self) -> bool:
+        """Whether bytes of an unfinished frame were read: held, or being discarded as too long."""
+        return bool(self._buf) or self._discarding > 0
+
     def reset(self) -> None:
         """Forget any partial input (a new connection starts clean)."""
         self._buf.clear()

@@ -1,29 +1,38 @@
 """Replace a file atomically and durably.
 
-write_atomic() writes a temp file in the same directory (``PATH.tmp-PID``), fsyncs it, renames it
-over PATH and fsyncs the directory, so the rename itself is on disk. A kill -9 or a power cut at
-any point leaves either the old file or the new one, never a mixture; when it returns, the new
-content survives a crash. On failure the temp file is removed and the old file is untouched.
+write_atomic() writes a new temp file in the same directory (``PATH.tmp-`` and 16 random hex
+digits), fsyncs it, renames it over PATH and fsyncs the directory, so the rename itself is on disk.
+A kill -9 or a power cut at any point leaves either the old file or the new one, never a mixture;
+when it returns, the new content survives a crash. On failure the temp file is removed and the old
+file is untouched.
+
+The temp file is created, never opened: O_CREAT | O_EXCL | O_NOFOLLOW under a name nobody can
+guess, so a symlink or a file someone planted at a name we might use is never written through
+(a root daemon would otherwise overwrite any file it points to). Renaming replaces PATH itself,
+symlink or not, and never writes through it.
 """
 
 from __future__ import annotations
 
+import binascii
 import os
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def temp_path(path: str) -> str:
-    """Where write_atomic() writes before its rename: one per process, so writers never share it."""
-    return "%s.tmp-%d" % (path, os.getpid())
+    """A fresh name for write_atomic()'s temp file next to ``path``: unpredictable, never reused."""
+    return "%s.tmp-%s" % (path, binascii.hexlify(os.urandom(8)).decode("ascii"))
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` (file mode ``mode``, whatever the umask); raise OSError."""
     tmp = temp_path(path)
+    # Raises FileExistsError (O_EXCL) or ELOOP (O_NOFOLLOW) rather than open what is there.
+    fd = os.open(tmp, _CREATE, mode)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         try:
-            # The umask narrowed the mode, and a temp file left by a crash kept its old one.
-            os.fchmod(fd, mode)
+            os.fchmod(fd, mode)  # the umask narrowed the mode
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -33,7 +42,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
         os.rename(tmp, path)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp)  # ours: we created it
         except OSError:
             pass
         raise

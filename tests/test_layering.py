@@ -30,7 +30,13 @@ LAYERS = {
         {"ovmproto.handshake"},
     ],
     "ovmsys": [
-        {"ovmsys", "ovmsys.atomicfile", "ovmsys.ratelimit", "ovmsys.unixsocket"},
+        {
+            "ovmsys",
+            "ovmsys.atomicfile",
+            "ovmsys.ratelimit",
+            "ovmsys.securedir",
+            "ovmsys.unixsocket",
+        },
         {"ovmsys.notify"},
     ],
     "guestagent": [

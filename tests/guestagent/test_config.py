@@ -61,6 +61,10 @@ def test_overrides_should_win_over_the_file_and_none_should_mean_not_given(tmp_p
         ("[ovmd]\nsocket =\n", 2, "socket"),
         ("[ovmd]\nsocket = /" + "x" * 120 + "\n", 2, "socket"),
         ("[ovmd]\nsokcet = /tmp/s\n", 2, "sokcet"),
+        ("[ovmd]\nmax_clients_per_user = 0\n", 2, "max_clients_per_user"),
+        ("[ovmd]\nrequest_timeout = 0\n", 2, "request_timeout"),
+        ("[ovmd]\n\nidle_timeout = nan\n", 3, "idle_timeout"),
+        ("[ovmd]\nidle_timeout = soon\n", 2, "idle_timeout"),
     ],
 )
 def test_a_bad_setting_should_be_one_line_naming_file_line_and_key(tmp_path, text, line, key):
@@ -171,4 +175,24 @@ def test_a_section_header_may_carry_a_comment(tmp_path):
             write(tmp_path, "[other]  # ignored\nmax_keys = 5\n[ovmd] # ours\nmax_keys = 7\n")
         ).max_keys
         == 7
+    )
+
+
+def test_the_local_socket_limits_should_read_counts_and_seconds(tmp_path):
+    path = write(
+        tmp_path,
+        "[ovmd]\nmax_clients = 8\nmax-clients-per-user = 3\nreserved_root_clients = 2\n"
+        "request_timeout = 0.5\nidle_timeout = 60\n",
+    )
+    c = load(path)
+    assert (c.max_clients, c.max_clients_per_user, c.reserved_root_clients) == (8, 3, 2)
+    assert (c.request_timeout, c.idle_timeout) == (0.5, 60.0)
+
+
+def test_root_should_keep_at_least_one_slot_of_its_own(tmp_path):
+    path = write(tmp_path, "[ovmd]\nmax_clients = 4\nreserved_root_clients = 4\n")
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert str(e.value) == (
+        "%s: reserved_root_clients (4) must be less than max_clients (4)" % path
     )

@@ -4,16 +4,27 @@ import pytest
 
 from guestagent.cache import Cache
 from guestagent.store import CacheStore, StoreError, read, write_atomic
-from ovmsys.atomicfile import temp_path
+from ovmsys import atomicfile
 
 
-def test_write_atomic_should_raise_store_error_and_keep_the_old_file_when_it_cannot_write(tmp_path):
+def test_write_atomic_should_raise_store_error_and_keep_the_old_file_when_it_cannot_write(
+    tmp_path, monkeypatch
+):
     p = tmp_path / "f"
     write_atomic(str(p), b"old")
-    os.mkdir(temp_path(str(p)))  # the temp path is taken: the write must fail
-    with pytest.raises(StoreError, match="cannot write %s: Is a directory" % p):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    monkeypatch.setattr(atomicfile, "temp_path", lambda path: str(taken))
+    with pytest.raises(StoreError, match="cannot write %s: File exists" % p):
         write_atomic(str(p), b"new")
     assert p.read_bytes() == b"old"
+
+
+def test_read_should_refuse_a_symlink_rather_than_read_what_it_points_to(tmp_path):
+    (tmp_path / "elsewhere").write_bytes(b'{"format": 1}')
+    os.symlink(tmp_path / "elsewhere", tmp_path / "cache.json")
+    with pytest.raises(StoreError, match=r"cannot read .*cache\.json: Too many levels"):
+        read(str(tmp_path / "cache.json"))
 
 
 def test_read_should_return_none_for_a_missing_file(tmp_path):

@@ -229,3 +229,21 @@ def padded_ping(size):
     frame = head + b"p" * (size - len(head) - len(tail)) + tail
     assert len(frame) == size
     return frame
+
+
+def test_in_frame_should_say_whether_an_unfinished_frame_was_read_even_one_being_discarded():
+    d = FrameDecoder(max_frame=SMALL_MAX)
+    assert not d.in_frame
+    d.feed(b'{"t":"pi')
+    assert d.in_frame
+    d.feed(b'ng","id":1}\n')
+    assert not d.in_frame
+    d.feed(b"x" * (SMALL_MAX + 10))  # over the limit: dropped as it comes, still unfinished
+    assert d.in_frame and d.buffered == 0
+    d.feed(b"\n")
+    assert not d.in_frame
+    r = Reader()
+    r.feed(b'{"t":')
+    assert r.in_frame
+    r.feed(RESYNC)
+    assert not r.in_frame

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from ovmsys import atomicfile
 from ovmsys.atomicfile import temp_path, write_atomic
 
 
@@ -31,13 +32,16 @@ def test_the_file_should_be_mode_0600_whatever_the_umask(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "shared").st_mode) == 0o644
 
 
-def test_a_failed_write_should_leave_the_old_file(tmp_path):
+def test_a_failed_write_should_leave_the_old_file_and_what_was_in_the_way(tmp_path, monkeypatch):
     p = tmp_path / "f"
     write_atomic(str(p), b"old")
-    os.mkdir(temp_path(str(p)))  # the temp path is taken: the write must fail
-    with pytest.raises(IsADirectoryError):
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"someone else's")
+    monkeypatch.setattr(atomicfile, "temp_path", lambda path: str(taken))
+    with pytest.raises(FileExistsError):  # created, never opened: O_EXCL
         write_atomic(str(p), b"new")
     assert p.read_bytes() == b"old"
+    assert taken.read_bytes() == b"someone else's"  # not ours: neither written nor removed
 
 
 def test_a_failed_rename_should_remove_the_temp_file(tmp_path):
@@ -50,15 +54,35 @@ def test_a_failed_rename_should_remove_the_temp_file(tmp_path):
     assert os.listdir(target) == ["keep"]
 
 
-def test_a_stale_temp_file_of_a_crash_should_be_overwritten(tmp_path):
-    p = tmp_path / "f"
-    with open(temp_path(str(p)), "wb") as f:
-        f.write(b"half a write from a process that died with our pid")
-    os.chmod(temp_path(str(p)), 0o666)
-    write_atomic(str(p), b"whole")
-    assert p.read_bytes() == b"whole"
+def old_temp_names(path, pids):
+    """Every name the temp file had before issue 8: PATH.tmp-PID, predictable by anyone."""
+    return ["%s.tmp-%d" % (path, pid) for pid in pids]
+
+
+def test_a_symlink_planted_at_a_temp_name_should_never_be_written_through(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.chmod(victim, 0o644)
+    p = tmp_path / "cache.json"
+    planted = old_temp_names(str(p), [os.getpid()])
+    for name in planted:
+        os.symlink(victim, name)
+    write_atomic(str(p), b"secret value")
+    write_atomic(str(p), b"secret value, again")
+    assert victim.read_bytes() == b"precious"
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o644
+    assert not p.is_symlink() and p.read_bytes() == b"secret value, again"
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
-    assert os.listdir(tmp_path) == ["f"]
+    assert all(os.readlink(name) == str(victim) for name in planted)  # left as they were
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["victim", "cache.json"] + [os.path.basename(n) for n in planted]
+    )
+
+
+def test_temp_names_should_differ_every_time(tmp_path):
+    names = {temp_path(str(tmp_path / "f")) for _ in range(100)}
+    assert len(names) == 100
+    assert all(n.startswith(str(tmp_path / "f.tmp-")) for n in names)
 
 
 def test_a_missing_directory_should_raise_and_create_nothing(tmp_path):
