@@ -61,6 +61,10 @@ class CacheStore:
         A corrupt file (which atomic writes should make impossible, but disks and people exist)
         is moved aside rather than overwritten, so whatever it holds can still be recovered.
         """
+        leftovers = atomicfile.remove_leftovers(self.path)
+        if leftovers:
+            # A write cut short by a crash: the file itself is the old one or the new one.
+            log.info("removed %d unfinished temp file(s) next to %s", len(leftovers), self.path)
         data = read(self.path)
         if data is None:
             return Cache(self.max_keys, self.max_events)

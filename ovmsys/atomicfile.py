@@ -16,13 +16,44 @@ from __future__ import annotations
 
 import binascii
 import os
+import stat
 
+_HEX = "0123456789abcdef"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def temp_path(path: str) -> str:
     """A fresh name for write_atomic()'s temp file next to ``path``: unpredictable, never reused."""
     return "%s.tmp-%s" % (path, binascii.hexlify(os.urandom(8)).decode("ascii"))
+
+
+def remove_leftovers(path: str) -> list[str]:
+    """Remove the temp files a killed write_atomic() left next to ``path``; return their names.
+
+    They may hold what the file holds (values, secrets included) and their names are never reused,
+    so nobody else would ever remove them. Only regular files owned by this process's user with
+    exactly write_atomic()'s name shape are removed (lstat: a symlink is never followed).
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    prefix = base + ".tmp-"
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        suffix = name[len(prefix) :]
+        if not name.startswith(prefix) or len(suffix) != 16 or suffix.strip(_HEX):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                os.unlink(full)
+                removed.append(name)
+        except OSError:
+            continue
+    return removed
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:

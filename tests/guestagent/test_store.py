@@ -48,3 +48,11 @@ def test_cache_store_should_move_a_corrupt_file_aside_and_start_empty(tmp_path):
     assert isinstance(c, Cache) and len(c) == 0
     aside = [n for n in os.listdir(tmp_path) if n.startswith("cache.json.corrupt-")]
     assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == b"{not json"
+
+
+def test_loading_should_remove_the_temp_file_a_killed_save_left_behind(tmp_path):
+    store = CacheStore(str(tmp_path), max_keys=10, max_events=10)
+    leftover = tmp_path / "cache.json.tmp-00112233aabbccdd"
+    leftover.write_bytes(b'{"half a secret')
+    assert len(store.load()) == 0
+    assert not leftover.exists()

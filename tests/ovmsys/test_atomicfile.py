@@ -125,3 +125,24 @@ def test_a_kill_during_writes_should_leave_the_old_or_the_new_file_whole(tmp_pat
             data = f.read()
         assert len(data) == size
         assert data in (b"a" * size, b"b" * size)
+
+
+def test_leftover_temp_files_of_a_killed_write_should_be_removed_and_nothing_else(tmp_path):
+    target = tmp_path / "cache.json"
+    target.write_bytes(b"current")
+    leftover = tmp_path / "cache.json.tmp-0123456789abcdef"
+    leftover.write_bytes(b"a secret half written")
+    keep = [
+        tmp_path / "cache.json.tmp-notours",  # not the name shape write_atomic() uses
+        tmp_path / "other.json.tmp-0123456789abcdef",  # another file's
+    ]
+    for path in keep:
+        path.write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"precious")
+    link = tmp_path / "cache.json.tmp-fedcba9876543210"
+    link.symlink_to(elsewhere)
+    assert atomicfile.remove_leftovers(str(target)) == [leftover.name]
+    assert not leftover.exists() and all(p.exists() for p in keep)
+    assert link.is_symlink() and elsewhere.read_bytes() == b"precious"
+    assert target.read_bytes() == b"current"
