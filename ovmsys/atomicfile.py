@@ -36,7 +36,7 @@ def remove_leftovers(path: str) -> list[str]:
     """
     directory, base = os.path.split(os.path.abspath(path))
     prefix = base + ".tmp-"
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
