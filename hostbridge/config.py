@@ -80,7 +80,9 @@ class Limits:
     hello_interval_max: float = 5.0
     keepalive: float = 15.0  # ping a synced guest that has been silent this long
     delivery_timeout: float = 10.0  # an outbox message unacknowledged this long: resync
-    reconnect_max: float = 5.0  # longest backoff between connects of a unix channel
+    reconnect_max: float = 5.0  # longest backoff between connects of a channel
+    # Connects to one VM's channel per minute, at most, however its links end (hostbridge.backoff).
+    reconnect_budget: int = 30
     audit_rows: int = 10000  # the newest audit rows kept per VM; older ones are deleted
     # Seconds a message may wait undelivered before it is dropped (a send's expires overrides);
     # 0: no limit, the outbox keeps it until the guest takes it.
@@ -136,6 +138,10 @@ class Config:
             raise ConfigError(
                 "[limits] message_expiry must be 0 (no limit) or from %g to %d seconds"
                 % (MIN_EXPIRY, MAX_EXPIRY)
+            )
+        if self.limits.reconnect_budget < 1 or self.limits.reconnect_max <= 0:
+            raise ConfigError(
+                "[limits] reconnect_budget must be at least 1 and reconnect_max over 0"
             )
         if self.limits.idempotency_keys < 1 or self.limits.idempotency_ttl <= 0:
             raise ConfigError(

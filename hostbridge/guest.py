@@ -43,7 +43,12 @@ class Guest:
         self.session.last_seen = row.last_seen
         self.tasks = TaskSet("vm:" + name, self.session.log)
         self.mirror = Mirror(limits.mirror_keys, limits.mirror_bytes, store.hidden(name))
-        self.mirror.load(store.mirror(name), row.gid, row.gseq)
+        dropped = self.mirror.load(store.mirror(name), row.gid, row.gseq)
+        if dropped:
+            self.session.counters["refused_keys"] += dropped
+            self.session.log.warning(
+                "dropped %d stored keys the protocol forbids (control characters)", dropped
+            )
         self.delivery = Delivery(
             self.session, store, self.mirror, row.epoch, limits.delivery_timeout, self.tasks
         )

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ovmproto.limits import check_key
 from ovmproto.messages import OP_CLEAR, OP_DEL, OP_SET, ORIGIN_GUEST, ORIGIN_HOST
 
 if TYPE_CHECKING:
@@ -53,10 +54,20 @@ class Mirror:
 
     # -- loading and persisting ----------------------------------------------------------------
 
-    def load(self, rows: Iterable[MirrorRow], gid: str | None, gseq: int | None) -> None:
+    def load(self, rows: Iterable[MirrorRow], gid: str | None, gseq: int | None) -> int:
+        """Take the rows the store kept; return how many were dropped as illegal keys.
+
+        A database written before guest announcements were checked may hold keys the protocol
+        forbids (control characters): they are dropped here and deleted at the next save."""
+        dropped = 0
         for r in rows:
+            if check_key(r.key) is not None:
+                self._deleted.add(r.key)
+                dropped += 1
+                continue
             self._put(r.key, Entry(r.value, r.ts, r.origin, r.hidden), mark=False)
         self.gid, self.gseq = gid, gseq
+        return dropped
 
     def take_dirty(self) -> tuple[list[tuple[str, Entry]], list[str], list[str], bool]:
         """(rows to write, keys to delete, keys no longer hidden, replace-all) since the last

@@ -65,7 +65,9 @@ class MirrorSync:
         expected = (mirror.gseq or 0) + 1
         if known and msg.gseq < expected:
             return True  # already mirrored
-        if not mirror.apply(msg.op, msg.key, msg.value, float(msg.ts), msg.origin):
+        if not self.session.admit(msg.key, msg.value):
+            pass  # refused, counted and logged; its gseq still counts below
+        elif not mirror.apply(msg.op, msg.key, msg.value, float(msg.ts), msg.origin):
             self.session.warn.warn(
                 "quota",
                 "mirror quota reached (%d keys, %d bytes); key %r not mirrored",

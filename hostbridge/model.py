@@ -33,6 +33,9 @@ def zero_counters() -> dict[str, int]:
         "timeouts": 0,
         "resyncs": 0,
         "reconnects": 0,
+        "failed_links": 0,  # links that ended before they were stable (hostbridge.backoff)
+        "reconnects_delayed": 0,  # connects held back by the VM's reconnect budget
+        "refused_keys": 0,  # guest-announced keys or values the protocol forbids, not mirrored
     }
 
 

@@ -15,6 +15,15 @@ until it has been resynchronized, and every request still waiting fails.
 One reader task per session reads the channel, pays the rate limit (hostbridge.throttle) and
 dispatches: replies to the id->future map, the rest to its owner.
 
+Between links the session waits: a link that ended before it was stable (synced, then up
+STABLE_LINK seconds) grows a backoff that outlives the link, and a budget caps connects per minute
+(hostbridge.backoff). A guest that accepts each connection and closes it costs a few connects a
+minute, not thousands a second.
+
+What a guest announces (`changed`, `item`) passes admit(): a key or value that host input could
+not carry (a control character, '=', over its size) is refused, counted and logged escaped, never
+stored; the operator could not even name such a key to remove it.
+
 The session knows nothing of the outbox, the mirror or the database. Its owner (hostbridge.guest)
 wires three callbacks: on_synced(HelloResult), on_changed(Changed) and on_link_down().
 Never log a value: keys and sizes only.
@@ -34,11 +43,13 @@ from ovmproto.codec import Reader, encode
 from ovmproto.errors import ProtocolError
 from ovmproto.framing import Resync
 from ovmproto.handshake import HelloResult
+from ovmproto.limits import check_key, check_value
 from ovmproto.messages import REQUEST_TYPES, Changed, Err, Item, Ok, Ping
 from ovmsys.ratelimit import RateLimitedLog
 
 from . import errors
-from .channels import Channel, ChannelClosed, ChannelFull
+from .backoff import STABLE_LINK, Backoff, ReconnectBudget
+from .channels import RECONNECT_FIRST, Channel, ChannelClosed, ChannelFull
 from .config import Limits
 from .errors import LinkReset
 from .hello import Greeter
@@ -88,6 +99,10 @@ class Session:
         self._greeter.epoch = epoch
         self._throttle = Throttle(limits, self.warn)
         self._main: asyncio.Task[None] | None = None
+        self._backoff = Backoff(RECONNECT_FIRST, limits.reconnect_max)
+        self._budget = ReconnectBudget(limits.reconnect_budget)
+        self._next_wait = 0.0  # seconds to wait before the next connect (set as a link ends)
+        self._synced_at: float | None = None  # monotonic time the current link synced
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -115,10 +130,12 @@ class Session:
         assert channel is not None
         while True:
             self._set_state(State.CONNECTING)
+            await asyncio.sleep(self._wait_before_connect())
             try:
                 await channel.connect()
             except ChannelClosed:
                 return
+            self._budget.spend()
             if channel.connects > 1:
                 self.counters["reconnects"] += 1
             self.log.debug("link up on %s", channel.spec)
@@ -135,6 +152,37 @@ class Session:
             finally:
                 channel.disconnect()
                 self._link_down()
+            self._after_link()  # not when cancelled: the bridge stopping is not a failed link
+
+    def _after_link(self) -> None:
+        """A link ended: a stable one resets the backoff, any other makes the next connect wait."""
+        synced_at, self._synced_at = self._synced_at, None
+        if synced_at is not None and time.monotonic() - synced_at >= STABLE_LINK:
+            self._backoff.reset()
+            self._next_wait = 0.0
+            return
+        self.counters["failed_links"] += 1
+        self._next_wait = self._backoff.delay()
+        self.warn.warn(
+            "failed_link",
+            "the link ended before it was stable (%d so far); next connect in %.2f s or more",
+            self.counters["failed_links"],
+            self._next_wait,
+        )
+
+    def _wait_before_connect(self) -> float:
+        wait, self._next_wait = self._next_wait, 0.0
+        over_budget = self._budget.wait()
+        if over_budget > wait:
+            self.counters["reconnects_delayed"] += 1
+            self.warn.warn(
+                "reconnect_budget",
+                "%d connects within a minute, the budget; next connect in %.1f s",
+                self._budget.per_minute,
+                over_budget,
+            )
+            return over_budget
+        return wait
 
     def _on_data(self, reader: Reader, data: bytes) -> None:
         self.last_seen = time.time()
@@ -175,7 +223,7 @@ class Session:
                 pending.reply(msg)
         elif t is Item:
             pending = self._pending.get(msg.id)
-            if pending is not None:
+            if pending is not None and self.admit(msg.key, msg.value):
                 pending.item(msg, self.limits.mirror_keys, self.limits.mirror_bytes)
         elif t is Changed:
             self.on_changed(msg)
@@ -184,6 +232,23 @@ class Session:
         elif t.TYPE in REQUEST_TYPES:
             reason = "the host does not accept %r requests" % t.TYPE
             self._write(encode(Err(id=msg.id, code="bad_request", msg=reason)))
+
+    def admit(self, key: str | None, value: str | None) -> bool:
+        """Whether a key (and value) the guest announced may be kept: the rules of host input.
+
+        A refusal is counted in refused_keys and logged (rate-limited, the key escaped and cut,
+        never the value)."""
+        problem = check_key(key) if key is not None else None
+        if problem is None and value is not None:
+            problem = check_value(value)
+        if problem is None:
+            return True
+        self.counters["refused_keys"] += 1
+        shown = repr(key[:64]) + ("..." if len(key) > 64 else "") if key is not None else "-"
+        self.warn.warn(
+            "refused_key", "the guest announced key %s, refused (%s): %s", shown, *problem
+        )
+        return False
 
     # -- synchronization ------------------------------------------------------------------------
 
@@ -213,6 +278,7 @@ class Session:
     def _on_hello_answered(self, result: HelloResult) -> None:
         self.agent_version = result.agent or None
         self.connected_since = time.time()
+        self._synced_at = time.monotonic()
         self._set_state(State.SYNCED)
         self.log.info("synced with %s (gseq %d, hseq %d)", result.agent, result.gseq, result.hseq)
         self.on_synced(result)

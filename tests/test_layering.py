@@ -53,6 +53,7 @@ LAYERS = {
         {"hostbridge.config", "hostbridge.tasks"},
         # transports, stores and the pure pieces of a guest's link
         {
+            "hostbridge.backoff",
             "hostbridge.channels",
             "hostbridge.store",
             "hostbridge.mirror",

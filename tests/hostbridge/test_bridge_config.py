@@ -66,3 +66,18 @@ def test_a_query_timeout_the_bridge_cannot_honour_should_be_refused_naming_the_b
     config = load_file(write(tmp_path, "[bridge]\nquery_timeout = %s\n" % value))
     with pytest.raises(ConfigError, match=r"^query_timeout must be from 0.1 to 300 seconds$"):
         config.check()
+
+
+def test_a_guest_may_be_reconnected_30_times_a_minute_unless_the_file_says_otherwise(tmp_path):
+    assert Config().limits.reconnect_budget == 30
+    config = load_file(write(tmp_path, "[limits]\nreconnect_budget = 5\n"))
+    assert config.limits.reconnect_budget == 5
+    config.check()
+
+
+@pytest.mark.parametrize("setting", ["reconnect_budget = 0", "reconnect_max = 0"])
+def test_a_reconnect_budget_below_one_should_be_refused_in_one_line(tmp_path, setting):
+    config = load_file(write(tmp_path, "[limits]\n%s\n" % setting))
+    with pytest.raises(ConfigError) as e:
+        config.check()
+    assert "reconnect_" in str(e.value) and "\n" not in str(e.value)

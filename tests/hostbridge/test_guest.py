@@ -10,7 +10,7 @@ from hostbridge.config import Limits
 from hostbridge.errors import LinkReset
 from hostbridge.guest import Guest
 from hostbridge.session import State
-from hostbridge.store import Store
+from hostbridge.store import MirrorRow, Store
 from ovmproto.messages import Set
 from tests.hostbridge.scripted_guest import ScriptedGuest
 from tests.support.waiting import async_wait_for
@@ -98,3 +98,18 @@ def test_flush_should_write_only_when_something_changed(place):
         store.close()
 
     asyncio.run(main())
+
+
+def test_keys_the_protocol_forbids_left_in_an_old_database_should_be_dropped_at_load(place):
+    store = Store(os.path.join(place, "db"))
+    store.vm("vm")
+    rows = [
+        MirrorRow("ok.key", "v", 1.0, "guest", False),
+        MirrorRow("esc\x1bkey", "v", 1.0, "guest", False),
+    ]
+    store.save_mirror("vm", rows, [], False, None, "gid", 2)
+    guest = Guest("vm", store, FAST, "unix:/nonexistent", "config")
+    assert sorted(guest.mirror.entries) == ["ok.key"]
+    assert guest.session.counters["refused_keys"] == 1
+    guest.flush()
+    assert [r.key for r in store.mirror("vm")] == ["ok.key"]

@@ -182,3 +182,21 @@ def test_a_stray_item_or_reply_should_be_dropped():
             assert ok.value == "v"
 
     run(main())
+
+
+def test_only_a_link_that_stayed_synced_should_reset_the_reconnect_backoff(monkeypatch):
+    monkeypatch.setattr("hostbridge.session.STABLE_LINK", 0.3)
+
+    async def main():
+        async with linked(FAST) as (guest, session):
+            await async_wait_for(lambda: session.state is State.SYNCED, what="sync")
+            await guest.drop()  # synced for a moment only: a failed link
+            await async_wait_for(lambda: guest.connections == 2, what="reconnect")
+            assert session.counters["failed_links"] == 1
+            await async_wait_for(lambda: session.state is State.SYNCED, what="sync")
+            await asyncio.sleep(0.4)  # now it has stayed up past STABLE_LINK
+            await guest.drop()
+            await async_wait_for(lambda: guest.connections == 3, what="reconnect")
+            assert session.counters["failed_links"] == 1
+
+    run(main())
