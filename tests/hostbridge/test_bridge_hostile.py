@@ -138,6 +138,7 @@ def test_a_channel_that_drops_every_link_should_be_reconnected_with_a_growing_de
                 return dict(bridge.vm("bad").counters)
 
         counters = asyncio.run(main())
+    print("mode=%s connects_in_3s=%d counters=%r" % (mode, accepted(path), counters))
     # 50 ms doubling with jitter: at most ~8 connects fit in 3 s.
     assert 2 <= accepted(path) <= 12, accepted(path)
     assert counters["failed_links"] >= 2
