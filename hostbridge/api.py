@@ -22,6 +22,7 @@ served only with TLS and every request on it must carry a bearer token or a user
 from __future__ import annotations
 
 import grp
+import http
 import logging
 import os
 import socket
@@ -29,7 +30,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.web_request import BaseRequest
 
 from hostbridge import (
     DEFAULT_API_SOCKET,
@@ -188,6 +190,49 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         # The traceback goes to the log only; the message must not echo request data (a value).
         log.exception("internal error serving %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error in the bridge (see its log)")
+
+
+class _JsonErrorHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, except that the errors it makes on its own are JSON.
+
+    A request aiohttp cannot parse (a request line or header over 8 KiB, a bad method, a broken
+    chunked body) never reaches a middleware: aiohttp answers it from handle_error() with a
+    text/plain page that may quote the request line. Every error of this API is the JSON shape
+    of docs/api.md, and echoes nothing the client sent (it may be a secret sent to the wrong
+    place)."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        writer = getattr(request, "_payload_writer", None) or getattr(request, "writer", None)
+        if writer is not None and getattr(writer, "output_size", 0) > 0:
+            # A response is half sent: aiohttp closes the connection, as it would.
+            raise ConnectionError("response already started; cannot send an error")
+        code = _HTTP_CODES.get(status, "internal" if status >= 500 else "http_%d" % status)
+        # The exception's text may quote the request: log its type only, and only when asked.
+        log.debug("refused a request aiohttp could not serve: %d %s", status, type(exc).__name__)
+        if status == 500:
+            text = "internal error in the bridge (see its log)"
+        else:
+            text = "the HTTP request was malformed or too large (%d %s)" % (
+                status,
+                _STATUS_PHRASES.get(status, "error"),
+            )
+        resp = error_response(status, code, text)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:  # what each new connection is served by
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+_STATUS_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
 
 
 @web.middleware
@@ -495,6 +540,9 @@ async def start(app: web.Application, config: object) -> ApiServer:
     quiet: dict[str, Any] = {} if getattr(config, "debug", 1) >= 2 else {"access_log": None}
     runner = web.AppRunner(app, handle_signals=False, **quiet)
     await runner.setup()
+    # The runner's server makes one handler per connection: make them ours (JSON errors).
+    assert runner.server is not None
+    runner.server.__class__ = _JsonErrorServer
     server = ApiServer(runner)
     try:
         if unix_path:
