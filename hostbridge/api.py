@@ -24,6 +24,7 @@ from __future__ import annotations
 import grp
 import http
 import logging
+import math
 import os
 import socket
 import ssl
@@ -165,6 +166,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if status is None:
             status = errorcodes.http_status(exc.code)
         headers = _CHALLENGE if status == 401 else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
         return error_response(status, exc.code, exc.message, headers)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -239,7 +243,9 @@ _STATUS_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
 async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Unix socket: file permissions decide. Anything else: a valid token or user/password."""
     if not _is_unix(request):
-        principal = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
+        principal = await request.app[AUTH].authenticate(
+            request.headers.get("Authorization"), request.remote
+        )
         log.debug("%s %s by %s %s", request.method, request.path, principal.kind, principal.name)
     return await handler(request)
 

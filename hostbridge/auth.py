@@ -13,6 +13,16 @@ Every comparison is constant-time (hmac.compare_digest), every token is compared
 would reveal a prefix), and an unknown user costs the same scrypt as a known one. scrypt is slow on
 purpose (~50 ms), so a verified (user, password) pair is remembered for a short while under an HMAC
 with a per-process random key, never in clear.
+
+Because scrypt is slow, wrong passwords are a way to burn the host's CPU. So:
+
+* each source address may fail AUTH_FAILURES_BURST times, then once per 1/AUTH_FAILURES_PER_S
+  seconds; past that its passwords are refused (RateLimited, 429 with Retry-After) before any
+  check, a right one included: a lockout must not leave a guessing oracle open. Tokens are still
+  checked (a constant-time comparison of an unguessable value: no CPU to save, nothing to guess),
+  and a wrong one is a 401 that counts as a failure;
+* scrypt runs on one thread of its own, so a flood takes at most one core and never the default
+  executor other work uses, and at most AUTH_PENDING_MAX checks may wait for it (then Busy, 503).
 """
 
 from __future__ import annotations
@@ -27,11 +37,13 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from hostbridge.errors import Unauthorized
+from hostbridge.errors import Busy, RateLimited, Unauthorized
 from ovmsys.atomicfile import fsync_directory, write_atomic
+from ovmsys.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +54,10 @@ _SALT_BYTES = 16
 _HASH_BYTES = 32
 _CACHE_SECONDS = 60.0
 _CACHE_MAX = 256
+AUTH_FAILURES_BURST = 10  # failed authentications a source address may make in a row
+AUTH_FAILURES_PER_S = 0.5  # then one more every 2 s
+AUTH_SOURCES_MAX = 4096  # source addresses remembered (then the fully refilled, then the oldest go)
+AUTH_PENDING_MAX = 16  # password checks waiting for the scrypt thread; more: Busy
 
 
 def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
@@ -237,6 +253,48 @@ def _parse_users(lines: list[str], path: str) -> dict[str, str]:
     return users
 
 
+class FailureLimiter:
+    """A token bucket of failed authentications per source address (pure; the clock is given)."""
+
+    def __init__(
+        self,
+        burst: int | None = None,
+        per_s: float | None = None,
+        max_sources: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # None: the module's constant at the time of the call (a test may raise it).
+        self.burst = AUTH_FAILURES_BURST if burst is None else burst
+        self.per_s = AUTH_FAILURES_PER_S if per_s is None else per_s
+        self.max_sources = AUTH_SOURCES_MAX if max_sources is None else max_sources
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, when)
+
+    def _tokens(self, source: str, now: float) -> float:
+        tokens, when = self._buckets.get(source, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - when) * self.per_s)
+
+    def retry_after(self, source: str) -> float:
+        """0 when ``source`` may try; else the seconds until it may try once more."""
+        tokens = self._tokens(source, self._clock())
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.per_s
+
+    def failed(self, source: str) -> None:
+        now = self._clock()
+        tokens = max(0.0, self._tokens(source, now) - 1.0)
+        if source not in self._buckets and len(self._buckets) >= self.max_sources:
+            self._forget(now)
+        self._buckets.pop(source, None)
+        self._buckets[source] = (tokens, now)  # re-inserted: the dict's order is by last failure
+
+    def _forget(self, now: float) -> None:
+        full = [s for s in self._buckets if self._tokens(s, now) >= self.burst]
+        for s in full:
+            del self._buckets[s]
+        while len(self._buckets) >= self.max_sources:
+            del self._buckets[next(iter(self._buckets))]
+
+
 @dataclass
 class Principal:
     """Who made an authenticated request: ``kind`` is "token" or "user"."""
@@ -253,14 +311,45 @@ class Authenticator:
         self._users = _WatchedFile(users_file, _parse_users)
         self._cache_key = os.urandom(32)
         self._verified: dict[bytes, float] = {}
+        self.failures = FailureLimiter()
+        self.scrypt_checks = 0  # password checks run (the cache spares most)
+        self._pending = 0  # password checks waiting for or running on the scrypt thread
+        self._scrypt: ThreadPoolExecutor | None = None
+        self._warn = RateLimitedLog(log, 10.0)
 
     @property
     def configured(self) -> bool:
         """Whether any credential source is configured (TCP without one would let nobody in)."""
         return bool(self._tokens.path or self._users.path)
 
-    async def authenticate(self, header: str | None) -> Principal:
-        """The Principal for ``header``, or raise Unauthorized (one reason, never the secret)."""
+    async def authenticate(self, header: str | None, source: str | None = None) -> Principal:
+        """The Principal for ``header``, or raise Unauthorized (one reason, never the secret).
+
+        With ``source`` (the client's address), failures count against that address, and an
+        address over its allowance gets RateLimited without any check."""
+        if source is None or not header:
+            return await self._authenticate(header)
+        wait = self.failures.retry_after(source)
+        # A token costs a constant-time comparison and cannot be guessed: it is still checked
+        # for a limited address, so automation behind a NAT keeps working while someone else
+        # there fails. A password would cost a scrypt and be a guessing oracle: refused unseen.
+        if wait > 0 and header.split(None, 1)[0].lower() != "bearer":
+            raise self._limited(source, wait)
+        try:
+            return await self._authenticate(header)
+        except Unauthorized as exc:
+            self.failures.failed(source)
+            self._warn.warn("auth_failed", "failed authentication from %s: %s", source, exc)
+            raise
+
+    def _limited(self, source: str, wait: float) -> RateLimited:
+        self._warn.warn("rate_limited", "refusing credentials from %s: too many failures", source)
+        return RateLimited(
+            "too many failed authentications from %s; retry in %d s" % (source, wait + 0.999),
+            wait,
+        )
+
+    async def _authenticate(self, header: str | None) -> Principal:
         if not header:
             raise Unauthorized(
                 "authentication required: send a bearer token or a user and password"
@@ -306,11 +395,23 @@ class Authenticator:
         expires = self._verified.get(mark)
         if expires is not None and expires > now and encoded is not None:
             return True
-        # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(
-            None, verify_password, password, encoded if encoded is not None else _DUMMY_HASH
-        )
+        # scrypt takes tens of milliseconds of CPU: keep it off the event loop, on its own thread.
+        if self._pending >= AUTH_PENDING_MAX:
+            self._warn.warn("auth_busy", "%d password checks pending; refusing more", self._pending)
+            raise Busy("too many password checks pending; retry shortly", retry_after=1.0)
+        if self._scrypt is None:
+            self._scrypt = ThreadPoolExecutor(1, thread_name_prefix="hostbridge-scrypt")
+        self._pending += 1
+        self.scrypt_checks += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._scrypt,
+                verify_password,
+                password,
+                encoded if encoded is not None else _DUMMY_HASH,
+            )
+        finally:
+            self._pending -= 1
         ok = ok and encoded is not None
         if ok:
             if len(self._verified) >= _CACHE_MAX:

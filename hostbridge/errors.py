@@ -56,6 +56,10 @@ class AgentTimeout(BridgeError):
 class Busy(BridgeError):
     code = "busy"
 
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, for the API's Retry-After (None: none)
+
 
 class MessageCancelled(BridgeError):
     """The message a sender waits for was cancelled (vmmessage cancel) before it was delivered."""
@@ -71,6 +75,16 @@ class MessageExpired(BridgeError):
 
 class Unauthorized(BridgeError):
     code = "unauthorized"
+
+
+class RateLimited(BridgeError):
+    """Too many failed authentications from one address: refused without checking anything."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class IdempotencyKeyReused(BridgeError):

@@ -37,6 +37,8 @@ CODES = {
     "agent_not_connected":    (409,   5,    None, "the agent is away and the request needs it"),
     "agent_timeout":          (504,   4,    None, "the agent did not answer in time"),
     "unauthorized":           (401,   6,    None, "no or bad credentials, or no permission"),
+    "rate_limited":           (429,   6,    None, "too many failed authentications from this "
+                                                  "address; retry after Retry-After seconds"),
     "config":                 (500,   7,    None, "the bridge cannot run as configured"),
     "method_not_allowed":     (405,   7,    None, "no such method on that resource"),
     "request_too_large":      (413,   7,    None, "a request body over 128 KiB"),

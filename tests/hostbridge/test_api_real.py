@@ -246,7 +246,12 @@ def test_it_should_conform_to_the_openapi_document_with_the_real_bridge(with_vm,
                 wait_for(
                     lambda: agent_state(bridge, "vm1") == "connected", what="vm1's agent to connect"
                 )
-            result = run_schemathesis(d, port, cert, "--max-examples", "10")
+            # schemathesis's deliberate bad credentials, all from 127.0.0.1, trip the bridge's
+            # per-address limit: 429 by design, which ignored_auth counts as a failure. The
+            # in-process run (test_openapi_schemathesis.py) checks it with a raised allowance.
+            result = run_schemathesis(
+                d, port, cert, "--max-examples", "10", "--exclude-checks", "ignored_auth"
+            )
         finally:
             if agent:
                 agent.close()

@@ -15,7 +15,7 @@ import pytest
 
 from hostbridge import auth
 from hostbridge.apiclient import ApiError, Client
-from hostbridge.errors import Unauthorized
+from hostbridge.errors import Busy, RateLimited, Unauthorized
 from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config, make_tls_cert
 from tests.support.processes import script
 
@@ -303,3 +303,102 @@ def test_it_should_let_ovm_vmmessage_authenticate_with_u_and_p_to_a_remote_bridg
     r = query_as_admin("wrong")
     assert r.returncode == 6
     assert r.stdout == "Oracle VM VM Message utility 0.5.2.\n"
+
+
+# ---- what wrong credentials may cost ----
+
+
+def test_the_failure_allowance_should_empty_after_the_burst_and_refill_with_time():
+    now = [0.0]
+    limiter = auth.FailureLimiter(burst=3, per_s=0.5, clock=lambda: now[0])
+    for _ in range(3):
+        assert limiter.retry_after("10.0.0.1") == 0
+        limiter.failed("10.0.0.1")
+    assert limiter.retry_after("10.0.0.1") == pytest.approx(2.0)
+    assert limiter.retry_after("10.0.0.2") == 0  # per address
+    now[0] = 2.0
+    assert limiter.retry_after("10.0.0.1") == 0
+
+
+def test_the_failure_table_should_stay_bounded_whatever_the_number_of_addresses():
+    limiter = auth.FailureLimiter(burst=2, per_s=0.001, max_sources=100, clock=lambda: 0.0)
+    for i in range(1000):
+        limiter.failed("10.0.%d.%d" % (i // 256, i % 256))
+    assert len(limiter._buckets) <= 100
+    limiter.failed("10.0.3.231")  # the newest address is still remembered: its second failure
+    assert limiter.retry_after("10.0.3.231") > 0  # empties its allowance of 2
+
+
+def test_an_address_past_its_failures_should_be_refused_without_scrypt_even_the_right_password(
+    authenticator,
+):
+    async def main():
+        for _ in range(auth.AUTH_FAILURES_BURST):
+            with pytest.raises(Unauthorized):
+                await authenticator.authenticate(basic("admin", "wrong"), "192.0.2.7")
+        checks = authenticator.scrypt_checks
+        with pytest.raises(Unauthorized):  # a wrong token costs nothing: refused as such
+            await authenticator.authenticate("Bearer " + "x" * 30, "192.0.2.7")
+        for header in (basic("admin", "wrong"), basic("admin", "pw-admin")):
+            with pytest.raises(RateLimited) as e:
+                await authenticator.authenticate(header, "192.0.2.7")
+            assert e.value.retry_after > 0 and "pw-admin" not in e.value.message
+        assert authenticator.scrypt_checks == checks
+        # a token is cheap to check and cannot be guessed: it still works from there
+        principal = await authenticator.authenticate("Bearer " + TOKEN, "192.0.2.7")
+        assert principal.name == "ci"
+        # another address is not affected
+        principal = await authenticator.authenticate(basic("admin", "pw-admin"), "192.0.2.8")
+        assert principal.name == "admin"
+
+    asyncio.run(main())
+
+
+def test_password_checks_past_the_queue_bound_should_be_refused_busy(authenticator):
+    async def main():
+        attempts = [
+            authenticator.authenticate(basic("admin", "wrong-%d" % i))
+            for i in range(auth.AUTH_PENDING_MAX + 4)
+        ]
+        return await asyncio.gather(*attempts, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert sum(isinstance(o, Busy) for o in outcomes) == 4
+    assert sum(isinstance(o, Unauthorized) for o in outcomes) == auth.AUTH_PENDING_MAX
+    assert authenticator.scrypt_checks == auth.AUTH_PENDING_MAX
+
+
+def test_a_verified_password_should_cost_one_scrypt_until_the_users_file_changes(
+    authenticator, tmp_path
+):
+    async def main():
+        for _ in range(5):
+            await authenticator.authenticate(basic("admin", "pw-admin"), "192.0.2.9")
+        assert authenticator.scrypt_checks == 1
+        auth.add_user(str(tmp_path / "users"), "admin", "pw-changed")
+        with pytest.raises(Unauthorized):
+            await authenticator.authenticate(basic("admin", "pw-admin"), "192.0.2.9")
+
+    asyncio.run(main())
+
+
+def test_over_tls_a_flood_of_wrong_passwords_should_get_429_with_retry_after(tls_served, tls_files):
+    port, ca = tls_served.tcp_port, tls_files["cert"]
+    wrong = {"Authorization": basic("admin", "nope")}
+    statuses = [
+        https_get(port, "/v1/vms/vm1", ca, wrong)[0] for _ in range(auth.AUTH_FAILURES_BURST)
+    ]
+    assert statuses == [401] * auth.AUTH_FAILURES_BURST
+    status, doc, headers = https_get(port, "/v1/vms/vm1", ca, wrong)
+    assert status == 429 and doc["error"]["code"] == "rate_limited"
+    assert int(headers["Retry-After"]) >= 1
+    # the unix socket is never limited
+    assert Client(tls_served.unix_path).vm("vm1")["name"] == "vm1"
+    url = "https://127.0.0.1:%d" % port
+    common = ["--bridge", url, "--cacert", ca]
+    r = run([VMMESSAGE, "status", "vm1", *common, "-u", "admin", "-p", "pw-admin"])
+    assert r.returncode == 6
+    assert r.stderr.startswith("vmmessage: error: too many failed authentications")
+    assert r.stderr.count("\n") == 1
+    r = run([VMMESSAGE, "status", "vm1", *common, "--token", TOKEN])
+    assert r.returncode == 0, r.stderr
