@@ -28,6 +28,7 @@ import math
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -41,6 +42,7 @@ from hostbridge import (
     TIMEOUT_MIN,
     check_idempotency_key,
 )
+from hostbridge.admission import Admission, AdmissionLimits
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.config import MAX_EXPIRY, MIN_EXPIRY
 from hostbridge.errors import BridgeError, InvalidInput
@@ -230,6 +232,14 @@ class _JsonErrorHandler(web_protocol.RequestHandler):
         resp.force_close()
         return resp
 
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        admitted = getattr(
+            self, "admission", None
+        )  # set for TCP connections (hostbridge.admission)
+        if admitted is not None:
+            admitted[0].lost(admitted[1])
+
 
 class _JsonErrorServer(web.Server):
     def __call__(self) -> web_protocol.RequestHandler:  # what each new connection is served by
@@ -246,6 +256,9 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
         principal = await request.app[AUTH].authenticate(
             request.headers.get("Authorization"), request.remote
         )
+        admitted = getattr(request.protocol, "admission", None)
+        if admitted is not None:
+            admitted[0].authenticated(admitted[1])
         log.debug("%s %s by %s %s", request.method, request.path, principal.kind, principal.name)
     return await handler(request)
 
@@ -476,12 +489,15 @@ class ApiServer:
     runner: web.AppRunner
     unix: unixsocket.UnixListener | None = None
     tcp_addresses: list[tuple[str, int]] = field(default_factory=list)
+    admission: Admission | None = None
 
     @property
     def unix_path(self) -> str | None:
         return self.unix.path if self.unix is not None else None
 
     async def close(self) -> None:
+        if self.admission is not None:
+            await self.admission.close()
         await self.runner.cleanup()
         if self.unix is not None:
             self.unix.close()
@@ -525,8 +541,13 @@ async def _start_unix(
     return listener
 
 
-async def start(app: web.Application, config: object) -> ApiServer:
-    """Bind the unix socket (and TCP with TLS when configured); return an object with close()."""
+async def start(
+    app: web.Application, config: object, guests: Callable[[], int] = lambda: 0
+) -> ApiServer:
+    """Bind the unix socket (and TCP with TLS when configured); return an object with close().
+
+    ``guests()``: how many guest channels the bridge may hold, for the descriptors the TCP
+    listener must leave free (hostbridge.admission)."""
     unix_path = getattr(config, "api_socket", DEFAULT_API_SOCKET)
     tcp = getattr(config, "api_tcp", None)
     cert, key = getattr(config, "tls_cert", None), getattr(config, "tls_key", None)
@@ -561,12 +582,16 @@ async def start(app: web.Application, config: object) -> ApiServer:
             log.info("API listening on unix socket %s", unix_path)
         if tcp:
             host, port = tcp
-            site = web.TCPSite(runner, host, int(port), ssl_context=ctx)
-            await site.start()
-            # The unix socket's address is its path (a str); TCP's are tuples (IPv6: of 4).
-            for address in runner.addresses:
-                if isinstance(address, tuple):
-                    server.tcp_addresses.append(address[:2])
+            assert ctx is not None
+            # Our own accept loop, not aiohttp's TCPSite: it admits or refuses each connection
+            # so that network clients can never take the bridge's last descriptors.
+            server.admission = Admission(
+                runner.server,
+                ctx,
+                getattr(config, "admission", None) or AdmissionLimits(),
+                guests,
+            )
+            server.tcp_addresses.append(await server.admission.start(host, int(port)))
             log.info("API listening on https://%s:%s", host, port)
     except OSError as exc:
         await server.close()

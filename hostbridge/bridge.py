@@ -93,6 +93,11 @@ class Bridge:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    @property
+    def guest_count(self) -> int:
+        """VMs the bridge holds (each may need a descriptor for its channel)."""
+        return len(self._guests)
+
     async def start(self) -> None:
         self._lock_db()
         limits = self.config.limits

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
 
@@ -112,6 +113,19 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (each guest channel and API client needs a
+    descriptor; the default soft limit is 1,024); return the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:  # EPERM under a seccomp filter: keep what we have
+            log.info("cannot raise the open files limit from %d to %d: %s", soft, hard, e)
+    return soft
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     from .bridge import Bridge  # the heavy part: imported once flags are known to be good
 
@@ -119,6 +133,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    log.info("open files limit: %d", raise_open_files_limit())
     bridge = Bridge(config)
     await bridge.start()
     server = None
@@ -130,7 +145,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             log.warning("the HTTP API is unavailable (%s); running the bridge without it", e)
         else:
             app = api.make_app(bridge, config)
-            server = await api.start(app, config)
+            server = await api.start(app, config, lambda: bridge.guest_count)
         notifier.ready()
         log.info("ready")
         watchdog = None

@@ -62,6 +62,7 @@ LAYERS = {
             "hostbridge.hello",
             "hostbridge.discovery",
             "hostbridge.auth",
+            "hostbridge.admission",
             "hostbridge.apiclient",
         },
         {"hostbridge.session"},

@@ -346,3 +346,11 @@ def test_the_bridge_should_use_the_socket_group_and_paths_the_unit_prepares():
     state_dir = "/var/lib/" + service["StateDirectory"][-1] + "/"
     assert shipped.api_socket.startswith(run_dir)
     assert shipped.db.startswith(state_dir)
+
+
+def test_the_bridge_unit_should_give_it_descriptors_for_thousands_of_guests():
+    # The default soft limit (1,024) let a thousand half-open TLS clients take the descriptors
+    # the bridge needs for its guests; the daemon cannot raise it itself (setrlimit is filtered).
+    service = unit_settings(BRIDGE_UNIT)["Service"]
+    assert service["LimitNOFILE"] == ["8192"]
+    assert "~@resources @privileged" in service["SystemCallFilter"]
