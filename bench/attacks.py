@@ -12,8 +12,8 @@ before/after table.
 
 1. half-open TLS: 1,100 connections from 127.0.0.2-9 that complete the handshake, send half a
    request and hold (no credentials);
-2. wrong passwords: 16 keep-alive clients sending requests with a wrong Basic password as fast as
-   they are answered;
+2. wrong passwords: 16 keep-alive clients from 127.0.0.2 sending requests with a wrong Basic
+   password as fast as they are answered (the good client is 127.0.0.1);
 4. a guest channel whose socket accepts each connection and closes it at once (the bridge's
    connects to it are counted).
 
@@ -227,13 +227,14 @@ def half_open(bridge, stop, count=1100):
         s.close()
 
 
-def wrong_passwords(bridge, stop, counter):
+def wrong_passwords(bridge, stop, counter, source):
     ctx = ssl.create_default_context(cafile=bridge.cert)
     auth = "Authorization: Basic %s\r\n" % base64.b64encode(b"admin:wrong").decode()
     request = "GET /v1/vms HTTP/1.1\r\nHost: x\r\n%s\r\n" % auth
     while not stop.is_set():
         try:
-            with socket.create_connection(("127.0.0.1", bridge.port), timeout=5) as raw:
+            address = ("127.0.0.1", bridge.port)
+            with socket.create_connection(address, timeout=5, source_address=(source, 0)) as raw:
                 with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
                     while not stop.is_set():
                         status = http_once(s, request)
@@ -276,7 +277,7 @@ def run_attack(number, tree, nofile, seconds):
             threads = [threading.Thread(target=half_open, args=(bridge, stop))]
         elif number == 2:
             threads = [
-                threading.Thread(target=wrong_passwords, args=(bridge, stop, counter))
+                threading.Thread(target=wrong_passwords, args=(bridge, stop, counter, "127.0.0.2"))
                 for _ in range(16)
             ]
         else:

@@ -9,8 +9,10 @@ listener is accepted here instead, and every connection is admitted or closed at
 * at most ``max_connections`` open, and never so many that fewer than ``fd_reserve()``
   descriptors stay free under RLIMIT_NOFILE: those are for guest channels, the database and the
   unix API, which network clients can never take;
-* at most ``max_unauthenticated`` connections that have not yet made an authenticated request,
-  and ``max_per_address`` of those per source address;
+* at most ``max_per_address`` connections per source address that have not yet made an
+  authenticated request, and ``max_unauthenticated`` of those in all: past that the oldest of
+  them is closed to make room (refusing the newcomer would let whoever holds the slots lock
+  every real client out);
 * the TLS handshake must finish within ``handshake_timeout``, and a connection must make an
   authenticated request within ``auth_timeout`` of its accept, or it is closed (a slow or
   half-sent request included);
@@ -165,14 +167,32 @@ class Admission:
             return "max_connections", "%d connections open, the limit" % open_now
         if self._files_left() <= 0:
             return "fd_reserve", "the last descriptors are kept for guests and the unix API"
-        waiting = sum(self._unauthenticated_by_address.values())
-        if waiting >= self.limits.max_unauthenticated:
-            return "max_unauthenticated", "%d connections not yet authenticated" % waiting
         if self._unauthenticated_by_address.get(address, 0) >= self.limits.max_per_address:
             return "max_per_address", "%d connections from it not yet authenticated" % (
                 self.limits.max_per_address
             )
+        waiting = sum(self._unauthenticated_by_address.values())
+        if waiting >= self.limits.max_unauthenticated:
+            # Make room by closing the oldest waiting connection, not by refusing the new one:
+            # else whoever holds the slots (from many addresses) locks every new client out,
+            # while a real client authenticates within milliseconds of its accept.
+            self._evict_oldest()
         return None
+
+    def _evict_oldest(self) -> None:
+        oldest = next((c for c in self.conns.values() if not c.authenticated), None)
+        if oldest is None:
+            return
+        self._refuse(
+            "max_unauthenticated",
+            "closed the oldest unauthenticated connection (from %s): %d wait, the limit"
+            % (oldest.address, self.limits.max_unauthenticated),
+        )
+        if oldest.transport is not None:
+            oldest.transport.abort()
+        elif oldest.task is not None:
+            oldest.task.cancel()
+        self._release(oldest)  # now: the new connection takes its place at once
 
     def _refuse(self, kind: str, message: str) -> None:
         self.refused[kind] = self.refused.get(kind, 0) + 1

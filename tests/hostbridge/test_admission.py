@@ -161,3 +161,26 @@ def test_the_daemon_should_raise_its_soft_open_files_limit_to_the_hard_one():
         [sys.executable, "-c", code], preexec_fn=lower, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["4096", "4096"]
+
+
+def test_when_the_waiting_slots_are_full_the_oldest_waiter_should_make_room_for_a_new_client(
+    serve,
+):
+    served, cert = serve(max_unauthenticated=4, max_per_address=2)
+    held = [
+        tls_connect(served.tcp_port, cert, source="127.0.0.%d" % (2 + i // 2)) for i in range(4)
+    ]
+    try:
+        for s in held:
+            s.sendall(HALF_REQUEST)
+        with tls_connect(served.tcp_port, cert, source="127.0.0.9") as newcomer:
+            newcomer.sendall(
+                b"GET /v1/vms/vm1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+            )
+            assert newcomer.recv(1024).startswith(b"HTTP/1.1 200")
+        assert closed_by_peer(held[0])  # the oldest
+        assert served.server.admission.refused.get("max_unauthenticated") == 1
+    finally:
+        for s in held:
+            s.close()
