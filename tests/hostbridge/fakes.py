@@ -368,3 +368,21 @@ def make_tls_cert(directory):
         timeout=60,
     )
     return cert, key
+
+
+def tls_api_config(directory, token, **overrides):
+    """api_config() for the API on 127.0.0.1 (any port) over TLS with one bearer ``token`` (its
+    tokens file, certificate and key made in ``directory``); returns (config, cert)."""
+    cert, key = make_tls_cert(directory)
+    tokens = directory / "tokens"
+    tokens.write_text("t:%s\n" % token)
+    tokens.chmod(0o600)
+    config = api_config(
+        directory,
+        api_tcp=("127.0.0.1", 0),
+        tls_cert=cert,
+        tls_key=key,
+        tokens_file=str(tokens),
+        **overrides,
+    )
+    return config, cert

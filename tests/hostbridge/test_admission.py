@@ -13,7 +13,7 @@ import pytest
 
 from hostbridge.admission import AdmissionLimits, open_files
 from hostbridge.apiclient import Client
-from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config, make_tls_cert
+from tests.hostbridge.fakes import FakeBridge, ServedApp, tls_api_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,21 +23,10 @@ HALF_REQUEST = b"GET /v1/vms HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthoriz"
 
 @pytest.fixture
 def serve(short_dir):
-    cert, key = make_tls_cert(short_dir)
-    tokens = short_dir / "tokens"
-    tokens.write_text("t:%s\n" % TOKEN)
-    tokens.chmod(0o600)
     started = []
 
     def start(**limits):
-        config = api_config(
-            short_dir,
-            api_tcp=("127.0.0.1", 0),
-            tls_cert=cert,
-            tls_key=key,
-            tokens_file=str(tokens),
-            admission=AdmissionLimits(**limits),
-        )
+        config, cert = tls_api_config(short_dir, TOKEN, admission=AdmissionLimits(**limits))
         served = ServedApp(FakeBridge(["vm1"]), config).__enter__()
         started.append(served)
         return served, cert

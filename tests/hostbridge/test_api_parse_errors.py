@@ -9,7 +9,7 @@ import ssl
 
 import pytest
 
-from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config, make_tls_cert
+from tests.hostbridge.fakes import FakeBridge, ServedApp, tls_api_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,14 +28,7 @@ MALFORMED = {
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("api")
-    cert, key = make_tls_cert(directory)
-    tokens = directory / "tokens"
-    tokens.write_text("t:%s\n" % TOKEN)
-    tokens.chmod(0o600)
-    config = api_config(
-        directory, api_tcp=("127.0.0.1", 0), tls_cert=cert, tls_key=key, tokens_file=str(tokens)
-    )
+    config, cert = tls_api_config(tmp_path_factory.mktemp("api"), TOKEN)
     with ServedApp(FakeBridge(["vm1"]), config) as app:
         yield app, cert
 

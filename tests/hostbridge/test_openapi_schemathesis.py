@@ -14,7 +14,7 @@ import json
 import subprocess
 
 from hostbridge import api, auth
-from tests.hostbridge.fakes import FakeBridge, ServedApp, api_config, make_tls_cert
+from tests.hostbridge.fakes import FakeBridge, ServedApp, tls_api_config
 from tests.support.processes import script
 
 ST = script("st")
@@ -83,13 +83,7 @@ def run_schemathesis(tmp, port, cert, *extra):
 
 
 def serve_tls(short_dir, bridge):
-    cert, key = make_tls_cert(short_dir)
-    tokens = short_dir / "tokens"
-    tokens.write_text("schemathesis:%s\n" % TOKEN)
-    tokens.chmod(0o600)
-    cfg = api_config(
-        short_dir, api_tcp=("127.0.0.1", 0), tls_cert=cert, tls_key=key, tokens_file=str(tokens)
-    )
+    cfg, cert = tls_api_config(short_dir, TOKEN)
     return ServedApp(bridge, cfg), cert
 
 
