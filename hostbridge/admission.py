@@ -150,9 +150,10 @@ class Admission:
             address = str(peer[0])
             refusal = self._over_limit(address)
             if refusal is not None:
-                sock.close()
                 kind, reason = refusal
+                # Counted before the close: whoever sees the close may read the count.
                 self._refuse(kind, "refused a connection from %s: %s" % (address, reason))
+                sock.close()
                 continue
             conn = _Conn(address)
             self._admit(conn)
@@ -250,10 +251,10 @@ class Admission:
                 factory, sock, ssl=self.ctx, ssl_handshake_timeout=self.limits.handshake_timeout
             )
         except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
-            sock.close()
-            self._release(conn)
             why = type(exc).__name__
             self._refuse("handshake", "TLS handshake with %s failed: %s" % (conn.address, why))
+            self._release(conn)
+            sock.close()
             return
         except asyncio.CancelledError:
             sock.close()
