@@ -18,8 +18,9 @@ listener is accepted here instead, and every connection is admitted or closed at
   half-sent request included);
 * out of descriptors anyway (EMFILE/ENFILE): accepting pauses, 0.1 s doubling to 2 s.
 
-Refusals are logged at most once per LOG_INTERVAL per kind, with a count. The API's middleware
-marks a connection authenticated (``Admission.authenticated``).
+The limits are the config's `[api]` table (hostbridge.config.ApiLimits). Refusals are
+logged at most once per LOG_INTERVAL per kind, with a count. The API's middleware marks a
+connection authenticated (``Admission.authenticated``).
 """
 
 from __future__ import annotations
@@ -32,25 +33,16 @@ import resource
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ovmsys.ratelimit import RateLimitedLog
+
+from .config import ApiLimits
 
 log = logging.getLogger(__name__)
 
 LOG_INTERVAL = 10.0
 _OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-@dataclass
-class AdmissionLimits:
-    max_connections: int = 1024
-    max_unauthenticated: int = 128
-    max_per_address: int = 16
-    handshake_timeout: float = 10.0
-    auth_timeout: float = 30.0
-    fd_reserve: int = 64  # descriptors kept free beyond one per guest (see Admission)
 
 
 class _Conn:
@@ -80,12 +72,12 @@ class Admission:
         self,
         factory: Callable[[], Any],
         ctx: ssl.SSLContext,
-        limits: AdmissionLimits | None = None,
+        limits: ApiLimits | None = None,
         guests: Callable[[], int] = lambda: 0,
     ) -> None:
         self.factory = factory
         self.ctx = ctx
-        self.limits = limits or AdmissionLimits()
+        self.limits = limits or ApiLimits()
         self.guests = guests
         self.conns: dict[int, _Conn] = {}  # id(protocol or conn) -> connection
         self.refused: dict[str, int] = {}
@@ -278,4 +270,4 @@ class Admission:
         self._release(conn)
 
 
-__all__ = ["Admission", "AdmissionLimits", "open_files"]
+__all__ = ["Admission", "open_files"]

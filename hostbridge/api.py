@@ -42,9 +42,9 @@ from hostbridge import (
     TIMEOUT_MIN,
     check_idempotency_key,
 )
-from hostbridge.admission import Admission, AdmissionLimits
+from hostbridge.admission import Admission
 from hostbridge.auth import Authenticator, CredentialFileError
-from hostbridge.config import MAX_EXPIRY, MIN_EXPIRY
+from hostbridge.config import MAX_EXPIRY, MIN_EXPIRY, ApiLimits
 from hostbridge.errors import BridgeError, InvalidInput
 from ovmproto import errorcodes, jsonlib, limits
 from ovmproto.errors import OvmError
@@ -588,7 +588,7 @@ async def start(
             server.admission = Admission(
                 runner.server,
                 ctx,
-                getattr(config, "admission", None) or AdmissionLimits(),
+                getattr(config, "api_limits", None) or ApiLimits(),
                 guests,
             )
             server.tcp_addresses.append(await server.admission.start(host, int(port)))

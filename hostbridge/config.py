@@ -94,6 +94,26 @@ class Limits:
 
 
 @dataclass
+class ApiLimits:
+    """What network clients may hold on the TCP API (hostbridge.admission); the `[api]` table."""
+
+    max_connections: int = 1024
+    max_unauthenticated: int = 128  # past this the oldest unauthenticated connection is closed
+    max_per_address: int = 16  # unauthenticated connections per source address
+    handshake_timeout: float = 10.0
+    auth_timeout: float = 30.0  # an authenticated request within this long of the accept
+    fd_reserve: int = 64  # descriptors kept free, beyond one per guest
+
+    def check(self) -> None:
+        for name in ("max_connections", "max_unauthenticated", "max_per_address", "fd_reserve"):
+            if getattr(self, name) < 1:
+                raise ConfigError("[api] %s must be at least 1" % name)
+        for name in ("handshake_timeout", "auth_timeout"):
+            if not 0.1 <= getattr(self, name) <= 3600:
+                raise ConfigError("[api] %s must be from 0.1 to 3600 seconds" % name)
+
+
+@dataclass
 class Config:
     vms: list[VmSpec] = field(default_factory=list)
     discover: bool | None = None  # None: on when no VM was given
@@ -111,6 +131,7 @@ class Config:
     query_timeout: float = 5.0
     debug: int = 1
     limits: Limits = field(default_factory=Limits)
+    api_limits: ApiLimits = field(default_factory=ApiLimits)
     # One-line notes about the file (obsolete settings) for the daemon to log once it logs.
     warnings: list[str] = field(default_factory=list)
 
@@ -139,6 +160,7 @@ class Config:
                 "[limits] message_expiry must be 0 (no limit) or from %g to %d seconds"
                 % (MIN_EXPIRY, MAX_EXPIRY)
             )
+        self.api_limits.check()
         if self.limits.reconnect_budget < 1 or self.limits.reconnect_max <= 0:
             raise ConfigError(
                 "[limits] reconnect_budget must be at least 1 and reconnect_max over 0"
@@ -243,6 +265,11 @@ def load_file(path: str, config: Config | None = None) -> Config:
         ):
             raise ConfigError("config %s: bad setting [limits] %s" % (path, key))
         setattr(config.limits, key, type(getattr(config.limits, key))(value))
+    api_fields = {f.name for f in dataclasses.fields(ApiLimits)}
+    for key, value in doc.get("api", {}).items():
+        if key not in api_fields or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError("config %s: bad setting [api] %s" % (path, key))
+        setattr(config.api_limits, key, type(getattr(config.api_limits, key))(value))
     for i, table in enumerate(doc.get("vm", [])):
         if not isinstance(table, dict) or "name" not in table or "channel" not in table:
             raise ConfigError("config %s: [[vm]] number %d needs name and channel" % (path, i + 1))

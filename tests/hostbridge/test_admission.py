@@ -11,8 +11,9 @@ import urllib.request
 
 import pytest
 
-from hostbridge.admission import AdmissionLimits, open_files
+from hostbridge.admission import open_files
 from hostbridge.apiclient import Client
+from hostbridge.config import ApiLimits
 from tests.hostbridge.fakes import FakeBridge, ServedApp, tls_api_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -26,7 +27,7 @@ def serve(short_dir):
     started = []
 
     def start(**limits):
-        config, cert = tls_api_config(short_dir, TOKEN, admission=AdmissionLimits(**limits))
+        config, cert = tls_api_config(short_dir, TOKEN, api_limits=ApiLimits(**limits))
         served = ServedApp(FakeBridge(["vm1"]), config).__enter__()
         started.append(served)
         return served, cert

@@ -81,3 +81,19 @@ def test_a_reconnect_budget_below_one_should_be_refused_in_one_line(tmp_path, se
     with pytest.raises(ConfigError) as e:
         config.check()
     assert "reconnect_" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_tcp_apis_admission_limits_should_come_from_the_api_table(tmp_path):
+    assert Config().api_limits.max_per_address == 16
+    config = load_file(write(tmp_path, "[api]\nmax_per_address = 4\nauth_timeout = 5\n"))
+    assert (config.api_limits.max_per_address, config.api_limits.auth_timeout) == (4, 5.0)
+    config.check()
+
+
+@pytest.mark.parametrize(
+    "text", ["max_connections = 0", "handshake_timeout = 0", "nonsense = 1", "fd_reserve = true"]
+)
+def test_a_bad_api_setting_should_be_refused_in_one_line(tmp_path, text):
+    with pytest.raises(ConfigError) as e:
+        load_file(write(tmp_path, "[api]\n%s\n" % text)).check()
+    assert "[api]" in str(e.value) and "\n" not in str(e.value)
