@@ -79,7 +79,7 @@ class Admission:
         self.ctx = ctx
         self.limits = limits or ApiLimits()
         self.guests = guests
-        self.conns: dict[int, _Conn] = {}  # id(protocol or conn) -> connection
+        self.conns: dict[_Conn, None] = {}  # the open connections, oldest first
         self.refused: dict[str, int] = {}
         self._unauthenticated_by_address: dict[str, int] = {}
         self._warn = RateLimitedLog(log, LOG_INTERVAL)
@@ -113,7 +113,7 @@ class Admission:
             self._sock.close()
         for task in list(self._tasks):
             task.cancel()
-        for conn in list(self.conns.values()):
+        for conn in list(self.conns):
             if conn.transport is not None:
                 conn.transport.close()
 
@@ -158,12 +158,13 @@ class Admission:
         open_now = len(self.conns)
         if open_now >= self.limits.max_connections:
             return "max_connections", "%d connections open, the limit" % open_now
-        if self._files_left() <= 0:
-            return "fd_reserve", "the last descriptors are kept for guests and the unix API"
         if self._unauthenticated_by_address.get(address, 0) >= self.limits.max_per_address:
             return "max_per_address", "%d connections from it not yet authenticated" % (
                 self.limits.max_per_address
             )
+        # Last of the refusals: it lists /proc/self/fd, the one check that is not O(1).
+        if self._files_left() <= 0:
+            return "fd_reserve", "the last descriptors are kept for guests and the unix API"
         waiting = sum(self._unauthenticated_by_address.values())
         if waiting >= self.limits.max_unauthenticated:
             # Make room by closing the oldest waiting connection, not by refusing the new one:
@@ -173,7 +174,7 @@ class Admission:
         return None
 
     def _evict_oldest(self) -> None:
-        oldest = next((c for c in self.conns.values() if not c.authenticated), None)
+        oldest = next((c for c in self.conns if not c.authenticated), None)
         if oldest is None:
             return
         self._refuse(
@@ -181,10 +182,7 @@ class Admission:
             "closed the oldest unauthenticated connection (from %s): %d wait, the limit"
             % (oldest.address, self.limits.max_unauthenticated),
         )
-        if oldest.transport is not None:
-            oldest.transport.abort()
-        elif oldest.task is not None:
-            oldest.task.cancel()
+        self._close(oldest)
         self._release(oldest)  # now: the new connection takes its place at once
 
     def _refuse(self, kind: str, message: str) -> None:
@@ -194,7 +192,7 @@ class Admission:
     # -- one connection ------------------------------------------------------------------------
 
     def _admit(self, conn: _Conn) -> None:
-        self.conns[id(conn)] = conn
+        self.conns[conn] = None
         by = self._unauthenticated_by_address
         by[conn.address] = by.get(conn.address, 0) + 1
         conn.timer = asyncio.get_running_loop().call_later(
@@ -202,8 +200,9 @@ class Admission:
         )
 
     def _release(self, conn: _Conn) -> None:
-        if self.conns.pop(id(conn), None) is None:
+        if conn not in self.conns:
             return
+        del self.conns[conn]
         if conn.timer is not None:
             conn.timer.cancel()
         if not conn.authenticated:
@@ -225,17 +224,21 @@ class Admission:
             "closed a connection from %s: no authenticated request within %g s"
             % (conn.address, self.limits.auth_timeout),
         )
+        self._close(conn)
+
+    @staticmethod
+    def _close(conn: _Conn) -> None:
+        """Drop ``conn`` at once; it is released when its protocol (connection_lost) or, still
+        in its handshake, _hand_over sees it go."""
         if conn.transport is not None:
-            conn.transport.abort()  # connection_lost releases it
+            conn.transport.abort()
         elif conn.task is not None:
-            conn.task.cancel()  # still in its handshake: _hand_over releases it
+            conn.task.cancel()
 
     async def _hand_over(self, sock: socket.socket, conn: _Conn) -> None:
-        admission = self
-
         def factory() -> Any:
             protocol = self.factory()
-            protocol.admission = (admission, conn)
+            protocol.admission = (self, conn)
             return protocol
 
         try:
@@ -253,14 +256,14 @@ class Admission:
             self._release(conn)
             raise
         conn.task = None
-        if id(conn) not in self.conns:  # closed meanwhile
+        if conn not in self.conns:  # closed meanwhile
             transport.abort()
             return
         conn.transport = transport
 
     def authenticated(self, conn: _Conn) -> None:
         """The connection made an authenticated request: no longer counted as waiting."""
-        if not conn.authenticated and id(conn) in self.conns:
+        if not conn.authenticated and conn in self.conns:
             conn.authenticated = True
             self._uncount(conn)
             if conn.timer is not None:

@@ -214,8 +214,7 @@ class _JsonErrorHandler(web_protocol.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        writer = getattr(request, "_payload_writer", None) or getattr(request, "writer", None)
-        if writer is not None and getattr(writer, "output_size", 0) > 0:
+        if request.writer.output_size > 0:
             # A response is half sent: aiohttp closes the connection, as it would.
             raise ConnectionError("response already started; cannot send an error")
         code = _HTTP_CODES.get(status, "internal" if status >= 500 else "http_%d" % status)
@@ -234,9 +233,8 @@ class _JsonErrorHandler(web_protocol.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
-        admitted = getattr(
-            self, "admission", None
-        )  # set for TCP connections (hostbridge.admission)
+        # Set on TCP connections by hostbridge.admission: (the admission, this connection).
+        admitted = getattr(self, "admission", None)
         if admitted is not None:
             admitted[0].lost(admitted[1])
 
