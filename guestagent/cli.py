@@ -243,8 +243,42 @@ def complain(message: object) -> None:
         pass  # nowhere left to tell
 
 
+# Where `ovmd -s` finds the master command of template configuration: next to this command (a
+# virtualenv), on PATH, where the package installs it.
+TEMPLATE_CONFIG = "ovm-template-config"
+TEMPLATE_CONFIG_PATH = "/usr/sbin/ovm-template-config"
+
+
+def run_script(plan: Plan) -> int:
+    """-s TARGET: run `ovm-template-config TARGET` on this agent's keys (it reads them through the
+    socket itself); its exit status is ours."""
+    import shutil
+
+    try:
+        path = socket_path(plan.socket, plan.config)
+    except ClientError as e:
+        complain(str(e))
+        return e.exit_code
+    here = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), TEMPLATE_CONFIG)
+    for candidate in (here, shutil.which(TEMPLATE_CONFIG), TEMPLATE_CONFIG_PATH):
+        if candidate and os.access(candidate, os.X_OK):
+            break
+    else:
+        complain("-s needs %s, which is not installed" % TEMPLATE_CONFIG)
+        return EXIT_USAGE
+    argv = [candidate, "--socket", path, str(plan.key)]
+    try:
+        sys.stdout.flush()
+        os.execv(candidate, argv)
+    except OSError as e:
+        complain("cannot run %s: %s" % (candidate, e.strerror))
+    return EXIT_USAGE
+
+
 def execute(plan: Plan) -> int:
     """Run a client Plan; print its output; return the exit code. Never raises a ClientError."""
+    if plan.action == "script":
+        return run_script(plan)
     try:
         _validate(plan)
         path = socket_path(plan.socket, plan.config)
@@ -399,7 +433,8 @@ def plan_from_options(opts: Mapping[str, Any]) -> Plan | None:
         )
     flag, action = given[0]
     if flag == "-s":
-        raise BadInput("-s (template configuration scripts) is not supported by this ovmd")
+        return Plan("script", socket=opts.get("socket"), config=opts.get("config"),
+                    key=opts.get("script"))  # fmt: skip
     if action is None:  # --daemon, the only other flag that is no client action
         for name in ("json", "changed"):
             if opts.get(name):
@@ -515,7 +550,13 @@ def build_command() -> click.Command:
     @click.option(
         "--config", metavar="FILE", help="The configuration file (default /etc/ovmd.conf)."
     )
-    @click.option("-s", "--script", metavar="SCRIPT", help="Not supported (exit 2).")
+    @click.option(
+        "-s",
+        "--script",
+        metavar="TARGET",
+        help="Run template configuration's TARGET (configure, cleanup...) on the keys here: "
+        "ovm-template-config's exit status.",
+    )
     @click.option(
         "-d",
         "--debug",

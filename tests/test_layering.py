@@ -18,6 +18,8 @@ ALLOWED = {
     "ovmsys": set(),  # plumbing: no protocol, no policy
     "guestagent": {"ovmproto", "ovmsys"},
     "hostbridge": {"ovmproto", "ovmsys"},  # never the guest's package, nor the guest ours
+    # Template configuration, in the guest: over the agent's client; the agent never imports it.
+    "templateconfig": {"ovmproto", "ovmsys", "guestagent"},
 }
 
 # Inside each package, from the bottom: a module may import modules of its own layer or lower ones.
@@ -47,6 +49,22 @@ LAYERS = {
         {"guestagent.hostlink", "guestagent.localserver"},
         {"guestagent.daemon"},
         {"guestagent.cli"},
+    ],
+    "templateconfig": [
+        {"templateconfig", "templateconfig.common", "templateconfig.log"},
+        {"templateconfig.cli", "templateconfig.plugins", "templateconfig.agent"},
+        {"templateconfig.runner", "templateconfig.builtin", "templateconfig.builtin.validate"},
+        {"templateconfig.builtin.base"},
+        {"templateconfig.builtin.passwords", "templateconfig.builtin.netconfig"},
+        {
+            "templateconfig.builtin.network",
+            "templateconfig.builtin.datetime",
+            "templateconfig.builtin.ssh",
+            "templateconfig.builtin.user",
+            "templateconfig.builtin.authentication",
+            "templateconfig.builtin.system",
+        },
+        {"templateconfig.master", "templateconfig.chkconfig", "templateconfig.firstboot"},
     ],
     "hostbridge": [
         {"hostbridge", "hostbridge.errors", "hostbridge.model", "hostbridge.humanize"},

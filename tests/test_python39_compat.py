@@ -1,4 +1,4 @@
-"""The guest side (ovmproto, ovmsys, guestagent) must run on Python 3.9: guests carry older
+"""The guest side (ovmproto, ovmsys, guestagent, templateconfig) must run on Python 3.9: guests carry older
 interpreters.
 
 vermin checks the syntax and standard library features everywhere. Where a real 3.9 is found
@@ -23,7 +23,7 @@ import pytest
 
 from tests.support.processes import ROOT, child_env
 
-PACKAGES = ("ovmproto", "ovmsys", "guestagent")
+PACKAGES = ("ovmproto", "ovmsys", "guestagent", "templateconfig")
 PYTHON39_ENV = "OVMD_PYTHON39"  # the path of a Python 3.9 interpreter to use
 
 
