@@ -119,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     registry = Registry(args.template_dir)
     try:
+        selected(registry, args.target, args.script)  # a bad --script before any input is read
         if args.enumerate:
             return _enumerate(registry, args)
         pairs = _input(registry, args)
