@@ -3,6 +3,8 @@ the report it writes, the secrets it deletes, and the wait for the host's last k
 
 from __future__ import annotations
 
+import os
+
 from guestagent import config as agent_config
 from guestagent.client import Client
 
@@ -11,7 +13,8 @@ CALL_TIMEOUT = 30.0
 
 
 def socket_path(config_file: str | None = None) -> str:
-    return agent_config.load(config_file).socket
+    """$OVMD_SOCKET (as for `ovmd`), else the agent's configuration file's socket."""
+    return os.environ.get("OVMD_SOCKET") or agent_config.load(config_file).socket
 
 
 class Agent:
@@ -24,7 +27,7 @@ class Agent:
 
     def put(self, items: dict[str, str]) -> None:
         with Client(self.path, timeout=CALL_TIMEOUT) as c:
-            c.call("put", items=items)
+            c.call("put", items=[[k, v] for k, v in items.items()])
 
     def delete(self, key: str) -> None:
         with Client(self.path, timeout=CALL_TIMEOUT) as c:

@@ -9,6 +9,7 @@ Exit status: 0 done; 1 no such module, or a target it does not implement; 2 usag
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -33,7 +34,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--add", metavar="name", help="enable for every target its header declares")
     p.add_argument("--del", dest="delete", metavar="name", help="disable for every target")
     p.add_argument("--target", metavar="target[,target...]", help="with NAME on|off")
-    p.add_argument("--template-dir", default=TEMPLATE_DIR, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--template-dir",
+        default=os.environ.get("OVM_TEMPLATE_DIR", TEMPLATE_DIR),
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("rest", nargs="*", metavar="name {on|off}")
     return p
 

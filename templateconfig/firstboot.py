@@ -103,6 +103,16 @@ def _wait_for_socket(path: str, seconds: float) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from guestagent.client import ClientError
+
+    try:
+        return run()
+    except ClientError as e:  # the agent went away or refused: one line, and the run is over
+        sys.stderr.write("ovm-template-initial-config: the agent: %s\n" % e)
+        return EXIT_AGENT
+
+
+def run() -> int:
     settings_file = os.environ.get("OVM_TEMPLATE_SETTINGS", SETTINGS_FILE)
     template_dir = os.environ.get("OVM_TEMPLATE_DIR", TEMPLATE_DIR)
     settings = read_settings(settings_file)

@@ -57,7 +57,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="FILE", help="the agent's configuration (its socket)")
     p.add_argument("--socket", metavar="PATH", help="the agent's socket (default: its config's)")
-    p.add_argument("--template-dir", default=TEMPLATE_DIR, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--template-dir",
+        default=os.environ.get("OVM_TEMPLATE_DIR", TEMPLATE_DIR),
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("target", choices=TARGETS, metavar="target", help=", ".join(TARGETS))
     return p
 

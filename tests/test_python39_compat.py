@@ -1,5 +1,5 @@
-"""The guest side (ovmproto, ovmsys, guestagent, templateconfig) must run on Python 3.9: guests carry older
-interpreters.
+"""The guest side (ovmproto, ovmsys, guestagent, templateconfig) must run on Python 3.9: guests
+carry older interpreters.
 
 vermin checks the syntax and standard library features everywhere. Where a real 3.9 is found
 (find_python39: $OVMD_PYTHON39, else python3.9 on PATH, else one of pyenv's versions), every file

@@ -258,11 +258,6 @@ def one_line(stderr):
         (["-p", "=v"], 2, "ovmd: key is empty\n"),
         (["-p", "s3cr3t"], 2, "ovmd: -p expects KEY=VALUE, and its argument has no '='\n"),
         (["-e", "e" * 8193], 2, "ovmd: value is 8193 bytes, the limit is 8192 bytes\n"),
-        (
-            ["-s", "cleanup"],
-            2,
-            "ovmd: -s (template configuration scripts) is not supported by this ovmd\n",
-        ),
         (["--frobnicate"], 2, "ovmd: No such option: --frobnicate\n"),
         (["-g"], 2, "ovmd: Option '-g' requires an argument.\n"),
         (["-l", "-x"], 2, "ovmd: -l and -x cannot be combined; give one action per call\n"),

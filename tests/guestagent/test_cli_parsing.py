@@ -127,7 +127,7 @@ def test_it_should_make_no_plan_for_the_daemon():
         ([], "no action given; try 'ovmd --help'"),
         (["-l", "-g", "k"], "-l and -g cannot be combined; give one action per call"),
         (["-p", "a=b", "-x"], "-p and -x cannot be combined; give one action per call"),
-        (["-s", "cleanup"], "-s (template configuration scripts) is not supported by this ovmd"),
+        (["-s", "cleanup", "-l"], "-l and -s cannot be combined; give one action per call"),
         (["-x", "--json"], "--json applies to -l, -g, -w and --events only"),
         (["-g", "k", "--changed"], "--changed applies to -w only"),
         (["-g", "k", "--timeout", "1"], "--timeout applies to -w only"),
