@@ -13,7 +13,8 @@ trap 'rm -rf "$work"' EXIT
 src="$work/ovmd-0.1.0"
 mkdir "$src"
 tar -C "$root" --exclude=__pycache__ --exclude='*.pyc' -cf - \
-    ovmproto ovmsys guestagent hostbridge systemd packaging/bin packaging/man packaging/hostbridge.toml \
+    ovmproto ovmsys guestagent templateconfig hostbridge systemd packaging/bin packaging/man \
+    packaging/hostbridge.toml packaging/sysconfig \
     README.md docs |
     tar -C "$src" -xf -
 cp -r "$root/packaging/debian" "$src/debian"

@@ -354,3 +354,39 @@ def test_the_bridge_unit_should_give_it_descriptors_for_thousands_of_guests():
     service = unit_settings(BRIDGE_UNIT)["Service"]
     assert service["LimitNOFILE"] == ["8192"]
     assert "~@resources @privileged" in service["SystemCallFilter"]
+
+
+# -- systemd/ovm-template-initial-config.service (the guest's first boot) -------------------------
+
+FIRST_BOOT_UNIT = os.path.join(ROOT, "systemd", "ovm-template-initial-config.service")
+
+
+def test_the_first_boot_unit_should_run_once_after_the_agent_and_before_ssh():
+    s = unit_settings(FIRST_BOOT_UNIT)
+    assert s["Service"]["Type"] == ["oneshot"]
+    assert s["Service"]["ExecStart"] == ["/usr/sbin/ovm-template-initial-config"]
+    assert s["Service"]["RemainAfterExit"] == ["yes"]
+    assert "ovmd.service" in s["Unit"]["After"] and s["Unit"]["Wants"] == ["ovmd.service"]
+    before = " ".join(s["Unit"]["Before"]).split()
+    assert {"ssh.service", "sshd.service"} <= set(before)
+    assert s["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@needs_analyze
+def test_systemd_should_accept_the_first_boot_unit(tmp_path):
+    with open(FIRST_BOOT_UNIT, encoding="utf-8") as f:
+        text = f.read()
+    text = text.replace(
+        "ExecStart=/usr/sbin/ovm-template-initial-config",
+        "ExecStart=%s" % script("ovm-template-initial-config"),
+    )
+    path = tmp_path / "ovm-template-initial-config.service"
+    path.write_text(text, encoding="utf-8")
+    # --man=no: the man page it names is installed by the package, not on this machine.
+    result = analyze("verify", "--man=no", str(path))
+    complaints = [
+        line
+        for line in result.stdout.splitlines()
+        if "ovm-template-initial-config" in line and "not found" not in line
+    ]
+    assert complaints == [], result.stdout

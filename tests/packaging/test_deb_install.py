@@ -75,6 +75,18 @@ def test_the_guest_package_should_install_alone_and_run(debs, chroot):
         chroot.path("/etc/systemd/system/multi-user.target.wants/ovmd.service")
     )
     assert os.path.exists(chroot.path("/lib/udev/rules.d/90-ovmd.rules"))
+    # Template configuration: the built-in modules enabled, the first-boot unit enabled, unarmed.
+    listing = chroot.run(["ovm-chkconfig", "--list"]).stdout.splitlines()
+    rows = {line.split()[0]: line.split()[1] for line in listing[1:]}
+    assert rows == {"authentication": "on:90", "datetime": "on:50", "network": "on:30",
+                    "ssh": "on:60", "system": "off", "user": "on:70"}  # fmt: skip
+    assert os.path.lexists(
+        chroot.path(
+            "/etc/systemd/system/multi-user.target.wants/ovm-template-initial-config.service"
+        )
+    )
+    r = chroot.run(["ovm-template-initial-config"])
+    assert r.stdout.startswith("first boot configuration is not armed")
 
 
 def test_the_host_package_should_install_alone_enabled_with_its_group(debs, chroot):

@@ -18,6 +18,8 @@ from tests.packaging.pkgbuild import (
 )
 
 GUEST_COMMANDS = {"ovmd"}
+# Template configuration's commands, for root: in /usr/sbin of the guest package.
+GUEST_ADMIN_COMMANDS = {"ovm-template-config", "ovm-chkconfig", "ovm-template-initial-config"}
 HOST_COMMANDS = {"hostbridge", "vmmessage", "ovm_vmmessage"}
 
 
@@ -99,6 +101,13 @@ def test_each_package_should_carry_its_own_protocol_code_and_commands(debs):
     assert {"/usr/bin/" + c for c in HOST_COMMANDS} == {
         p for p in host if p.startswith("/usr/bin/")
     }
+    assert {"/usr/sbin/" + c for c in GUEST_ADMIN_COMMANDS} == {
+        p for p in guest if p.startswith("/usr/sbin/")
+    }
+    assert not [p for p in host if p.startswith("/usr/sbin/")]
+    assert "/usr/lib/ovmd/templateconfig/cli.py" in guest
+    assert "/etc/template.d/scripts/network" in guest
+    assert "/lib/systemd/system/ovm-template-initial-config.service" in guest
     for module in ("ovmproto/framing", "ovmproto/codec", "ovmproto/jsonlib", "ovmsys/notify"):
         assert "/usr/lib/ovmd/%s.py" % module in guest
         assert "/usr/lib/hostbridge/%s.py" % module in host
@@ -112,9 +121,15 @@ def test_each_package_should_carry_its_own_protocol_code_and_commands(debs):
     assert "/etc/hostbridge/hostbridge.toml" in host
 
 
-def test_the_configuration_file_should_be_a_conffile(debs, tmp_path):
+def test_the_configuration_files_should_be_conffiles(debs, tmp_path):
     conffiles = maintainer_script(debs["hostbridge"], "conffiles", tmp_path)
     assert conffiles.split() == ["/etc/hostbridge/hostbridge.toml"]
+    guest = maintainer_script(debs["ovmd"], "conffiles", tmp_path).split()
+    modules = ["network", "datetime", "ssh", "user", "authentication", "system"]
+    assert sorted(guest) == sorted(
+        ["/etc/sysconfig/ovm-template-initial-config"]
+        + ["/etc/template.d/scripts/" + m for m in modules]
+    )
 
 
 def test_the_launchers_should_run_what_the_wheel_console_scripts_run():
@@ -122,12 +137,13 @@ def test_the_launchers_should_run_what_the_wheel_console_scripts_run():
         module, function = target.split(":")
         with open(os.path.join(PACKAGING, "bin", command), encoding="utf-8") as f:
             text = f.read()
-        private = "/usr/lib/ovmd" if command in GUEST_COMMANDS else "/usr/lib/hostbridge"
+        guest = GUEST_COMMANDS | GUEST_ADMIN_COMMANDS
+        private = "/usr/lib/ovmd" if command in guest else "/usr/lib/hostbridge"
         assert text.startswith("#!/usr/bin/python3 -I\n"), command
         assert 'sys.path.insert(0, "%s")' % private in text, command
         assert "from %s import %s" % (module, function) in text, command
         assert "sys.exit(%s())" % function in text, command
-    assert set(project_scripts()) == GUEST_COMMANDS | HOST_COMMANDS
+    assert set(project_scripts()) == GUEST_COMMANDS | GUEST_ADMIN_COMMANDS | HOST_COMMANDS
 
 
 def test_the_bridge_unit_should_be_enabled_and_the_agent_unit_left_to_udev(debs, tmp_path):
@@ -136,6 +152,9 @@ def test_the_bridge_unit_should_be_enabled_and_the_agent_unit_left_to_udev(debs,
     assert "groupadd --system hostbridge" in host
     guest = maintainer_script(debs["ovmd"], "postinst", tmp_path)
     # Never enabled nor started by the package: udev starts it when the port appears.
-    assert "deb-systemd-helper enable" not in guest
+    assert "deb-systemd-helper enable 'ovmd.service'" not in guest
+    # The first boot's unit is enabled (it does nothing until an image is sealed), never started.
+    assert "deb-systemd-helper enable 'ovm-template-initial-config.service'" in guest
+    assert "/usr/sbin/ovm-chkconfig --add" in guest
     assert "deb-systemd-invoke $_dh_action" not in guest
     assert "udevadm trigger --action=add --subsystem-match=virtio-ports" in guest

@@ -40,8 +40,23 @@ def test_the_guest_rpm_should_hold_the_agent_its_unit_and_udev_rule(rpms):
         "/usr/lib/ovmd/ovmsys/notify.py",
         "/usr/lib/ovmd/guestagent/daemon.py",
         "/usr/share/man/man1/ovmd.1",
+        # template configuration
+        "/usr/sbin/ovm-template-config",
+        "/usr/sbin/ovm-chkconfig",
+        "/usr/sbin/ovm-template-initial-config",
+        "/usr/lib/ovmd/templateconfig/cli.py",
+        "/usr/lib/systemd/system/ovm-template-initial-config.service",
+        "/etc/template.d/scripts/network",
+        "/etc/sysconfig/ovm-template-initial-config",
+        "/usr/share/man/man8/ovm-template-config.8",
     } <= listed
-    assert not [p for p in listed if "hostbridge" in p or p.startswith("/etc/")]
+    assert not [p for p in listed if "hostbridge" in p]
+    etc = {p for p in listed if p.startswith("/etc/")}
+    assert {p for p in etc if not p.startswith(("/etc/template.d", "/etc/sysconfig/"))} == set()
+    # The modules are the operator's to edit, as the original's were: kept on upgrade.
+    assert set(rpm_query(rpms["ovmd"], "-c").split()) == {
+        p for p in etc if p.startswith(("/etc/template.d/scripts/", "/etc/sysconfig/"))
+    }
 
 
 def test_the_host_rpm_should_hold_the_bridge_its_commands_unit_and_config(rpms):
@@ -89,4 +104,7 @@ def test_the_scriptlets_should_create_the_group_and_never_start_the_agent(rpms):
     assert "systemctl preset hostbridge.service" in host
     guest = rpm_query(rpms["ovmd"], "--scripts")
     assert "try-restart ovmd.service" in guest
-    assert not [w for w in ("systemctl enable", "systemctl start", "preset") if w in guest]
+    assert not [w for w in ("systemctl enable", "systemctl start", "preset ovmd") if w in guest]
+    # The first boot's unit by its preset (enabled, never started); the modules enabled.
+    assert "systemctl preset ovm-template-initial-config.service" in guest
+    assert "ovm-chkconfig --add" in guest
