@@ -250,3 +250,33 @@ def manager_lines(
     elif doc is not None and doc.get("outcome") == "queued":
         lines.extend(send_lines(doc, now))
     return lines
+
+
+def configure_sent_line(vm: str, count: int, queued: int) -> str:
+    if queued:
+        return (
+            "Configuration sent to VM '%s': %d messages, %d queued until its agent connects "
+            "(they are delivered in order at its first boot)." % (escape(vm), count, queued)
+        )
+    return "Configuration sent to VM '%s': %d messages, all delivered." % (escape(vm), count)
+
+
+def configure_no_report(vm: str, timeout: float) -> str:
+    return (
+        "no report of the template configuration from VM '%s' within %gs (is the VM running, "
+        "and was its image sealed with `ovmd -s cleanup`?)" % (escape(vm), timeout)
+    )
+
+
+def configure_report_lines(vm: str, state: str, error: str, modules: "dict[str, str]") -> list[str]:
+    """The guest's report: its state (and error), then each module's outcome, escaped: it comes
+    from the guest."""
+    head = "Template configuration of VM '%s': %s." % (escape(vm), escape(state))
+    if error:
+        head = "Template configuration of VM '%s': %s: %s" % (escape(vm), escape(state),
+                                                              escape(error))  # fmt: skip
+    width = max([len(escape(m)) for m in modules] + [1])
+    return [head] + [
+        "  %-*s  %s" % (width, escape(name), escape(outcome))
+        for name, outcome in sorted(modules.items())
+    ]

@@ -13,6 +13,17 @@ the agent); the agent never imports this package (`ovmd -s` runs the master as a
 
 from __future__ import annotations
 
+# The keys of the host's request and of the guest's report: named once for both sides.
+from ovmproto.templatekeys import (  # noqa: F401 (named here for modules and tests)
+    ERROR_KEY,
+    MODULE_KEY_PREFIX,
+    REPORT_PREFIX,
+    REQUEST_KEY,
+    ROOT_PASSWORD_KEY,
+    RUN_KEY,
+    STATE_KEY,
+)
+
 VERSION = "0.1.0"
 
 # The targets of the original, in its order.
@@ -36,14 +47,3 @@ SETTINGS_FILE = "/etc/sysconfig/ovm-template-initial-config"
 
 # What a module may take before it is killed (seconds); the run goes on with the next module.
 MODULE_TIMEOUT = 300.0
-
-# Keys the first boot sets in the guest (so the host reads them with `vmmessage query`), and the
-# one the host sets to name a configuration run.
-REPORT_PREFIX = "org.ovmd.template-config."
-STATE_KEY = REPORT_PREFIX + "state"
-ERROR_KEY = REPORT_PREFIX + "error"
-RUN_KEY = REPORT_PREFIX + "run"
-MODULE_KEY_PREFIX = REPORT_PREFIX + "module."
-REQUEST_KEY = REPORT_PREFIX + "request"
-# The key whose arrival completes a first boot's input, as in the original: sent last.
-ROOT_PASSWORD_KEY = "com.oracle.linux.root-password"

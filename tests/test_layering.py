@@ -25,7 +25,13 @@ ALLOWED = {
 # Inside each package, from the bottom: a module may import modules of its own layer or lower ones.
 LAYERS = {
     "ovmproto": [
-        {"ovmproto", "ovmproto.errors", "ovmproto.errorcodes", "ovmproto.limits"},
+        {
+            "ovmproto",
+            "ovmproto.errors",
+            "ovmproto.errorcodes",
+            "ovmproto.limits",
+            "ovmproto.templatekeys",
+        },
         {"ovmproto.compactjson", "ovmproto.jsonlib"},
         {"ovmproto.framing", "ovmproto.messages"},
         {"ovmproto.codec"},
@@ -95,6 +101,7 @@ LAYERS = {
             "hostbridge.render",
             "hostbridge.cli",
             "hostbridge.cli.commands",
+            "hostbridge.cli.configure",
             "hostbridge.cli.credentials",
             "hostbridge.cli.manager",
             "hostbridge.compat",

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from hostbridge import TIMEOUT_MAX, TIMEOUT_MIN, check_idempotency_key, render
-from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_USAGE, ApiError, Client
+from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, ApiError, Client
 from hostbridge.cli import (
     ENV_CACERT,
     ENV_PASSWORD,
@@ -31,11 +31,15 @@ from hostbridge.cli import (
     PROG,
     credentials,
     manager,
+    out,
+    print_json,
     report,
     run_api,
 )
 
 EPILOG = credentials.EPILOG
+# configure --wait: the guest reported that its template configuration failed or timed out.
+EXIT_CONFIG_FAILED = 8
 
 # What an API command's function returns: its request, and how to render the answer.
 ApiCall = tuple[Callable[[Client], dict[str, Any]], Callable[[dict[str, Any], float], list[str]]]
@@ -306,6 +310,109 @@ def rm(vm: str, key: str) -> ApiCall:
 def audit(vm: str, limit: int | None) -> ApiCall:
     """Show the audit trail of messages sent to VM, newest first."""
     return lambda c: c.audit(vm, limit), render.audit_lines
+
+
+@vmmessage.command("configure", epilog=EPILOG)
+@click.argument("vm")
+@click.option("--hostname", help="host name (com.oracle.linux.network.hostname)")
+@click.option("--device", help="interface of the first NIC (default eth0)")
+@click.option("--ip", metavar="ADDR/PREFIX", help="static IPv4 address of the first NIC")
+@click.option("--dhcp", is_flag=True, help="DHCP on the first NIC")
+@click.option("--gateway", metavar="ADDR", help="default gateway")
+@click.option("--dns", multiple=True, metavar="ADDR", help="a DNS server (repeatable)")
+@click.option("--search", multiple=True, metavar="DOMAIN", help="a search domain (repeatable)")
+@click.option("--timezone", metavar="ZONE", help="time zone, e.g. Europe/Paris")
+@click.option("--ntp-server", multiple=True, metavar="HOST", help="an NTP server (repeatable)")
+@click.option("--account", metavar="NAME", help="an account to make or update (root: its keys)")
+@click.option(
+    "--groups", multiple=True, metavar="GROUP", help="with --account: a group (repeatable)"
+)
+@click.option(
+    "--ssh-key",
+    multiple=True,
+    metavar="FILE",
+    help="with --account: a public key file (repeatable)",
+)
+@click.option(
+    "--account-password-file", metavar="FILE", help="with --account: its password ('-': stdin)"
+)
+@click.option("--root-password-file", metavar="FILE", help="the root password's file ('-': stdin)")
+@click.option("--root-password-hash", metavar="HASH", help="the root password as a crypt(3) hash")
+@click.option("--file", "files", multiple=True, metavar="FILE", help="keys from a TOML/JSON file")
+@click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="any other key")
+@click.option("--wait", is_flag=True, help="wait for the guest's report and print it")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1, max=30 * 86400),
+    default=900.0,
+    show_default=True,
+    help="with --wait: seconds to wait for the report",
+)
+@json_option
+@connection_options
+def configure(vm: str, as_json: bool | None, **o: Any) -> int:
+    """Send VM a whole template configuration for its first boot, in order, the secrets unlogged
+    and the root password last; queued until the agent connects. With --wait, print the guest's
+    report: each module's outcome and the error in one line. Exit 8 when the guest reports a
+    failure, 4 when no report came within --timeout."""
+    from hostbridge.cli import configure as cfg
+
+    given = {option: o.pop(option) for option, _ in _CONNECTION}
+    as_json = bool(as_json or click.get_current_context().find_root().params["as_json"])
+    try:
+        settings: dict[str, str] = {}
+        for path in o.pop("files"):
+            settings.update(cfg.load_file(path))
+        o["set"] = o.pop("pairs")
+        settings.update(cfg.from_options(o, cfg.read_secret_file))
+        request = cfg.new_request()
+        messages = cfg.plan(settings, request)
+    except cfg.ConfigureError as e:
+        raise click.UsageError(str(e), ctx=click.get_current_context()) from None
+    client = client_for(given)
+    outcomes = []
+    for n, m in enumerate(messages):
+        try:
+            doc = client.send(vm, m.key, m.value, log=m.log, idempotency_key="%s-%d" % (request, n))
+        except ApiError as exc:
+            if n:
+                sys.stderr.write(
+                    render.error_line(PROG, "%d of %d messages were sent to VM '%s' before this:"
+                                      % (n, len(messages), render.escape(vm))) + "\n"
+                )  # fmt: skip
+            return report(exc)
+        outcomes.append(doc.get("outcome"))
+    queued = outcomes.count("queued")
+    doc_out: dict[str, Any] = {"vm": vm, "request": request, "messages": len(messages),
+                               "queued": queued, "report": None}  # fmt: skip
+    lines = [render.configure_sent_line(vm, len(messages), queued)]
+    status = EXIT_OK
+    if o["wait"]:
+        if not as_json:
+            render_out(lines)
+            lines = []
+        try:
+            got = cfg.wait_report(lambda: client.keys(vm).get("entries", []), request,
+                                  o["timeout"])  # fmt: skip
+        except ApiError as exc:
+            return report(exc)
+        if got is None:
+            sys.stderr.write(render.error_line(PROG, render.configure_no_report(vm, o["timeout"]))
+                             + "\n")  # fmt: skip
+            return EXIT_TIMEOUT
+        doc_out["report"] = {"state": got.state, "error": got.error, "modules": got.modules}
+        lines += render.configure_report_lines(vm, got.state, got.error, got.modules)
+        status = EXIT_OK if got.state == "done" else EXIT_CONFIG_FAILED
+    if as_json:
+        print_json(doc_out)
+    else:
+        render_out(lines)
+    return status
+
+
+def render_out(lines: list[str]) -> None:
+    for line in lines:
+        out(line)
 
 
 @vmmessage.command(

@@ -8,6 +8,8 @@ import ipaddress
 import re
 import struct
 
+from ovmproto.templatekeys import CRYPT_PREFIX
+
 from ..common import TemplateError
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -24,7 +26,7 @@ CRYPT_FORMATS = {
     "sha512crypt ($6$)": re.compile(r"^\$6\$(rounds=\d{4,9}\$)?%s{1,16}\$%s{86}$" % (_B64, _B64)),
     "sha256crypt ($5$)": re.compile(r"^\$5\$(rounds=\d{4,9}\$)?%s{1,16}\$%s{43}$" % (_B64, _B64)),
 }
-CRYPT_PREFIX = "{crypt}"
+
 SSH_KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
