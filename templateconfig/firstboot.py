@@ -23,28 +23,22 @@ Exit status: 0 configured (or not armed); 1 a module failed; 3 no agent; 4 timed
 from __future__ import annotations
 
 import os
-import re
 import socket
 import sys
 import time
 from collections.abc import Sequence
 
 from . import (
-    ERROR_KEY,
-    MODULE_KEY_PREFIX,
-    REPORT_PREFIX,
-    REQUEST_KEY,
     ROOT_PASSWORD_KEY,
-    RUN_KEY,
     SETTINGS_FILE,
-    STATE_KEY,
     TEMPLATE_DIR,
 )
 from .agent import Agent, socket_path
-from .common import TemplateError, read_file, write_file
+from .common import read_file, write_file
 from .log import Log
 from .plugins import Registry
-from .runner import ModuleResult, enumerate_module, run_target, selected
+from .report import Reporter, outcome, secret_keys
+from .runner import ModuleResult, run_target
 
 DEFAULT_TIMEOUT = 900.0
 AGENT_WAIT = 300.0  # for the agent's socket to appear
@@ -66,25 +60,6 @@ def read_settings(path: str = SETTINGS_FILE) -> dict[str, str]:
 def write_setting(path: str, name: str, value: str) -> None:
     lines = [ln for ln in read_file(path).splitlines() if not ln.strip().startswith(name + "=")]
     write_file(path, "\n".join(lines + ["%s=%s" % (name, value)]) + "\n", 0o644)
-
-
-def outcome(r: ModuleResult) -> str:
-    return "ok" if r.status == "ok" else "%s: %s" % (r.status, r.error)
-
-
-def secret_keys(registry: Registry, keys: list[str]) -> list[str]:
-    """The keys among ``keys`` that a module of `configure` declares a password, whatever their
-    index (.N) is."""
-    patterns = {ROOT_PASSWORD_KEY}
-    for _, plugin in selected(registry, "configure"):
-        try:
-            params = enumerate_module(plugin, "configure", timeout=60)
-        except TemplateError:
-            continue
-        for p in params:
-            if isinstance(p, dict) and p.get("password") and isinstance(p.get("key"), str):
-                patterns.add(re.sub(r"\.\d+$", "", p["key"]))
-    return [k for k in keys if re.sub(r"\.\d+$", "", k) in patterns]
 
 
 def _wait_for_socket(path: str, seconds: float) -> bool:
@@ -132,10 +107,8 @@ def run() -> int:
         return EXIT_AGENT
     agent = Agent(path)
     registry = Registry(template_dir)
-    old = [k for k in agent.keys() if k.startswith(REPORT_PREFIX) and k != REQUEST_KEY]
-    for key in old:
-        agent.delete(key)
-    agent.put({STATE_KEY: "waiting"})
+    reporter = Reporter(agent)
+    reporter.reset("waiting")
     log.line("first boot: waiting for %s" % trigger)
     print("waiting for %s from the host" % trigger, flush=True)
     started = time.monotonic()
@@ -150,18 +123,17 @@ def run() -> int:
         log.line("first boot: " + why)
         if "ssh" in registry.installed():
             run_target(registry, "configure", {}, only="ssh")
-        agent.put({STATE_KEY: "timeout", ERROR_KEY: why})
+        reporter.failed("timeout", why)
         sys.stderr.write("ovm-template-initial-config: %s\n" % why)
         return EXIT_TIMEOUT
     pairs = agent.keys()
-    run_id = pairs.get(REQUEST_KEY, "")
-    agent.put({STATE_KEY: "running", RUN_KEY: run_id})
+    reporter.running(pairs)
     log.line("first boot: configure (%d keys)" % len(pairs))
 
     def report(r: ModuleResult) -> None:
         log.line("first boot: %s %s" % (r.name, outcome(r)))
         print("%s: %s" % (r.name, outcome(r)), flush=True)
-        agent.put({MODULE_KEY_PREFIX + r.name: outcome(r)[:1000]})
+        reporter.module(r)
 
     try:
         _, results = run_target(registry, "configure", pairs, on_result=report)
@@ -169,10 +141,7 @@ def run() -> int:
         for key in secret_keys(registry, list(pairs)):
             agent.delete(key)
         write_setting(settings_file, "INITIAL_CONFIG", "no")
-    failed = [r for r in results if r.status != "ok"]
-    error = "%s: %s" % (failed[0].name, failed[0].error) if failed else ""
-    state = "failed" if failed else "done"
-    agent.put({STATE_KEY: state, ERROR_KEY: error[:1000], RUN_KEY: run_id})
+    state = reporter.finish(results)
     log.line("first boot: %s in %.1fs" % (state, time.monotonic() - started))
     print("template configuration %s" % state, flush=True)
-    return EXIT_FAILED if failed else 0
+    return EXIT_FAILED if state != "done" else 0

@@ -15,10 +15,13 @@ import pprint
 import sys
 from collections.abc import Sequence
 
+from guestagent.client import ClientError
+
 from . import MODULE_TIMEOUT, TARGETS, TEMPLATE_DIR, VERSION
 from .common import TemplateError
 from .log import Log
 from .plugins import Registry
+from .report import Reporter, secret_keys
 from .runner import ModuleResult, enumerate_module, run_target, selected
 
 EXIT_FAILED, EXIT_USAGE, EXIT_AGENT, EXIT_INPUT = 1, 2, 3, 4
@@ -138,19 +141,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_AGENT
     log = Log()
     log.line("%s: start%s" % (args.target, " (module %s)" % args.script if args.script else ""))
+    reporter = _reporter(args)
 
     def report(r: ModuleResult) -> None:
         text = "%s: %s %s%s" % (args.target, r.name, r.status, ": " + r.error if r.error else "")
         log.line(text + " (%.1fs)" % r.seconds)
         print(text, flush=True)
+        if reporter is not None:
+            reporter.module(r)
 
     try:
-        result, results = run_target(
-            registry, args.target, pairs, args.script, args.timeout, on_result=report
-        )
+        if reporter is not None:
+            reporter.reset("running")
+            reporter.running(pairs)
+        try:
+            result, results = run_target(
+                registry, args.target, pairs, args.script, args.timeout, on_result=report
+            )
+        finally:
+            if reporter is not None and args.target in SECRET_TARGETS:
+                for key in secret_keys(registry, list(pairs)):
+                    reporter.agent.delete(key)
+        if reporter is not None:
+            reporter.finish(results)
     except TemplateError as e:
         sys.stderr.write("ovm-template-config: %s\n" % e)
         return EXIT_USAGE
+    except ClientError as e:
+        sys.stderr.write("ovm-template-config: the agent: %s\n" % e)
+        return EXIT_AGENT
     failed = [r for r in results if r.status != "ok"]
     log.line("%s: done, %d module(s), %d failed" % (args.target, len(results), len(failed)))
     if args.output is not None:
@@ -161,6 +180,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 class _AgentUnreachable(Exception):
     pass
+
+
+# Targets whose run on the agent's keys is reported to the host (not cleanup: it empties the
+# cache of a sealed image, which must stay empty), and those after which secrets are deleted.
+REPORTED_TARGETS = ("configure", "reconfigure", "unconfigure")
+SECRET_TARGETS = ("configure", "reconfigure")
+
+
+def _reporter(args: argparse.Namespace) -> Reporter | None:
+    """A Reporter when the keys came from the agent and the target is reported, else None."""
+    from_agent = not (args.stdin or args.input is not None or args.console_input)
+    if not from_agent or args.target not in REPORTED_TARGETS:
+        return None
+    from .agent import Agent, socket_path
+
+    return Reporter(Agent(args.socket or socket_path(args.config)))
 
 
 def _input(registry: Registry, args: argparse.Namespace) -> dict[str, str]:
@@ -178,7 +213,6 @@ def _input(registry: Registry, args: argparse.Namespace) -> dict[str, str]:
 
 
 def _agent_keys(config_file: str | None, socket: str | None) -> dict[str, str]:
-    from guestagent.client import ClientError  # only this path needs the agent
     from guestagent.config import ConfigError
 
     from .agent import Agent, socket_path

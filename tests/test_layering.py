@@ -70,6 +70,7 @@ LAYERS = {
             "templateconfig.builtin.authentication",
             "templateconfig.builtin.system",
         },
+        {"templateconfig.report"},
         {"templateconfig.master", "templateconfig.chkconfig", "templateconfig.firstboot"},
     ],
     "hostbridge": [
