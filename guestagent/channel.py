@@ -7,7 +7,10 @@ is written to (docs/virtio-serial.md):
 - only one process may hold it open: a second open() gets EBUSY;
 - while no host is connected, read() returns b"" (EOF) at once and poll() reports HUP, forever;
 - a pty (the stand-in in tests) is a tty: it must be put in raw mode with TCSANOW, since the
-  default TCSAFLUSH discards input the host already wrote.
+  default TCSAFLUSH discards input the host already wrote;
+- a channel may also be a serial tty (`channel = /dev/ttyS1`: QEMU's isa-serial; or a Xen
+  console, /dev/hvcN): raw as a pty, and with modem control and flow control off (set_raw).
+  pyserial is not used: it refuses the non-tty virtio port and discards pending input at open.
 """
 
 from __future__ import annotations
@@ -65,8 +68,7 @@ class Channel:
         try:
             is_tty = os.isatty(fd)
             if is_tty:
-                # Raw: no echo, no CR/LF translation, no line length limit, 0x04 is a byte.
-                tty.setraw(fd, termios.TCSANOW)
+                set_raw(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -96,6 +98,25 @@ class Channel:
 
     def __repr__(self) -> str:
         return "Channel(%r, fd=%d%s)" % (self.path, self.fd, ", tty" if self.is_tty else "")
+
+
+def set_raw(fd: int) -> None:
+    """Make the tty ``fd`` a clean 8-bit pipe, at once (TCSANOW: TCSAFLUSH would discard what the
+    host already wrote).
+
+    Raw: no echo, no CR/LF translation, no line length limit, 0x04 is a byte. For a serial port
+    (an emulated UART, /dev/ttyS1, or a Xen console, /dev/hvcN) also: CLOCAL, so that no modem
+    line can block an open or hang the line up; no hardware or software flow control; HUPCL off,
+    so that closing does not drop the line. On a pty these change nothing that matters.
+    """
+    tty.setraw(fd, termios.TCSANOW)
+    attrs = termios.tcgetattr(fd)
+    cflag = attrs[2]
+    cflag |= termios.CLOCAL | termios.CREAD
+    cflag &= ~(termios.HUPCL | termios.CRTSCTS)
+    attrs[2] = cflag
+    attrs[0] &= ~(termios.IXON | termios.IXOFF | termios.IXANY)
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
 def is_hangup(err: OSError) -> bool:

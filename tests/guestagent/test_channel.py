@@ -80,6 +80,30 @@ def test_open_should_make_a_tty_raw_without_losing_input_already_written():
         os.close(slave)
 
 
+def test_open_should_turn_off_modem_control_and_flow_control_as_a_serial_port_needs():
+    master, slave, path = open_raw_pty()
+    try:
+        # As a serial line may come: hang up on close, hardware and software flow control.
+        attrs = termios.tcgetattr(slave)
+        attrs[2] = (attrs[2] | termios.HUPCL | termios.CRTSCTS) & ~termios.CLOCAL
+        attrs[0] |= termios.IXON | termios.IXOFF
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        ch = Channel.open(path)
+        try:
+            iflag, _, cflag = termios.tcgetattr(ch.fd)[:3]
+            assert cflag & termios.CLOCAL and cflag & termios.CREAD
+            assert not cflag & (termios.HUPCL | termios.CRTSCTS)
+            assert not iflag & (termios.IXON | termios.IXOFF | termios.IXANY)
+            # XOFF (0x13) and XON (0x11) are bytes like any other.
+            os.write(master, b"\x13\x11\n")
+            assert read_until(ch, b"\n") == b"\x13\x11\n"
+        finally:
+            ch.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_open_should_not_touch_termios_on_a_plain_device():
     ch = Channel.open("/dev/null")  # a character device that is not a tty, like the real port
     try:
