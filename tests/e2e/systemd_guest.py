@@ -43,6 +43,7 @@ class SystemdGuest(QemuGuest):
     def __init__(self, proc, workdir, agent_socket, control_socket, serial_log, started, disk):
         super().__init__(proc, workdir, agent_socket, control_socket, serial_log, started)
         self.disk = disk
+        self.tty_socket: str | None = None  # the host side of ttyS1, when booted with one
 
     def control(self, timeout: float = BOOT_TIMEOUT) -> GuestControl:
         return super().control(timeout)
@@ -84,15 +85,17 @@ def boot_systemd(
     nic: bool = True,
     persistent: bool = False,
     extra_append: str = "",
+    serial_channel: bool = False,
 ) -> SystemdGuest:
     """Start QEMU on ``image``; return once its sockets exist (then call ``control()``)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     agent_socket = str(workdir / "agent.sock")
     control_socket = str(workdir / "control.sock")
+    tty_socket = str(workdir / "tty.sock")
     n = _next_boot_number(workdir)
     serial_log = str(workdir / ("serial-%d.log" % n))
-    for p in (agent_socket, control_socket):
+    for p in (agent_socket, control_socket, tty_socket):
         if os.path.exists(p):
             os.unlink(p)
     if persistent:
@@ -143,6 +146,15 @@ def boot_systemd(
         "-device",
         "virtserialport,bus=vser0.0,chardev=ch1,name=%s" % CONTROL_PORT,
     ]
+    if serial_channel:
+        # A second UART, the guest's /dev/ttyS1 (the console is ttyS0), its host side a unix
+        # socket: a channel for an agent on a serial line (guest.tty_socket).
+        argv += [
+            "-chardev",
+            "socket,id=ch2,path=%s,server=on,wait=off" % tty_socket,
+            "-device",
+            "isa-serial,chardev=ch2",
+        ]
     if nic:
         # restrict=on: the guest reaches nothing beyond QEMU's own user network.
         argv += ["-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0"]
@@ -150,6 +162,7 @@ def boot_systemd(
     with open(workdir / ("qemu-%d.log" % n), "wb") as qlog:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
     guest = SystemdGuest(proc, workdir, agent_socket, control_socket, serial_log, started, disk)
+    guest.tty_socket = tty_socket if serial_channel else None
     try:
         _wait_for_socket(agent_socket, proc, 30)
         _wait_for_socket(control_socket, proc, 30)

@@ -10,8 +10,12 @@ with -s to see them; they are also in the first test's assertion messages.
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +24,7 @@ import pytest
 from tests.e2e.qemu import QEMU, GuestControl
 from tests.e2e.systemd_guest import SystemdGuest, boot_systemd
 from tests.e2e.systemd_image import ImageError, SystemdImage, build_systemd_image
+from tests.hostbridge.bridge_harness import BridgeProc
 from tests.support import tempdirs
 
 # The first run builds the image (debootstrap: minutes); a boot takes up to BOOT_TIMEOUT and the
@@ -84,7 +89,7 @@ def booted():
     except ImageError as e:
         pytest.fail("cannot build the systemd guest image: %s" % e)
     with tempdirs.short_dir("ovmd-sd-") as workdir:
-        guest = boot_systemd(image, workdir)
+        guest = boot_systemd(image, workdir, serial_channel=True)
         try:
             ctl = guest.control()
             b = Booted(image, guest, ctl)
@@ -176,3 +181,55 @@ def test_the_watchdog_should_restart_a_hung_agent(booted):
     assert run(ctl, "ovmd", "-g", "before-watchdog") == "kept\n"
     run(ctl, "ovmd", "-p", "after-watchdog=yes")
     assert run(ctl, "ovmd", "-g", "after-watchdog") == "yes\n"
+
+
+def test_an_agent_on_a_serial_line_should_exchange_messages_with_the_bridge(booted):
+    """The tty channel: an agent on /dev/ttyS1 (QEMU's isa-serial), the bridge on its socket."""
+    ctl = booted.ctl
+    sock = "/run/ovmd-tty/ovmd.sock"
+    # A second agent beside the packaged one (whose unit is bound to the virtio port), as a
+    # transient unit: Type=notify, so systemd-run returns once it is ready.
+    run(ctl, "systemd-run", "--unit", "ovmd-ttyS1", "-p", "Type=notify", "/usr/bin/ovmd",
+        "--daemon", "--channel", "/dev/ttyS1", "--socket", sock, "--state-dir",
+        "/run/ovmd-tty")  # fmt: skip
+    try:
+        assert run(ctl, "systemctl", "is-active", "ovmd-ttyS1").strip() == "active"
+        rc = ctl.run(["systemctl", "is-active", "serial-getty@ttyS1"], timeout=RUN_TIMEOUT)
+        assert rc.stdout.decode().strip() != "active", "a getty holds the agent's line"
+        with BridgeProc({"tty1": "unix:" + booted.guest.tty_socket}) as bridge:
+            bridge.wait_ready()
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while vm_agent(bridge, "tty1") != "connected":
+                assert time.monotonic() < deadline, "the agent on ttyS1 never connected"
+                time.sleep(POLL)
+            # Host to guest, acknowledged by the agent through the UART.
+            sent = vmmessage(bridge, "send", "tty1", "com.example.over-serial", "hello, ttyS1")
+            assert (sent.returncode, sent.stdout) == (0, "Message sent successfully.\n")
+            got = run(ctl, "ovmd", "--socket", sock, "-g", "com.example.over-serial")
+            assert got == "hello, ttyS1\n"
+            # Guest to host: a value of nearly the limit, every printable byte, through the line.
+            big = "".join(chr(32 + i % 95) for i in range(8000))
+            run(ctl, "ovmd", "--socket", sock, "-p", "guest.big=" + big)
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while True:
+                q = vmmessage(bridge, "query", "tty1", "guest.big", "--json")
+                if q.returncode == 0 and json.loads(q.stdout)["value"] == big:
+                    break
+                assert time.monotonic() < deadline, q.stdout + q.stderr
+                time.sleep(POLL)
+    finally:
+        ctl.run(["systemctl", "stop", "ovmd-ttyS1"], timeout=RUN_TIMEOUT)
+
+
+def vmmessage(bridge, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMMESSAGE_")}
+    env["VMMESSAGE_BRIDGE"] = bridge.api_socket
+    return subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "vmmessage"), *args],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env,
+    )  # fmt: skip
+
+
+def vm_agent(bridge, vm):
+    r = vmmessage(bridge, "status", vm, "--json")
+    return json.loads(r.stdout)["agent"] if r.returncode == 0 else None
