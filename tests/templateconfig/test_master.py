@@ -191,3 +191,54 @@ def test_the_run_log_should_name_modules_and_outcomes_but_never_a_value(tmp_path
     log = (d / "run.log").read_text()
     assert "configure: only ok" in log
     assert "hunter2-value" not in log + done.stdout + done.stderr
+
+
+def test_console_input_should_ask_for_each_key_not_hidden_and_not_echo_a_password(tmp_path):
+    """--console-input on a real terminal (a pty that is the command's controlling tty)."""
+    import fcntl
+    import pty
+    import select
+    import subprocess
+    import termios
+
+    from tests.support.processes import child_env, script
+
+    d = setup(tmp_path, {"only": recorder("only", 20)})
+    master_fd, slave_fd = pty.openpty()
+
+    def take_tty():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    env = child_env({"TRACE": str(tmp_path / "trace"),
+                     "OVM_TEMPLATE_CONFIG_LOG": str(tmp_path / "log")})  # fmt: skip
+    proc = subprocess.Popen(
+        [script("ovm-template-config"), "--template-dir", str(d), "--console-input", "configure"],
+        stdin=slave_fd, stdout=slave_fd, stderr=slave_fd, env=env,
+        start_new_session=True, preexec_fn=take_tty,
+    )  # fmt: skip
+    os.close(slave_fd)
+    seen = b""
+
+    def expect(text, timeout=30):
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            assert time.monotonic() < deadline, seen
+            if select.select([master_fd], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master_fd, 4096)
+                except OSError:
+                    break
+
+    try:
+        expect(b"URL [com.example.only.url]: ")
+        os.write(master_fd, b"https://example.com/x\n")
+        expect(b"x [com.example.secret]: ")
+        os.write(master_fd, b"pw-typed-here\n")
+        assert proc.wait(timeout=60) == 0
+        expect(b"configure: only ok")
+    finally:
+        proc.kill()
+        os.close(master_fd)
+    assert b"pw-typed-here" not in seen  # not echoed
+    assert trace(tmp_path) == [["only", ["com.example.only.url", "com.example.secret"]]]
