@@ -14,9 +14,9 @@ Library API (stdlib only; import it like the other test helpers: ``from guest_im
 busybox-static and the kernel package are listed in scripts/packages-test.txt; the kernel is
 fetched with ``apt-get download`` (the package that linux-image-cloud-amd64 depends on) and only
 unpacked. The cache entry is ``<cache_dir>/<key>/`` where key hashes the project's sources
-(ovmproto/, ovmsys/, guestagent/, hostbridge/, pyproject.toml, README.md), this file,
-tests/e2e/guest/, the kernel package name, busybox and /usr/bin/python3.11; change any of them and
-the next call rebuilds.
+(ovmproto/, ovmsys/, guestagent/, templateconfig/, hostbridge/, pyproject.toml, README.md), this
+file, tests/e2e/guest/, the kernel package name, busybox and /usr/bin/python3.11; change any of
+them and the next call rebuilds.
 Concurrent callers are serialized by a lock file; an entry appears atomically (rename).
 
 What the guest holds: static busybox; Debian's /usr/bin/python3.11 with the shared libraries it and
@@ -117,8 +117,16 @@ _DYNLOAD_SKIP = re.compile(
     r"^(_test|_xx|xxlimited|_curses|_dbm|readline|nis|ossaudiodev|_ssl|"
     r"_hashlib|_sqlite3|_tkinter|_ctypes_test|audioop)"
 )
-_SOURCE_DIRS = ("ovmproto", "ovmsys", "guestagent", "hostbridge")
-_SOURCE_FILES = ("pyproject.toml", "README.md", "bin/ovmd", "bin/vmmessage")
+_SOURCE_DIRS = ("ovmproto", "ovmsys", "guestagent", "templateconfig", "hostbridge")
+_SOURCE_FILES = (
+    "pyproject.toml",
+    "README.md",
+    "bin/ovmd",
+    "bin/vmmessage",
+    "bin/ovm-template-config",
+    "bin/ovm-chkconfig",
+    "bin/ovm-template-initial-config",
+)
 
 
 class ImageError(Exception):

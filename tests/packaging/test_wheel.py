@@ -1,5 +1,5 @@
-"""`python -m build --wheel` (the venv's build) makes one wheel with the four packages, the
-bridge's OpenAPI document and the four console scripts."""
+"""`python -m build --wheel` (the venv's build) makes one wheel with the five packages, the
+bridge's OpenAPI document, the built-in template configuration modules and the commands."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from tests.packaging.pkgbuild import ROOT, VERSION, entry_point_scripts, project_scripts
 
-PACKAGES = ("ovmproto", "ovmsys", "guestagent", "hostbridge")
+PACKAGES = ("ovmproto", "ovmsys", "guestagent", "templateconfig", "hostbridge")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def wheel(tmp_path_factory):
     return os.path.join(str(out), wheels[0])
 
 
-def test_the_wheel_should_hold_the_four_packages_and_the_openapi_document(wheel):
+def test_the_wheel_should_hold_the_packages_the_openapi_document_and_the_modules(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for package in PACKAGES:
         assert "%s/__init__.py" % package in names
@@ -55,10 +55,13 @@ def test_the_wheel_should_hold_the_four_packages_and_the_openapi_document(wheel)
         }
         assert expected <= names, expected - names
     assert "hostbridge/openapi.json" in names
+    for module in os.listdir(os.path.join(ROOT, "templateconfig", "scripts")):
+        assert "templateconfig/scripts/%s" % module in names
+    assert "templateconfig/builtin/network.py" in names
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]
 
 
-def test_the_wheel_should_carry_the_four_commands(wheel):
+def test_the_wheel_should_carry_the_commands(wheel):
     with zipfile.ZipFile(wheel) as z:
         text = z.read("ovmd-%s.dist-info/entry_points.txt" % VERSION).decode()
         script = z.read("ovmd-%s.data/scripts/ovmd" % VERSION).decode()
@@ -67,4 +70,12 @@ def test_the_wheel_should_carry_the_four_commands(wheel):
     assert dict(entry_points["console_scripts"]) == entry_point_scripts()
     # ovmd is a plain script (no generated wrapper importing re); pip fixes its #! on install.
     assert script.startswith("#!python\n") and "from guestagent.cli import main" in script
-    assert set(project_scripts()) == {"ovmd", "hostbridge", "vmmessage", "ovm_vmmessage"}
+    assert set(project_scripts()) == {
+        "ovmd",
+        "hostbridge",
+        "vmmessage",
+        "ovm_vmmessage",
+        "ovm-template-config",
+        "ovm-chkconfig",
+        "ovm-template-initial-config",
+    }
