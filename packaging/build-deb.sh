@@ -14,7 +14,7 @@ src="$work/ovmd-0.1.0"
 mkdir "$src"
 tar -C "$root" --exclude=__pycache__ --exclude='*.pyc' -cf - \
     ovmproto ovmsys guestagent templateconfig hostbridge systemd packaging/bin packaging/man \
-    packaging/hostbridge.toml packaging/sysconfig \
+    packaging/hostbridge.toml packaging/sysconfig packaging/serial_unit.py \
     README.md docs |
     tar -C "$src" -xf -
 cp -r "$root/packaging/debian" "$src/debian"

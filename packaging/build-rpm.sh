@@ -16,7 +16,8 @@ version=$(sed -n 's/^Version: *//p' "$root/packaging/rpm/ovmd.spec")
 mkdir -p "$work"/{SOURCES,SPECS,BUILD,RPMS,SRPMS} "$work/src/ovmd-$version"
 tar -C "$root" --exclude=__pycache__ --exclude='*.pyc' -cf - \
     ovmproto ovmsys guestagent templateconfig hostbridge systemd packaging/bin packaging/man \
-    packaging/rpm packaging/hostbridge.toml packaging/sysconfig packaging/debian/copyright \
+    packaging/rpm packaging/hostbridge.toml packaging/sysconfig packaging/serial_unit.py \
+    packaging/debian/copyright \
     README.md docs |
     tar -C "$work/src/ovmd-$version" -xf -
 tar -C "$work/src" -czf "$work/SOURCES/ovmd-$version.tar.gz" "ovmd-$version"

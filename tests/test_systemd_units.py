@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -390,3 +391,57 @@ def test_systemd_should_accept_the_first_boot_unit(tmp_path):
         if "ovm-template-initial-config" in line and "not found" not in line
     ]
     assert complaints == [], result.stdout
+
+
+# -- ovmd-serial@.service, made from ovmd.service (packaging/serial_unit.py) ----------------------
+
+
+def serial_unit_text():
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "packaging", "serial_unit.py"), UNIT],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout
+
+
+def test_the_serial_unit_should_keep_ovmd_services_sandbox_and_change_only_the_line():
+    serial = unit_settings_text(serial_unit_text())
+    port = unit_settings(UNIT)
+    assert serial["Unit"]["BindsTo"] == ["dev-%i.device"]
+    assert serial["Unit"]["After"] == ["dev-%i.device"]
+    assert serial["Unit"]["Conflicts"] == ["ovmd.service"]
+    assert serial["Service"]["ExecStart"] == ["/usr/bin/ovmd --daemon --channel /dev/%i"]
+    assert serial["Service"]["DeviceAllow"] == ["/dev/%i rw"]
+    assert serial["Install"]["WantedBy"] == ["multi-user.target"]
+    same = {k: v for k, v in port["Service"].items() if k not in ("ExecStart", "DeviceAllow")}
+    assert {k: serial["Service"][k] for k in same} == same
+
+
+@needs_analyze
+def test_systemd_should_accept_the_serial_unit(tmp_path):
+    text = serial_unit_text().replace("ExecStart=/usr/bin/ovmd ", "ExecStart=%s " % script("ovmd"))
+    path = tmp_path / "ovmd-serial@.service"
+    path.write_text(text, encoding="utf-8")
+    instance = tmp_path / "ovmd-serial@ttyS1.service"
+    os.symlink(path, instance)
+    result = analyze("verify", "--man=no", str(instance))
+    complaints = [
+        line
+        for line in result.stdout.splitlines()
+        if "ovmd-serial" in line and "not found" not in line
+    ]
+    assert complaints == [], result.stdout
+
+
+def unit_settings_text(text):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".service", delete=False) as f:
+        f.write(text)
+    try:
+        return unit_settings(f.name)
+    finally:
+        os.unlink(f.name)

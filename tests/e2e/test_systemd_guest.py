@@ -186,14 +186,14 @@ def test_the_watchdog_should_restart_a_hung_agent(booted):
 def test_an_agent_on_a_serial_line_should_exchange_messages_with_the_bridge(booted):
     """The tty channel: an agent on /dev/ttyS1 (QEMU's isa-serial), the bridge on its socket."""
     ctl = booted.ctl
-    sock = "/run/ovmd-tty/ovmd.sock"
-    # A second agent beside the packaged one (whose unit is bound to the virtio port), as a
-    # transient unit: Type=notify, so systemd-run returns once it is ready.
-    run(ctl, "systemd-run", "--unit", "ovmd-ttyS1", "-p", "Type=notify", "/usr/bin/ovmd",
-        "--daemon", "--channel", "/dev/ttyS1", "--socket", sock, "--state-dir",
-        "/run/ovmd-tty")  # fmt: skip
+    sock = "/run/ovmd/ovmd.sock"
+    # The package's unit for a serial line (it takes the place of ovmd.service, whose unit is
+    # bound to the virtio port); Type=notify: systemctl returns once the agent is ready.
+    run(ctl, "systemctl", "start", "ovmd-serial@ttyS1")
     try:
-        assert run(ctl, "systemctl", "is-active", "ovmd-ttyS1").strip() == "active"
+        assert run(ctl, "systemctl", "is-active", "ovmd-serial@ttyS1").strip() == "active"
+        virtio = ctl.run(["systemctl", "is-active", "ovmd"], timeout=RUN_TIMEOUT)
+        assert virtio.stdout.decode().strip() != "active"  # Conflicts=: one agent in /run/ovmd
         rc = ctl.run(["systemctl", "is-active", "serial-getty@ttyS1"], timeout=RUN_TIMEOUT)
         assert rc.stdout.decode().strip() != "active", "a getty holds the agent's line"
         with BridgeProc({"tty1": "unix:" + booted.guest.tty_socket}) as bridge:
@@ -218,7 +218,7 @@ def test_an_agent_on_a_serial_line_should_exchange_messages_with_the_bridge(boot
                 assert time.monotonic() < deadline, q.stdout + q.stderr
                 time.sleep(POLL)
     finally:
-        ctl.run(["systemctl", "stop", "ovmd-ttyS1"], timeout=RUN_TIMEOUT)
+        ctl.run(["systemctl", "stop", "ovmd-serial@ttyS1"], timeout=RUN_TIMEOUT)
 
 
 def vmmessage(bridge, *args):

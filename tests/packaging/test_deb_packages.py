@@ -108,6 +108,7 @@ def test_each_package_should_carry_its_own_protocol_code_and_commands(debs):
     assert "/usr/lib/ovmd/templateconfig/cli.py" in guest
     assert "/etc/template.d/scripts/network" in guest
     assert "/lib/systemd/system/ovm-template-initial-config.service" in guest
+    assert "/lib/systemd/system/ovmd-serial@.service" in guest
     for module in ("ovmproto/framing", "ovmproto/codec", "ovmproto/jsonlib", "ovmsys/notify"):
         assert "/usr/lib/ovmd/%s.py" % module in guest
         assert "/usr/lib/hostbridge/%s.py" % module in host

@@ -46,6 +46,7 @@ def test_the_guest_rpm_should_hold_the_agent_its_unit_and_udev_rule(rpms):
         "/usr/sbin/ovm-template-initial-config",
         "/usr/lib/ovmd/templateconfig/cli.py",
         "/usr/lib/systemd/system/ovm-template-initial-config.service",
+        "/usr/lib/systemd/system/ovmd-serial@.service",
         "/etc/template.d/scripts/network",
         "/etc/sysconfig/ovm-template-initial-config",
         "/usr/share/man/man8/ovm-template-config.8",
