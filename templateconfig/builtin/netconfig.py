@@ -194,9 +194,28 @@ class Networkd(Backend):
 class Ifupdown(Backend):
     name = "ifupdown"
     directory = "/etc/network/interfaces.d"
+    # dhclient rewrites resolv.conf with the DHCP server's DNS at every lease: given DNS keys
+    # win, as NetworkManager's ignore-auto-dns makes them, through this hook.
+    DHCLIENT_HOOK = "/etc/dhcp/dhclient-enter-hooks.d/ovm-template-config"
 
     def file(self, device: str) -> str:
         return "%s/ovm-%s" % (self.directory, device)
+
+    def dns(self, plan: Plan) -> None:
+        super().dns(plan)
+        if plan.dns and any(i.bootproto == "dhcp" for i in plan.interfaces):
+            self.system.write(
+                self.DHCLIENT_HOOK,
+                HEADER
+                + "# The DNS servers given to the VM win over the DHCP server's.\n"
+                + "make_resolv_conf() { :; }\n",
+            )
+        else:
+            self.system.remove(self.DHCLIENT_HOOK)
+
+    def remove_all(self) -> None:
+        super().remove_all()
+        self.system.remove(self.DHCLIENT_HOOK)
 
     def render(self, iface: Interface, plan: Plan) -> str:
         lines = [HEADER.rstrip("\n")]

@@ -82,6 +82,9 @@ TREE_PACKAGES = (
     "linux-image-cloud-amd64",
     "openssh-server",
     "passwd",
+    # What template configuration drives in the guest: DHCP through ifupdown, and an NTP client.
+    "isc-dhcp-client",
+    "systemd-timesyncd",
 )
 # Bump when _build_tree changes what it makes from the same suite and packages.
 TREE_RECIPE = "1"

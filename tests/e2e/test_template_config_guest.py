@@ -35,8 +35,10 @@ CONFIGURED_TIMEOUT = 600.0  # boot under emulation on a loaded machine, then the
 SETTINGS = "/etc/sysconfig/ovm-template-initial-config"
 FIRST = {"hostname": "vm1.example.com", "ip": "192.0.2.10", "dns": "192.0.2.53",
          "password": "First-boot root pw 1"}  # fmt: skip
-SECOND = {"hostname": "vm1b.example.org", "ip": "198.51.100.7", "dns": "198.51.100.53",
-          "password": "Second root pw 2"}  # fmt: skip
+# The second configuration takes its address by DHCP (QEMU's user network gives 10.0.2.15) and
+# turns NTP on; its DNS server still wins over the DHCP server's.
+SECOND = {"hostname": "vm1b.example.org", "dhcp": "10.0.2.15", "dns": "198.51.100.53",
+          "password": "Second root pw 2", "ntp": "ntp.example.org"}  # fmt: skip
 
 
 def vmmessage(bridge, *args, wait=True):
@@ -95,8 +97,13 @@ def arm_first_boot(disk, workdir):
 def send_configuration(bridge, cfg, key_file, pw_file, *extra, wait=False):
     with open(pw_file, "w") as f:
         f.write(cfg["password"] + "\n")
-    args = ["configure", "vm1", "--hostname", cfg["hostname"], "--ip", cfg["ip"] + "/24",
-            "--gateway", cfg["ip"].rsplit(".", 1)[0] + ".1", "--dns", cfg["dns"],
+    if "ip" in cfg:
+        address = ["--ip", cfg["ip"] + "/24", "--gateway", cfg["ip"].rsplit(".", 1)[0] + ".1"]
+    else:
+        address = ["--dhcp"]
+    if "ntp" in cfg:
+        address += ["--ntp-server", cfg["ntp"]]
+    args = ["configure", "vm1", "--hostname", cfg["hostname"], *address, "--dns", cfg["dns"],
             "--search", "example.com", "--account", "deploy", "--groups", "sudo",
             "--ssh-key", key_file, "--root-password-file", pw_file, *extra]  # fmt: skip
     if wait:
@@ -110,7 +117,15 @@ def assert_configured(ctl, cfg, key):
     _, etc_hostname = run(ctl, "cat", "/etc/hostname")
     assert etc_hostname == cfg["hostname"] + "\n"
     _, addr = run(ctl, "ip", "-4", "-o", "addr", "show", "dev", "eth0")
-    assert " %s/24 " % cfg["ip"] in addr, addr
+    assert " %s/24 " % cfg.get("ip", cfg.get("dhcp")) in addr, addr
+    if "dhcp" in cfg:
+        _, leases = run(ctl, "sh", "-c", "cat /var/lib/dhcp/dhclient*.leases")
+        assert "fixed-address %s;" % cfg["dhcp"] in leases, leases
+    if "ntp" in cfg:
+        _, ntp = run(ctl, "systemctl", "is-active", "systemd-timesyncd")
+        assert ntp.strip() == "active"
+        _, conf = run(ctl, "cat", "/etc/systemd/timesyncd.conf.d/50-ovm-template-config.conf")
+        assert conf == "[Time]\nNTP=%s\n" % cfg["ntp"]
     _, resolv = run(ctl, "cat", "/etc/resolv.conf")
     assert "nameserver %s" % cfg["dns"] in resolv and "search example.com" in resolv, resolv
     assert password_verifies(ctl, "root", cfg["password"])
@@ -209,8 +224,10 @@ def test_a_template_should_configure_itself_at_first_boot_then_again_after_clean
                 # reconfigure on the agent's keys; network refuses before changing anything,
                 # the modules after it still run.
                 hashed = password_hash(SECOND["password"])
-                sender = vmmessage(bridge, "configure", "vm1", "--set",
-                                   "com.oracle.linux.network.ipaddr.0=198.51.100.300",
+                n = "com.oracle.linux.network."
+                sender = vmmessage(bridge, "configure", "vm1", "--set", n + "bootproto.0=static",
+                                   "--set", n + "ipaddr.0=198.51.100.300",
+                                   "--set", n + "netmask.0=255.255.255.0",
                                    "--timezone", "Europe/Paris", "--root-password-hash", hashed,
                                    "--wait", "--json", "--timeout", "300", wait=False)  # fmt: skip
                 # The root password is sent last: once the guest has it, it has them all.
@@ -239,7 +256,7 @@ def test_a_template_should_configure_itself_at_first_boot_then_again_after_clean
                 _, zone = run(ctl, "readlink", "/etc/localtime")
                 assert zone.strip() == "/usr/share/zoneinfo/Europe/Paris"
                 _, addr = run(ctl, "ip", "-4", "-o", "addr", "show", "dev", "eth0")
-                assert " %s/24 " % SECOND["ip"] in addr  # the earlier network, untouched
+                assert " %s/24 " % SECOND["dhcp"] in addr  # the earlier network, untouched
                 assert password_verifies(ctl, "root", SECOND["password"])
             finally:
                 guest.kill()

@@ -131,3 +131,17 @@ def test_unconfigure_should_remove_exactly_what_configure_wrote(tmp_path):
     MODULE.run("unconfigure", {}, System(str(root), str(tmp_path / "c2")))
     assert [p.name for p in (root / "etc/network/interfaces.d").iterdir()] == ["lo-by-admin"]
     assert "ovm-template-config" not in (root / "etc/hosts").read_text()
+
+
+def test_dns_keys_should_win_over_dhcps_on_ifupdown_and_the_hook_go_when_unneeded(tmp_path):
+    hook = "etc/dhcp/dhclient-enter-hooks.d/ovm-template-config"
+    pairs = {P + "bootproto.0": "dhcp", P + "dns-servers.0": "192.0.2.53"}
+    root, _ = run(tmp_path, pairs)
+    assert "make_resolv_conf() { :; }" in (root / hook).read_text()
+    assert "nameserver 192.0.2.53" in (root / "etc/resolv.conf").read_text()
+    # Without DNS keys, the DHCP server's DNS is used again.
+    MODULE.run("configure", {P + "bootproto.0": "dhcp"}, System(str(root), str(tmp_path / "c2")))
+    assert not (root / hook).exists()
+    MODULE.run("configure", pairs, System(str(root), str(tmp_path / "c3")))
+    MODULE.run("unconfigure", {}, System(str(root), str(tmp_path / "c4")))
+    assert not (root / hook).exists()
