@@ -373,7 +373,11 @@ def configure(vm: str, as_json: bool | None, **o: Any) -> int:
     outcomes = []
     for n, m in enumerate(messages):
         try:
-            doc = client.send(vm, m.key, m.value, log=m.log, idempotency_key="%s-%d" % (request, n))
+            if m.value is None:  # with --dhcp, an earlier static address
+                doc = client.delete(vm, m.key)
+            else:
+                ident = "%s-%d" % (request, n)
+                doc = client.send(vm, m.key, m.value, log=m.log, idempotency_key=ident)
         except ApiError as exc:
             if n:
                 sys.stderr.write(

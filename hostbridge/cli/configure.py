@@ -27,7 +27,14 @@ from ovmproto.limits import check_key, check_value
 N = "com.oracle.linux.network."
 D = "com.oracle.linux.datetime."
 U = "com.oracle.linux.user."
-POLL_INTERVAL = 1.0  # seconds between reads of the report (the bridge's mirror of guest keys)
+POLL_INTERVAL = 1.0
+# A static address an earlier configuration left in the guest would contradict --dhcp (the guest
+# refuses both at once): these keys are deleted first when --dhcp is given.
+STATIC_KEYS = (
+    N + "ipaddr.0",
+    N + "netmask.0",
+    N + "gateway.0",
+)  # seconds between reads of the report (the bridge's mirror of guest keys)
 
 
 class ConfigureError(ValueError):
@@ -37,7 +44,7 @@ class ConfigureError(ValueError):
 @dataclass
 class Message:
     key: str
-    value: str
+    value: str | None  # None: delete the key in the guest
     log: bool
 
 
@@ -157,8 +164,8 @@ def _password(text: str) -> str:
 
 
 def plan(settings: dict[str, str], request: str) -> list[Message]:
-    """The messages, in the order they must go: the request's name, the settings, the secrets
-    (unlogged), the root password last."""
+    """The messages, in the order they must go: the request's name, the deletes (with DHCP, an
+    earlier static address), the settings, the secrets (unlogged), the root password last."""
     for key, value in settings.items():
         problem = check_key(key) or check_value(value)
         if problem is not None:
@@ -174,7 +181,10 @@ def plan(settings: dict[str, str], request: str) -> list[Message]:
     secret = [Message(k, v, False) for k, v in settings.items()
               if tk.is_secret(k) and k != tk.ROOT_PASSWORD_KEY]  # fmt: skip
     last = Message(tk.ROOT_PASSWORD_KEY, settings[tk.ROOT_PASSWORD_KEY], False)
-    return [Message(tk.REQUEST_KEY, request, True), *plain, *secret, last]
+    deletes = []
+    if settings.get(N + "bootproto.0") == "dhcp":
+        deletes = [Message(k, None, True) for k in STATIC_KEYS if k not in settings]
+    return [Message(tk.REQUEST_KEY, request, True), *deletes, *plain, *secret, last]
 
 
 def new_request() -> str:

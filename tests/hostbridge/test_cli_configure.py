@@ -186,3 +186,24 @@ def test_a_toml_file_should_give_full_keys_in_order_with_the_password_last(tmp_p
         tk.ROOT_PASSWORD_KEY,
     ]
     assert "from-file-pw" not in cli(bridge, "audit", "vm1").stdout
+
+
+def test_dhcp_should_first_delete_an_earlier_static_address_in_the_guest(
+    tmp_path, short_dir, bridge
+):
+    agent = start_agent(bridge, short_dir)
+    try:
+        net = "com.oracle.linux.network."
+        for key, value in (("ipaddr.0", "192.0.2.10"), ("netmask.0", "255.255.255.0")):
+            assert cli(bridge, "send", "vm1", net + key, value).returncode == 0
+        done = configure_cmd(bridge, "vm1", "--dhcp", "--root-password-hash", "$6$s$" + "a" * 86)
+        out, err = done.communicate(timeout=60)
+        assert done.returncode == 0, err
+        keys = json.loads(cli(bridge, "keys", "vm1", "--json").stdout)["entries"]
+        held = {e["key"]: e["value"] for e in keys}
+        assert held[net + "bootproto.0"] == "dhcp"
+        assert net + "ipaddr.0" not in held and net + "netmask.0" not in held
+        # The guest's network module would now take it: no static address beside DHCP.
+        assert out.startswith("Configuration sent to VM 'vm1': 6 messages, all delivered.")
+    finally:
+        agent.close()
