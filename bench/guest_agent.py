@@ -15,6 +15,8 @@ Figures:
   3. 20,000 pipelined pings with 64 and with 256 in flight: replies lost and ops/s
   4. agent RSS after the runs; CPU time and wakeups over an idle period, host connected and absent
   5. `ovmd -g KEY` whole-process wall time against `python -c pass` by the same interpreter
+  6. with --syscalls N: each agent's system calls per sequential request (ping, 8 KiB read),
+     counted by `strace -c` attached to it for N requests of each kind, with the commonest calls
 """
 
 import argparse
@@ -723,6 +725,60 @@ def round_trips(peer, make, n, warmup, check=None, before=None):
     return {"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99), "n": n}
 
 
+def syscalls_per_request(peer, n):
+    """System calls the agent makes per sequential request (ping, then an 8 KiB read), counted
+    by `strace -c` attached to its process for n requests of each kind; by call, and in all."""
+    if shutil.which("strace") is None:
+        raise BenchError("--syscalls needs strace (apt-get install strace)")
+    out = {}
+    for kind, make, check, before in (
+        ("ping", peer.ping_request, None, None),
+        ("read8k", peer.read8k_request, peer.check_read8k, peer.before_read8k),
+    ):
+        summary = os.path.join(peer.workdir, "strace-%s.txt" % kind)
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-c", "-o", summary, "-p", str(peer.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        # strace says "attached" once it traces: only then do the requests count.
+        line = tracer.stderr.readline()
+        if b"attached" not in line:
+            tracer.kill()
+            raise BenchError("strace could not attach to %s: %r" % (peer.name, line))
+        round_trips(peer, make, n, 0, check=check, before=before)
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(30)
+        calls = parse_strace_summary(summary)
+        total = sum(calls.values())
+        top = sorted(calls.items(), key=lambda kv: -kv[1])[:6]
+        out[kind] = {
+            "per_request": total / n,
+            "by_call": {name: count / n for name, count in top},
+        }
+    return out
+
+
+def parse_strace_summary(path):
+    """{syscall: calls} from `strace -c` output."""
+    calls = {}
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            # "% time seconds usecs/call calls [errors] syscall"
+            if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+                calls[fields[-1]] = int(fields[3])
+    return calls
+
+
+def print_syscalls(result):
+    print("system calls per sequential request (strace -c attached to the agent):")
+    for name, kinds in result.items():
+        for kind, r in kinds.items():
+            top = ", ".join("%s %.1f" % kv for kv in r["by_call"].items())
+            print("  %-8s %-7s %5.1f   (%s)" % (name, kind, r["per_request"], top))
+
+
 def pipelined(peer, total, window, deadline_s=90.0, stall_s=1.0):
     """total pings with up to `window` in flight; replies lost and ops/s.
 
@@ -1084,6 +1140,13 @@ def parse_args(argv):
     )
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     ap.add_argument(
+        "--syscalls",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also count each agent's system calls per request over N requests (strace -c)",
+    )
+    ap.add_argument(
         "--ovmd-launcher",
         choices=("wheel", "auto", "script", "module"),
         default="wheel",
@@ -1180,6 +1243,12 @@ def main(argv=None):
             res["rounds"].append(r)
             print_round(r, i, [p.name for p in order])
             check_cpu_budget(peers)
+
+        if args.syscalls:
+            res["syscalls"] = {}
+            for p in peers:
+                res["syscalls"][p.name] = syscalls_per_request(p, args.syscalls)
+            print_syscalls(res["syscalls"])
 
         ours = next((p for p in peers if p.name == OURS), None)
         if ours is not None:
