@@ -6,9 +6,9 @@ from __future__ import annotations
 
 # Host -> guest: the original's settings, com.oracle.linux.*; the root password comes last.
 ROOT_PASSWORD_KEY = "com.oracle.linux.root-password"
-# Keys that hold a secret: sent unlogged and last by the host, deleted by the guest after use
-# (a `.N` suffix is the index of an interface or account).
-SECRET_KEY_PREFIXES = (ROOT_PASSWORD_KEY, "com.oracle.linux.user.password.")
+# Keys that hold a secret: sent unlogged and last by the host, deleted by the guest after use:
+# the root password, and each account's (`.N`, the account's index).
+USER_PASSWORD_PREFIX = "com.oracle.linux.user.password."
 # Prefix marking a password value that is already a crypt(3) hash, as LDAP writes it.
 CRYPT_PREFIX = "{crypt}"
 
@@ -23,4 +23,4 @@ FINAL_STATES = ("done", "failed", "timeout")
 
 
 def is_secret(key: str) -> bool:
-    return key == ROOT_PASSWORD_KEY or key.startswith(SECRET_KEY_PREFIXES[1:])
+    return key == ROOT_PASSWORD_KEY or key.startswith(USER_PASSWORD_PREFIX)

@@ -32,6 +32,7 @@ HEADER = """\
 
 def convert(text: str) -> str:
     out = [HEADER.rstrip("\n")]
+    replaced: set[str] = set()
     seen_device_allow = False
     in_header = True
     for line in text.splitlines():
@@ -43,6 +44,7 @@ def convert(text: str) -> str:
             if key in ("BindsTo=", "After=") and PORT_DEVICE not in line:
                 raise SystemExit("serial_unit: unexpected %s" % line)
             out.append(REPLACE[key])
+            replaced.add(key)
         elif key in DROP:
             if not seen_device_allow:
                 while out[-1].startswith("#"):
@@ -52,7 +54,7 @@ def convert(text: str) -> str:
                 seen_device_allow = True
         else:
             out.append(line)
-    missing = [k for k in REPLACE if not any(line.startswith(REPLACE[k][:6]) for line in out)]
+    missing = sorted(set(REPLACE) - replaced)
     if missing or not seen_device_allow:
         raise SystemExit("serial_unit: ovmd.service lacks %s" % (missing or "DeviceAllow="))
     out += ["", "[Install]", "WantedBy=multi-user.target"]

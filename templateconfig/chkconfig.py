@@ -9,36 +9,22 @@ Exit status: 0 done; 1 no such module, or a target it does not implement; 2 usag
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-from . import TARGETS, TEMPLATE_DIR, VERSION
+from . import TARGETS, VERSION
+from .cliargs import Parser, Usage
 from .common import TemplateError
 from .plugins import Registry
 
 
-class Usage(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise Usage(message)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ovm-chkconfig", description="Enable template configuration modules.")
+    p = Parser(prog="ovm-chkconfig", description="Enable template configuration modules.")
     p.add_argument("--version", action="version", version="ovm-chkconfig " + VERSION)
     p.add_argument("--list", nargs="?", const="", metavar="name", help="modules by targets")
     p.add_argument("--add", metavar="name", help="enable for every target its header declares")
     p.add_argument("--del", dest="delete", metavar="name", help="disable for every target")
     p.add_argument("--target", metavar="target[,target...]", help="with NAME on|off")
-    p.add_argument(
-        "--template-dir",
-        default=os.environ.get("OVM_TEMPLATE_DIR", TEMPLATE_DIR),
-        help=argparse.SUPPRESS,
-    )
     p.add_argument("rest", nargs="*", metavar="name {on|off}")
     return p
 
@@ -87,9 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if t not in TARGETS:
                     sys.stderr.write("ovm-chkconfig: unknown target %s\n" % t)
                     return 2
-            for t in targets:
-                plugin_targets = plugin.priorities
-                if state == "on" and t not in plugin_targets:
+            for t in targets:  # all checked before any link changes
+                if state == "on" and t not in plugin.priorities:
                     raise TemplateError("module %s does not implement %s" % (name, t))
             for t in targets:
                 registry.set_enabled(plugin, t, state == "on")

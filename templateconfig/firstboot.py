@@ -37,7 +37,7 @@ from .agent import Agent, socket_path
 from .common import read_file, write_file
 from .log import Log
 from .plugins import Registry
-from .report import Reporter, outcome, secret_keys
+from .report import Reporter, outcome
 from .runner import ModuleResult, run_target
 
 DEFAULT_TIMEOUT = 900.0
@@ -138,8 +138,7 @@ def run() -> int:
     try:
         _, results = run_target(registry, "configure", pairs, on_result=report)
     finally:
-        for key in secret_keys(registry, list(pairs)):
-            agent.delete(key)
+        reporter.forget_secrets(registry, list(pairs))
         write_setting(settings_file, "INITIAL_CONFIG", "no")
     state = reporter.finish(results)
     log.line("first boot: %s in %.1fs" % (state, time.monotonic() - started))

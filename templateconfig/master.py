@@ -17,27 +17,19 @@ from collections.abc import Sequence
 
 from guestagent.client import ClientError
 
-from . import MODULE_TIMEOUT, TARGETS, TEMPLATE_DIR, VERSION
+from . import MODULE_TIMEOUT, TARGETS, VERSION
+from .cliargs import Parser, Usage
 from .common import TemplateError
 from .log import Log
 from .plugins import Registry
-from .report import Reporter, secret_keys
+from .report import Reporter
 from .runner import ModuleResult, enumerate_module, run_target, selected
 
 EXIT_FAILED, EXIT_USAGE, EXIT_AGENT, EXIT_INPUT = 1, 2, 3, 4
 
 
-class Usage(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise Usage(message)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="ovm-template-config",
         description="Run a template configuration target: every module enabled for it, in "
         "priority order, with the key/values from the agent (default) or the input given.",
@@ -60,11 +52,6 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="FILE", help="the agent's configuration (its socket)")
     p.add_argument("--socket", metavar="PATH", help="the agent's socket (default: its config's)")
-    p.add_argument(
-        "--template-dir",
-        default=os.environ.get("OVM_TEMPLATE_DIR", TEMPLATE_DIR),
-        help=argparse.SUPPRESS,
-    )
     p.add_argument("target", choices=TARGETS, metavar="target", help=", ".join(TARGETS))
     return p
 
@@ -115,15 +102,19 @@ def _console(registry: Registry, target: str, only: str | None, pairs: dict) -> 
     return pairs
 
 
+def _fail(status: int, text: str) -> int:
+    """Say why on one line of stderr; return the exit status."""
+    sys.stderr.write("ovm-template-config: %s\n" % text)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser().parse_intermixed_args(argv)
     except Usage as e:
-        sys.stderr.write("ovm-template-config: %s\n" % e)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, str(e))
     if args.ovf_transport_iso:
-        sys.stderr.write("ovm-template-config: --ovf-transport-iso is not supported\n")
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, "--ovf-transport-iso is not supported")
     registry = Registry(args.template_dir)
     try:
         selected(registry, args.target, args.script)  # a bad --script before any input is read
@@ -131,14 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _enumerate(registry, args)
         pairs = _input(registry, args)
     except TemplateError as e:
-        sys.stderr.write("ovm-template-config: %s\n" % e)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, str(e))
     except ValueError as e:
-        sys.stderr.write("ovm-template-config: the input: %s\n" % e)
-        return EXIT_INPUT
+        return _fail(EXIT_INPUT, "the input: %s" % e)
     except _AgentUnreachable as e:
-        sys.stderr.write("ovm-template-config: %s\n" % e)
-        return EXIT_AGENT
+        return _fail(EXIT_AGENT, str(e))
     log = Log()
     log.line("%s: start%s" % (args.target, " (module %s)" % args.script if args.script else ""))
     reporter = _reporter(args)
@@ -160,16 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         finally:
             if reporter is not None and args.target in SECRET_TARGETS:
-                for key in secret_keys(registry, list(pairs)):
-                    reporter.agent.delete(key)
+                reporter.forget_secrets(registry, list(pairs))
         if reporter is not None:
             reporter.finish(results)
     except TemplateError as e:
-        sys.stderr.write("ovm-template-config: %s\n" % e)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, str(e))
     except ClientError as e:
-        sys.stderr.write("ovm-template-config: the agent: %s\n" % e)
-        return EXIT_AGENT
+        return _fail(EXIT_AGENT, "the agent: %s" % e)
     failed = [r for r in results if r.status != "ok"]
     log.line("%s: done, %d module(s), %d failed" % (args.target, len(results), len(failed)))
     if args.output is not None:

@@ -41,15 +41,21 @@ class Reporter:
     def module(self, r: ModuleResult) -> None:
         self.agent.put({MODULE_KEY_PREFIX + r.name: outcome(r)[:LIMIT]})
 
+    def forget_secrets(self, registry: Registry, keys: list[str]) -> None:
+        """Delete from the agent's cache the secrets among ``keys`` (secret_keys), once used."""
+        for key in secret_keys(registry, keys):
+            self.agent.delete(key)
+
     def finish(self, results: list[ModuleResult]) -> str:
         """The final state (done or failed), reported with the first error."""
         failed = [r for r in results if r.status != "ok"]
         error = "%s: %s" % (failed[0].name, failed[0].error) if failed else ""
         state = "failed" if failed else "done"
-        self.agent.put({STATE_KEY: state, ERROR_KEY: error[:LIMIT], RUN_KEY: self.run_id})
+        self.failed(state, error)
         return state
 
     def failed(self, state: str, error: str) -> None:
+        """The final ``state`` with ``error`` (one line, cut at LIMIT characters)."""
         self.agent.put({STATE_KEY: state, ERROR_KEY: error[:LIMIT], RUN_KEY: self.run_id})
 
 

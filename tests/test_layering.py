@@ -57,7 +57,7 @@ LAYERS = {
         {"guestagent.cli"},
     ],
     "templateconfig": [
-        {"templateconfig", "templateconfig.common", "templateconfig.log"},
+        {"templateconfig", "templateconfig.common", "templateconfig.log", "templateconfig.cliargs"},
         {"templateconfig.cli", "templateconfig.plugins", "templateconfig.agent"},
         {"templateconfig.runner", "templateconfig.builtin", "templateconfig.builtin.validate"},
         {"templateconfig.builtin.base"},

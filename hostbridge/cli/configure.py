@@ -225,16 +225,12 @@ def read_report(entries: list[dict[str, Any]], request: str) -> Report | None:
 
 
 def wait_report(
-    fetch: Callable[[], list[dict[str, Any]]],
-    request: str,
-    timeout: float,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
+    fetch: Callable[[], list[dict[str, Any]]], request: str, timeout: float
 ) -> Report | None:
     """Read the VM's keys until the report for ``request`` is final or ``timeout`` passes."""
-    deadline = clock() + timeout
+    deadline = time.monotonic() + timeout
     while True:
         report = read_report(fetch(), request)
-        if report is not None or clock() >= deadline:
+        if report is not None or time.monotonic() >= deadline:
             return report
-        sleep(min(POLL_INTERVAL, max(0.0, deadline - clock())))
+        time.sleep(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))

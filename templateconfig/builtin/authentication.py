@@ -7,7 +7,7 @@ format is refused). It runs last in `configure` (priority 90), as in the origina
 from __future__ import annotations
 
 from .. import ROOT_PASSWORD_KEY
-from . import passwords
+from . import passwords, validate
 from .base import Module, Pairs, Param, System
 
 
@@ -28,7 +28,7 @@ def configure(pairs: Pairs, system: System) -> None:
     text = pairs.get(ROOT_PASSWORD_KEY) or ""
     if not text:
         return  # nothing sent: the password stays as it is
-    passwords.set_password(system, "root", passwords.check(ROOT_PASSWORD_KEY, text))
+    passwords.set_password(system, "root", validate.password(ROOT_PASSWORD_KEY, text))
 
 
 MODULE = Module(params, {"configure": configure, "reconfigure": configure})

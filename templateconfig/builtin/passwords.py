@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 
 from ..common import run_cmd
-from . import validate
 from .base import System
 
 
@@ -18,10 +17,6 @@ def hash_password(plain: str) -> str:
         return crypt.crypt(plain, crypt.mksalt(crypt.METHOD_SHA512))
     except ImportError:  # Python 3.13 has no crypt module
         return run_cmd(["openssl", "passwd", "-6", "-stdin"], input=plain + "\n").strip()
-
-
-def check(key: str, text: str) -> tuple[str, bool]:
-    return validate.password(key, text)
 
 
 def set_password(system: System, user: str, checked: tuple[str, bool]) -> None:

@@ -69,7 +69,7 @@ def plan(pairs: Pairs, system: System) -> list[Account]:
             )
         a = Account(validate.user_name(k["name"], value(pairs, k["name"])))
         if pairs.get(k["password"]):
-            a.password = passwords.check(k["password"], pairs[k["password"]])
+            a.password = validate.password(k["password"], pairs[k["password"]])
         if value(pairs, k["uid"]):
             if not value(pairs, k["uid"]).isdigit() or not 0 < int(value(pairs, k["uid"])) < 2**31:
                 raise TemplateError("%s: not a uid (a number from 1)" % k["uid"])
