@@ -15,15 +15,20 @@ PROBE = (
 )
 
 
-def test_the_checkouts_interpreter_should_start_without_an_import_hook():
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE],
+def fresh_interpreter(code):
+    """``code`` run by this venv's interpreter as a user's command runs: from /, no PYTHONPATH."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=60,
         cwd="/",
         env=child_env(drop_prefixes=("PYTHONPATH",)),
     )
+
+
+def test_the_checkouts_interpreter_should_start_without_an_import_hook():
+    done = fresh_interpreter(PROBE)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", (
         "the interpreter imports %s at start-up: reinstall with scripts/bootstrap.sh" % done.stdout
@@ -31,17 +36,8 @@ def test_the_checkouts_interpreter_should_start_without_an_import_hook():
 
 
 def test_the_checkout_should_still_be_importable_from_anywhere():
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import guestagent, hostbridge, templateconfig; print(guestagent.__file__)",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-        env=child_env(drop_prefixes=("PYTHONPATH",)),
+    done = fresh_interpreter(
+        "import guestagent, hostbridge, templateconfig; print(guestagent.__file__)"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(ROOT + "/guestagent/")

@@ -26,19 +26,24 @@ needs_analyze = pytest.mark.skipif(
 
 def unit_settings(path=UNIT):
     """{section: {key: [values, in order]}} of a unit file (keys may repeat)."""
+    with open(path, encoding="utf-8") as f:
+        return parse_unit(f.read())
+
+
+def parse_unit(text):
+    """unit_settings() of a unit's text."""
     sections = {}
     current = None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line[0] in "#;":
-                continue
-            if line.startswith("["):
-                current = sections.setdefault(line.strip("[]"), {})
-                continue
-            key, sep, value = line.partition("=")
-            assert sep, "not key=value: %r" % line
-            current.setdefault(key.strip(), []).append(value.strip())
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, "not key=value: %r" % line
+        current.setdefault(key.strip(), []).append(value.strip())
     return sections
 
 
@@ -66,6 +71,16 @@ def analyze(*args):
         text=True,
         timeout=60,
     )
+
+
+def verify_lines(path, word):
+    """What `systemd-analyze verify --man=no` says of the unit at ``path``, in lines naming
+    ``word`` (a missing man page or binary of the machine aside: --man=no, "not found")."""
+    result = analyze("verify", "--man=no", str(path))
+    complaints = [
+        line for line in result.stdout.splitlines() if word in line and "not found" not in line
+    ]
+    return complaints, result.stdout
 
 
 def verify_complaints(tmp_path, unit, text=None, *args):
@@ -383,14 +398,9 @@ def test_systemd_should_accept_the_first_boot_unit(tmp_path):
     )
     path = tmp_path / "ovm-template-initial-config.service"
     path.write_text(text, encoding="utf-8")
-    # --man=no: the man page it names is installed by the package, not on this machine.
-    result = analyze("verify", "--man=no", str(path))
-    complaints = [
-        line
-        for line in result.stdout.splitlines()
-        if "ovm-template-initial-config" in line and "not found" not in line
-    ]
-    assert complaints == [], result.stdout
+    # The man page it names is installed by the package, not on this machine: --man=no.
+    complaints, said = verify_lines(path, "ovm-template-initial-config")
+    assert complaints == [], said
 
 
 # -- ovmd-serial@.service, made from ovmd.service (packaging/serial_unit.py) ----------------------
@@ -408,7 +418,7 @@ def serial_unit_text():
 
 
 def test_the_serial_unit_should_keep_ovmd_services_sandbox_and_change_only_the_line():
-    serial = unit_settings_text(serial_unit_text())
+    serial = parse_unit(serial_unit_text())
     port = unit_settings(UNIT)
     assert serial["Unit"]["BindsTo"] == ["dev-%i.device"]
     assert serial["Unit"]["After"] == ["dev-%i.device"]
@@ -427,21 +437,5 @@ def test_systemd_should_accept_the_serial_unit(tmp_path):
     path.write_text(text, encoding="utf-8")
     instance = tmp_path / "ovmd-serial@ttyS1.service"
     os.symlink(path, instance)
-    result = analyze("verify", "--man=no", str(instance))
-    complaints = [
-        line
-        for line in result.stdout.splitlines()
-        if "ovmd-serial" in line and "not found" not in line
-    ]
-    assert complaints == [], result.stdout
-
-
-def unit_settings_text(text):
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".service", delete=False) as f:
-        f.write(text)
-    try:
-        return unit_settings(f.name)
-    finally:
-        os.unlink(f.name)
+    complaints, said = verify_lines(instance, "ovmd-serial")
+    assert complaints == [], said

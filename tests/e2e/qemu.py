@@ -197,7 +197,23 @@ def boot(image, workdir, agent=True, memory=512, extra_append=""):
         append += " ovmd_test.agent=off"
     if extra_append:
         append += " " + extra_append
-    argv = [
+    argv = machine_argv(image, memory, serial_log, append) + ports_argv(
+        agent_socket, control_socket
+    )
+    return launch(
+        argv,
+        workdir / "qemu.log",
+        lambda proc, started: QemuGuest(
+            proc, workdir, agent_socket, control_socket, serial_log, started
+        ),
+    )
+
+
+def machine_argv(image, memory, serial_log, append):
+    """QEMU under software emulation booting ``image``'s kernel and initramfs with ``append``: no
+    default devices, no display, the serial console to ``serial_log``; a reboot inside the guest
+    ends QEMU (a test boots again explicitly)."""
+    return [
         QEMU,
         "-machine",
         "pc,accel=tcg",
@@ -215,6 +231,13 @@ def boot(image, workdir, agent=True, memory=512, extra_append=""):
         image.initrd,
         "-append",
         append,
+    ]
+
+
+def ports_argv(agent_socket, control_socket):
+    """The agent's port and the control port on one virtio-serial controller, their host sides
+    unix sockets that QEMU serves (server=on,wait=off)."""
+    return [
         "-device",
         "virtio-serial-pci,id=vser0",
         "-chardev",
@@ -226,13 +249,18 @@ def boot(image, workdir, agent=True, memory=512, extra_append=""):
         "-device",
         "virtserialport,bus=vser0.0,chardev=ch1,name=%s" % CONTROL_PORT,
     ]
+
+
+def launch(argv, qemu_log, make_guest):
+    """Start QEMU with ``argv`` (its output to ``qemu_log``); ``make_guest(proc, started)`` is the
+    QemuGuest; return it once both its sockets exist (killed if they never do)."""
     started = time.monotonic()
-    with open(workdir / "qemu.log", "wb") as qlog:
+    with open(qemu_log, "wb") as qlog:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
-    guest = QemuGuest(proc, workdir, agent_socket, control_socket, serial_log, started)
+    guest = make_guest(proc, started)
     try:
-        _wait_for_socket(agent_socket, proc, 30)
-        _wait_for_socket(control_socket, proc, 30)
+        _wait_for_socket(guest.agent_socket, proc, 30)
+        _wait_for_socket(guest.control_socket, proc, 30)
     except BaseException:
         guest.kill()
         raise

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
-from tests.e2e.guest_image import AGENT_PORT, CONTROL_PORT
-from tests.e2e.qemu import QEMU, GuestControl, GuestError, QemuGuest, _wait_for_socket
+from tests.e2e.qemu import GuestControl, GuestError, QemuGuest, launch, machine_argv, ports_argv
 from tests.e2e.systemd_image import SystemdImage
 
 # A full distribution under emulation on a shared 2-core machine: ~40 s when quiet, several times
@@ -40,10 +38,12 @@ SHUTDOWN_TIMEOUT = 120.0
 class SystemdGuest(QemuGuest):
     """QemuGuest with the disk it booted and systemd's ways of stopping."""
 
-    def __init__(self, proc, workdir, agent_socket, control_socket, serial_log, started, disk):
+    def __init__(
+        self, proc, workdir, agent_socket, control_socket, serial_log, started, disk, tty_socket
+    ):
         super().__init__(proc, workdir, agent_socket, control_socket, serial_log, started)
         self.disk = disk
-        self.tty_socket: str | None = None  # the host side of ttyS1, when booted with one
+        self.tty_socket = tty_socket  # the host side of ttyS1, when booted with one (else None)
 
     def control(self, timeout: float = BOOT_TIMEOUT) -> GuestControl:
         return super().control(timeout)
@@ -105,27 +105,9 @@ def boot_systemd(
         disk = image.disk
         drive = "file=%s,if=none,id=disk0,format=raw,snapshot=on" % disk
     append = image.cmdline + (" " + extra_append if extra_append else "")
-    argv = [
-        QEMU,
-        "-machine",
-        "pc,accel=tcg",
-        "-m",
-        str(memory),
+    argv = machine_argv(image, memory, serial_log, append) + [
         "-smp",
         "1",
-        "-nodefaults",
-        "-display",
-        "none",
-        # A reboot inside the guest ends QEMU too: a test boots again explicitly.
-        "-no-reboot",
-        "-serial",
-        "file:%s" % serial_log,
-        "-kernel",
-        image.kernel,
-        "-initrd",
-        image.initrd,
-        "-append",
-        append,
         "-drive",
         drive,
         "-device",
@@ -135,17 +117,8 @@ def boot_systemd(
         "rng-random,id=rng0,filename=/dev/urandom",
         "-device",
         "virtio-rng-pci,rng=rng0",
-        "-device",
-        "virtio-serial-pci,id=vser0",
-        "-chardev",
-        "socket,id=ch0,path=%s,server=on,wait=off" % agent_socket,
-        "-device",
-        "virtserialport,bus=vser0.0,chardev=ch0,name=%s" % AGENT_PORT,
-        "-chardev",
-        "socket,id=ch1,path=%s,server=on,wait=off" % control_socket,
-        "-device",
-        "virtserialport,bus=vser0.0,chardev=ch1,name=%s" % CONTROL_PORT,
     ]
+    argv += ports_argv(agent_socket, control_socket)
     if serial_channel:
         # A second UART, the guest's /dev/ttyS1 (the console is ttyS0), its host side a unix
         # socket: a channel for an agent on a serial line (guest.tty_socket).
@@ -158,15 +131,17 @@ def boot_systemd(
     if nic:
         # restrict=on: the guest reaches nothing beyond QEMU's own user network.
         argv += ["-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0"]
-    started = time.monotonic()
-    with open(workdir / ("qemu-%d.log" % n), "wb") as qlog:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
-    guest = SystemdGuest(proc, workdir, agent_socket, control_socket, serial_log, started, disk)
-    guest.tty_socket = tty_socket if serial_channel else None
-    try:
-        _wait_for_socket(agent_socket, proc, 30)
-        _wait_for_socket(control_socket, proc, 30)
-    except BaseException:
-        guest.kill()
-        raise
-    return guest
+    return launch(
+        argv,
+        workdir / ("qemu-%d.log" % n),
+        lambda proc, started: SystemdGuest(
+            proc,
+            workdir,
+            agent_socket,
+            control_socket,
+            serial_log,
+            started,
+            disk,
+            tty_socket if serial_channel else None,
+        ),
+    )

@@ -11,11 +11,8 @@ with -s to see them; they are also in the first test's assertion messages.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +21,7 @@ import pytest
 from tests.e2e.qemu import QEMU, GuestControl
 from tests.e2e.systemd_guest import SystemdGuest, boot_systemd
 from tests.e2e.systemd_image import ImageError, SystemdImage, build_systemd_image
-from tests.hostbridge.bridge_harness import BridgeProc
+from tests.hostbridge.bridge_harness import BridgeProc, agent_state, cli
 from tests.support import tempdirs
 
 # The first run builds the image (debootstrap: minutes); a boot takes up to BOOT_TIMEOUT and the
@@ -199,11 +196,11 @@ def test_an_agent_on_a_serial_line_should_exchange_messages_with_the_bridge(boot
         with BridgeProc({"tty1": "unix:" + booted.guest.tty_socket}) as bridge:
             bridge.wait_ready()
             deadline = time.monotonic() + RUN_TIMEOUT
-            while vm_agent(bridge, "tty1") != "connected":
+            while agent_state(bridge, "tty1") != "connected":
                 assert time.monotonic() < deadline, "the agent on ttyS1 never connected"
                 time.sleep(POLL)
             # Host to guest, acknowledged by the agent through the UART.
-            sent = vmmessage(bridge, "send", "tty1", "com.example.over-serial", "hello, ttyS1")
+            sent = cli(bridge, "send", "tty1", "com.example.over-serial", "hello, ttyS1")
             assert (sent.returncode, sent.stdout) == (0, "Message sent successfully.\n")
             got = run(ctl, "ovmd", "--socket", sock, "-g", "com.example.over-serial")
             assert got == "hello, ttyS1\n"
@@ -212,24 +209,10 @@ def test_an_agent_on_a_serial_line_should_exchange_messages_with_the_bridge(boot
             run(ctl, "ovmd", "--socket", sock, "-p", "guest.big=" + big)
             deadline = time.monotonic() + RUN_TIMEOUT
             while True:
-                q = vmmessage(bridge, "query", "tty1", "guest.big", "--json")
+                q = cli(bridge, "query", "tty1", "guest.big", "--json")
                 if q.returncode == 0 and json.loads(q.stdout)["value"] == big:
                     break
                 assert time.monotonic() < deadline, q.stdout + q.stderr
                 time.sleep(POLL)
     finally:
         ctl.run(["systemctl", "stop", "ovmd-serial@ttyS1"], timeout=RUN_TIMEOUT)
-
-
-def vmmessage(bridge, *args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMMESSAGE_")}
-    env["VMMESSAGE_BRIDGE"] = bridge.api_socket
-    return subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "vmmessage"), *args],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env,
-    )  # fmt: skip
-
-
-def vm_agent(bridge, vm):
-    r = vmmessage(bridge, "status", vm, "--json")
-    return json.loads(r.stdout)["agent"] if r.returncode == 0 else None

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -24,12 +23,11 @@ import pytest
 from tests.e2e.qemu import QEMU, GuestControl
 from tests.e2e.systemd_guest import _persistent_disk, boot_systemd
 from tests.e2e.systemd_image import ImageError, build_systemd_image
-from tests.hostbridge.bridge_harness import BridgeProc
+from tests.hostbridge.bridge_harness import BridgeProc, cli, cli_popen
 from tests.support import tempdirs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
-BIN = os.path.dirname(sys.executable)
 RUN_TIMEOUT = 120.0
 CONFIGURED_TIMEOUT = 600.0  # boot under emulation on a loaded machine, then the modules
 SETTINGS = "/etc/sysconfig/ovm-template-initial-config"
@@ -39,22 +37,6 @@ FIRST = {"hostname": "vm1.example.com", "ip": "192.0.2.10", "dns": "192.0.2.53",
 # turns NTP on; its DNS server still wins over the DHCP server's.
 SECOND = {"hostname": "vm1b.example.org", "dhcp": "10.0.2.15", "dns": "198.51.100.53",
           "password": "Second root pw 2", "ntp": "ntp.example.org"}  # fmt: skip
-
-
-def vmmessage(bridge, *args, wait=True):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMMESSAGE_")}
-    env["VMMESSAGE_BRIDGE"] = bridge.api_socket
-    proc = subprocess.Popen(
-        [os.path.join(BIN, "vmmessage"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    if not wait:
-        return proc
-    out, err = proc.communicate(timeout=CONFIGURED_TIMEOUT + 60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run(ctl: GuestControl, *argv: str, stdin: bytes | None = None, ok: bool = True):
@@ -108,7 +90,7 @@ def send_configuration(bridge, cfg, key_file, pw_file, *extra, wait=False):
             "--ssh-key", key_file, "--root-password-file", pw_file, *extra]  # fmt: skip
     if wait:
         args += ["--wait", "--timeout", str(CONFIGURED_TIMEOUT)]
-    return vmmessage(bridge, *args, wait=False)
+    return cli_popen(bridge, *args)
 
 
 def assert_configured(ctl, cfg, key):
@@ -225,11 +207,11 @@ def test_a_template_should_configure_itself_at_first_boot_then_again_after_clean
                 # the modules after it still run.
                 hashed = password_hash(SECOND["password"])
                 n = "com.oracle.linux.network."
-                sender = vmmessage(bridge, "configure", "vm1", "--set", n + "bootproto.0=static",
+                sender = cli_popen(bridge, "configure", "vm1", "--set", n + "bootproto.0=static",
                                    "--set", n + "ipaddr.0=198.51.100.300",
                                    "--set", n + "netmask.0=255.255.255.0",
                                    "--timezone", "Europe/Paris", "--root-password-hash", hashed,
-                                   "--wait", "--json", "--timeout", "300", wait=False)  # fmt: skip
+                                   "--wait", "--json", "--timeout", "300", )  # fmt: skip
                 # The root password is sent last: once the guest has it, it has them all.
                 wait_for_key(bridge, "com.oracle.linux.root-password", "{crypt}" + hashed)
                 rc, out = run(ctl, "ovmd", "-s", "reconfigure", ok=False)
@@ -273,7 +255,7 @@ def wait_for_key(bridge, key, value, timeout=RUN_TIMEOUT):
     """Until the guest holds ``key`` = ``value`` (the host's send was delivered)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = vmmessage(bridge, "query", "vm1", key, "--json")
+        r = cli(bridge, "query", "vm1", key, "--json")
         if r.returncode == 0 and json.loads(r.stdout).get("value") == value:
             return
         time.sleep(1)

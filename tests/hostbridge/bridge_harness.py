@@ -11,7 +11,9 @@ Everything waits with a deadline; nothing sleeps as an assert.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 from collections.abc import AsyncIterator
 
 from hostbridge.bridge import Bridge
@@ -58,6 +60,33 @@ class BridgeProc(Process):
 
         wait_for(ready, timeout, what="the bridge to be ready")
         return self
+
+
+def cli_argv(bridge: BridgeProc, args, prog="vmmessage"):
+    """`prog ARGS` as users run it, against ``bridge``'s API socket: (argv, environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMMESSAGE_")}
+    env["VMMESSAGE_BRIDGE"] = bridge.api_socket
+    return [os.path.join(os.path.dirname(PYTHON), prog), *args], env
+
+
+def cli(bridge: BridgeProc, *args, prog="vmmessage", timeout=60):
+    """Run `prog ARGS` against ``bridge``; its CompletedProcess (text)."""
+    argv, env = cli_argv(bridge, args, prog)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def cli_popen(bridge: BridgeProc, *args, prog="vmmessage"):
+    """Start `prog ARGS` against ``bridge`` (a send that waits, while the test acts); its Popen."""
+    argv, env = cli_argv(bridge, args, prog)
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def agent_state(bridge: BridgeProc, vm):
+    """What the bridge says of ``vm``'s agent (connected, disconnected...), None if it cannot."""
+    r = cli(bridge, "status", vm, "--json")
+    return json.loads(r.stdout)["agent"] if r.returncode == 0 else None
 
 
 class _Script(Process):

@@ -7,32 +7,16 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from tests.hostbridge.bridge_harness import BridgeProc
+from tests.hostbridge.bridge_harness import BridgeProc, agent_state, cli
 from tests.hostbridge.fakes import make_tls_cert
 from tests.hostbridge.test_openapi_schemathesis import TOKEN, run_schemathesis, summary
 from tests.support.agent import Agent
 from tests.support.waiting import wait_for
 
-BIN = os.path.dirname(sys.executable)
 SECRET = "real-Secret-value-never-logged-42"
-
-
-def cli(bridge, *args, prog="vmmessage"):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMMESSAGE_")}
-    env["VMMESSAGE_BRIDGE"] = bridge.api_socket
-    return subprocess.run(
-        [os.path.join(BIN, prog), *args], capture_output=True, text=True, timeout=60, env=env
-    )
-
-
-def agent_state(bridge, vm):
-    r = cli(bridge, "status", vm, "--json")
-    return json.loads(r.stdout)["agent"] if r.returncode == 0 else None
 
 
 @contextlib.contextmanager

@@ -6,32 +6,21 @@ tree, its commands recorded instead of run)."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from ovmproto import templatekeys as tk
-from tests.hostbridge.bridge_harness import BridgeProc
-from tests.hostbridge.test_api_real import agent_state, cli
+from tests.hostbridge.bridge_harness import BridgeProc, agent_state, cli, cli_popen
 from tests.support.agent import Agent
 from tests.support.processes import child_env, script
 from tests.support.waiting import wait_for
 from tests.templateconfig.support import commands, system_root, template_dir
 
-BIN = os.path.dirname(sys.executable)
 PASSWORD = "Root-pw-never-logged-7"
 
 
 def configure_cmd(bridge, *args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMMESSAGE_")}
-    env["VMMESSAGE_BRIDGE"] = bridge.api_socket
-    return subprocess.Popen(
-        [os.path.join(BIN, "vmmessage"), "configure", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return cli_popen(bridge, "configure", *args)
 
 
 def first_boot(tmp_path, agent):
