@@ -2,6 +2,12 @@
 
 Pure logic: no I/O and no clock (callers pass ``ts``, UNIX seconds). store.py makes it durable.
 Every method that raises leaves the cache exactly as it was, so a refused request changes nothing.
+
+Between begin() and end() the cache records what each change did to its state as "ops", small
+JSON-able lists (_SET and the others below); store.py appends them to its journal, and replay()
+applies them again when the journal is read back. An op says what happened, not what was asked:
+replaying it never validates or checks a quota, so a change acknowledged under one limit
+survives a restart under a lower one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
 FORMAT = 1  # version of the file layout written by to_bytes
+# The journal's ops (replay()), each a list headed by one of these. Short: every change writes one.
+_SET = "s"  # [_SET, key, value, ts, origin]: the key set (moved to the end of the order)
+_DEL = "d"  # [_DEL, key]
+_CLEAR = "c"  # [_CLEAR]: every key deleted
+_EVENT = "e"  # [_EVENT, value, ts]: a VMAPIEvent appended (the oldest dropped when full)
+_EPOCH = "p"  # [_EPOCH, epoch]: a new host stream followed (hseq back to 0)
+_HSEQ = "h"  # [_HSEQ, seq]: host message seq applied
 DEFAULT_MAX_EVENTS = 64
 
 
@@ -65,6 +78,35 @@ def _validate(key: str, value: str | None) -> None:
         raise CacheError(problem[1], problem[0])
 
 
+def purges(ops: Sequence[Sequence[object]]) -> bool:
+    """True when ``ops`` delete a value: the store must then rewrite its files rather than
+    append, so that the value (perhaps a password a first-boot script just used) leaves them."""
+    return any(op[0] == _DEL or op[0] == _CLEAR for op in ops)
+
+
+def _valid_op(op: object) -> bool:
+    if type(op) is not list or not op:
+        return False
+    kind, n = op[0], len(op)
+    if kind == _SET:
+        return (
+            n == 5
+            and type(op[1]) is str
+            and type(op[2]) is str
+            and type(op[3]) in (int, float)
+            and op[4] in ORIGINS
+        )
+    if kind == _DEL or kind == _EPOCH:
+        return n == 2 and type(op[1]) is str
+    if kind == _CLEAR:
+        return n == 1
+    if kind == _EVENT:
+        return n == 3 and type(op[1]) is str and type(op[2]) in (int, float)
+    if kind == _HSEQ:
+        return n == 2 and type(op[1]) is int
+    return False
+
+
 class Cache:
     def __init__(
         self,
@@ -81,6 +123,8 @@ class Cache:
         # order is the order keys were (last) set, which is what `ovmd -l` prints.
         self._entries: dict[str, Entry] = {}
         self._events: deque[Entry] = deque(maxlen=max_events)
+        self._ops: list[list[object]] | None = None  # recording between begin() and end()
+        self.journal: int | None = None  # from_bytes: the generation of journal that follows
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -115,12 +159,14 @@ class Cache:
     def delete(self, key: str, origin: str, ts: float) -> Changed | None:
         if self._entries.pop(key, None) is None:
             return None
+        self._record(_DEL, key)
         return self._changed(OP_DEL, origin, ts, key=key)
 
     def clear(self, origin: str, ts: float) -> Changed | None:
         if not self._entries:
             return None
         self._entries.clear()
+        self._record(_CLEAR)
         return self._changed(OP_CLEAR, origin, ts)
 
     def add_event(self, value: str, ts: float) -> None:
@@ -128,6 +174,7 @@ class Cache:
         if problem:
             raise CacheError(problem[1], problem[0])
         self._events.append(Entry(EVENT_KEY, value, ts, ORIGIN_HOST))
+        self._record(_EVENT, value, ts)
 
     # -- host messages: exactly once, in order ------------------------------------------------
 
@@ -135,6 +182,7 @@ class Cache:
         if epoch != self.epoch:
             self.epoch = epoch
             self.hseq = 0
+            self._record(_EPOCH, epoch)
 
     def is_duplicate(self, seq: int) -> bool:
         return seq <= self.hseq
@@ -143,23 +191,72 @@ class Cache:
         """Apply a host set; a VMAPIEvent becomes an event. Records seq as applied."""
         if key == EVENT_KEY:
             self.add_event(value, ts)
-            self.hseq = seq
+            self._applied(seq)
             return None
         change = self.set(key, value, ORIGIN_HOST, ts)
-        self.hseq = seq
+        self._applied(seq)
         return change
 
     def apply_host_delete(self, seq: int, key: str, ts: float) -> Changed | None:
         change = self.delete(key, ORIGIN_HOST, ts)
-        self.hseq = seq
+        self._applied(seq)
         return change
+
+    def _applied(self, seq: int) -> None:
+        self.hseq = seq
+        self._record(_HSEQ, seq)
+
+    # -- the journal's ops --------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Record the ops of the changes that follow, until end()."""
+        self._ops = []
+
+    def end(self) -> list[list[object]]:
+        """Stop recording; the ops recorded since begin() (empty: nothing changed)."""
+        ops, self._ops = self._ops or [], None
+        return ops
+
+    def replay(self, ops: Sequence[Sequence[object]]) -> None:
+        """Apply ops recorded by begin()/end(), as read back from the journal. ValueError, with
+        nothing applied, when an op is not one this version writes (the journal is then damaged or
+        not ours): a change is replayed whole or not at all."""
+        for op in ops:
+            if not _valid_op(op):
+                raise ValueError("bad op in the journal")
+        entries = self._entries
+        for op in ops:
+            kind = op[0]
+            if kind == _SET:
+                key = str(op[1])
+                entries.pop(key, None)
+                entries[key] = Entry(key, str(op[2]), float(op[3]), str(op[4]))  # type: ignore[arg-type]
+                self.gseq += 1
+            elif kind == _DEL:
+                entries.pop(str(op[1]), None)
+                self.gseq += 1
+            elif kind == _CLEAR:
+                entries.clear()
+                self.gseq += 1
+            elif kind == _EVENT:
+                self._events.append(Entry(EVENT_KEY, str(op[1]), float(op[2]), ORIGIN_HOST))  # type: ignore[arg-type]
+            elif kind == _EPOCH:
+                self.epoch, self.hseq = str(op[1]), 0
+            else:  # _HSEQ
+                self.hseq = int(op[1])  # type: ignore[call-overload]
+
+    def _record(self, *op: object) -> None:
+        if self._ops is not None:
+            self._ops.append(list(op))
 
     # -- persistence --------------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, journal: int | None = None) -> bytes:
+        """The whole cache; ``journal``: the generation of the journal that continues it."""
         return jsonlib.dumps(
             {
                 "format": FORMAT,
+                "journal": journal,
                 "gid": self.gid,
                 "gseq": self.gseq,
                 "epoch": self.epoch,
@@ -186,6 +283,8 @@ class Cache:
             cache.gseq = int(obj["gseq"])
             cache.epoch = obj["epoch"] if obj["epoch"] is None else str(obj["epoch"])
             cache.hseq = int(obj["hseq"])
+            journal = obj.get("journal")  # absent in files written before the journal existed
+            cache.journal = None if journal is None else int(journal)
             for key, value, ts, origin in obj["entries"]:
                 if type(key) is not str or type(value) is not str or origin not in ORIGINS:
                     raise ValueError("bad entry")
@@ -214,6 +313,7 @@ class Cache:
     def _store(self, key: str, value: str, origin: str, ts: float) -> Changed:
         self._entries.pop(key, None)
         self._entries[key] = Entry(key, value, ts, origin)
+        self._record(_SET, key, value, ts, origin)
         return self._changed(OP_SET, origin, ts, key=key, value=value)
 
     def _changed(

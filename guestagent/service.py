@@ -1,8 +1,9 @@
 """The cache operations that the host link and the local server share.
 
 Every change goes: validate and apply (Cache raises CacheError and stays unchanged), store
-(CacheStore.save), then tell the listeners (the host link sends ``changed``) and wake the
-waiters. If storing fails the change is undone and ServiceError("internal") raised: nothing is
+(CacheStore.commit appends it to the journal), then tell the listeners (the host link sends
+``changed``) and wake the waiters. If storing fails the cache is read back from its files, which
+hold it as it was before the change, and ServiceError("internal") is raised: nothing is
 acknowledged unless it is on disk.
 
 Also the reply frames both peers build the same way (list_frames, error_reply).
@@ -124,18 +125,35 @@ class Service:
     # -- changes ------------------------------------------------------------------------------
 
     def _commit(self, apply: Callable[[Cache], _R]) -> _R:
-        """Run ``apply(cache)``, store the result, or undo it and raise ServiceError."""
+        """Run ``apply(cache)`` and store the change, or undo it and raise ServiceError."""
         cache = self.cache
-        before = cache.to_bytes()
-        result = apply(cache)  # CacheError leaves the cache unchanged
+        cache.begin()
         try:
-            self.store.save(cache)
+            result = apply(cache)  # CacheError leaves the cache unchanged
+        finally:
+            ops = cache.end()
+        if not ops:
+            return result
+        try:
+            self.store.commit(cache, ops)
         except StoreError as e:
-            self.cache = Cache.from_bytes(before, cache.max_keys, self.store.max_events)
             self._warn.warn("save", "%s; the change was refused", e)
+            self._undo()
             raise ServiceError("could not store the cache; nothing was changed") from None
         self._warn.reset("save")
         return result
+
+    def _undo(self) -> None:
+        # The files hold the cache as it was before the failed change (the store cut back what
+        # the append may have left): reading them back is the undo. It costs a read of the whole
+        # cache, but only when the disk fails, where keeping a copy would cost on every change.
+        try:
+            self.cache = self.store.load()
+        except StoreError as e:
+            # The disk fails reads too. Keep the cache in memory as it is, the refused change in
+            # it; the store writes it whole at the next change (the journal is closed).
+            self.store.close()
+            log.error("%s; cannot reread the cache after a failed write", e)
 
     def _announce(self, changes: Iterable[Changed | None]) -> None:
         for change in changes:

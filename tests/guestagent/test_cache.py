@@ -144,3 +144,60 @@ def test_repr_should_never_show_a_value():
     assert "hunter2" not in repr(c.entries()) and "hunter2" not in repr(
         c.set("pw", "hunter2", "guest", 2.0)
     )
+
+
+def _state(c):
+    return (
+        c.gid,
+        c.gseq,
+        c.epoch,
+        c.hseq,
+        [(e.key, e.value, e.ts, e.origin) for e in c.entries()],
+        [(e.value, e.ts) for e in c.events()],
+    )
+
+
+def test_replaying_the_recorded_ops_should_rebuild_the_same_cache():
+    c = Cache(max_events=2)
+    twin = Cache(max_events=2, gid=c.gid)
+    steps = [
+        lambda: c.set("a", "1", "guest", 1.0),
+        lambda: c.put([["b", "2"], ["a", "3"]], "guest", 2.5),
+        lambda: c.follow_epoch("e1"),
+        lambda: c.apply_host_set(1, "c", "4", 3.0),
+        lambda: c.apply_host_set(2, EVENT_KEY, "ev1", 4.0),
+        lambda: c.apply_host_set(3, EVENT_KEY, "ev2", 5.0),
+        lambda: c.add_event("ev3", 6.0),  # the oldest event drops out
+        lambda: c.apply_host_delete(4, "b", 7.0),
+        lambda: c.clear("guest", 8.0),
+        lambda: c.set("d", "5", "host", 9.0),
+    ]
+    for step in steps:
+        c.begin()
+        step()
+        twin.replay(c.end())
+        assert _state(twin) == _state(c)
+
+
+def test_a_refused_change_should_record_no_ops():
+    c = Cache(max_keys=1)
+    c.set("a", "1", "guest", 1.0)
+    c.begin()
+    with pytest.raises(CacheError):
+        c.put([["b", "2"], ["c", "3"]], "guest", 2.0)
+    assert c.end() == []
+
+
+def test_replay_should_apply_nothing_of_a_change_with_an_op_it_does_not_know():
+    c = Cache()
+    with pytest.raises(ValueError):
+        c.replay([["s", "a", "1", 1.0, "guest"], ["s", "b", "1", 1.0, "martian"]])
+    with pytest.raises(ValueError):
+        c.replay([["d", "a"], ["x"]])
+    assert len(c) == 0 and c.gseq == 0
+
+
+def test_replay_should_keep_keys_beyond_a_lowered_limit():
+    c = Cache(max_keys=1)
+    c.replay([["s", "a", "1", 1.0, "guest"], ["s", "b", "2", 1.0, "guest"]])
+    assert [e.key for e in c.entries()] == ["a", "b"]

@@ -26,8 +26,7 @@ def test_a_symlink_at_the_old_temp_name_should_not_make_the_daemon_write_through
         assert os.readlink(planted) == str(victim)
         cache = os.path.join(daemon.state_dir, "cache.json")
         assert not os.path.islink(cache)
-        with open(cache, "rb") as f:
-            assert b"hunter3" in f.read()
+        assert b"hunter3" in daemon.cache_file_bytes()
         assert daemon.ovmd("-g", "db.password").stdout == "hunter3\n"
 
 

@@ -2,12 +2,13 @@
 CPU."""
 
 import os
+import resource
 import signal
 import subprocess
 import time
 
 from ovmproto.codec import encode
-from ovmproto.messages import Err, Get, List, Ok, Ping, Set
+from ovmproto.messages import Delete, Err, Get, List, Ok, Ping, Set
 from tests.guestagent.harness import Daemon, Host, NotifySocket
 from tests.support.processes import PYTHON
 from tests.support.waiting import wait_for
@@ -152,29 +153,49 @@ def test_it_should_wait_for_a_missing_channel_and_serve_locally_meanwhile():
             assert daemon.log().count("not there yet") == 1  # logged once, not at every try
 
 
-def test_a_failed_save_should_refuse_the_change_and_keep_the_cache():
+def _limit_file_size(pid, limit):
+    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG (Python ignores SIGXFSZ).
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def test_a_change_the_disk_cannot_take_should_be_refused_and_change_nothing():
     with Host() as host, Daemon(channel=host.link) as daemon:
         daemon.wait_ready()
         host.hello()
         with daemon.client() as c:
             assert type(c.request(Set, key="kept", value="secret-one")) is Ok
-            cache_file = os.path.join(daemon.state_dir, "cache.json")
-            os.unlink(cache_file)
-            os.mkdir(cache_file)  # the next atomic rename onto it fails
-            try:
-                refused = c.request(Set, key="kept", value="secret-two")
-                assert (type(refused), refused.code) == (Err, "internal")
-                refused = host.request(Set, key="h", value="secret-three", seq=1)
-                assert (type(refused), refused.code) == (Err, "internal")
-                assert c.request(Get, key="kept").value == "secret-one"
-                assert c.request(Get, key="h").code == "not_found"
-            finally:
-                os.rmdir(cache_file)
+            _limit_file_size(daemon.pid, 40_000)
+            big = "secret-" + "x" * 8000
+            for n in range(10):  # the journal grows until the next change does not fit
+                refused = c.request(Set, key="big%d" % n, value=big)
+                if type(refused) is Err:
+                    break
+            assert (type(refused), refused.code) == (Err, "internal"), "never refused"
+            assert n >= 2
+            refused = host.request(Set, key="h", value=big, seq=1)
+            assert (type(refused), refused.code) == (Err, "internal")
+            assert c.request(Get, key="big%d" % n).code == "not_found"
+            assert c.request(Get, key="h").code == "not_found"
+            assert c.request(Get, key="kept").value == "secret-one"
+            # A delete rewrites the files whole (the value must leave them): too big now.
+            _limit_file_size(daemon.pid, 4_000)
+            refused = c.request(Delete, key="big0")
+            assert (type(refused), refused.code) == (Err, "internal")
+            assert c.request(Get, key="big0").value == big
+            _limit_file_size(daemon.pid, resource.RLIM_INFINITY)
+            assert type(c.request(Delete, key="big0")) is Ok
             assert type(c.request(Set, key="kept", value="secret-four")) is Ok
             assert host.request(Set, key="h", value="secret-five", seq=1).dup is None
             log = daemon.log()
-            assert "cache.json" in log  # the failure was logged...
+            assert "cache.journal" in log and "cache.json" in log  # the failures were logged...
             assert "secret" not in log  # ...and no value ever is
+        daemon.stop()
+        daemon.start().wait_ready()
+        with daemon.client() as c:
+            assert c.request(Get, key="kept").value == "secret-four"
+            assert c.request(Get, key="h").value == "secret-five"
+            assert c.request(Get, key="big0").code == "not_found"
+            assert [c.request(Get, key="big%d" % i).value for i in range(1, n)] == [big] * (n - 1)
 
 
 def test_it_should_use_almost_no_cpu_while_the_host_is_away():

@@ -16,14 +16,14 @@ from tests.support.waiting import HarnessTimeout
 
 
 class FlakyStore(CacheStore):
-    """The real store, except that save() fails while ``failing`` is set (a full disk)."""
+    """The real store, except that commit() fails while ``failing`` is set (a full disk)."""
 
     failing = False
 
-    def save(self, cache):
+    def commit(self, cache, ops):
         if self.failing:
-            raise StoreError("cannot write %s: No space left on device" % self.path)
-        super().save(cache)
+            raise StoreError("cannot write %s: No space left on device" % self.journal_path)
+        super().commit(cache, ops)
 
 
 class Rig:
