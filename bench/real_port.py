@@ -7,14 +7,18 @@ Run by hand, never in CI:
 
 Boots the end-to-end test guest (tests/e2e/guest_image.py builds and caches it; the agent starts
 at boot), then per round: p50/p90 of COUNT sequential pings through the port (after a RESYNC +
-hello, as the bridge does), and the same through a raw pty to a host `ovmd --daemon`. Prints the
-image build time and size, the boot time (QEMU start -> the agent answered a hello through the
-port) and the medians over the rounds. The two sides differ in more than the channel: the guest
-runs Debian's Python 3.11 without orjson under TCG emulation, the pty agent runs natively with the
-venv's interpreter. Quote the ratio from one run; the machine is shared.
+hello, as the bridge does), and the same through a raw pty to a host `ovmd --daemon`. Then the real
+bridge (`hostbridge`) on the same port, through its API's unix socket, on one keep-alive
+connection: COUNT sends of 1 KiB (`POST /v1/vms/VM/messages`, answered once the guest has stored
+and fsync'd it; the bridge's outbox commit included) and COUNT queries (`GET /v1/vms/VM/keys/KEY`).
+Prints the image build time and size, the boot time (QEMU start -> the agent answered a hello
+through the port) and the medians over the rounds. The two ping figures differ in more than the
+channel: the guest runs Debian's Python 3.11 without orjson under TCG emulation, the pty agent runs
+natively with the venv's interpreter. Quote the ratio from one run; the machine is shared.
 """
 
 import argparse
+import json
 import os
 import select
 import shutil
@@ -31,6 +35,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "e2e")]
 
 from guest_image import build_image
 from qemu import boot, ping_over, ping_round_trips
+
+from tests.e2e.qemu_bridge import VM, Bridge, UnixHTTP
 
 
 def pty_agent(workdir):
@@ -77,6 +83,22 @@ def pty_pings(master, count):
     return ping_over(write, read, count)
 
 
+def api_times(conn, method, path, body, count):
+    """Seconds per request of COUNT identical requests on one keep-alive connection."""
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    times = []
+    for _ in range(count):
+        t = time.perf_counter()
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        reply = resp.read()
+        times.append(time.perf_counter() - t)
+        if resp.status != 200:
+            raise SystemExit("%s %s: %d %s" % (method, path, resp.status, reply[:200]))
+    return times
+
+
 def summary(times):
     times = sorted(times)
     return statistics.median(times), times[int(len(times) * 0.9)]
@@ -103,7 +125,7 @@ def main():
     )
     workdir = tempfile.mkdtemp(prefix="real-port-", dir="/tmp")
     guest = boot(image, workdir, agent=True)
-    proc = master = None
+    proc = master = bridge = None
     try:
         ping_round_trips(guest.agent_socket, 1, timeout=120)
         print(
@@ -130,7 +152,35 @@ def main():
             % (pty_p50 * 1e3, statistics.median(p for _, p in pty) * 1e3)
         )
         print("  ratio port / pty (p50): %.1fx" % (port_p50 / pty_p50))
+
+        bridge = Bridge(workdir, guest.agent_socket).start()
+        bridge.wait_synced()
+        conn = UnixHTTP(bridge.api)
+        send_path = "/v1/vms/%s/messages" % VM
+        body = {"key": "bench.send", "value": "v" * 1024}
+        api_times(conn, "POST", send_path, body, 10)  # warm up, and the key exists for queries
+        query_path = "/v1/vms/%s/keys/bench.send" % VM
+        sends, queries = [], []
+        for _ in range(args.rounds):
+            sends.append(summary(api_times(conn, "POST", send_path, body, args.count)))
+            queries.append(summary(api_times(conn, "GET", query_path, None, args.count)))
+        conn.close()
+        print(
+            "the bridge's API on the real port, %d requests x %d rounds:"
+            % (args.count, args.rounds)
+        )
+        for name, rows in (("send 1 KiB (delivered)", sends), ("query", queries)):
+            print(
+                "  %-24s p50 %.3f ms, p90 %.3f ms"
+                % (
+                    name,
+                    statistics.median(p for p, _ in rows) * 1e3,
+                    statistics.median(p for _, p in rows) * 1e3,
+                )
+            )
     finally:
+        if bridge is not None:
+            bridge.kill()
         if proc is not None:
             proc.kill()
             proc.wait()
