@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 
 from ovmproto import jsonlib
@@ -29,6 +30,7 @@ from .channels import open_channel
 from .config import Config, VmSpec
 from .discovery import Discovery
 from .errors import GuestError, LinkReset
+from .groupcommit import GroupCommit, enabled_by_environment
 from .guest import Guest
 from .mirror import Entry
 from .model import (
@@ -42,7 +44,7 @@ from .model import (
     VmInfo,
 )
 from .session import State
-from .store import IdempotencyRow, Store
+from .store import IdempotencyRow, OutboxRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,10 @@ class Bridge:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._store: Store | None = None  # from start() to stop(); see the store property
+        # Commits the sends (and the guests' acknowledgements) in groups: hostbridge.groupcommit.
+        self._committer: GroupCommit | None = None
+        # vm -> its sends waiting for their commit: outstanding like those waiting for an ack.
+        self._committing: dict[str, int] = {}
         self._guests: dict[str, Guest] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
@@ -94,6 +100,13 @@ class Bridge:
     # -- lifecycle ------------------------------------------------------------------------------
 
     @property
+    def committer(self) -> GroupCommit:
+        """The group committer of the send path, from start() to stop()."""
+        if self._committer is None:
+            raise errors.BridgeError("the bridge is not running (its database is not open)")
+        return self._committer
+
+    @property
     def guest_count(self) -> int:
         """VMs the bridge holds (each may need a descriptor for its channel)."""
         return len(self._guests)
@@ -107,6 +120,7 @@ class Bridge:
             idempotency_keep=limits.idempotency_keys,
             idempotency_ttl=limits.idempotency_ttl,
         )
+        self._committer = GroupCommit(self._store, enabled=enabled_by_environment())
         configured = {vm.name for vm in self.config.vms}
         # VMs we knew before (queued messages, mirrors) stay visible even while not running.
         for row in self._store.vms():
@@ -131,6 +145,9 @@ class Bridge:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await asyncio.gather(*(g.stop() for g in self._guests.values()), return_exceptions=True)
+        if self._committer is not None:
+            self._committer.flush()  # what is pending is committed, and its senders answered
+            self._committer = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -156,6 +173,8 @@ class Bridge:
         g = self._guests.get(name)
         if g is None:
             g = Guest(name, self.store, self.config.limits, channel, source)
+            if self._committer is not None:
+                g.delivery.committer = self._committer
             self._guests[name] = g
             g.start()
         return g
@@ -232,10 +251,15 @@ class Bridge:
         )
 
     def stats(self) -> dict[str, float]:
+        committer = self._committer
         return {
             "vms": len(self._guests),
             "connected": sum(1 for g in self._guests.values() if g.state is State.SYNCED),
             "uptime": 0.0 if self._started is None else time.time() - self._started,
+            # Writes of the send path (sends, acknowledgements) and the transactions that held
+            # them: commit_units / commits is how many writes each fsync served.
+            "commits": 0 if committer is None else committer.commits,
+            "commit_units": 0 if committer is None else committer.units,
         }
 
     def audit(self, name: str, *, limit: int = 100) -> list[AuditRow]:
@@ -380,26 +404,76 @@ class Bridge:
         idempotency: tuple[str, str] | None = None,
     ) -> SendResult:
         name = g.name
+        store = self.store
         if not queue and g.state is not State.SYNCED:
-            self.store.audit_refused(name, key, value, False)
+            await self.committer.run(lambda db: store.audit_refused(name, key, value, False))
             raise errors.AgentNotConnected(
                 "the agent in VM %r is not connected; nothing was queued" % name
             )
-        if g.outstanding >= self.config.limits.max_outstanding:
-            raise errors.Busy(
-                "VM %r has %d requests outstanding, the limit" % (name, g.outstanding)
-            )
+        outstanding = g.outstanding + self._committing.get(name, 0)
+        if outstanding >= self.config.limits.max_outstanding:
+            raise errors.Busy("VM %r has %d requests outstanding, the limit" % (name, outstanding))
         lifetime = self.config.limits.message_expiry if expires is None else expires
         deadline = time.time() + lifetime if lifetime > 0 else None
-        row = self.store.enqueue(
-            name, key, value, log_value, expires=deadline, idempotency=idempotency
-        )
-        if value is not None and not log_value:
-            g.mirror.hide(key)
+
+        def enqueue(db: sqlite3.Connection) -> OutboxRow | IdempotencyRow:
+            if idempotency is not None:
+                # send() looked before this waited for its commit; a send with the same key may
+                # have been enqueued since (in this very group, even). This one is its retry.
+                prior = store.idempotent(name, idempotency[0])
+                if prior is not None:
+                    return prior
+            row = store.enqueue(
+                name, key, value, log_value, expires=deadline, idempotency=idempotency
+            )
+            if value is not None and not log_value:
+                # Before any delivery can run: the guest's announcement of the value must find
+                # the key hidden. Should the commit fail, the key stays hidden for nothing, which
+                # errs on the side of the secret.
+                g.mirror.hide(key)
+            return row
+
+        self._committing[name] = self._committing.get(name, 0) + 1
+        try:
+            done = await self.committer.run(enqueue)
+        finally:
+            left = self._committing.pop(name) - 1
+            if left:
+                self._committing[name] = left
+        if isinstance(done, IdempotencyRow):
+            assert idempotency is not None  # only then is one looked up
+            return await self._replay(g, done, idempotency[1], key, queue, timeout)
         if g.state is not State.SYNCED:
+            if not queue:
+                # The link went down while the send waited for its commit.
+                raise await self._link_lost(g, done.seq)
             g.delivery.wake()
-            return SendResult(vm=name, key=key, outcome="queued", seq=row.seq)
-        return await self._await_ack(g, row.seq, key, queue, timeout)
+            return SendResult(vm=name, key=key, outcome="queued", seq=done.seq)
+        return await self._await_ack(g, done.seq, key, queue, timeout)
+
+    async def _link_lost(self, g: Guest, seq: int) -> errors.AgentNotConnected:
+        """What a queue=False sender is told when the link to the agent went down before the
+        agent acknowledged outbox row ``seq``; the row is removed when the guest cannot have it.
+        """
+        name = g.name
+        store = self.store
+
+        def refuse(db: sqlite3.Connection) -> bool:
+            # Decided inside the commit's callback: the delivery cannot write the row between
+            # this look and the commit that removes it.
+            if g.delivery.was_written(seq):
+                return False
+            store.finish(name, [seq], "refused")
+            return True
+
+        if await self.committer.run(refuse):
+            return errors.AgentNotConnected(
+                "the agent in VM %r disconnected; nothing was queued" % name
+            )
+        return errors.AgentNotConnected(
+            "the agent in VM %r disconnected before acknowledging; "
+            "the message stays queued, as it may have arrived" % name
+        )
 
     async def _replay(
         self,
@@ -471,15 +545,7 @@ class Bridge:
         except LinkReset:
             if queue:
                 return SendResult(vm=name, key=key, outcome="queued", seq=seq, replayed=replayed)
-            if not g.delivery.was_written(seq):
-                self.store.finish(name, [seq], "refused")
-                raise errors.AgentNotConnected(
-                    "the agent in VM %r disconnected; nothing was queued" % name
-                ) from None
-            raise errors.AgentNotConnected(
-                "the agent in VM %r disconnected before acknowledging; "
-                "the message stays queued, as it may have arrived" % name
-            ) from None
+            raise await self._link_lost(g, seq) from None
         except GuestError as e:
             raise GuestError(
                 "the agent in VM %r refused key %r: %s" % (name, key, e.message), e.code

@@ -15,11 +15,16 @@ event loop's thread, and _deliver reads a row, marks it written and writes it to
 without yielding in between. So a row is either withdrawn before it was written (deleted, never
 written) or after (the guest may hold it: it stays, valueless and marked, until the guest's
 acknowledgement or next hello says "delivered" after all, or else it ends withdrawn).
+
+Acknowledged rows are removed through the bridge's group committer (hostbridge.groupcommit), so
+that the acknowledgements of many guests, and the sends arriving meanwhile, share one fsync. When
+the sender of a row is answered, and when the next row is read, is reasoned out at _acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -28,6 +33,7 @@ from ovmproto.messages import Delete, Set
 
 from . import errors
 from .errors import GuestError, LinkReset, MessageCancelled, MessageExpired
+from .groupcommit import GroupCommit
 from .mirror import Mirror
 from .session import Session, State
 from .store import OutboxRow, Store
@@ -65,6 +71,9 @@ class Delivery:
         first = store.outbox(self.vm, limit=1, withdrawn=True)
         self._written_seq = first[0].seq if first else 0
         self._loop: asyncio.Task[None] | None = None
+        # Where the removal of acknowledged rows is committed: the bridge sets its shared
+        # committer; alone (tests of this module), each removal is its own transaction.
+        self.committer = GroupCommit(store, enabled=False)
 
     @property
     def vm(self) -> str:
@@ -185,18 +194,45 @@ class Delivery:
                 row.key,
                 e.message,
             )
-            self._failed(row, e)
-            return True
+            return await self._failed(row, e)
         except errors.NotFound as e:  # not an answer to set/del; treat as a refusal
-            self._failed(row, GuestError(e.message, e.code))
-            return True
+            return await self._failed(row, GuestError(e.message, e.code))
         except errors.BridgeError as e:
             self.session.log.debug("delivery of %d interrupted: %s", row.seq, e.message)
             return False
-        self._delivered([row])
+        return await self._acknowledged(row)
+
+    async def _acknowledged(self, row: OutboxRow) -> bool:
+        """Remove row ``row`` the guest acknowledged, then answer its senders "delivered".
+
+        Why the removal is grouped: a crash between the guest's ack and this commit loses nothing;
+        the row is still in the outbox after a restart, and the guest's hello (hseq) marks it
+        delivered without sending it again (were it sent, the guest would drop the seq it has
+        applied). So it need not cost an fsync of its own, and shares the next group commit with
+        other guests' acks and the sends that arrive meanwhile.
+
+        Why the senders are answered only after that commit, although answering at the ack would
+        be as safe: the commit is due on the very next turn of the loop, and the loop runs one
+        thing at a time, so an answer sent first would gain at most that one shared commit. In
+        exchange a sender who heard "delivered" finds the same everywhere at once: the outbox,
+        `queued`, the audit and a retry with the same idempotency key. The next row is read only
+        after that commit too: read before, the outbox would still hold this row and send it
+        again.
+        """
+        seq = row.seq
+        self._unhide([row])
+        try:
+            await self.committer.run(lambda db: self.store.finish(self.vm, [seq], "delivered"))
+        except (errors.BridgeError, sqlite3.Error) as e:
+            # The guest holds it, so its senders hear so; the row stays in the outbox until the
+            # next sync or send retries the delivery (a duplicate the guest drops).
+            self.session.log.error("cannot record the delivery of %d: %s", seq, e)
+            self._settle(seq, None)
+            return False
+        self._settle(seq, None)
         return True
 
-    def _delivered(self, rows: list[OutboxRow]) -> None:
+    def _unhide(self, rows: list[OutboxRow]) -> None:
         for row in rows:
             if (
                 row.value is not None
@@ -204,14 +240,27 @@ class Delivery:
                 and not self.store.secret_pending(self.vm, row.key, row.seq)
             ):
                 self.mirror.unhide(row.key)  # the guest now holds a value we may keep on disk
+
+    def _delivered(self, rows: list[OutboxRow]) -> None:
+        self._unhide(rows)
         seqs = [row.seq for row in rows]
         self.store.finish(self.vm, seqs, "delivered")
         for seq in seqs:
             self._settle(seq, None)
 
-    def _failed(self, row: OutboxRow, exc: GuestError) -> None:
-        self.store.finish(self.vm, [row.seq], "failed")
-        self._settle(row.seq, exc)
+    async def _failed(self, row: OutboxRow, exc: GuestError) -> bool:
+        """Record that the guest refused row ``row``, then tell its senders; False when that
+        could not be recorded. The sender hears "refused" only once that is durable: were the
+        row still in the outbox after a crash, it would be sent again, and the guest might take
+        it this time, a message applied after its sender was told it was not."""
+        seq = row.seq
+        try:
+            await self.committer.run(lambda db: self.store.finish(self.vm, [seq], "failed"))
+        except (errors.BridgeError, sqlite3.Error) as e:
+            self.session.log.error("cannot record the refusal of %d: %s", seq, e)
+            return False
+        self._settle(seq, exc)
+        return True
 
     def _settle(self, seq: int, exc: Exception | None) -> None:
         for fut in self._waiters.pop(seq, []):

@@ -2,7 +2,8 @@
 outbox of host messages not yet acknowledged, the mirror of the guest's keys, and the audit trail.
 
 Durability: synchronous=FULL, so a transaction that returned (an outbox row, hence a "queued" or
-"delivered" answer to a caller) survives kill -9 and power loss.
+"delivered" answer to a caller) survives kill -9 and power loss. The bridge's sends share such
+transactions (batch(), through hostbridge.groupcommit), and are answered once theirs returned.
 
 Secrecy (log=no): such a value is on disk only in its outbox row, and only until the guest
 acknowledged it. secure_delete=ON zeroes deleted content, and a TRUNCATE checkpoint after the
@@ -207,6 +208,7 @@ class Store:
         self._db.executescript(_SCHEMA)
         self._add_columns()
         self._in_batch = False
+        self._scrub_due = False  # a batch removed a secret: scrub() after its COMMIT
 
     def _add_columns(self) -> None:
         for table, column, declaration in _ADDED_COLUMNS:
@@ -228,8 +230,22 @@ class Store:
     def batch(self) -> _Tx:
         """One transaction (one fsync) around many writes: each write inside it becomes a
         savepoint, so a failed write undoes only itself. The bridge saves every VM's mirror
-        and last_seen this way once a second instead of paying one fsync per VM."""
+        and last_seen this way once a second instead of paying one fsync per VM, and commits
+        concurrent sends together (hostbridge.groupcommit)."""
         return _Tx(self, outer=True)
+
+    def savepoint(self) -> _Tx:
+        """Inside batch(): a savepoint, undone alone when its block raises. Outside: a
+        transaction of its own."""
+        return _Tx(self)
+
+    def _scrub_soon(self) -> None:
+        # A checkpoint cannot fold the WAL while this connection holds a write transaction open:
+        # inside a batch it runs once the batch has committed (_Tx), and then only once.
+        if self._in_batch:
+            self._scrub_due = True
+        else:
+            self.scrub()
 
     # -- VMs ----------------------------------------------------------------------------------
 
@@ -422,7 +438,7 @@ class Store:
                         (after, audit_id),
                     )
         if secret:
-            self.scrub()
+            self._scrub_soon()
         return sorted(withdrawn), sorted(in_flight)
 
     def finish(self, vm: str, seqs: list[int], outcome: str) -> None:
@@ -447,7 +463,7 @@ class Store:
                     db.execute("UPDATE audit SET outcome=? WHERE id=?", (outcome, row[1]))
                 self._settle_idempotency(db, vm, seq, outcome)
         if secret:
-            self.scrub()
+            self._scrub_soon()
 
     @staticmethod
     def _settle_idempotency(db: sqlite3.Connection, vm: str, seq: int, outcome: str) -> None:
@@ -596,9 +612,22 @@ class _Tx:
             db.execute("RELEASE write")
             return False
         self._store._in_batch = False
+        scrub, self._store._scrub_due = self._store._scrub_due, False
         try:
             db.execute("COMMIT" if exc_type is None else "ROLLBACK")
         except BaseException:
             self._store._audit_counts.clear()
+            # A COMMIT that failed may leave the transaction open (SQLITE_BUSY, a deferred
+            # constraint): undo it, or every later BEGIN on this connection would fail too.
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the COMMIT's own error, raised below, is the one to report
             raise
+        if scrub and exc_type is None:
+            try:
+                self._store.scrub()
+            except sqlite3.Error as e:  # committed already: the writes stand, only the fold failed
+                log.warning("WAL checkpoint after a batch failed: %s", e)
         return False

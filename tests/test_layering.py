@@ -81,6 +81,7 @@ LAYERS = {
             "hostbridge.backoff",
             "hostbridge.channels",
             "hostbridge.store",
+            "hostbridge.groupcommit",
             "hostbridge.mirror",
             "hostbridge.throttle",
             "hostbridge.replies",

@@ -351,3 +351,40 @@ def test_a_database_from_before_idempotency_keys_should_gain_their_table(db_path
     s = Store(db_path)
     s.enqueue("a", "k", "v", True, idempotency=("key", "d"))
     assert s.idempotent("a", "key").seq == 1
+
+
+@pytest.mark.parametrize("size", [40, 8192])
+def test_a_log_off_value_delivered_inside_a_batch_should_leave_no_trace_once_it_committed(
+    db_path, size
+):
+    # The WAL cannot be folded while the batch's transaction is open: it is, after its COMMIT.
+    token, secret = secret_of(size)
+    s = Store(db_path)
+    s.vm("a")
+    s.enqueue("a", "pw", secret, False)
+    s.enqueue("a", "other", "public-value", True)
+    with s.batch():
+        s.finish("a", [1], "delivered")
+        s.enqueue("a", "later", "public-later", True)
+    data = file_bytes(db_path)
+    assert token not in data
+    assert b"public-value" in data and b"public-later" in data
+    assert [r.seq for r in s.outbox("a")] == [2, 3]
+
+
+def test_a_failed_commit_should_leave_the_store_usable_and_keep_nothing_of_it(db_path):
+    s = Store(db_path)
+    s.vm("a")
+    s._db.execute("PRAGMA foreign_keys=ON")
+    s._db.executescript(
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY);"
+        "CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);"
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        with s.batch() as db:
+            s.enqueue("a", "lost", "v", True)
+            db.execute("INSERT INTO child VALUES (1)")  # fails only at COMMIT
+    assert not s._db.in_transaction
+    assert s.enqueue("a", "kept", "v", True).seq == 1
+    assert [r.key for r in s.outbox("a")] == ["kept"]
+    assert [r[2] for r in s.audit("a")] == ["kept"]

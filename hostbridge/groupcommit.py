@@ -1,0 +1,134 @@
+"""Group commit: the writes of many senders share one SQLite transaction, hence one fsync.
+
+    committer = GroupCommit(store)
+    row = await committer.run(lambda db: store.enqueue(vm, key, value, True))
+
+Every send must be durable (synchronous=FULL: an fsync) before it is answered, and before its
+outbox row can be written to a guest. One transaction per send makes concurrent senders queue up
+behind each other's fsyncs; here a unit of work (a function of the connection, returning what its
+sender wants back) waits for the next flush instead, and one flush commits every unit pending.
+
+How a flush goes, and why each step is safe:
+
+- The first unit of a group schedules the flush with ``loop.call_soon``: no timer and no wait for
+  company. The units that arrive while the loop is busy (with the previous fsync, or with other
+  requests of the same iteration) form the next group, so grouping grows with the load by itself
+  and a lone sender pays nothing but one turn of the loop.
+- The flush is one synchronous callback: BEGIN IMMEDIATE, every unit in submission order, COMMIT.
+  Nothing else runs on the loop meanwhile, so no other code (a guest's delivery reading the
+  outbox, an API request reading the audit) can see a row before its COMMIT returned: a row is
+  never written to a guest before it is durable, and submission order is seq order.
+- Each unit runs in its own SAVEPOINT: one that raises (an unknown VM, a constraint) is rolled back
+  alone and its sender gets its exception; the others commit.
+- A sender's future is resolved only after COMMIT returned, so nothing is answered ("queued",
+  "delivered") before it is durable. When BEGIN or COMMIT fails, no unit of the group is
+  committed, and every unit's sender gets a BridgeError naming the cause.
+- A unit whose sender gave up (its future cancelled, e.g. the client went away) before the flush
+  is skipped: nothing was kept and nothing was answered.
+
+``enabled=False`` runs each unit at once in a transaction of its own, as before group commits (a
+switch for measurements: HOSTBRIDGE_GROUP_COMMIT=0 in the bridge's environment, bench/sends.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .errors import BridgeError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Set to "0" to commit each unit alone (bench/sends.py compares both).
+ENVIRONMENT_SWITCH = "HOSTBRIDGE_GROUP_COMMIT"
+
+
+def enabled_by_environment() -> bool:
+    return os.environ.get(ENVIRONMENT_SWITCH, "1").strip() != "0"
+
+
+class CommitFailed(BridgeError):
+    """The group's transaction could not be committed: nothing of it is in the database."""
+
+
+class GroupCommit:
+    def __init__(self, store: Store, enabled: bool = True) -> None:
+        self.store = store
+        self.enabled = enabled
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._scheduled = False
+        # Transactions committed, and the units they held (units / commits: how many writes
+        # each fsync served); failed: transactions whose BEGIN or COMMIT failed.
+        self.commits = 0
+        self.units = 0
+        self.failed = 0
+
+    @property
+    def pending(self) -> int:
+        """Units waiting for the next flush."""
+        return len(self._pending)
+
+    def submit(self, unit: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """A future for ``unit(db)``'s result, resolved once its transaction has committed.
+
+        ``unit`` runs inside a savepoint and must not yield (it is a plain function); it may call
+        the store's own methods, whose transactions become savepoints within the group's.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._pending.append((unit, fut))
+        if not self.enabled:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self.flush)
+        return fut
+
+    async def run(self, unit: Callable[[sqlite3.Connection], T]) -> T:
+        """``unit(db)``'s result once committed; its exception when it raised or the commit
+        failed (CommitFailed)."""
+        return await self.submit(unit)
+
+    def flush(self) -> None:
+        """Commit every pending unit now, in one transaction (the bridge calls it at stop too)."""
+        self._scheduled = False
+        group = [(unit, fut) for unit, fut in self._pending if not fut.cancelled()]
+        self._pending = []
+        if not group:
+            return
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with self.store.batch() as db:
+                for unit, _ in group:
+                    try:
+                        with self.store.savepoint():
+                            outcomes.append((True, unit(db)))
+                    except Exception as e:  # noqa: BLE001 - the unit's sender gets it
+                        outcomes.append((False, e))
+        except BaseException as e:
+            self.failed += 1
+            log.error("cannot commit %d write(s) to the database: %s", len(group), e)
+            for _, fut in group:
+                if not fut.done():
+                    failure = CommitFailed("cannot commit to the bridge's database: %s" % e)
+                    failure.__cause__ = e
+                    fut.set_exception(failure)
+            if not isinstance(e, Exception):
+                raise
+            return
+        self.commits += 1
+        self.units += sum(1 for ok, _ in outcomes if ok)
+        for (_, fut), (ok, value) in zip(group, outcomes):
+            if fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
