@@ -15,7 +15,9 @@ temporary API socket. Each round starts a fresh bridge (new database) and measur
      key, from a load generator in its own process (HTTP/1.1 keep-alive connections over the unix
      socket, raw asyncio protocols) at 64 and at 16 concurrent connections (the order alternates
      from round to round), and at 1 (sequential) for the bridge's own per-query latency; each
-     answer is checked (status 200, the expected value, stale false)
+     answer is checked (status 200, the expected value, stale false). Each phase is run against
+     the bridge and against the yardstick (below) back to back, with the same queries; then one
+     more sequential phase with ?fresh=true (each query a round trip to its guest)
   c. the bridge's RSS after (b)
 After the rounds, with the last bridge still up:
   d. `vmmessage query VM KEY` whole-process wall time against `python -c pass` by the same
@@ -23,7 +25,11 @@ After the rounds, with the last bridge still up:
 and then a restart of the bridge on the last round's database (mirrors on disk): time to sync.
 
 Figures are medians over the rounds. There is no public peer for such a bridge; the yardstick is
-a direct `get` round trip to one simulated guest (no bridge in between), measured in every round.
+a bare aiohttp server (`bridge.py --yardstick`, its own process, up for the whole run) answering
+the same route with the same JSON from a dict over the same kind of unix socket: the HTTP
+library's floor on this machine. Each (b) figure is printed beside the yardstick's, with the
+median of the rounds' bridge/yardstick ratios. Also shown: a direct `get` round trip to one
+simulated guest (no bridge, no HTTP).
 """
 
 import argparse
@@ -65,8 +71,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPU_BUDGET_S = 540.0
 
 GOAL_SYNC_S = 10.0
-GOAL_QPS = 5000.0
-GOAL_P99_MS = 20.0
+GOAL_QPS_RATIO = 0.8  # bridge queries/s over the yardstick's, at 16 and 64 connections
+GOAL_P99_MS = 20.0  # at 16 and 64 connections
+GOAL_SEQ_P50_RATIO = 2.0  # sequential p50 over the yardstick's
 GOAL_RSS_MB = 200.0
 GOAL_CLI_RATIO = 2.5
 
@@ -160,7 +167,7 @@ def http_get(sock_path, target, timeout=10.0):
 
 
 class _Conn(asyncio.Protocol):
-    REQ = "GET /v1/vms/%s/keys/%s HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    REQ = "GET /v1/vms/%s/keys/%s%s HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
     def __init__(self, gen):
         self.gen = gen
@@ -195,7 +202,7 @@ class _Conn(asyncio.Protocol):
         self.expect = value_for(vm, j)
         self.busy = True
         self.t0 = time.perf_counter()
-        self.transport.write((self.REQ % (vm, key_name(j))).encode("ascii"))
+        self.transport.write((self.REQ % (vm, key_name(j), gen.query)).encode("ascii"))
 
     def data_received(self, data):
         buf = self.buf
@@ -228,9 +235,10 @@ class _Conn(asyncio.Protocol):
 
 
 class _LoadGen:
-    def __init__(self, vms, keys, seed):
+    def __init__(self, vms, keys, seed, query=""):
         self.vms = vms
         self.keys = keys
+        self.query = query  # appended to each request's path: "" or "?fresh=true"
         self.rnd = random.Random(seed)
         self.stopping = False
         self.win_start = None
@@ -267,7 +275,7 @@ class _LoadGen:
 
 async def _loadgen_main(args):
     loop = asyncio.get_running_loop()
-    gen = _LoadGen(args.vms, args.keys, args.seed)
+    gen = _LoadGen(args.vms, args.keys, args.seed, "?fresh=true" if args.fresh else "")
     gen.all_idle = loop.create_future()
     conns = []
     for _ in range(args.concurrency):
@@ -323,9 +331,110 @@ def loadgen_main(argv):
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true", help="ask with ?fresh=true (a round trip)")
     args = ap.parse_args(argv)
     asyncio.run(_loadgen_main(args))
     return 0
+
+
+# ---------------------------------------------------------------------------- the yardstick --
+# A bare aiohttp server (`bridge.py --yardstick ...`, its own process): the same unix-socket setup
+# as the bridge's API (a listening socket handed to a SockSite, no access log), the same route
+# shape, and the same JSON answer built from a dict by the same JSON library (ovmproto.jsonlib,
+# orjson when installed). No middleware, no guest, no bridge: what aiohttp itself costs per
+# query on this machine, the floor the bridge is compared with.
+
+
+async def _yardstick_main(args):
+    from aiohttp import web
+
+    from ovmproto import jsonlib
+
+    table = {}
+    for i in range(args.vms):
+        vm = guest_name(i)
+        for j in range(args.keys):
+            table[(vm, key_name(j))] = value_for(vm, j)
+    seen = time.time()
+
+    async def get_key(request):
+        info = request.match_info
+        vm, key = info["vm"], info["key"]
+        value = table.get((vm, key))
+        if value is None:
+            raise web.HTTPNotFound()
+        doc = {
+            "vm": vm,
+            "key": key,
+            "value": value,
+            "ts": seen,
+            "origin": "guest",
+            "stale": False,
+            "last_seen": seen,
+        }
+        return web.Response(body=jsonlib.dumps(doc), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/vms/{vm}/keys/{key:.+}", get_key)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(args.socket)
+    sock.listen(128)  # the bridge's backlog (hostbridge.api._start_unix)
+    await web.SockSite(runner, sock).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    await stop.wait()
+    await runner.cleanup()
+
+
+def yardstick_main(argv):
+    ap = argparse.ArgumentParser(prog="bridge.py --yardstick")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--vms", type=int, required=True)
+    ap.add_argument("--keys", type=int, required=True)
+    args = ap.parse_args(argv)
+    asyncio.run(_yardstick_main(args))
+    return 0
+
+
+class Yardstick:
+    """The bare aiohttp server as a process, up for the whole run; stop() ends it by pid."""
+
+    def __init__(self, workdir, real_py, vms, keys):
+        self.socket = os.path.join(workdir, "yardstick.sock")
+        self.log_path = os.path.join(workdir, "yardstick.log")
+        argv, exe = venv_python_argv(
+            real_py,
+            [
+                os.path.abspath(__file__),
+                "--yardstick",
+                "--socket",
+                self.socket,
+                "--vms",
+                str(vms),
+                "--keys",
+                str(keys),
+            ],
+        )
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            argv, executable=exe, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log
+        )
+        self.pid = self.proc.pid
+        line = self.proc.stdout.readline().decode().strip()
+        if line != "ready":
+            raise BenchError("the yardstick did not start (%r); see %s" % (line, self.log_path))
+
+    def stop(self):
+        status = kill_pid(self.pid)
+        self._log.close()
+        self.proc.stdout.close()
+        return status
 
 
 # --------------------------------------------------------------------------------- the parts --
@@ -538,8 +647,11 @@ def direct_round_trips(path, n, warmup=100):
     return {"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99), "n": n}
 
 
-def run_load(real_py, api_socket, concurrency, n_vms, keys, warmup, duration, seed, pids):
-    """One load phase in a separate process; its result plus every process's CPU in the window."""
+def run_load(
+    real_py, api_socket, concurrency, n_vms, keys, warmup, duration, seed, pids, fresh=False
+):
+    """One load phase in a separate process; its result plus every process's CPU in the window.
+    ``fresh``: every query with ?fresh=true (a round trip to the guest)."""
     argv, exe = venv_python_argv(
         real_py,
         [
@@ -559,7 +671,8 @@ def run_load(real_py, api_socket, concurrency, n_vms, keys, warmup, duration, se
             str(duration),
             "--seed",
             str(seed),
-        ],
+        ]
+        + (["--fresh"] if fresh else []),
     )
     proc = subprocess.Popen(
         argv,
@@ -634,12 +747,26 @@ def med(values):
     return statistics.median(values) if values else None
 
 
+def _ratio(a, b):
+    return None if a is None or not b else a / b
+
+
 def build_summary(res):
     rounds = res["rounds"]
     rows = []
 
-    def row(label, ours, goal, met=None, spec="%.0f"):
-        rows.append({"figure": label, "ours": ours, "goal": goal, "met": met, "spec": spec})
+    def row(label, ours, goal, met=None, spec="%.0f", yard=None, ratio=None):
+        rows.append(
+            {
+                "figure": label,
+                "ours": ours,
+                "yardstick": yard,
+                "ratio": ratio,
+                "goal": goal,
+                "met": met,
+                "spec": spec,
+            }
+        )
 
     sync = med([r["sync"]["synced_s"] for r in rounds])
     row(
@@ -664,31 +791,61 @@ def build_summary(res):
     rs = res.get("restart")
     if rs:
         row("   restart on the same database -> all synced (s)", rs["synced_s"], "-", spec="%.2f")
+
+    def figure(c, name):
+        """(bridge median, yardstick median, median of the rounds' bridge/yardstick ratios)."""
+        ours = [r["load"][str(c)][name] for r in rounds]
+        yard = [r["yardstick"][str(c)][name] for r in rounds]
+        return med(ours), med(yard), med([_ratio(a, b) for a, b in zip(ours, yard)])
+
     for c in res["concurrencies"]:
-        loads = [r["load"][str(c)] for r in rounds]
-        qps = med([x["qps"] for x in loads])
-        p50 = med([x["p50_ms"] for x in loads])
-        p99 = med([x["p99_ms"] for x in loads])
-        goal_met = None
-        if c != 1:
-            goal_met = qps is not None and p99 is not None and qps >= GOAL_QPS and p99 < GOAL_P99_MS
+        qps, yqps, rqps = figure(c, "qps")
+        p50, yp50, rp50 = figure(c, "p50_ms")
+        p99, yp99, rp99 = figure(c, "p99_ms")
+        if c == 1:
+            row("b. GET key, 1 conn: queries/s", qps, "-", yard=yqps, ratio=rqps)
+            row(
+                "b. GET key, 1 conn: p50 (ms)",
+                p50,
+                "<= %gx yardstick" % GOAL_SEQ_P50_RATIO,
+                None if rp50 is None else rp50 <= GOAL_SEQ_P50_RATIO,
+                "%.2f",
+                yp50,
+                rp50,
+            )
+            row("b. GET key, 1 conn: p99 (ms)", p99, "-", None, "%.2f", yp99, rp99)
+            continue
         row(
             "b. GET key, %d conn: queries/s" % c,
             qps,
-            ">= %d and p99 < %g ms" % (GOAL_QPS, GOAL_P99_MS) if c != 1 else "-",
-            goal_met,
+            ">= %gx yardstick" % GOAL_QPS_RATIO,
+            None if rqps is None else rqps >= GOAL_QPS_RATIO,
+            yard=yqps,
+            ratio=rqps,
         )
-        row("b. GET key, %d conn: p50 (ms)" % c, p50, "-", spec="%.2f")
+        row("b. GET key, %d conn: p50 (ms)" % c, p50, "-", None, "%.2f", yp50, rp50)
         row(
             "b. GET key, %d conn: p99 (ms)" % c,
             p99,
-            "< %g ms" % GOAL_P99_MS if c != 1 else "-",
-            None if c == 1 or p99 is None else p99 < GOAL_P99_MS,
+            "< %g ms" % GOAL_P99_MS,
+            None if p99 is None else p99 < GOAL_P99_MS,
             "%.2f",
+            yp99,
+            rp99,
         )
+    fresh = [r["fresh"]["p50_ms"] for r in rounds]
+    row(
+        "   GET key?fresh=true (a round trip), 1 conn: p50 (ms)",
+        med(fresh),
+        "-",
+        None,
+        "%.2f",
+        med([r["yardstick"]["1"]["p50_ms"] for r in rounds]),
+        med([_ratio(a, r["yardstick"]["1"]["p50_ms"]) for a, r in zip(fresh, rounds)]),
+    )
     direct = med([r["direct"]["p50_us"] for r in rounds])
     row(
-        "   yardstick: direct get to one guest, p50 (ms)",
+        "   a direct get to one guest, no bridge, p50 (ms)",
         None if direct is None else direct / 1000,
         "-",
         spec="%.3f",
@@ -717,15 +874,18 @@ def build_summary(res):
 
 
 def print_summary(rows, out=sys.stdout):
-    head = ("figure", "ours", "goal", "met")
+    head = ("figure", "bridge", "yardstick", "ratio", "goal", "met")
     table = [head]
     for r in rows:
         met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
-        table.append((r["figure"], fmt(r["ours"], r["spec"]), r["goal"], met))
+        yard = "" if r["yardstick"] is None else fmt(r["yardstick"], r["spec"])
+        ratio = "" if r["ratio"] is None else "%.2fx" % r["ratio"]
+        table.append((r["figure"], fmt(r["ours"], r["spec"]), yard, ratio, r["goal"], met))
     widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
     for n, t in enumerate(table):
         cells = [
-            str(c).rjust(widths[i]) if i == 1 else str(c).ljust(widths[i]) for i, c in enumerate(t)
+            str(c).rjust(widths[i]) if i in (1, 2, 3) else str(c).ljust(widths[i])
+            for i, c in enumerate(t)
         ]
         print("  ".join(cells).rstrip(), file=out)
         if n == 0:
@@ -750,25 +910,39 @@ def print_round(r, i):
         )
     )
     for c in r["order"]:
-        x = r["load"][str(c)]
-        cpu = x["cpu_pct"]
-        print(
-            "    %2d conn: %6.0f q/s  p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  stale %d  "
-            "wrong %d  errors %s  CPU%% bridge %.0f, guest_sim %.0f, loadgen %.0f"
-            % (
-                c,
-                x["qps"],
-                x["p50_ms"],
-                x["p99_ms"],
-                x["max_ms"],
-                x["stale"],
-                x["wrong_value"],
-                x["errors"] or "none",
-                cpu["bridge"],
-                cpu["guest_sim"],
-                cpu["loadgen"],
+        for what, name in (
+            ("load", "bridge   "),
+            ("yardstick", "yardstick"),
+            ("fresh", "fresh    "),
+        ):
+            if what == "fresh":
+                if c != 1:
+                    continue
+                x = r["fresh"]
+            else:
+                x = r[what][str(c)]
+            cpu = x["cpu_pct"]
+            if what != "yardstick":
+                who = "bridge %.0f, guest_sim %.0f" % (cpu["bridge"], cpu["guest_sim"])
+            else:
+                who = "yardstick %.0f" % cpu["yardstick"]
+            print(
+                "    %2d conn %s: %6.0f q/s  p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  "
+                "stale %d  wrong %d  errors %s  CPU%% %s, loadgen %.0f"
+                % (
+                    c,
+                    name,
+                    x["qps"],
+                    x["p50_ms"],
+                    x["p99_ms"],
+                    x["max_ms"],
+                    x["stale"],
+                    x["wrong_value"],
+                    x["errors"] or "none",
+                    who,
+                    cpu["loadgen"],
+                )
             )
-        )
     sys.stdout.flush()
 
 
@@ -820,6 +994,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--loadgen"]:
         return loadgen_main(argv[1:])
+    if argv[:1] == ["--yardstick"]:
+        return yardstick_main(argv[1:])
     args = parse_args(argv)
     real_py = real_interpreter()
     for exe in (VENV_HOSTBRIDGE, VENV_VMMESSAGE):
@@ -827,7 +1003,7 @@ def main(argv=None):
             raise SystemExit("bridge.py: %s does not exist (run scripts/bootstrap.sh)" % exe)
     workdir = tempfile.mkdtemp(prefix="ovmbridge-", dir="/tmp")
     api_socket = os.path.join(workdir, "api.sock")
-    sim = bridge = None
+    sim = bridge = yard = None
     concurrencies = [64, 16]
     res = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -861,6 +1037,8 @@ def main(argv=None):
         print(
             "guest_sim (pid %d) listens on %d sockets in %s" % (sim.pid, args.guests + 1, sim.dir)
         )
+        yard = Yardstick(workdir, real_py, args.guests, args.keys)
+        print("yardstick: a bare aiohttp server (pid %d) on %s" % (yard.pid, yard.socket))
         res["guest_sim_rss_kib"] = proc_rss_kib(sim.pid)
         sys.stdout.flush()
         last_db = None
@@ -878,9 +1056,33 @@ def main(argv=None):
             r["sync"] = wait_synced(bridge, args.guests, args.keys, args.sync_timeout)
             r["rss_after_sync_kib"] = proc_rss_kib(bridge.pid)
             r["direct"] = direct_round_trips(sim.path(args.guests), 1000)
-            pids = {"bridge": bridge.pid, "guest_sim": sim.pid}
+            r["yardstick"] = {}
+            targets = {
+                "load": (api_socket, {"bridge": bridge.pid, "guest_sim": sim.pid}),
+                "yardstick": (yard.socket, {"yardstick": yard.pid}),
+            }
             # The sequential run first: it measures the bridge's own cost per query, unloaded.
-            r["load"]["1"] = run_load(
+            # Each phase runs against the bridge and against the yardstick back to back, with the
+            # same seed (the same queries), the one that goes first alternating phase by phase.
+            phases = [(1, args.seq_duration)] + [(c, args.duration) for c in r["order"]]
+            for n, (c, duration) in enumerate(phases):
+                pair = ("load", "yardstick") if (i + n) % 2 == 0 else ("yardstick", "load")
+                for what in pair:
+                    sock_path, pids = targets[what]
+                    r[what][str(c)] = run_load(
+                        real_py,
+                        sock_path,
+                        c,
+                        args.guests,
+                        args.keys,
+                        args.warmup,
+                        duration,
+                        100 * i + c,
+                        pids,
+                    )
+            # What a query costs when it takes a round trip to the guest (?fresh=true, or the
+            # mirror cannot answer): sequential, the bridge only.
+            r["fresh"] = run_load(
                 real_py,
                 api_socket,
                 1,
@@ -888,21 +1090,10 @@ def main(argv=None):
                 args.keys,
                 args.warmup,
                 args.seq_duration,
-                1000 + i,
-                pids,
+                100 * i + 1,
+                targets["load"][1],
+                fresh=True,
             )
-            for c in r["order"]:
-                r["load"][str(c)] = run_load(
-                    real_py,
-                    api_socket,
-                    c,
-                    args.guests,
-                    args.keys,
-                    args.warmup,
-                    args.duration,
-                    100 * i + c,
-                    pids,
-                )
             r["rss_after_load_kib"] = proc_rss_kib(bridge.pid)
             r["threads"] = proc_threads(bridge.pid)
             r["bridge_cpu_s"] = proc_cpu_ticks(bridge.pid) / float(CLK_TCK)
@@ -943,6 +1134,11 @@ def main(argv=None):
                 bridge.stop()
             except Exception as e:  # cleanup must reach every process; report and go on
                 print("cleanup of the bridge: %s" % e, file=sys.stderr)
+        if yard is not None:
+            try:
+                res["yardstick_exit"] = yard.stop()
+            except Exception as e:
+                print("cleanup of the yardstick: %s" % e, file=sys.stderr)
         if sim is not None:
             try:
                 res["guest_sim_exit"], res["guest_sim_stats"] = sim.stop()
@@ -967,29 +1163,44 @@ def main(argv=None):
         cpu = [r["load"][str(c)]["cpu_pct"] for r in res["rounds"]]
         print(
             "CPU during the %d-connection windows (%% of one core; 200%% = both cores): bridge "
-            "%.0f%%, guest_sim %.0f%%, load generator %.0f%% (medians)"
+            "%.0f%%, guest_sim %.0f%%, load generator %.0f%%; the yardstick's windows: "
+            "yardstick %.0f%%, load generator %.0f%% (medians)"
             % (
                 c,
                 med([x["bridge"] for x in cpu]),
                 med([x["guest_sim"] for x in cpu]),
                 med([x["loadgen"] for x in cpu]),
+                med([r["yardstick"][str(c)]["cpu_pct"]["yardstick"] for r in res["rounds"]]),
+                med([r["yardstick"][str(c)]["cpu_pct"]["loadgen"] for r in res["rounds"]]),
             )
         )
     problems = []
-    for r in res["rounds"]:
-        for c, x in r["load"].items():
-            if x["stale"] or x["wrong_value"] or x["errors"]:
-                problems.append(
-                    "round %d, %s conn: stale %d, wrong %d, errors %s"
-                    % (res["rounds"].index(r) + 1, c, x["stale"], x["wrong_value"], x["errors"])
-                )
+    for n, r in enumerate(res["rounds"]):
+        for what in ("load", "yardstick", "fresh"):
+            for c, x in r[what].items() if what != "fresh" else [("1", r["fresh"])]:
+                if x["stale"] or x["wrong_value"] or x["errors"]:
+                    problems.append(
+                        "round %d, %s, %s conn: stale %d, wrong %d, errors %s"
+                        % (
+                            n + 1,
+                            "bridge" if what == "load" else what,
+                            c,
+                            x["stale"],
+                            x["wrong_value"],
+                            x["errors"],
+                        )
+                    )
     print(
-        "answers checked (status 200, the expected value, stale false): %s"
+        "answers checked, bridge and yardstick (status 200, the expected value, stale false): %s"
         % ("all good" if not problems else "; ".join(problems))
     )
     stats = res.get("guest_sim_stats")
     if stats:
-        total_api = sum(x["total_requests"] for r in res["rounds"] for x in r["load"].values())
+        total_api = sum(
+            x["total_requests"]
+            for r in res["rounds"]
+            for x in list(r["load"].values()) + [r["fresh"]]
+        )
         print(
             "guest_sim answered: %s; connections accepted %d (API key queries sent in all: %d)"
             % (
@@ -999,13 +1210,12 @@ def main(argv=None):
             )
         )
     print(
-        "peer: there is no public peer for a host bridge. Yardstick: a direct get round trip to "
-        "one simulated guest (no bridge) p50 %.0f us; the bridge's sequential query p50 is %.2f ms "
-        "(HTTP over the unix socket + the bridge + the guest round trip)."
-        % (
-            med([r["direct"]["p50_us"] for r in res["rounds"]]),
-            med([r["load"]["1"]["p50_ms"] for r in res["rounds"]]),
-        )
+        "peer: there is no public peer for a host bridge. Yardstick: a bare aiohttp server on the "
+        "same kind of unix socket answering the same JSON from a dict, driven by the same load "
+        "generator with the same queries, interleaved with the bridge's phases; ratio = bridge / "
+        "yardstick, the median of the rounds' ratios. A direct get round trip to one simulated "
+        "guest (no bridge, no HTTP): p50 %.0f us."
+        % med([r["direct"]["p50_us"] for r in res["rounds"]])
     )
     if "cli" in res:
         c = res["cli"]

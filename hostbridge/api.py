@@ -17,10 +17,14 @@
 Every error is ``{"error": {"code": ..., "message": ...}}`` with a one-line message (never a value).
 The unix socket (default /run/hostbridge/api.sock, mode 0660) is guarded by file permissions; TCP is
 served only with TLS and every request on it must carry a bearer token or a user and password.
+Each listener has its own application over the same routes and state: TCP's authenticates every
+request in a middleware; the unix socket's has no middleware at all (a key query is the hot path,
+and each middleware costs every request a coroutine), its handlers answering their own failures.
 """
 
 from __future__ import annotations
 
+import functools
 import grp
 import http
 import logging
@@ -92,7 +96,9 @@ class BridgeApi(Protocol):
     ) -> SendResult: ...
     def cancel(self, name: str, seq: int | None = None) -> CancelResult: ...
     def queue(self, name: str, *, limit: int) -> QueueList: ...
-    async def query(self, name: str, key: str, *, timeout: float) -> KeyValue: ...
+    async def query(
+        self, name: str, key: str, *, timeout: float, fresh: bool = False
+    ) -> KeyValue: ...
     async def keys(self, name: str, *, timeout: float) -> KeyList: ...
     async def delete(self, name: str, key: str, *, timeout: float) -> SendResult: ...
     def audit(self, name: str, *, limit: int) -> list[AuditRow]: ...
@@ -158,12 +164,10 @@ def _is_unix(request: web.Request) -> bool:
     return sock is not None and sock.family == socket.AF_UNIX
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure into the JSON error shape: never a traceback or an HTML page."""
-    try:
-        return await handler(request)
-    except OvmError as exc:
+def _failure(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The JSON error answer to a request whose handling raised ``exc``: never a traceback or an
+    HTML page. Called from an ``except`` clause (the log's traceback is that of ``exc``)."""
+    if isinstance(exc, OvmError):
         status = getattr(exc, "http_status", None)
         if status is None:
             status = errorcodes.http_status(exc.code)
@@ -172,9 +176,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if retry_after is not None:
             headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
         return error_response(status, exc.code, exc.message, headers)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         if exc.status == 413:
             message = "request body over %d bytes" % MAX_BODY
         elif exc.status == 404:
@@ -189,13 +193,48 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(
             exc.status, _HTTP_CODES.get(exc.status, "http_%d" % exc.status), message, headers
         )
-    except CredentialFileError as exc:
+    if isinstance(exc, CredentialFileError):
         log.error("%s", exc)
         return error_response(500, "internal", "the bridge cannot read its credentials file")
-    except Exception:
-        # The traceback goes to the log only; the message must not echo request data (a value).
-        log.exception("internal error serving %s %s", request.method, request.path)
-        return error_response(500, "internal", "internal error in the bridge (see its log)")
+    # The traceback goes to the log only; the message must not echo request data (a value).
+    log.error("internal error serving %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal", "internal error in the bridge (see its log)")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What the handlers do not answer themselves (a failed authentication) as JSON too."""
+    try:
+        return await handler(request)
+    except Exception as exc:  # noqa: BLE001 - each one is answered, as JSON (_failure)
+        return _failure(request, exc)
+
+
+def _json_errors(handler: Handler) -> Handler:
+    """``handler``, answering its failures in the JSON error shape itself. On the unix socket the
+    routes run without any middleware (each costs a coroutine per request, and there is nothing
+    to authenticate): this is what keeps every error JSON there."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:  # noqa: BLE001 - each one is answered, as JSON (_failure)
+            return _failure(request, exc)
+
+    return functools.update_wrapper(serve, handler)
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    """The last route, matching every path: 405 (with Allow) when another route has the path,
+    else 404, raised for _json_errors to answer as aiohttp's own refusals would be."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 class _JsonErrorHandler(web_protocol.RequestHandler):
@@ -313,6 +352,34 @@ def _query_timeout(request: web.Request) -> float:
     return request.app[SETTINGS].default_timeout if value is None else _timeout(value)
 
 
+_FLAGS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _read_options(request: web.Request) -> tuple[float, bool]:
+    """A read's query parameters, checked: (timeout, fresh). Without a query string, as nearly
+    every query comes, the defaults and no parsing: this runs on every query."""
+    if "?" not in request.raw_path:
+        return request.app[SETTINGS].default_timeout, False
+    raw = request.query.get("fresh")
+    fresh = _FLAGS.get(raw.lower()) if raw is not None else False
+    if fresh is None:
+        raise InvalidInput("fresh must be true or false")
+    return _query_timeout(request), fresh
+
+
+def _key_value(kv: KeyValue) -> dict[str, Any]:
+    # KeyValue.to_json(), spelled out: its walk over dataclasses.fields() is a cost per query.
+    return {
+        "vm": kv.vm,
+        "key": kv.key,
+        "value": kv.value,
+        "ts": kv.ts,
+        "origin": kv.origin,
+        "stale": kv.stale,
+        "last_seen": kv.last_seen,
+    }
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
@@ -417,11 +484,20 @@ async def cancel_messages(request: web.Request) -> web.Response:
     return _json(result, 202 if result.get("in_flight") else 200)
 
 
-async def get_key(request: web.Request) -> web.Response:
-    vm = request.match_info["vm"]
-    key = _check_key(request.match_info["key"])
-    timeout = _query_timeout(request)
-    return _json((await request.app[BRIDGE].query(vm, key, timeout=timeout)).to_json())
+async def get_key(request: web.Request) -> web.StreamResponse:
+    # The hot path of the API, registered as it is: it answers its own failures (what
+    # _json_errors would do, one coroutine less per query). The bridge checks the key
+    # (InvalidInput, as _check_key would), and only when its mirror does not hold it: a mirrored
+    # key passed that check already.
+    try:
+        info = request.match_info
+        timeout, fresh = _read_options(request)
+        answer = await request.app[BRIDGE].query(
+            info["vm"], info["key"], timeout=timeout, fresh=fresh
+        )
+        return _json(_key_value(answer))
+    except Exception as exc:  # noqa: BLE001 - each one is answered, as JSON (_failure)
+        return _failure(request, exc)
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -448,9 +524,37 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[SETTINGS].openapi, content_type="application/json")
 
 
+_HANDLERS = (
+    # First: aiohttp tries the routes under one prefix (here /v1/vms) in the order they were
+    # added, and a key's query, by far the most frequent request, then matches at the first try.
+    # No other route takes a path these do.
+    ("GET", "/v1/vms/{vm}/keys/{key:.+}", get_key),
+    ("DELETE", "/v1/vms/{vm}/keys/{key:.+}", delete_key),
+    ("GET", "/v1/health", health),
+    ("GET", "/v1/vms", list_vms),
+    ("GET", "/v1/vms/{vm}", get_vm),
+    ("POST", "/v1/vms/{vm}/messages", send_message),
+    ("GET", "/v1/vms/{vm}/messages", list_messages),
+    ("DELETE", "/v1/vms/{vm}/messages", cancel_messages),
+    ("DELETE", "/v1/vms/{vm}/messages/{seq}", cancel_messages),
+    ("GET", "/v1/vms/{vm}/keys", list_keys),
+    ("GET", "/v1/vms/{vm}/audit", get_audit),
+    ("GET", "/openapi.json", openapi),
+    # Last: whatever no route above takes (404, or 405 naming the methods that would do).
+    ("*", "/{path:.*}", _no_route),
+)
+
+
+def _add_routes(app: web.Application) -> None:
+    for method, path, handler in _HANDLERS:
+        app.router.add_route(method, path, handler if handler is get_key else _json_errors(handler))
+
+
 def make_app(bridge: BridgeApi, config: object) -> web.Application:
-    """The aiohttp application serving ``bridge``. ``config``: a hostbridge.config.Config, or any
-    object with some of its attributes (the others take their defaults)."""
+    """The aiohttp application serving ``bridge``: each request from anything but a unix socket
+    must authenticate. ``config``: a hostbridge.config.Config, or any object with some of its
+    attributes (the others take their defaults). start() serves its unix socket with a copy
+    without middleware (_trusted)."""
     app = web.Application(middlewares=[_errors, _authenticate], client_max_size=MAX_BODY)
     app[BRIDGE] = bridge
     app[AUTH] = Authenticator(
@@ -461,20 +565,20 @@ def make_app(bridge: BridgeApi, config: object) -> web.Application:
     app[SETTINGS] = _Settings(
         default_timeout=float(getattr(config, "query_timeout", 5.0) or 5.0), openapi=spec
     )
-    r = app.router
-    r.add_get("/v1/health", health)
-    r.add_get("/v1/vms", list_vms)
-    r.add_get("/v1/vms/{vm}", get_vm)
-    r.add_post("/v1/vms/{vm}/messages", send_message)
-    r.add_get("/v1/vms/{vm}/messages", list_messages)
-    r.add_delete("/v1/vms/{vm}/messages", cancel_messages)
-    r.add_delete("/v1/vms/{vm}/messages/{seq}", cancel_messages)
-    r.add_get("/v1/vms/{vm}/keys", list_keys)
-    r.add_get("/v1/vms/{vm}/keys/{key:.+}", get_key)
-    r.add_delete("/v1/vms/{vm}/keys/{key:.+}", delete_key)
-    r.add_get("/v1/vms/{vm}/audit", get_audit)
-    r.add_get("/openapi.json", openapi)
+    _add_routes(app)
     return app
+
+
+def _trusted(app: web.Application) -> web.Application:
+    """``app`` for the unix socket, whose clients the socket file's permissions have admitted:
+    the same routes, state and limits, and no middleware, as nothing is left to authenticate
+    (and every middleware costs each request a coroutine or two)."""
+    trusted = web.Application(client_max_size=MAX_BODY)
+    trusted[BRIDGE] = app[BRIDGE]
+    trusted[AUTH] = app[AUTH]
+    trusted[SETTINGS] = app[SETTINGS]
+    _add_routes(trusted)
+    return trusted
 
 
 # ---- listeners ----
@@ -484,7 +588,7 @@ def make_app(bridge: BridgeApi, config: object) -> web.Application:
 class ApiServer:
     """The running listeners; ``close()`` stops them and removes the socket file."""
 
-    runner: web.AppRunner
+    runners: list[web.AppRunner] = field(default_factory=list)
     unix: unixsocket.UnixListener | None = None
     tcp_addresses: list[tuple[str, int]] = field(default_factory=list)
     admission: Admission | None = None
@@ -496,7 +600,8 @@ class ApiServer:
     async def close(self) -> None:
         if self.admission is not None:
             await self.admission.close()
-        await self.runner.cleanup()
+        for runner in self.runners:
+            await runner.cleanup()
         if self.unix is not None:
             self.unix.close()
 
@@ -563,16 +668,21 @@ async def start(
     # aiohttp's access log writes a line per request: thousands a second into the journal under
     # load (~10% of the bridge's time in the benchmark's profile). Only at -d 2 and above.
     quiet: dict[str, Any] = {} if getattr(config, "debug", 1) >= 2 else {"access_log": None}
-    runner = web.AppRunner(app, handle_signals=False, **quiet)
-    await runner.setup()
-    # The runner's server makes one handler per connection: make them ours (JSON errors).
-    assert runner.server is not None
-    runner.server.__class__ = _JsonErrorServer
-    server = ApiServer(runner)
+    server = ApiServer()
+
+    async def serving(served: web.Application) -> web.AppRunner:
+        runner = web.AppRunner(served, handle_signals=False, **quiet)
+        await runner.setup()
+        server.runners.append(runner)
+        # The runner's server makes one handler per connection: make them ours (JSON errors).
+        assert runner.server is not None
+        runner.server.__class__ = _JsonErrorServer
+        return runner
+
     try:
         if unix_path:
             server.unix = await _start_unix(
-                runner,
+                await serving(_trusted(app)),
                 unix_path,
                 getattr(config, "api_group", None),
                 getattr(config, "api_socket_mode", 0o660),
@@ -582,7 +692,10 @@ async def start(
             host, port = tcp
             assert ctx is not None
             # Our own accept loop, not aiohttp's TCPSite: it admits or refuses each connection
-            # so that network clients can never take the bridge's last descriptors.
+            # so that network clients can never take the bridge's last descriptors. It serves
+            # ``app`` itself, whose middleware authenticates every request.
+            runner = await serving(app)
+            assert runner.server is not None
             server.admission = Admission(
                 runner.server,
                 ctx,

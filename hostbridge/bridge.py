@@ -76,6 +76,15 @@ def _from_mirror(vm: str, key: str, value: str, e: Entry, last_seen: float | Non
     )
 
 
+def _mirror_is_live(g: Guest) -> bool:
+    """Whether ``g``'s mirror may answer for its agent as live: the agent is synced, the mirror
+    holds every change announced on this link (hostbridge.mirrorsync), and no change a host send
+    made is still to be announced (hostbridge.session, change_due). What such an answer can miss
+    is a change the guest made less than one channel latency ago: docs/bridge.md."""
+    s = g.session
+    return s.state is State.SYNCED and not s.change_due and g.mirror_sync.current
+
+
 class Bridge:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -91,6 +100,13 @@ class Bridge:
         self.discovery: Discovery | None = None
 
     @property
+    def committer(self) -> GroupCommit:
+        """The group committer of the send path, from start() to stop()."""
+        if self._committer is None:
+            raise errors.BridgeError("the bridge is not running (its database is not open)")
+        return self._committer
+
+    @property
     def store(self) -> Store:
         """The database, open from start() to stop(); BridgeError outside that time."""
         if self._store is None:
@@ -98,13 +114,6 @@ class Bridge:
         return self._store
 
     # -- lifecycle ------------------------------------------------------------------------------
-
-    @property
-    def committer(self) -> GroupCommit:
-        """The group committer of the send path, from start() to stop()."""
-        if self._committer is None:
-            raise errors.BridgeError("the bridge is not running (its database is not open)")
-        return self._committer
 
     @property
     def guest_count(self) -> int:
@@ -269,13 +278,33 @@ class Bridge:
             for r in self.store.audit(name, limit)
         ]
 
-    async def query(self, name: str, key: str, *, timeout: float = 5.0) -> KeyValue:
-        """The key's value, from the live agent when it is synced (stale=False).
+    async def query(
+        self, name: str, key: str, *, timeout: float = 5.0, fresh: bool = False
+    ) -> KeyValue:
+        """The key's value, live (stale=False) when the agent is synced: from the mirror, which
+        then holds every change the agent announced up to the last frame read from it, or with
+        a round trip to the agent when the mirror cannot tell (a refresh under way, a host
+        change whose announcement is still due, a key it does not hold or whose value it kept
+        off disk) or ``fresh`` asks for one (docs/bridge.md, "What live means").
 
-        Otherwise, and also when the live get times out or the link drops meanwhile, the answer
-        comes from the mirror, marked stale=True with the time the agent was last seen.
+        Otherwise, and also when the round trip times out or the link drops meanwhile, the
+        answer comes from the mirror, marked stale=True with the time the agent was last seen.
         NotFound when neither has the key.
         """
+        g = self._guests.get(name)
+        if g is not None and not fresh and _mirror_is_live(g):
+            e = g.mirror.entries.get(key)
+            if e is not None and e.value is not None:
+                # Keys in the mirror passed the same check as _check(key) below.
+                return KeyValue(
+                    vm=name,
+                    key=key,
+                    value=e.value,
+                    ts=e.ts,
+                    origin=e.origin,
+                    stale=False,
+                    last_seen=g.session.last_seen,
+                )
         _check(key)
         g = self.guest(name)
         s = g.session
@@ -309,7 +338,9 @@ class Bridge:
         return _from_mirror(name, key, e.value, e, s.last_seen)
 
     async def keys(self, name: str, *, timeout: float = 5.0) -> KeyList:
-        """Every key, live when synced, else (or on timeout) from the mirror marked stale."""
+        """Every key, live when synced: always a listing by the agent, unlike query() (listings
+        are rare, and the mirror lacks the keys its quota refused). Not synced, or the listing
+        timed out: from the mirror, marked stale."""
         g = self.guest(name)
         s = g.session
         if s.state is State.SYNCED:

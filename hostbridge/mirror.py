@@ -2,6 +2,10 @@
 
 Pure bookkeeping (no I/O): the session feeds it, the store persists what ``take_dirty`` returns.
 A quota of keys and bytes bounds what one guest can make the bridge hold.
+
+While its agent is synced, the bridge answers queries from this copy (hostbridge.bridge), so an
+entry is never left holding a value the guest has replaced: a change the copy cannot take (over
+the quota, or refused by the session) removes the key's entry, and a query then asks the guest.
 """
 
 from __future__ import annotations
@@ -150,6 +154,8 @@ class Mirror:
             old is None and len(self.entries) >= self.max_keys
         ) or self.bytes + grow > self.max_bytes:
             self.dropped += 1
+            if old is not None and mark:
+                self.discard(key)  # its value is out of date: never answer with it
             return False
         if old is not None:
             del self.entries[key]  # keep set order, as the guest's list does
@@ -159,6 +165,13 @@ class Mirror:
             self._dirty.add(key)
             self._deleted.discard(key)
         return True
+
+    def discard(self, key: str) -> None:
+        """Forget ``key`` (the guest changed it in a way the copy cannot hold); saved as deleted."""
+        if key in self.entries:
+            self._remove(key)
+            self._deleted.add(key)
+            self._dirty.discard(key)
 
     def _remove(self, key: str) -> None:
         old = self.entries.pop(key, None)

@@ -9,6 +9,9 @@ A change that arrives while a listing is under way may or may not be in it, and 
 reply may be processed after the change's frame. So such changes are held and replayed onto the
 listing when they are newer than the gseq the listing reflects (applying them at once would be
 wiped by the listing).
+
+``current`` says when the copy holds every change the guest announced on this link, which is
+when the bridge may answer a synced agent's queries from it (hostbridge.bridge, docs/bridge.md).
 """
 
 from __future__ import annotations
@@ -43,6 +46,22 @@ class MirrorSync:
         self._held: list[Changed] = []
         self._held_overflow = False
 
+    @property
+    def current(self) -> bool:
+        """Whether the mirror holds every change announced by the guest whose hello was last
+        answered, up to the newest `changed` read: not while a listing is under way, after a
+        gap, or while it is the copy of another cache (another gid). Whether that link is still
+        synced is the session's state, which the caller checks."""
+        mirror = self.mirror
+        gid = self._guest_gid
+        return (
+            not self.refreshing
+            and gid is not None
+            and mirror.gid == gid
+            and mirror.gseq is not None
+            and mirror.gseq >= (self._seen_gseq or 0)
+        )
+
     def on_synced(self, result: HelloResult) -> None:
         self._guest_gid = result.gid
         self._seen_gseq = result.gseq
@@ -66,7 +85,10 @@ class MirrorSync:
         if known and msg.gseq < expected:
             return True  # already mirrored
         if not self.session.admit(msg.key, msg.value):
-            pass  # refused, counted and logged; its gseq still counts below
+            # Refused, counted and logged; its gseq still counts below. Whatever the mirror held
+            # for the key is out of date now: a query asks the guest instead.
+            if msg.key is not None:
+                mirror.discard(msg.key)
         elif not mirror.apply(msg.op, msg.key, msg.value, float(msg.ts), msg.origin):
             self.session.warn.warn(
                 "quota",

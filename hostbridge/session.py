@@ -89,6 +89,10 @@ class Session:
         self.last_seen: float | None = None  # wall time of the last bytes from the guest
         self.last_frame = 0.0  # monotonic time of the same, for the keepalive
         self.counters = zero_counters()
+        # True from the guest's ok to a host set or del that changed its cache until the next
+        # frame, which is then the `changed` announcing it (see _on_frame): meanwhile a sender
+        # already told "delivered" would not find the change in the mirror.
+        self.change_due = False
         # The owner's callbacks.
         self.on_synced: Callable[[HelloResult], None] = _nothing
         self.on_changed: Callable[[Changed], None] = _nothing
@@ -215,6 +219,11 @@ class Session:
 
     def _on_frame(self, msg: Any) -> None:
         t = type(msg)
+        # The agent writes the `changed` a host set or del caused right after its ok, before any
+        # other frame (guestagent.hostlink holds it until then); a duplicate, a del of a missing
+        # key or a set of the event key change nothing and announce nothing, so the next frame
+        # clears this all the same.
+        self.change_due = t is Ok and msg.seq is not None and not msg.dup and msg.found is not False
         if t is Ok or t is Err:
             pending = self._pending.get(msg.id)
             if pending is None:
@@ -279,6 +288,7 @@ class Session:
         self.agent_version = result.agent or None
         self.connected_since = time.time()
         self._synced_at = time.monotonic()
+        self.change_due = False  # what the last link owed, the hello's gseq accounts for
         self._set_state(State.SYNCED)
         self.log.info("synced with %s (gseq %d, hseq %d)", result.agent, result.gseq, result.hseq)
         self.on_synced(result)

@@ -22,6 +22,7 @@ import click
 
 from hostbridge import TIMEOUT_MAX, TIMEOUT_MIN, check_idempotency_key, render
 from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, ApiError, Client
+from hostbridge.apiclient import path as api_path
 from hostbridge.cli import (
     ENV_CACERT,
     ENV_PASSWORD,
@@ -265,12 +266,35 @@ def cancel(vm: str, seq: int | None, every: bool) -> ApiCall:
     return lambda c: c.cancel(vm, seq), render.cancel_lines
 
 
+def fresh_option(f: _F) -> _F:
+    return click.option(
+        "--fresh",
+        is_flag=True,
+        help="ask the agent itself, a round trip through its channel, even when the bridge's "
+        "copy of a connected agent's keys could answer: it then sees every change the guest "
+        "had made when the request reached it (docs/bridge.md, what live means)",
+    )(f)
+
+
+def fresh_read(c: Client, timeout: float | None, *segments: str) -> dict[str, Any]:
+    """GET /v1/SEGMENTS?fresh=true (and the timeout, when given)."""
+    q: dict[str, object] = {"fresh": "true"}
+    if timeout is not None:
+        q["timeout"] = timeout
+    # As Client.query: the bridge may wait for the agent up to ``timeout``; allow a margin.
+    wait = None if timeout is None else max(c.timeout, timeout + 10.0)
+    return c.request("GET", api_path(*segments, query=q), timeout=wait)
+
+
 @api_command("query")
 @click.argument("vm")
 @click.argument("key")
 @timeout_option("seconds to wait for the live agent before answering from the mirror")
-def query(vm: str, key: str, timeout: float | None) -> ApiCall:
+@fresh_option
+def query(vm: str, key: str, timeout: float | None, fresh: bool) -> ApiCall:
     """Print the value of KEY in VM and when it was set (stale when answered from the mirror)."""
+    if fresh:
+        return lambda c: fresh_read(c, timeout, "vms", vm, "keys", key), render.query_lines
     return lambda c: c.query(vm, key, timeout=timeout), render.query_lines
 
 

@@ -82,6 +82,7 @@ class FakeBridge:
         self.sent: dict[tuple[str, str], SendResult] = {}  # (vm, idempotency key) -> its answer
         self.fail_with: dict[str, Exception] = {}
         self.expires: float | None = None
+        self.fresh: bool | None = None  # the last query's fresh
         self.started = time.time()
         for name in vms:
             self.add_vm(name)
@@ -170,8 +171,12 @@ class FakeBridge:
             value=value.encode("utf-8")[:1024].decode("utf-8", "ignore") if log else None,
         )
 
-    async def query(self, name, key, *, timeout=5.0) -> KeyValue:
+    async def query(self, name, key, *, timeout=5.0, fresh=False) -> KeyValue:
         self.calls.append(("query", name, key, timeout))
+        self.fresh = fresh  # the last query's
+        problem = limits.check_key(key)  # the bridge checks the key, not the API
+        if problem is not None:
+            raise InvalidInput(problem[1], problem[0])
         vm = self._get(name)
         self._maybe_fail("query")
         if key not in vm.keys:

@@ -56,3 +56,13 @@ def test_it_should_report_only_what_changed_since_the_last_take():
     m.replace([("z", "9", 3.0, "guest")], "gid", 7)
     rows, _, _, replace = m.take_dirty()
     assert replace and [k for k, _ in rows] == ["z"] and (m.gid, m.gseq) == ("gid", 7)
+
+
+def test_a_change_over_the_quota_should_drop_the_keys_old_value_not_keep_it():
+    m = Mirror(100, 50)
+    assert m.apply("set", "a", "x" * 10, 1.0, "guest")
+    m.take_dirty()
+    assert not m.apply("set", "a", "y" * 60, 2.0, "guest")  # the guest's new value is too big
+    assert "a" not in m.entries and m.bytes == 0
+    rows, deleted, _, _ = m.take_dirty()
+    assert (rows, deleted) == ([], ["a"])  # and the saved copy forgets it too

@@ -29,6 +29,10 @@ expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "41
 expected-statuses = ["2xx", "401", "404", "409", "413", "422", "503", "504"]
 """
 
+# DELETE /v1/vms/{vm}/messages cancels every message waiting for delivery; the queue itself stays,
+# and listing it answers 200 with no messages, as documented: not a deleted resource still served.
+EXCLUDED_CHECKS = ("use_after_free",)
+
 
 def test_it_should_publish_a_valid_openapi_3_document():
     with open(api.OPENAPI_PATH) as f:
@@ -54,6 +58,12 @@ def test_it_should_publish_a_valid_openapi_3_document():
 def run_schemathesis(tmp, port, cert, *extra):
     config = tmp / "schemathesis.toml"
     config.write_text(CONFIG)
+    extra = list(extra)
+    excluded = list(EXCLUDED_CHECKS)
+    if "--exclude-checks" in extra:  # a caller's own exclusions join these (one such option)
+        at = extra.index("--exclude-checks")
+        excluded += extra[at + 1].split(",")
+        del extra[at : at + 2]
     cmd = [
         ST,
         "--config-file",
@@ -77,6 +87,8 @@ def run_schemathesis(tmp, port, cert, *extra):
         "1",
         "--request-timeout",
         "20",
+        "--exclude-checks",
+        ",".join(excluded),
         *extra,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=str(tmp))
