@@ -6,8 +6,10 @@ Run by hand, never in CI (see bench/README.md):
 
 Both agents run as real processes, each on its own raw pty (the stand-in for the virtio-serial
 port), and are measured in the same run, interleaved: every round runs each figure for both peers,
-and the peer that goes first alternates from round to round. Figures are medians over the rounds;
-ratios are ours / qemu-ga. A shared, noisy machine makes absolute times meaningless on their own.
+and the peer that goes first alternates from round to round; within a round, the sequential round
+trips of figures 1 and 2 take turns in blocks of 50 requests (--block). Figures are medians over
+the rounds; ratios are ours / qemu-ga. A shared, noisy machine makes absolute times meaningless on
+their own.
 
 Figures:
   1. round trip of the cheapest request (ping / guest-ping): p50 and p99
@@ -701,12 +703,12 @@ def percentile(sorted_samples, p):
     return sorted_samples[k]
 
 
-def round_trips(peer, make, n, warmup, check=None, before=None):
-    """n sequential request/reply round trips (after warmup ones); p50 and p99 in microseconds."""
+def timed_round_trips(peer, make, count, check=None, before=None):
+    """count sequential request/reply round trips; each one's time in microseconds."""
     link = peer.link
     samples = []
     clock = time.perf_counter_ns
-    for i in range(warmup + n):
+    for _ in range(count):
         if before is not None:
             before()  # untimed (qemu-ga's re-seek of the scratch file)
         rid = link.next_id()
@@ -719,10 +721,43 @@ def round_trips(peer, make, n, warmup, check=None, before=None):
             check(rep)
         elif not peer.ok(rep):
             raise BenchError("%s: request failed: %.200r" % (peer.name, rep))
-        if i >= warmup:
-            samples.append((t1 - t0) / 1000.0)
-    samples.sort()
-    return {"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99), "n": n}
+        samples.append((t1 - t0) / 1000.0)
+    return samples
+
+
+def rtt_summary(samples):
+    """p50 and p99 (nearest rank) of round-trip times in microseconds."""
+    samples = sorted(samples)
+    return {"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99), "n": len(samples)}
+
+
+def round_trips(peer, make, n, warmup, check=None, before=None):
+    """n sequential request/reply round trips (after warmup ones); p50 and p99 in microseconds."""
+    timed_round_trips(peer, make, warmup, check, before)
+    return rtt_summary(timed_round_trips(peer, make, n, check, before))
+
+
+def figure_requests(peer, fig):
+    """(make, check, before) of figure 1 ("ping") or 2 ("read8k") for this peer."""
+    if fig == "ping":
+        return peer.ping_request, None, None
+    return peer.read8k_request, peer.check_read8k, peer.before_read8k
+
+
+def interleaved_round_trips(order, fig, n, warmup, block):
+    """Figure 1 or 2 for every peer of ``order``: n sequential round trips each (after warmup
+    ones), ``block`` requests to one peer, then ``block`` to the next, and so on, so that a slow
+    moment of the shared machine (they last from milliseconds to seconds) falls on every peer
+    alike. block 0: each peer's n requests in one go, one peer after the other."""
+    plans = [(p, figure_requests(p, fig)) for p in order]
+    for p, (make, check, before) in plans:
+        timed_round_trips(p, make, warmup, check, before)
+    samples = {p.name: [] for p in order}
+    step = block if block > 0 else n
+    for start in range(0, n, step):
+        for p, (make, check, before) in plans:
+            samples[p.name] += timed_round_trips(p, make, min(step, n - start), check, before)
+    return {name: rtt_summary(s) for name, s in samples.items()}
 
 
 def syscalls_per_request(peer, n):
@@ -1140,6 +1175,14 @@ def parse_args(argv):
     )
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     ap.add_argument(
+        "--block",
+        type=int,
+        default=50,
+        metavar="N",
+        help="figures 1 and 2: N requests to one agent, then N to the other, and so on "
+        "(default 50); 0: each agent's requests in one go, one agent after the other",
+    )
+    ap.add_argument(
         "--syscalls",
         type=int,
         default=0,
@@ -1193,6 +1236,7 @@ def main(argv=None):
         "pipeline_total": args.pipe_total,
         "rtt_requests": args.rtt_n,
         "idle_seconds": args.idle_s,
+        "block": args.block,
     }
     print(
         "guest-agent benchmark: ovmd vs qemu-ga over raw ptys%s"
@@ -1201,6 +1245,14 @@ def main(argv=None):
     print(
         "machine: %d CPUs, load average %.2f %.2f %.2f at start; interpreter %s (via %s)"
         % ((res["cpus"],) + tuple(res["loadavg_start"]) + (real_py, VENV_PY))
+    )
+    print(
+        "figures 1 and 2: %s"
+        % (
+            "the agents take turns, %d requests each" % args.block
+            if args.block > 0
+            else "all of one agent's requests, then the other's (--block 0)"
+        )
     )
     sys.stdout.flush()
     try:
@@ -1225,17 +1277,10 @@ def main(argv=None):
         for i in range(args.rounds):
             order = peers if i % 2 == 0 else list(reversed(peers))
             r = {p.name: {} for p in peers}
-            for p in order:
-                r[p.name]["ping"] = round_trips(p, p.ping_request, args.rtt_n, args.rtt_warmup)
-            for p in order:
-                r[p.name]["read8k"] = round_trips(
-                    p,
-                    p.read8k_request,
-                    args.rtt_n,
-                    args.rtt_warmup,
-                    check=p.check_read8k,
-                    before=p.before_read8k,
-                )
+            for fig in ("ping", "read8k"):
+                got = interleaved_round_trips(order, fig, args.rtt_n, args.rtt_warmup, args.block)
+                for name, figure in got.items():
+                    r[name][fig] = figure
             for w in res["windows"]:
                 for p in order:
                     r[p.name]["pipe%d" % w] = pipelined(p, args.pipe_total, w)

@@ -75,7 +75,9 @@ class Channel:
         return cls(path, fd, is_tty)
 
     def read(self) -> bytes | None:
-        """Bytes read; b"" at EOF; None when nothing is waiting. Raise OSError (e.g. EIO)."""
+        """Bytes read; b"" at EOF; None when nothing is waiting. Raise OSError (e.g. EIO).
+
+        (The host link reads ``fd`` itself: its read is on the path of every request.)"""
         try:
             return os.read(self.fd, READ_SIZE)
         except BlockingIOError:

@@ -75,50 +75,48 @@ class FrameDecoder:
         self._discarding = 0
 
     def feed(self, data: bytes | bytearray) -> list[bytes | Resync | FrameTooLong]:
-        out: list[bytes | Resync | FrameTooLong] = []
+        out: list[bytes | Resync | FrameTooLong]
+        if type(data) is not bytes:
+            data = bytes(data)  # frames are bytes, whatever the caller read into
         if RESYNC[0] in data:
-            segments = bytes(data).split(RESYNC)
-            self._feed_segment(segments[0], out)
+            segments = data.split(RESYNC)
+            out = self.feed(segments[0])
             for seg in segments[1:]:
                 if self._discarding:
                     out.append(FrameTooLong(self._discarding, self.max_frame))
                 out.append(Resync(len(self._buf) + self._discarding))
                 self.reset()
-                self._feed_segment(seg, out)
-        else:
-            self._feed_segment(data, out)
-        return out
-
-    def _feed_segment(
-        self, seg: bytes | bytearray, out: list[bytes | Resync | FrameTooLong]
-    ) -> None:
-        start = 0
-        n = len(seg)
+                out += self.feed(seg)  # a segment holds no RESYNC
+            return out
+        # split() cuts every frame of a read in one call: a read usually holds whole frames, one
+        # or many (pipelined requests), and this is the per-message path of both daemons.
+        out = []
+        pieces = data.split(DELIMITER)
+        rest = pieces.pop()  # after the last delimiter: the start of a frame not yet complete
         buf = self._buf
-        while start < n:
-            nl = seg.find(DELIMITER, start)
-            if nl < 0:
-                rest = n - start
-                if self._discarding:
-                    self._discarding += rest
-                elif len(buf) + rest > self.max_frame:
-                    self._discarding = len(buf) + rest
-                    buf.clear()
-                else:
-                    buf += seg[start:]
-                return
+        if pieces:
+            max_frame = self.max_frame
+            first = 0
             if self._discarding:
-                out.append(FrameTooLong(self._discarding + nl - start, self.max_frame))
+                out.append(FrameTooLong(self._discarding + len(pieces[0]), max_frame))
                 self._discarding = 0
-            else:
-                if buf:
-                    buf += seg[start:nl]
-                    frame = bytes(buf)
-                    buf.clear()
-                else:
-                    frame = bytes(seg[start:nl])
-                if len(frame) > self.max_frame:
-                    out.append(FrameTooLong(len(frame), self.max_frame))
+                first = 1
+            elif buf:
+                buf += pieces[0]
+                pieces[0] = bytes(buf)
+                buf.clear()
+            for i in range(first, len(pieces)):
+                frame = pieces[i]
+                if len(frame) > max_frame:
+                    out.append(FrameTooLong(len(frame), max_frame))
                 elif frame.strip():
                     out.append(frame)
-            start = nl + 1
+        if rest:
+            if self._discarding:
+                self._discarding += len(rest)
+            elif len(buf) + len(rest) > self.max_frame:
+                self._discarding = len(buf) + len(rest)
+                buf.clear()
+            else:
+                buf += rest
+        return out

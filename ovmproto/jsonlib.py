@@ -9,6 +9,7 @@ levels for orjson; over FALLBACK_NESTING_MAX for the fallback, whose parser recu
 Python's recursion limit; no message of ours is more than 3 levels deep).
 
     dumps(obj) -> bytes        loads(bytes) -> object      JSONDecodeError (a ValueError)
+    dumps_str(str) -> bytes    dumps_float(float) -> bytes  (dumps of one string or float, faster)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ FALLBACK_NESTING_MAX = 512  # well inside Python's recursion limit, whatever the
 JSONDecodeError: type[ValueError]
 dumps: Callable[[Any], bytes]
 loads: Callable[[bytes | bytearray | memoryview | str], Any]
+dumps_str: Callable[[str], bytes]
+dumps_float: Callable[[float], bytes]
 
 try:
     import orjson as _orjson
@@ -36,9 +39,11 @@ if BACKEND == "orjson":
     JSONDecodeError = _orjson.JSONDecodeError
     dumps = _orjson.dumps
     loads = _orjson.loads
+    dumps_str = dumps_float = _orjson.dumps
 else:
     import json as _json
     import re as _re
+    from math import isfinite as _isfinite
 
     # The fallback's own class where orjson has its own. The code is right, but mypy takes a class
     # statement for a name declared as a variable (above) as a redefinition.
@@ -55,6 +60,32 @@ else:
             return _encoder.encode(obj).encode("utf-8")
         except UnicodeEncodeError as e:  # a str holding a lone surrogate: orjson raises too
             raise TypeError("str is not valid UTF-8: surrogates not allowed") from e
+
+    # What a JSON string must escape: control characters, the quote and the backslash, mapped to 0
+    # (everything else to 1). Both backends write any other character as itself, in UTF-8, and no
+    # byte of a multi-byte UTF-8 sequence is below 0x80.
+    _MUST_ESCAPE = bytes(0 if b < 0x20 or b in (0x22, 0x5C) else 1 for b in range(256))
+
+    def dumps_str(s: str) -> bytes:
+        """dumps(s) for one string. A value with nothing to escape (the common case) costs a
+        bytes scan, ~5 µs for 8 KiB where the encoder takes ~18 µs (it reads each character
+        twice, through the Unicode API)."""
+        try:
+            data = s.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: dumps refuses it, as orjson does
+            return dumps(s)
+        if data.translate(_MUST_ESCAPE).find(0) < 0:
+            return b'"' + data + b'"'
+        return dumps(s)
+
+    _float_repr = float.__repr__
+
+    def dumps_float(x: float) -> bytes:
+        """dumps(x) for one float: what the encoder writes, float.__repr__, without building
+        its iterator for one number (NaN and infinities, refused by dumps, go through it)."""
+        if type(x) is float and _isfinite(x):
+            return _float_repr(x).encode("ascii")
+        return dumps(x)
 
     def _refuse_constant(name: str) -> NoReturn:
         raise ValueError("%s is not valid JSON" % name)

@@ -253,3 +253,72 @@ def test_a_pty_hangup_should_close_and_reopen_the_path(rig):
     rig.host.reconnect()
     assert rig.hello().epoch == "e1"
     assert rig.states.count(SYNCED) == 2
+
+
+def test_a_ping_or_a_get_should_be_answered_alike_however_the_host_spells_it(rig, monkeypatch):
+    import guestagent.hostlink as hostlink
+
+    rig.hello()
+    value = 'a "quoted"\nline, é\x01'
+    rig.ask(Set, key="k", value=value, seq=1)
+    decoded = []
+    real_decode = hostlink.decode
+    monkeypatch.setattr(
+        hostlink, "decode", lambda frame: decoded.append(frame) or real_decode(frame)
+    )
+    spellings = {
+        101: b'{"t":"get","id":101,"key":"k"}',  # as ovmproto writes it (the bridge)
+        102: b'{ "t": "get", "id": 102, "key": "\\u006b" }',
+        103: b'{"id":103,"key":"k","t":"get","x":[1]}',
+        104: b'{"t":"ping","id":104}',
+        105: b'{"t":"ping","id":105,"x":null}',
+        106: b'{"t":"get","id":106,"key":"nothing"}',
+        107: b'{"key":"nothing","t":"get","id":107}',
+        108: b'{"t":"ping","id":9223372036854775807}',
+    }
+    rig.host.send(b"".join(frame + b"\n" for frame in spellings.values()))
+    rig.settle(lambda: len([m for m in rig.host.pending if type(m) in (Ok, Err)]) == 8)
+    replies = [m for m in rig.host.pending if type(m) in (Ok, Err)]
+    # In the order asked, whichever path answered each.
+    assert [m.id for m in replies] == list(spellings)[:-1] + [2**63 - 1]
+    by_id = {m.id: m for m in replies}
+
+    def fields(m):
+        return [(n, getattr(m, n)) for n in m.__slots__ if n != "id"]
+
+    assert fields(by_id[101]) == fields(by_id[102]) == fields(by_id[103])
+    assert (by_id[101].key, by_id[101].value, by_id[101].origin) == ("k", value, "host")
+    assert fields(by_id[104]) == fields(by_id[105]) == fields(Ok(id=0))
+    assert fields(by_id[106]) == fields(by_id[107])
+    assert (type(by_id[106]), by_id[106].code) == (Err, "not_found")
+    # The frames as ovmproto writes them were answered without being decoded into messages.
+    assert decoded == [spellings[i] for i in (102, 103, 105, 107)]
+
+
+def test_a_polled_key_should_be_answered_with_its_latest_entry(rig):
+    rig.hello()
+    rig.ask(Set, key="k", value="one", seq=1)
+    assert [rig.ask(Get, key="k").value for _ in range(3)] == ["one"] * 3
+    rig.ask(Set, key="k", value="two", seq=2)
+    second = rig.ask(Get, key="k")
+    assert second.value == "two"
+    rig.service.set("k", "three", "guest")
+    third = rig.ask(Get, key="k")
+    assert (third.value, third.origin) == ("three", "guest") and third.ts >= second.ts
+    rig.ask(Delete, key="k", seq=3)
+    assert rig.ask(Get, key="k").code == "not_found"
+    assert rig.link._replies.size == 0  # the deleted value is not kept
+
+
+def test_a_ping_that_ends_a_frame_begun_earlier_should_not_be_answered_as_a_ping(rig):
+    rig.hello()
+    rig.host.send(b'{"t":"set","id":7,"key":"k","value":"')
+    rig.settle(lambda: rig.link._frames.buffered > 0, what="the partial frame read")
+    rig.host.send(b'{"t":"ping","id":8}\n')  # ends the set: a frame that is not JSON
+    rig.settle(lambda: rig.link.bad_frames == 1, what="the bad frame")
+    rig.host.send(b'{"t":"set","id":9,"key":"k","value":"')
+    rig.settle(lambda: rig.link._frames.buffered > 0, what="the partial frame read")
+    rig.host.send(b'\xff{"t":"ping","id":10}\n')  # a RESYNC drops the partial frame
+    assert type(rig.ask(Ping)) is Ok
+    assert sorted(m.id for m in rig.host.pending if type(m) in (Ok, Err)) == [10]
+    assert rig.link.bad_frames == 1

@@ -111,3 +111,44 @@ def test_it_should_refuse_to_write_a_lone_surrogate_like_orjson():
         orjson.dumps("\ud800")
     with pytest.raises(TypeError):
         fallback.dumps("\ud800")
+
+
+# Strings as values come: mostly plain, some with what JSON escapes (control characters, the quote,
+# the backslash), some beyond ASCII.
+plain_or_not = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=300),
+    st.sampled_from(["", '"', "\\", "\x00", "\x1f", "\x7f", "\u2028", "é\n", "€" * 3000]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(plain_or_not)
+def test_dumps_str_should_write_what_dumps_writes_in_both_backends(s):
+    assert fallback.dumps_str(s) == fallback.dumps(s) == orjson.dumps(s)
+    assert jsonlib.dumps_str(s) == orjson.dumps(s)
+
+
+def test_dumps_str_should_refuse_a_lone_surrogate_like_dumps():
+    with pytest.raises(TypeError):
+        fallback.dumps_str("ok\ud800")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(1.0, 4e9) | st.integers(-(2**63), 2**63 - 1))
+def test_dumps_float_should_write_what_dumps_writes_for_timestamps(x):
+    assert fallback.dumps_float(x) == fallback.dumps(x) == orjson.dumps(x)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_dumps_float_should_write_what_the_fallback_dumps_writes_for_any_float(x):
+    assert fallback.dumps_float(x) == fallback.dumps(x)
+
+
+@pytest.mark.parametrize("x", [float("nan"), float("inf"), -float("inf")])
+def test_dumps_float_should_refuse_what_dumps_refuses(x):
+    with pytest.raises(ValueError):
+        fallback.dumps(x)
+    with pytest.raises(ValueError):
+        fallback.dumps_float(x)

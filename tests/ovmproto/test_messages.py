@@ -305,6 +305,7 @@ def define(*fields):
         "x: int | None = 0",  # an optional field whose default is not None
         "x: dict",  # no such kind
         "x: str | None = None",  # no required field at all
+        "_x: int",  # the compiled methods' own names start with "_"
         "pass",
     ],
 )
@@ -318,3 +319,69 @@ def test_a_message_type_should_take_its_fields_in_order_required_then_optional()
     assert odd.REQUIRED == (("a", INT), ("c", ITEMS))
     assert odd.OPTIONAL == (("b", NUM),)
     assert encode(odd(c=[["k", "v"]], a=1)) == b'{"t":"odd","a":1,"c":[["k","v"]]}\n'
+
+
+# ---- the compiled methods do what Message's own do ----------------------------------------
+
+
+_GENERIC_FROM_WIRE = vars(Message)["from_wire"].__func__
+
+# Anything a field may hold once decoded: each kind, the values at the edges of each kind, and
+# the wrong kinds.
+_EDGES = [None, True, False, 0, 1, -1, _INT_MAX, _INT_MAX + 1, -_INT_MAX, -_INT_MAX - 1]
+_EDGES += [0.0, -0.0, 1.5, -2.5, 1e308, "", "x", [], [["a", "b"]], [["a"]], [["a", 1]], {}]
+_wire_value = st.one_of(
+    st.sampled_from(_EDGES),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=10),
+    st.lists(st.lists(st.text(max_size=5), max_size=3), max_size=3),
+)
+
+
+def wire_object_of(cls):
+    """Decoded JSON objects for ``cls``: each of its fields absent or any value, and a stray one."""
+    names = [n for n, _ in cls.REQUIRED + cls.OPTIONAL] + ["stray"]
+    good = message_of(cls).map(lambda m: m.to_wire())
+    anything = st.fixed_dictionaries({}, optional=dict.fromkeys(names, _wire_value))
+    # Mostly well-formed objects with a field or two changed, so both paths get exercised.
+    mutated = st.tuples(good, anything).map(lambda p: {**p[0], **p[1]})
+    return st.one_of(good, mutated, anything).map(lambda o: {**o, "t": cls.TYPE})
+
+
+def outcome(build):
+    try:
+        msg = build()
+    except BadMessage as e:
+        return ("refused", e.message, e.request_id, e.code)
+    return ("built", type(msg), [getattr(msg, n) for n in msg.__slots__])
+
+
+@pytest.mark.parametrize(
+    "cls", sorted(MESSAGE_TYPES.values(), key=lambda c: c.TYPE), ids=lambda c: c.__name__
+)
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_the_compiled_from_wire_should_accept_and_refuse_what_the_generic_one_does(cls, data):
+    obj = data.draw(wire_object_of(cls))
+    assert outcome(lambda: cls.from_wire(obj, b"raw")) == outcome(
+        lambda: _GENERIC_FROM_WIRE(cls, obj, b"raw")
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_message)
+def test_the_compiled_init_and_to_wire_should_do_what_the_generic_ones_do(msg):
+    fields = {n: getattr(msg, n) for n in msg.__slots__ if getattr(msg, n) is not None}
+    fields.update({n: getattr(msg, n) for n, _ in msg.REQUIRED})
+    generic = object.__new__(type(msg))
+    Message.__init__(generic, **fields)
+    assert type(msg)(**fields) == generic
+    assert list(msg.to_wire().items()) == list(Message.to_wire(msg).items())  # in the same order
+
+
+def test_a_missing_field_or_a_positional_argument_should_be_a_type_error():
+    with pytest.raises(TypeError):
+        Set(id=1, key="k")
+    with pytest.raises(TypeError):
+        Ping(1)
