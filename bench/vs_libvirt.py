@@ -1016,9 +1016,10 @@ def parse_args(argv):
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
     ap.add_argument(
         "--forced",
-        default="",
+        default="fresh=true",
         metavar="NAME=VALUE",
-        help="a query parameter making GET key a forced round trip to the guest (a row of its own)",
+        help="the query parameter making GET key a round trip to the guest, measured as a row of "
+        "its own (default fresh=true; empty: no such row)",
     )
     ap.add_argument(
         "--max-seconds",
