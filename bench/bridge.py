@@ -273,13 +273,17 @@ class _LoadGen:
             self.all_idle.set_result(None)
 
 
-async def _loadgen_main(args):
+async def drive(gen, make_conn, args):
+    """Open ``args.concurrency`` connections made by ``make_conn()`` on ``args.socket``, keep them
+    busy, time a window of ``args.duration`` after ``args.warmup``, then let the requests in
+    flight finish. Returns the figures every load generator reports (its rate under "rate") and
+    the sorted latencies (s) of the requests inside the window. "window-start" and "window-end"
+    on stdout tell the parent when the window runs (it samples CPU then)."""
     loop = asyncio.get_running_loop()
-    gen = _LoadGen(args.vms, args.keys, args.seed, "?fresh=true" if args.fresh else "")
     gen.all_idle = loop.create_future()
     conns = []
     for _ in range(args.concurrency):
-        _, c = await loop.create_unix_connection(lambda: _Conn(gen), args.socket)
+        _, c = await loop.create_unix_connection(make_conn, args.socket)
         conns.append(c)
     gen._busy = len(conns)
     for c in conns:
@@ -308,16 +312,23 @@ async def _loadgen_main(args):
         "concurrency": args.concurrency,
         "window_s": window,
         "completed": gen.done_in_window,
-        "qps": gen.done_in_window / window,
+        "rate": gen.done_in_window / window,
         "p50_ms": percentile(lat, 50) * 1000 if lat else None,
         "p99_ms": percentile(lat, 99) * 1000 if lat else None,
         "max_ms": lat[-1] * 1000 if lat else None,
         "total_requests": gen.done_total,
-        "stale": gen.stale,
-        "wrong_value": gen.wrong,
         "errors": gen.errors,
         "loadgen_cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
     }
+    return res, lat
+
+
+async def _loadgen_main(args):
+    gen = _LoadGen(args.vms, args.keys, args.seed, "?fresh=true" if args.fresh else "")
+    res, _ = await drive(gen, lambda: _Conn(gen), args)
+    res["qps"] = res.pop("rate")
+    res["stale"] = gen.stale
+    res["wrong_value"] = gen.wrong
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()
 

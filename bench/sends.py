@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from bridge import (
     _Conn,
     _LoadGen,
     cpu_used_s,
+    drive,
     fmt,
     http_get,
     med,
@@ -256,48 +256,11 @@ class _SendGen(_LoadGen):
 
 
 async def _sendgen_main(args):
-    loop = asyncio.get_running_loop()
     gen = _SendGen(args.vms, args.seed)
-    gen.all_idle = loop.create_future()
-    conns = []
-    for _ in range(args.concurrency):
-        _, c = await loop.create_unix_connection(lambda: _SendConn(gen), args.socket)
-        conns.append(c)
-    gen._busy = len(conns)
-    for c in conns:
-        c.send_next()
-    await asyncio.sleep(args.warmup)
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    gen.win_start = time.perf_counter()
-    print("window-start", flush=True)
-    await asyncio.sleep(args.duration)
-    gen.win_end = time.perf_counter()
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    print("window-end", flush=True)
-    gen.stopping = True
-    try:
-        await asyncio.wait_for(gen.all_idle, 30.0)
-    except asyncio.TimeoutError:
-        gen.errors["unfinished_at_end"] = gen._busy
-    for c in conns:
-        if c.transport is not None:
-            c.transport.close()
-    lat = sorted(gen.lat)
-    window = gen.win_end - gen.win_start
-    res = {
-        "concurrency": args.concurrency,
-        "window_s": window,
-        "completed": gen.done_in_window,
-        "sends_per_s": gen.done_in_window / window,
-        "p50_ms": percentile(lat, 50) * 1000 if lat else None,
-        "p99_ms": percentile(lat, 99) * 1000 if lat else None,
-        "max_ms": lat[-1] * 1000 if lat else None,
-        "total_requests": gen.done_total,
-        "not_delivered": gen.not_delivered,
-        "errors": gen.errors,
-        "loadgen_cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
-        "lat_us": [round(x * 1e6) for x in lat],  # for merging windows (merge_windows)
-    }
+    res, lat = await drive(gen, lambda: _SendConn(gen), args)
+    res["sends_per_s"] = res.pop("rate")
+    res["not_delivered"] = gen.not_delivered
+    res["lat_us"] = [round(x * 1e6) for x in lat]  # for merging windows (merge_windows)
     print(json.dumps(res), flush=True)
 
 
