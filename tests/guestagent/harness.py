@@ -289,3 +289,15 @@ class Daemon(Agent):
     def client(self) -> LocalClient:
         """A LocalClient connected to the daemon."""
         return LocalClient(self.socket)
+
+
+def cache_state(c):
+    """Everything a guestagent.cache.Cache holds, as plain data, to compare two caches."""
+    return (
+        c.gid,
+        c.gseq,
+        c.epoch,
+        c.hseq,
+        [(e.key, e.value, e.ts, e.origin) for e in c.entries()],
+        [(e.value, e.ts) for e in c.events()],
+    )

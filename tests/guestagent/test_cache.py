@@ -3,6 +3,7 @@ import pytest
 from guestagent.cache import Cache, CacheError
 from ovmproto.limits import EVENT_KEY, KEY_MAX, VALUE_MAX
 from ovmproto.messages import Changed
+from tests.guestagent.harness import cache_state
 
 
 def test_it_should_keep_value_time_and_origin_of_each_entry():
@@ -146,17 +147,6 @@ def test_repr_should_never_show_a_value():
     )
 
 
-def _state(c):
-    return (
-        c.gid,
-        c.gseq,
-        c.epoch,
-        c.hseq,
-        [(e.key, e.value, e.ts, e.origin) for e in c.entries()],
-        [(e.value, e.ts) for e in c.events()],
-    )
-
-
 def test_replaying_the_recorded_ops_should_rebuild_the_same_cache():
     c = Cache(max_events=2)
     twin = Cache(max_events=2, gid=c.gid)
@@ -176,7 +166,7 @@ def test_replaying_the_recorded_ops_should_rebuild_the_same_cache():
         c.begin()
         step()
         twin.replay(c.end())
-        assert _state(twin) == _state(c)
+        assert cache_state(twin) == cache_state(c)
 
 
 def test_a_refused_change_should_record_no_ops():

@@ -7,6 +7,7 @@ from guestagent.cache import Cache
 from guestagent.store import CacheStore, StoreError, read, write_atomic
 from ovmproto.limits import EVENT_KEY
 from ovmsys import atomicfile
+from tests.guestagent.harness import cache_state
 
 
 def test_write_atomic_should_raise_store_error_and_keep_the_old_file_when_it_cannot_write(
@@ -70,17 +71,6 @@ def _change(store, cache, apply):
     store.commit(cache, cache.end())
 
 
-def _state(c):
-    return (
-        c.gid,
-        c.gseq,
-        c.epoch,
-        c.hseq,
-        [(e.key, e.value, e.ts, e.origin) for e in c.entries()],
-        [(e.value, e.ts) for e in c.events()],
-    )
-
-
 def _set(key, value, ts=1.0):
     return lambda c: c.set(key, value, "guest", ts)
 
@@ -101,7 +91,7 @@ def test_a_set_should_append_to_the_journal_and_leave_a_full_snapshot_alone(tmp_
     assert grown < 50 * 100  # ~60 bytes a change, whatever the cache holds
     again = os.stat(tmp_path / "cache.json")
     assert (again.st_ino, again.st_mtime_ns) == (snapshot.st_ino, snapshot.st_mtime_ns)
-    assert _state(CacheStore(str(tmp_path), 1024, 64).load()) == _state(cache)
+    assert cache_state(CacheStore(str(tmp_path), 1024, 64).load()) == cache_state(cache)
 
 
 def test_the_journal_should_be_compacted_once_it_is_as_large_as_the_snapshot(tmp_path):
@@ -112,14 +102,14 @@ def test_the_journal_should_be_compacted_once_it_is_as_large_as_the_snapshot(tmp
         _change(store, cache, _set("k%d" % (i % 10), value[: 8000 - i]))
         assert os.path.getsize(tmp_path / "cache.journal") < (1 << 20) + 9000
     assert store.compactions == 3  # the first change, then every ~130 changes
-    assert _state(CacheStore(str(tmp_path), 1024, 64).load()) == _state(cache)
+    assert cache_state(CacheStore(str(tmp_path), 1024, 64).load()) == cache_state(cache)
 
 
 def test_loading_should_keep_every_whole_change_and_drop_one_cut_short_at_any_byte(tmp_path):
     store = CacheStore(str(tmp_path), 1024, 64)
     cache = store.load()
     _change(store, cache, _set("first", "1"))  # the first change writes the snapshot
-    states, sizes = [_state(cache)], [os.path.getsize(tmp_path / "cache.journal")]
+    states, sizes = [cache_state(cache)], [os.path.getsize(tmp_path / "cache.journal")]
     steps = [
         _set("a", "é" * 40),
         lambda c: c.follow_epoch("e1"),
@@ -129,7 +119,7 @@ def test_loading_should_keep_every_whole_change_and_drop_one_cut_short_at_any_by
     ]
     for step in steps:
         _change(store, cache, step)
-        states.append(_state(cache))
+        states.append(cache_state(cache))
         sizes.append(os.path.getsize(tmp_path / "cache.journal"))
     store.close()
     journal = (tmp_path / "cache.journal").read_bytes()
@@ -141,10 +131,10 @@ def test_loading_should_keep_every_whole_change_and_drop_one_cut_short_at_any_by
         again = CacheStore(str(work), 1024, 64)
         loaded = again.load()
         whole = max(i for i, size in enumerate(sizes) if size <= cut)
-        assert _state(loaded) == states[whole], cut
+        assert cache_state(loaded) == states[whole], cut
         # What was cut short is gone from the file: the next change follows the last whole one.
         _change(again, loaded, _set("after", "x"))
-        assert _state(CacheStore(str(work), 1024, 64).load()) == _state(loaded), cut
+        assert cache_state(CacheStore(str(work), 1024, 64).load()) == cache_state(loaded), cut
         again.close()
 
 
@@ -165,7 +155,7 @@ def test_a_damaged_change_before_good_ones_should_keep_those_before_and_set_the_
     aside = [n for n in os.listdir(tmp_path) if n.startswith("cache.journal.corrupt-")]
     assert len(aside) == 1 and b"value-3" in (tmp_path / aside[0]).read_bytes()
     # A fresh snapshot and journal were written at once: loading again finds the same.
-    assert _state(CacheStore(str(tmp_path), 1024, 64).load()) == _state(loaded)
+    assert cache_state(CacheStore(str(tmp_path), 1024, 64).load()) == cache_state(loaded)
 
 
 def test_a_compaction_cut_short_after_the_snapshot_should_not_replay_the_old_journal(
@@ -189,9 +179,9 @@ def test_a_compaction_cut_short_after_the_snapshot_should_not_replay_the_old_jou
     # The snapshot holds the delete; the journal is still the old one, with a's set in it.
     assert (tmp_path / "cache.journal").read_bytes() == old_journal
     loaded = CacheStore(str(tmp_path), 1024, 64).load()
-    assert _state(loaded) == _state(cache) and loaded.get("a") is None
+    assert cache_state(loaded) == cache_state(cache) and loaded.get("a") is None
     _change(store, cache, _set("c", "1"))  # the store starts a journal at the next change
-    assert _state(CacheStore(str(tmp_path), 1024, 64).load()) == _state(cache)
+    assert cache_state(CacheStore(str(tmp_path), 1024, 64).load()) == cache_state(cache)
 
 
 def test_a_delete_should_take_the_value_out_of_every_file(tmp_path):
@@ -208,7 +198,7 @@ def test_a_failed_append_should_be_cut_back_and_leave_the_files_as_before(tmp_pa
     store = CacheStore(str(tmp_path), 1024, 64)
     cache = store.load()
     _change(store, cache, _set("a", "1"))
-    before = _state(cache)
+    before = cache_state(cache)
     size = os.path.getsize(tmp_path / "cache.journal")
 
     def full(fd):
@@ -219,7 +209,7 @@ def test_a_failed_append_should_be_cut_back_and_leave_the_files_as_before(tmp_pa
         _change(store, cache, _set("a", "2"))
     monkeypatch.undo()
     assert os.path.getsize(tmp_path / "cache.journal") == size
-    assert _state(store.load()) == before
+    assert cache_state(store.load()) == before
     _change(store, cache, _set("b", "1"))
 
 
@@ -249,4 +239,4 @@ def test_a_snapshot_written_before_the_journal_existed_should_load_and_start_one
     cache = store.load()
     assert cache.get("k").value == "v"
     _change(store, cache, _set("k2", "v2"))
-    assert _state(CacheStore(str(tmp_path), 10, 5).load()) == _state(cache)
+    assert cache_state(CacheStore(str(tmp_path), 10, 5).load()) == cache_state(cache)

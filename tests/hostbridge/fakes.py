@@ -273,6 +273,23 @@ class ServedApp:
     def tcp_port(self):
         return self.server.tcp_addresses[0][1]
 
+    def exchange(self, data: bytes) -> bytes:
+        """Send raw request bytes on the unix socket; all the server wrote until it closed."""
+        import socket
+
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(20)
+        s.connect(self.unix_path)
+        s.sendall(data)
+        chunks = []
+        while True:
+            c = s.recv(65536)
+            if not c:
+                break
+            chunks.append(c)
+        s.close()
+        return b"".join(chunks)
+
     def __enter__(self):
         import asyncio
         import threading

@@ -42,18 +42,7 @@ def client(served):
 
 def raw(served, data: bytes):
     """Send raw request bytes on the unix socket; return (status, decoded JSON body)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(20)
-    s.connect(served.unix_path)
-    s.sendall(data)
-    chunks = []
-    while True:
-        c = s.recv(65536)
-        if not c:
-            break
-        chunks.append(c)
-    s.close()
-    status, body = parse_response(b"".join(chunks))
+    status, body = parse_response(served.exchange(data))
     return status, json.loads(body)
 
 

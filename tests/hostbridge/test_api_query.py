@@ -3,7 +3,6 @@ real sockets, with the FakeBridge behind it: the `fresh` parameter, the answer's
 errors on the unix socket (served without middleware) as on TCP (with authentication)."""
 
 import json
-import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -58,26 +57,11 @@ def test_the_answer_should_have_every_field_of_a_key_value():
     assert api._key_value(kv) == kv.to_json()
 
 
-def raw_unix(served, data):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(20)
-    s.connect(served.unix_path)
-    s.sendall(data)
-    chunks = []
-    while True:
-        c = s.recv(65536)
-        if not c:
-            break
-        chunks.append(c)
-    s.close()
-    return b"".join(chunks)
-
-
 def test_the_unix_socket_should_answer_unknown_routes_and_methods_in_json_naming_the_methods(
     served,
 ):
-    reply = raw_unix(
-        served, b"DELETE /v1/vms/vm1/audit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    reply = served.exchange(
+        b"DELETE /v1/vms/vm1/audit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     status, body = parse_response(reply)
     head = reply.split(b"\r\n\r\n")[0].decode().lower()
@@ -85,9 +69,7 @@ def test_the_unix_socket_should_answer_unknown_routes_and_methods_in_json_naming
     assert "allow: " in head and "get" in head.split("allow: ")[1].split("\r\n")[0]
     assert "application/json" in head
     status, body = parse_response(
-        raw_unix(
-            served, b"GET /v1/vms/vm1/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
+        served.exchange(b"GET /v1/vms/vm1/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     )
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
 
