@@ -658,33 +658,14 @@ def direct_round_trips(path, n, warmup=100):
     return {"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99), "n": n}
 
 
-def run_load(
-    real_py, api_socket, concurrency, n_vms, keys, warmup, duration, seed, pids, fresh=False
-):
-    """One load phase in a separate process; its result plus every process's CPU in the window.
-    ``fresh``: every query with ?fresh=true (a round trip to the guest)."""
-    argv, exe = venv_python_argv(
-        real_py,
-        [
-            os.path.abspath(__file__),
-            "--loadgen",
-            "--socket",
-            api_socket,
-            "--concurrency",
-            str(concurrency),
-            "--vms",
-            str(n_vms),
-            "--keys",
-            str(keys),
-            "--warmup",
-            str(warmup),
-            "--duration",
-            str(duration),
-            "--seed",
-            str(seed),
-        ]
-        + (["--fresh"] if fresh else []),
-    )
+def run_loadgen(real_py, script, loadgen_args, pids, probe=None):
+    """Run ``script --loadgen LOADGEN_ARGS`` (a load generator built on drive()) in its own process
+    and sample every process in ``pids`` (name -> pid) when its window starts and ends.
+
+    Returns (its result, the window's wall seconds, {name: CPU seconds in the window}, (probe()
+    at the start, probe() at the end)); ``probe``, when given, is read just outside the samples.
+    """
+    argv, exe = venv_python_argv(real_py, [os.path.abspath(script), "--loadgen", *loadgen_args])
     proc = subprocess.Popen(
         argv,
         executable=exe,
@@ -704,11 +685,13 @@ def run_load(
                 )
 
         expect("window-start")
+        p0 = probe() if probe else None
         t0 = time.monotonic()
         cpu0 = {k: proc_cpu_ticks(pid) for k, pid in pids.items()}
         expect("window-end")
         t1 = time.monotonic()
         cpu1 = {k: proc_cpu_ticks(pid) for k, pid in pids.items()}
+        p1 = probe() if probe else None
         out = proc.stdout.readline()
         if not out:
             err = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
@@ -720,8 +703,20 @@ def run_load(
             kill_pid(proc.pid)
         proc.stdout.close()
         proc.stderr.close()
-    wall = t1 - t0
-    res["cpu_pct"] = {k: (cpu1[k] - cpu0[k]) * 100.0 / CLK_TCK / wall for k in pids}
+    cpu = {k: (cpu1[k] - cpu0[k]) / float(CLK_TCK) for k in pids}
+    return res, t1 - t0, cpu, (p0, p1)
+
+
+def run_load(
+    real_py, api_socket, concurrency, n_vms, keys, warmup, duration, seed, pids, fresh=False
+):
+    """One load phase in a separate process; its result plus every process's CPU in the window.
+    ``fresh``: every query with ?fresh=true (a round trip to the guest)."""
+    args = ["--socket", api_socket, "--concurrency", str(concurrency), "--vms", str(n_vms)]
+    args += ["--keys", str(keys), "--warmup", str(warmup), "--duration", str(duration)]
+    args += ["--seed", str(seed)] + (["--fresh"] if fresh else [])
+    res, wall, cpu, _ = run_loadgen(real_py, __file__, args, pids)
+    res["cpu_pct"] = {k: cpu[k] * 100.0 / wall for k in pids}
     res["cpu_pct"]["loadgen"] = res["loadgen_cpu_s"] * 100.0 / res["window_s"]
     return res
 

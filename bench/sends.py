@@ -48,7 +48,6 @@ for p in (ROOT, HERE):
 
 import orjson
 from bridge import (
-    CLK_TCK,
     VENV_HOSTBRIDGE,
     Bridge,
     GuestSim,
@@ -59,6 +58,7 @@ from bridge import (
     fmt,
     http_get,
     med,
+    run_loadgen,
     wait_synced,
     write_config,
 )
@@ -68,10 +68,8 @@ from guest_agent import (
     BenchError,
     Ours,
     percentile,
-    proc_cpu_ticks,
     proc_rss_kib,
     real_interpreter,
-    venv_python_argv,
 )
 from guest_sim import guest_name
 
@@ -286,68 +284,16 @@ def health(api_socket):
 def run_sends(real_py, api_socket, concurrency, vms, warmup, duration, seed, pids):
     """One phase of sends from a load generator process; its result, the bridge's commits over
     the window and every process's CPU."""
-    argv, exe = venv_python_argv(
-        real_py,
-        [
-            os.path.abspath(__file__),
-            "--loadgen",
-            "--socket",
-            api_socket,
-            "--concurrency",
-            str(concurrency),
-            "--vms",
-            str(vms),
-            "--warmup",
-            str(warmup),
-            "--duration",
-            str(duration),
-            "--seed",
-            str(seed),
-        ],
+    args = ["--socket", api_socket, "--concurrency", str(concurrency), "--vms", str(vms)]
+    args += ["--warmup", str(warmup), "--duration", str(duration), "--seed", str(seed)]
+    res, wall, cpu, (h0, h1) = run_loadgen(
+        real_py, __file__, args, pids, probe=lambda: health(api_socket)
     )
-    proc = subprocess.Popen(
-        argv,
-        executable=exe,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-
-        def expect(word):
-            line = proc.stdout.readline().decode().strip()
-            if line != word:
-                err = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
-                raise BenchError(
-                    "load generator: expected %r, got %r; %s"
-                    % (word, line, err[-1:] or "no error output")
-                )
-
-        expect("window-start")
-        h0 = health(api_socket)
-        t0 = time.monotonic()
-        cpu0 = {k: proc_cpu_ticks(pid) for k, pid in pids.items()}
-        expect("window-end")
-        t1 = time.monotonic()
-        cpu1 = {k: proc_cpu_ticks(pid) for k, pid in pids.items()}
-        h1 = health(api_socket)
-        out = proc.stdout.readline()
-        if not out:
-            err = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
-            raise BenchError("load generator gave no result: %s" % (err[-1:] or "?"))
-        res = json.loads(out)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
     # Over the health readings' interval, which brackets the window: close to it, not exact.
     res["commits"] = h1.get("commits", 0) - h0.get("commits", 0)
     res["commit_units"] = h1.get("commit_units", 0) - h0.get("commit_units", 0)
-    res["wall_s"] = t1 - t0
-    res["cpu_s"] = {k: (cpu1[k] - cpu0[k]) / float(CLK_TCK) for k in pids}
+    res["wall_s"] = wall
+    res["cpu_s"] = cpu
     res["cpu_s"]["loadgen"] = res["loadgen_cpu_s"]
     return res
 
