@@ -887,10 +887,16 @@ def print_summary(rows, out=sys.stdout):
         yard = "" if r["yardstick"] is None else fmt(r["yardstick"], r["spec"])
         ratio = "" if r["ratio"] is None else "%.2fx" % r["ratio"]
         table.append((r["figure"], fmt(r["ours"], r["spec"]), yard, ratio, r["goal"], met))
-    widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
+    print_table(table, out)
+
+
+def print_table(table, out=sys.stdout, numeric=(1, 2, 3)):
+    """Rows of cells in aligned columns, the first row a heading underlined; the columns in
+    ``numeric`` right-aligned."""
+    widths = [max(len(str(t[i])) for t in table) for i in range(len(table[0]))]
     for n, t in enumerate(table):
         cells = [
-            str(c).rjust(widths[i]) if i in (1, 2, 3) else str(c).ljust(widths[i])
+            str(c).rjust(widths[i]) if i in numeric else str(c).ljust(widths[i])
             for i, c in enumerate(t)
         ]
         print("  ".join(cells).rstrip(), file=out)

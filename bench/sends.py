@@ -58,6 +58,7 @@ from bridge import (
     fmt,
     http_get,
     med,
+    print_table,
     run_loadgen,
     wait_synced,
     write_config,
@@ -426,15 +427,7 @@ def print_summary(rows, out=sys.stdout):
         yard = "" if r["yardstick"] is None else fmt(r["yardstick"], r["spec"])
         ratio = "" if r["ratio"] is None else "%.2fx" % r["ratio"]
         table.append((r["figure"], fmt(r["value"], r["spec"]), yard, ratio, r["yardstick_is"]))
-    widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
-    for n, t in enumerate(table):
-        cells = [
-            str(c).rjust(widths[i]) if i in (1, 2, 3) else str(c).ljust(widths[i])
-            for i, c in enumerate(t)
-        ]
-        print("  ".join(cells).rstrip(), file=out)
-        if n == 0:
-            print("  ".join("-" * w for w in widths), file=out)
+    print_table(table, out)
 
 
 def print_guest_round(r, i, order):
