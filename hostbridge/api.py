@@ -24,6 +24,7 @@ and each middleware costs every request a coroutine), its handlers answering the
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import grp
 import http
@@ -49,7 +50,8 @@ from hostbridge import (
 from hostbridge.admission import Admission
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.config import MAX_EXPIRY, MIN_EXPIRY, ApiLimits
-from hostbridge.errors import BridgeError, InvalidInput
+from hostbridge.errors import BridgeError, Busy, InvalidInput
+from hostbridge.events import EventHub, sse_blocks
 from ovmproto import errorcodes, jsonlib, limits
 from ovmproto.errors import OvmError
 from ovmsys import unixsocket
@@ -78,6 +80,8 @@ DEFAULT_AUDIT_LIMIT = 100
 
 class BridgeApi(Protocol):
     """What the API serves: hostbridge.bridge.Bridge, or a stand-in with the same methods."""
+
+    events: EventHub  # the change stream (hostbridge.events)
 
     def stats(self) -> dict[str, float]: ...
     def vms(self) -> list[VmInfo]: ...
@@ -500,6 +504,113 @@ async def get_key(request: web.Request) -> web.StreamResponse:
         return _failure(request, exc)
 
 
+# ---- the change stream (hostbridge.events; docs/api.md, "The change stream") ----
+
+MAX_EVENT_CONSUMERS = 64  # streams and long polls at once: each holds a connection, no memory
+STREAM_KEEPALIVE = 15.0  # seconds between comments on an idle stream (proxies close silent ones)
+POLL_TIMEOUT_MAX = 300.0
+STREAM_CHUNK = 256  # events per write: what a stuck reader's socket buffer can be asked to hold
+
+
+def _event_filter(request: web.Request) -> str | None:
+    """The ``vm`` a consumer asked for, which must exist (UnknownVm, else)."""
+    vm = request.query.get("vm")
+    if vm is not None:
+        request.app[BRIDGE].vm(vm)
+    return vm
+
+
+def _since(request: web.Request, hub: EventHub, header: bool = False) -> int:
+    raw = request.query.get("since")
+    if raw is None and header:
+        raw = request.headers.get("Last-Event-ID")
+    if raw is None or raw == "":
+        return hub.last_id
+    try:
+        since = int(raw)
+    except ValueError:
+        raise InvalidInput("since must be an event id (an integer)") from None
+    if since < 0:
+        raise InvalidInput("since must be an event id (an integer)")
+    return since
+
+
+def _consumer(hub: EventHub) -> None:
+    if hub.consumers >= MAX_EVENT_CONSUMERS:
+        raise Busy(
+            "%d event consumers are connected, the limit; try again later" % hub.consumers, 5.0
+        )
+
+
+async def poll_events(request: web.Request) -> web.Response:
+    """GET /v1/events: the events after ``since`` as soon as there is one, or none at timeout."""
+    hub: EventHub = request.app[BRIDGE].events
+    vm = _event_filter(request)
+    since = _since(request, hub)
+    value = _query_number(request, "timeout")
+    timeout = 30.0 if value is None else value
+    if not 0 <= timeout <= POLL_TIMEOUT_MAX:
+        raise InvalidInput("timeout must be from 0 to %g seconds" % POLL_TIMEOUT_MAX)
+    _consumer(hub)
+    hub.consumers += 1
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            batch = hub.after(since, vm, limit=STREAM_CHUNK)
+            events = [ev.json for ev in batch.events]
+            first = batch.overflow()
+            if first is not None:
+                events.insert(0, first.json)
+            since = batch.last
+            left = deadline - loop.time()
+            if events or left <= 0 or not await hub.wait_after(since, left):
+                break
+    finally:
+        hub.consumers -= 1
+    body = b'{"events":[%s],"last":%d}' % (b",".join(events), since)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def event_stream(request: web.Request) -> web.StreamResponse:
+    """GET /v1/events/stream: Server-Sent Events until the client or the bridge goes.
+
+    A slow reader blocks only its own handler, in write(), once its socket's buffer is full:
+    nothing is queued for it but its cursor in the hub's ring (hostbridge.events).
+    """
+    hub: EventHub = request.app[BRIDGE].events
+    vm = _event_filter(request)
+    since = _since(request, hub, header=True)
+    _consumer(hub)
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # a reverse proxy must pass each event on at once
+        }
+    )
+    hub.consumers += 1
+    try:
+        await resp.prepare(request)
+        await resp.write(b": hostbridge events\n\n")
+        while not hub.closed:
+            batch = hub.after(since, vm, limit=STREAM_CHUNK)
+            since = batch.last
+            first = batch.overflow()
+            data = sse_blocks(batch.events)
+            if first is not None:
+                data = first.sse() + data
+            if data:
+                await resp.write(data)
+            elif not await hub.wait_after(since, STREAM_KEEPALIVE) and not hub.closed:
+                await resp.write(b": keepalive\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass  # the reader went away (or the server stops): nothing to clean but the count
+    finally:
+        hub.consumers -= 1
+    return resp
+
+
 async def list_keys(request: web.Request) -> web.Response:
     vm = request.match_info["vm"]
     timeout = _query_timeout(request)
@@ -531,6 +642,8 @@ _HANDLERS = (
     ("GET", "/v1/vms/{vm}/keys/{key:.+}", get_key),
     ("DELETE", "/v1/vms/{vm}/keys/{key:.+}", delete_key),
     ("GET", "/v1/health", health),
+    ("GET", "/v1/events", poll_events),
+    ("GET", "/v1/events/stream", event_stream),
     ("GET", "/v1/vms", list_vms),
     ("GET", "/v1/vms/{vm}", get_vm),
     ("POST", "/v1/vms/{vm}/messages", send_message),

@@ -464,6 +464,18 @@ class Client:
         q = {"limit": limit} if limit is not None else None
         return self.request("GET", path("vms", vm, "audit", query=q))
 
+    def events(
+        self, since: int | None = None, vm: str | None = None, timeout: float = 0.0
+    ) -> "JsonObject":
+        """The change stream's events after ``since`` (None: only new ones), of ``vm`` only when
+        given, waiting up to ``timeout`` seconds for the first: {"events": [...], "last": id}."""
+        q: dict[str, object] = {"timeout": timeout}
+        if since is not None:
+            q["since"] = since
+        if vm is not None:
+            q["vm"] = vm
+        return self.request("GET", path("events", query=q), timeout=self._wait(timeout))
+
     def _wait(self, agent_timeout: float | None) -> float:
         # The bridge waits for the agent up to agent_timeout; allow it that plus a margin.
         if agent_timeout is None:

@@ -30,6 +30,7 @@ from .channels import open_channel
 from .config import Config, VmSpec
 from .discovery import Discovery
 from .errors import GuestError, LinkReset
+from .events import EventHub
 from .groupcommit import GroupCommit, enabled_by_environment
 from .guest import Guest
 from .mirror import Entry
@@ -98,6 +99,8 @@ class Bridge:
         self._lock_fd: int | None = None
         self._started: float | None = None
         self.discovery: Discovery | None = None
+        # The change stream (hostbridge.events): every guest publishes into it; the API serves it.
+        self.events = EventHub()
 
     @property
     def committer(self) -> GroupCommit:
@@ -149,6 +152,7 @@ class Bridge:
         log.info("bridge started: %d VMs, database %s", len(self._guests), self.config.db)
 
     async def stop(self) -> None:
+        self.events.close()  # its streams end now, not at the API's shutdown timeout
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -181,7 +185,7 @@ class Bridge:
     def _guest(self, name: str, channel: str | None, source: str) -> Guest:
         g = self._guests.get(name)
         if g is None:
-            g = Guest(name, self.store, self.config.limits, channel, source)
+            g = Guest(name, self.store, self.config.limits, channel, source, self.events)
             if self._committer is not None:
                 g.delivery.committer = self._committer
             self._guests[name] = g
@@ -269,6 +273,8 @@ class Bridge:
             # them: commit_units / commits is how many writes each fsync served.
             "commits": 0 if committer is None else committer.commits,
             "commit_units": 0 if committer is None else committer.units,
+            # The change stream's ring and its readers (hostbridge.events).
+            **self.events.stats(),
         }
 
     def audit(self, name: str, *, limit: int = 100) -> list[AuditRow]:
@@ -474,6 +480,7 @@ class Bridge:
         if isinstance(done, IdempotencyRow):
             assert idempotency is not None  # only then is one looked up
             return await self._replay(g, done, idempotency[1], key, queue, timeout)
+        self.events.publish("message.queued", vm=name, seq=done.seq, key=key)
         if g.state is not State.SYNCED:
             if not queue:
                 # The link went down while the send waited for its commit.

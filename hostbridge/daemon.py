@@ -165,6 +165,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         notifier.stopping()
         log.info("stopping")
     finally:
+        bridge.events.close()  # open event streams end now, and the server need not wait
         if server is not None:
             await server.close()
         await bridge.stop()

@@ -40,6 +40,10 @@ from .store import OutboxRow, Store
 from .tasks import TaskSet
 
 
+def _ignore_outcome(seq: int, outcome: str, row: OutboxRow | None) -> None:
+    pass
+
+
 def _request_for(row: OutboxRow) -> Callable[[int], Set | Delete]:
     if row.value is None:
         return lambda i: Delete(id=i, key=row.key, seq=row.seq)
@@ -74,6 +78,10 @@ class Delivery:
         # Where the removal of acknowledged rows is committed: the bridge sets its shared
         # committer; alone (tests of this module), each removal is its own transaction.
         self.committer = GroupCommit(store, enabled=False)
+        # Told each message's final outcome once it is durable: (seq, outcome, its outbox row
+        # when at hand: a message withdrawn before it was written is known by its seq only).
+        # The owner publishes it (events, metrics); it must not raise.
+        self.on_outcome: Callable[[int, str, OutboxRow | None], None] = _ignore_outcome
 
     @property
     def vm(self) -> str:
@@ -122,6 +130,7 @@ class Delivery:
         withdrawn, in_flight = self.store.withdraw(self.vm, seqs, outcome, self._written_seq)
         for seq in withdrawn:
             self._settle(seq, self._withdrawn_error(seq, outcome))
+            self.on_outcome(seq, outcome, None)
         return withdrawn, in_flight
 
     def _withdrawn_error(self, seq: int, outcome: str) -> Exception:
@@ -147,6 +156,7 @@ class Delivery:
             if row.seq > hseq and row.withdrawn is not None:
                 self.store.finish(self.vm, [row.seq], row.withdrawn)
                 self._settle(row.seq, self._withdrawn_error(row.seq, row.withdrawn))
+                self.on_outcome(row.seq, row.withdrawn, row)
         self._written_seq = hseq
         self._wake.set()
 
@@ -228,8 +238,10 @@ class Delivery:
             # next sync or send retries the delivery (a duplicate the guest drops).
             self.session.log.error("cannot record the delivery of %d: %s", seq, e)
             self._settle(seq, None)
+            self.on_outcome(seq, "delivered", row)  # the guest holds it, recorded or not
             return False
         self._settle(seq, None)
+        self.on_outcome(seq, "delivered", row)
         return True
 
     def _unhide(self, rows: list[OutboxRow]) -> None:
@@ -245,8 +257,9 @@ class Delivery:
         self._unhide(rows)
         seqs = [row.seq for row in rows]
         self.store.finish(self.vm, seqs, "delivered")
-        for seq in seqs:
-            self._settle(seq, None)
+        for row in rows:
+            self._settle(row.seq, None)
+            self.on_outcome(row.seq, "delivered", row)
 
     async def _failed(self, row: OutboxRow, exc: GuestError) -> bool:
         """Record that the guest refused row ``row``, then tell its senders; False when that
@@ -260,6 +273,7 @@ class Delivery:
             self.session.log.error("cannot record the refusal of %d: %s", seq, e)
             return False
         self._settle(seq, exc)
+        self.on_outcome(seq, "failed", row)
         return True
 
     def _settle(self, seq: int, exc: Exception | None) -> None:

@@ -12,16 +12,20 @@ Persistence is here too: the store row the guest was created from, and flush().
 
 from __future__ import annotations
 
+import time
+
 from ovmproto.handshake import HelloResult
+from ovmproto.messages import OP_CLEAR, OP_DEL, OP_SET, Changed
 
 from .channels import Channel
 from .config import Limits
 from .delivery import Delivery
+from .events import EventHub
 from .keepalive import Keepalive
 from .mirror import Mirror
 from .mirrorsync import MirrorSync
 from .session import Session, State
-from .store import MirrorRow, Store
+from .store import MirrorRow, OutboxRow, Store
 from .tasks import TaskSet
 
 
@@ -33,6 +37,7 @@ class Guest:
         limits: Limits,
         channel_spec: str | None = None,
         source: str | None = None,
+        events: EventHub | None = None,
     ) -> None:
         row = store.vm(name, channel_spec, source)
         self.name = name
@@ -55,10 +60,16 @@ class Guest:
         self.mirror_sync = MirrorSync(self.session, self.mirror, self.tasks)
         self.keepalive = Keepalive(self.session, limits.keepalive, self.tasks)
         self._flushed_seen: float | None = row.last_seen
+        # What happens to this guest goes to the bridge's change stream (hostbridge.events).
+        self.events = events if events is not None else EventHub()
+        self._agent = self.session.state.agent
         self.session.on_synced = self._on_synced
-        self.session.on_changed = self.mirror_sync.on_changed
+        self.session.on_changed = self._on_changed
         self.session.on_link_down = self._on_link_down
-        self.mirror_sync.on_refreshed = self.flush
+        self.session.on_state = self._on_state
+        self.mirror_sync.on_refreshed = self._on_refreshed
+        self.delivery.on_outcome = self._on_outcome
+        self.events.publish("vm.added", vm=name)
 
     def _on_synced(self, result: HelloResult) -> None:
         self.delivery.on_synced(result)
@@ -68,6 +79,52 @@ class Guest:
     def _on_link_down(self) -> None:
         self.keepalive.stop()
         self.delivery.on_link_down()
+
+    # -- the change stream ----------------------------------------------------------------------
+
+    def _on_state(self, state: State) -> None:
+        agent = state.agent
+        if agent != self._agent:  # syncing and disconnected are both "not connected" steps
+            self._agent = agent
+            self.events.publish(
+                "agent.state", vm=self.name, agent=agent, agent_version=self.session.agent_version
+            )
+
+    def _on_changed(self, msg: Changed) -> None:
+        self.mirror_sync.on_changed(msg)
+        op, key, vm = msg.op, msg.key, self.name
+        if op == OP_SET and key is not None and msg.value is not None:
+            if key in self.mirror.hidden:  # applied above: a guest's own write unhid it
+                # A log=no value: the stream says it changed, never what it is.
+                self.events.publish(
+                    "key.set", vm=vm, key=key, origin=msg.origin, set_time=msg.ts, hidden=True
+                )
+            else:
+                self.events.publish(
+                    "key.set",
+                    vm=vm,
+                    key=key,
+                    origin=msg.origin,
+                    set_time=msg.ts,
+                    value=msg.value,
+                    hidden=False,
+                )
+        elif op == OP_DEL and key is not None:
+            self.events.publish("key.deleted", vm=vm, key=key, origin=msg.origin)
+        elif op == OP_CLEAR:
+            self.events.publish("keys.cleared", vm=vm, origin=msg.origin)
+
+    def _on_refreshed(self) -> None:
+        self.flush()
+        self.events.publish("keys.refreshed", vm=self.name)
+
+    def _on_outcome(self, seq: int, outcome: str, row: OutboxRow | None) -> None:
+        fields: dict[str, object] = {"seq": seq}
+        if row is not None:
+            fields["key"] = row.key
+            if outcome == "delivered" and row.created:
+                fields["waited"] = max(0.0, time.time() - row.created)
+        self.events.publish("message." + outcome, vm=self.name, **fields)
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -97,6 +97,7 @@ class Session:
         self.on_synced: Callable[[HelloResult], None] = _nothing
         self.on_changed: Callable[[Changed], None] = _nothing
         self.on_link_down: Callable[[], None] = _nothing
+        self.on_state: Callable[[State], None] = _nothing  # after each change of state
         self._ids = itertools.count(1)  # never reused, so a late reply never matches a new request
         self._pending: dict[int, Pending] = {}
         self._greeter = Greeter(self._send_hello, self._ids.__next__, limits, self.log, self.warn)
@@ -362,6 +363,7 @@ class Session:
             return
         self.log.debug("%s -> %s", self.state.value, state.value)
         self.state = state
+        self.on_state(state)
 
     def _link_down(self) -> None:
         self._greeter.stop()

@@ -50,6 +50,7 @@ CODES = {
     "not_delivered":          (409,   7,    None, "a retry (same idempotency key) of a message "
                                                   "that ended undelivered; not sent again"),
     # -- the CLIs themselves, before or instead of an answer
+    "wait_timeout":           (None,  1,    None, "`vmmessage wait` ran out of time"),
     "usage":                  (None,  2,    2,    "bad command line or invalid input"),
     "unreachable":            (None,  3,    3,    "cannot talk to the daemon or the bridge"),
 }

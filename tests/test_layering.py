@@ -90,6 +90,7 @@ LAYERS = {
             "hostbridge.auth",
             "hostbridge.admission",
             "hostbridge.apiclient",
+            "hostbridge.events",
         },
         {"hostbridge.session"},
         # the parts that use the link: they import the session, never the reverse
@@ -106,6 +107,7 @@ LAYERS = {
             "hostbridge.cli.configure",
             "hostbridge.cli.credentials",
             "hostbridge.cli.manager",
+            "hostbridge.cli.watching",
             "hostbridge.compat",
         },
     ],

@@ -49,7 +49,8 @@ EXIT_BROKEN_PIPE = 141
 
 EXIT_HELP = """Exit status:
   0  success
-  1  not found (unknown VM, the key is not set, or no such message waiting to cancel)
+  1  not found (unknown VM, the key is not set, no such message waiting to cancel), or a
+     wait ran out of time
   2  usage error or invalid input (bad key, value too long, ...)
   3  the bridge is unreachable (no socket, connection refused, TLS failure, no answer); a send
      retries first, and then says whether the message may have been queued and the --id to

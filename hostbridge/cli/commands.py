@@ -36,6 +36,7 @@ from hostbridge.cli import (
     print_json,
     report,
     run_api,
+    watching,
 )
 
 EPILOG = credentials.EPILOG
@@ -334,6 +335,40 @@ def rm(vm: str, key: str) -> ApiCall:
 def audit(vm: str, limit: int | None) -> ApiCall:
     """Show the audit trail of messages sent to VM, newest first."""
     return lambda c: c.audit(vm, limit), render.audit_lines
+
+
+@api_command("wait")
+@click.argument("vm")
+@click.argument("key")
+@click.option(
+    "--changed",
+    is_flag=True,
+    help="wait for the next change made after the command started (a set, even to the same "
+    "value, or a deletion), even when KEY is already set",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="give up after this many seconds (exit 1); default: wait for ever",
+)
+def wait(vm: str, key: str, changed: bool, timeout: float | None) -> ApiCall:
+    """Wait until KEY is set in VM (at once when it is), then print it as `query` does."""
+    return lambda c: watching.wait_for(c, vm, key, changed, timeout), watching.wait_lines
+
+
+@vmmessage.command("watch", epilog=EPILOG)
+@click.argument("vm", required=False)
+@json_option
+@connection_options
+def watch(vm: str | None, as_json: bool | None, **given: str | None) -> int:
+    """Print what happens to VM (default: every VM) as it happens, one line an event: keys set
+    and deleted, agents connecting and leaving, messages queued and delivered, run states.
+    Runs until interrupted."""
+    top = click.get_current_context().find_root().params
+    try:
+        return watching.watch(client_for(given), vm, bool(as_json or top["as_json"]))
+    except ApiError as exc:
+        return report(exc)
 
 
 @vmmessage.command("configure", epilog=EPILOG)

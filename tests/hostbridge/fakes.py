@@ -13,6 +13,7 @@ import dataclasses
 import time
 
 from hostbridge.errors import AgentNotConnected, InvalidInput, NotFound, UnknownVm
+from hostbridge.events import EventHub
 from hostbridge.model import (
     AuditRow,
     CancelResult,
@@ -84,6 +85,7 @@ class FakeBridge:
         self.expires: float | None = None
         self.fresh: bool | None = None  # the last query's fresh
         self.started = time.time()
+        self.events = EventHub()
         for name in vms:
             self.add_vm(name)
 
