@@ -143,6 +143,11 @@ def shielded(run: Callable[[], int]) -> int:
 
 
 def _run(argv: list[str]) -> int:
+    instruction = os.environ.get("_VMMESSAGE_COMPLETE")  # the shell asks for completions
+    if instruction:
+        from hostbridge.cli.commands import complete
+
+        return complete(instruction)
     status = fast_path(argv)
     if status is None:
         from hostbridge.cli.commands import click_main

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
+from click.shell_completion import CompletionItem, shell_complete
 
 from hostbridge import TIMEOUT_MAX, TIMEOUT_MIN, check_idempotency_key, render
 from hostbridge.apiclient import ENV_BRIDGE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, ApiError, Client
@@ -98,7 +99,11 @@ def json_option(f: _F) -> _F:
 
 def client_for(given: Mapping[str, str | None]) -> Client:
     """The Client for this command line; asks for the password when -u comes without one."""
-    top = click.get_current_context().find_root().params
+    return _client(given, click.get_current_context(), prompt=True)
+
+
+def _client(given: Mapping[str, str | None], ctx: click.Context, prompt: bool = False) -> Client:
+    top = ctx.find_root().params
     s: dict[str, str | None] = {}
     for name, env in _CONNECTION:
         for value in (given.get(name), top.get(name), os.environ.get(env)):
@@ -106,7 +111,8 @@ def client_for(given: Mapping[str, str | None]) -> Client:
                 break
         s[name] = value
     if (
-        s["user"] is not None
+        prompt
+        and s["user"] is not None
         and s["password"] is None
         and (s["bridge"] or "").startswith("https://")
     ):
@@ -114,6 +120,51 @@ def client_for(given: Mapping[str, str | None]) -> Client:
     return Client(
         s["bridge"], token=s["token"], user=s["user"], password=s["password"], cacert=s["cacert"]
     )
+
+
+class _Completed(click.ParamType):
+    """A string argument whose shell completion (click's: docs/cli-host.md) asks the bridge."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value
+
+    def candidates(self, c: Client, ctx: click.Context) -> list[str]:
+        raise NotImplementedError
+
+    def shell_complete(
+        self, ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[CompletionItem]:
+        # The bridge this command line names (--bridge before or after the command, else the
+        # environment). A bridge that is down or slow completes nothing, and says nothing: a
+        # completion must never print an error into the user's command line.
+        given = {name: ctx.params.get(name) for name, _ in _CONNECTION}
+        try:
+            c = _client(given, ctx)
+            c.timeout = COMPLETION_TIMEOUT
+            names = self.candidates(c, ctx)
+        except Exception:  # noqa: BLE001 - see above
+            return []
+        return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
+class _VmName(_Completed):
+    def candidates(self, c: Client, ctx: click.Context) -> list[str]:
+        return [str(vm["name"]) for vm in c.vms()]
+
+
+class _KeyName(_Completed):
+    def candidates(self, c: Client, ctx: click.Context) -> list[str]:
+        vm = ctx.params.get("vm")
+        if not vm:
+            return []
+        return [str(e["key"]) for e in c.keys(vm)["entries"]]
+
+
+COMPLETION_TIMEOUT = 2.0  # seconds a Tab may wait for the bridge
+VM_NAME = _VmName()
+KEY_NAME = _KeyName()
 
 
 @click.group(context_settings={"help_option_names": ["--help"]}, epilog=EPILOG)
@@ -178,7 +229,7 @@ def timeout_option(text: str) -> Callable[[_F], _F]:
 
 
 @api_command("send")
-@click.argument("vm")
+@click.argument("vm", type=VM_NAME)
 @click.argument("key")
 @click.argument("value")
 @click.option(
@@ -243,7 +294,7 @@ def idempotency_key(value: str | None) -> str | None:
 
 
 @api_command("queue")
-@click.argument("vm")
+@click.argument("vm", type=VM_NAME)
 @click.option(
     "--limit", type=click.IntRange(1, 1000), default=None, help="rows to show (default 100)"
 )
@@ -254,7 +305,7 @@ def queue(vm: str, limit: int | None) -> ApiCall:
 
 
 @api_command("cancel")
-@click.argument("vm")
+@click.argument("vm", type=VM_NAME)
 @click.argument("seq", type=click.IntRange(min=1), required=False)
 @click.option("--all", "every", is_flag=True, help="cancel every undelivered message to VM")
 def cancel(vm: str, seq: int | None, every: bool) -> ApiCall:
@@ -288,8 +339,8 @@ def fresh_read(c: Client, timeout: float | None, *segments: str) -> dict[str, An
 
 
 @api_command("query")
-@click.argument("vm")
-@click.argument("key")
+@click.argument("vm", type=VM_NAME)
+@click.argument("key", type=KEY_NAME)
 @timeout_option("seconds to wait for the live agent before answering from the mirror")
 @fresh_option
 def query(vm: str, key: str, timeout: float | None, fresh: bool) -> ApiCall:
@@ -306,29 +357,29 @@ def list_vms() -> ApiCall:
 
 
 @api_command("status")
-@click.argument("vm")
+@click.argument("vm", type=VM_NAME)
 def status(vm: str) -> ApiCall:
     """Show one VM's details."""
     return lambda c: c.vm(vm), render.status_lines
 
 
 @api_command("keys")
-@click.argument("vm")
+@click.argument("vm", type=VM_NAME)
 def keys(vm: str) -> ApiCall:
     """List the keys of VM with their values."""
     return lambda c: c.keys(vm), render.keys_lines
 
 
 @api_command("rm")
-@click.argument("vm")
-@click.argument("key")
+@click.argument("vm", type=VM_NAME)
+@click.argument("key", type=KEY_NAME)
 def rm(vm: str, key: str) -> ApiCall:
     """Delete KEY inside VM."""
     return lambda c: c.delete(vm, key), render.rm_lines
 
 
 @api_command("audit")
-@click.argument("vm")
+@click.argument("vm", type=VM_NAME)
 @click.option(
     "--limit", type=click.IntRange(1, 1000), default=None, help="rows to show (default 100)"
 )
@@ -338,8 +389,8 @@ def audit(vm: str, limit: int | None) -> ApiCall:
 
 
 @api_command("wait")
-@click.argument("vm")
-@click.argument("key")
+@click.argument("vm", type=VM_NAME)
+@click.argument("key", type=KEY_NAME)
 @click.option(
     "--changed",
     is_flag=True,
@@ -357,7 +408,7 @@ def wait(vm: str, key: str, changed: bool, timeout: float | None) -> ApiCall:
 
 
 @vmmessage.command("watch", epilog=EPILOG)
-@click.argument("vm", required=False)
+@click.argument("vm", type=VM_NAME, required=False)
 @json_option
 @connection_options
 def watch(vm: str | None, as_json: bool | None, **given: str | None) -> int:
@@ -372,7 +423,7 @@ def watch(vm: str | None, as_json: bool | None, **given: str | None) -> int:
 
 
 @vmmessage.command("configure", epilog=EPILOG)
-@click.argument("vm")
+@click.argument("vm", type=VM_NAME)
 @click.option("--hostname", help="host name (com.oracle.linux.network.hostname)")
 @click.option("--device", help="interface of the first NIC (default eth0)")
 @click.option("--ip", metavar="ADDR/PREFIX", help="static IPv4 address of the first NIC")
@@ -497,6 +548,15 @@ vmmessage.add_command(credentials.newtoken)
 def _usage(reason: str, command: str) -> int:
     sys.stderr.write(render.usage_line(PROG, reason, command) + "\n")
     return EXIT_USAGE
+
+
+COMPLETE_VAR = "_VMMESSAGE_COMPLETE"
+
+
+def complete(instruction: str) -> int:
+    """Shell completion, as click does it: ``instruction`` is bash_source, bash_complete, zsh_...
+    (docs/cli-host.md, "Shell completion")."""
+    return shell_complete(vmmessage, {}, PROG, COMPLETE_VAR, instruction)
 
 
 def click_main(argv: list[str]) -> int:

@@ -120,6 +120,7 @@ def test_each_package_should_carry_its_own_protocol_code_and_commands(debs):
     assert "/lib/udev/rules.d/90-ovmd.rules" in guest
     assert "/lib/systemd/system/hostbridge.service" in host
     assert "/etc/hostbridge/hostbridge.toml" in host
+    assert "/usr/share/bash-completion/completions/vmmessage" in host
 
 
 def test_the_configuration_files_should_be_conffiles(debs, tmp_path):

@@ -72,6 +72,7 @@ def test_the_host_rpm_should_hold_the_bridge_its_commands_unit_and_config(rpms):
         "/usr/lib/hostbridge/ovmproto/framing.py",
         "/usr/lib/hostbridge/ovmsys/notify.py",
         "/usr/lib/hostbridge/hostbridge/openapi.json",
+        "/usr/share/bash-completion/completions/vmmessage",
     } <= listed
     assert not [p for p in listed if "guestagent" in p or "ovmd.service" in p]
     assert rpm_query(rpms["hostbridge"], "-c").split() == ["/etc/hostbridge/hostbridge.toml"]
