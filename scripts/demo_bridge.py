@@ -139,6 +139,15 @@ class Demo:
             ],
         )
         wait_for("the bridge's API socket", lambda: os.path.exists(self.api))
+        # `vmmessage watch --json` follows the bridge's change stream for the whole demo; what it
+        # printed is shown at the end.
+        self.watch_log = open(self.path("watch.jsonl"), "w+")
+        self.watcher = subprocess.Popen(
+            [os.path.join(BIN, "vmmessage"), "watch", "--json"],
+            env=self.env,
+            stdout=self.watch_log,
+            stderr=subprocess.STDOUT,
+        )
 
         say("start a guest agent in each VM (each opens its VM's end of the channel)")
         for vm in ("web1", "db1"):
@@ -188,6 +197,29 @@ class Demo:
         say("inside web1, set a key; the host queries it (live from the agent)")
         self.ovmd("web1", "-p", "com.example.app.status=ready")
         self.vmmessage("query", "web1", "com.example.app.status")
+
+        say("the host waits for a key the guest has not set yet (vmmessage wait, ovmd -w's twin)")
+        waiter = subprocess.Popen(
+            [os.path.join(BIN, "vmmessage"), "wait", "web1", "com.example.app.ready"]
+            + ["--timeout", "30"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        print("$ vmmessage wait web1 com.example.app.ready --timeout 30 &", flush=True)
+        time.sleep(0.5)  # it is waiting: the guest now sets the key
+        self.ovmd("web1", "-p", "com.example.app.ready=yes")
+        set_at = time.monotonic()
+        out, _ = waiter.communicate(timeout=TIMEOUT)
+        for line in out.splitlines():
+            print("  " + line, flush=True)
+        print(
+            "  (the wait returned %.0f ms after `ovmd -p` did, exit %d)"
+            % ((time.monotonic() - set_at) * 1000, waiter.returncode),
+            flush=True,
+        )
+        self.vmmessage("wait", "web1", "com.example.app.never", "--timeout", "0.5", expect=1)
         self.vmmessage("sendVmMessage", "Vm", "name=web1", "key=foo", "message=bar", "log=no")
 
         say("stop web1's agent: a query now answers from the bridge's mirror, marked stale")
@@ -203,8 +235,26 @@ class Demo:
         self.vmmessage("send", "web1", "k" * 257, "v", expect=2)
         self.vmmessage("send", "nosuchvm", "k", "v", expect=1)
 
-        say("list the VMs, then shut everything down")
+        say("list the VMs (STATE is the VM's run state from libvirt: unknown for these pty VMs)")
         self.vmmessage("list")
+
+        say(
+            "what `vmmessage watch --json` printed meanwhile (the bridge's change stream), in short"
+        )
+        self.watcher.terminate()
+        self.watcher.wait(TIMEOUT)
+        self.watch_log.seek(0)
+        for line in self.watch_log:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            what = " ".join(
+                "%s=%s" % (k, ev[k])
+                for k in ("agent", "key", "value", "hidden", "origin", "seq", "run_state")
+                if k in ev
+            )
+            print("  %-18s %-5s %s" % (ev["type"], ev.get("vm") or "-", what), flush=True)
 
     def close(self):
         for name in list(self.procs):
