@@ -362,6 +362,7 @@ DAEMON_OPTIONS: dict[str, str | None] = {
     "--max-keys": "max_keys",
     "--max-events": "max_events",
     "--group": "group",
+    "--facts": "facts",
     "-d": "debug",
     "--debug": "debug",
     "-f": None,
@@ -398,7 +399,7 @@ def daemon_options(args: Sequence[str]) -> dict[str, str] | None:
 
 # -- the full parser (click) -----------------------------------------------------------------------
 
-_DAEMON_ONLY = ("channel", "state_dir", "max_keys", "max_events", "group")
+_DAEMON_ONLY = ("channel", "state_dir", "max_keys", "max_events", "group", "facts")
 _ACTION_FLAGS = (
     # (parameter, how the user wrote it in messages, action)
     ("list_params", "-l", "list"),
@@ -593,6 +594,11 @@ def build_command() -> click.Command:
     )
     @click.option(
         "--group", metavar="NAME", help="With --daemon: members of this group may use the socket."
+    )
+    @click.option(
+        "--facts",
+        metavar="yes|no",
+        help="With --daemon: publish the guest facts (host name, OS, addresses); default yes.",
     )
     @click.option(
         "-v",

@@ -19,6 +19,8 @@
     # Seconds: to finish a request once begun; with nothing in progress (a wait is not idle).
     request_timeout = 10
     idle_timeout = 300
+    # Publish the guest facts (host name, OS, addresses) under org.ovmd.guest.: yes or no.
+    facts = yes
 
 A value therefore cannot hold a '#' or ';' that follows whitespace ("a #b" reads as "a"); one
 inside a word is kept ("a#b"). Keys may be written with '-' or '_'. Lines before any section
@@ -158,6 +160,21 @@ def _positive_seconds(value: object) -> float:
     return n
 
 
+_TRUE = ("yes", "true", "on", "1")
+_FALSE = ("no", "false", "off", "0")
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("must be yes or no, not %r" % value)
+
+
 def _debug_level(value: object) -> int:
     try:
         n = int(str(value).strip(), 10)
@@ -182,6 +199,7 @@ _FIELDS: "dict[str, tuple[Callable[[Any], object], object]]" = {
     "reserved_root_clients": (_positive_int, DEFAULT_RESERVED_ROOT_CLIENTS),
     "request_timeout": (_positive_seconds, DEFAULT_REQUEST_TIMEOUT),
     "idle_timeout": (_positive_seconds, DEFAULT_IDLE_TIMEOUT),
+    "facts": (_boolean, True),
 }
 
 
@@ -204,6 +222,7 @@ class Config:
     reserved_root_clients: int
     request_timeout: float
     idle_timeout: float
+    facts: bool
 
     def __init__(self, **fields: "Any") -> None:
         self.path = fields.pop("path", None)  # the file read, for messages

@@ -18,6 +18,7 @@ from ovmproto.errors import OvmError
 from ovmsys import securedir
 from ovmsys.notify import Notifier, watchdog_interval
 
+from .factwatch import FactWatch
 from .hostlink import DISCONNECTED, HostLink
 from .localserver import LocalServer
 from .logsetup import setup as setup_logging
@@ -61,6 +62,7 @@ class Daemon:
         self.service: Service | None = None
         self.server: LocalServer | None = None
         self.link: HostLink | None = None
+        self.facts: FactWatch | None = None
         self._watchdog_interval: float | None = None
 
     def start(self) -> None:
@@ -99,6 +101,9 @@ class Daemon:
         self.server.start()
         self.link = HostLink(loop, self.service, config.channel, on_state=self._on_state)
         self.link.start()
+        # After the link: its listener is in place, so a host already there hears of the facts.
+        self.facts = FactWatch(loop, self.service, enabled=config.facts)
+        self.facts.start()
         self.notifier.ready(status_text(self.link.state, self.link.path))
         self._watchdog_interval = watchdog_interval()
         if self._watchdog_interval:
@@ -127,6 +132,8 @@ class Daemon:
         self.notifier.stopping()
         if self.server is not None:
             self.server.close()
+        if self.facts is not None:
+            self.facts.close()
         if self.link is not None:
             self.link.close()
         self.loop.close()

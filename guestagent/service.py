@@ -18,8 +18,8 @@ import time
 
 from ovmproto.codec import encode
 from ovmproto.errors import OvmError
-from ovmproto.limits import EVENT_KEY
-from ovmproto.messages import Changed, Err, Item, Ok
+from ovmproto.limits import EVENT_KEY, FACTS_PREFIX
+from ovmproto.messages import ORIGIN_GUEST, Changed, Err, Item, Ok
 from ovmsys.ratelimit import RateLimitedLog
 
 from . import __version__
@@ -42,6 +42,23 @@ class ServiceError(OvmError):
     """A request failed for a reason that is not the requester's fault (code "internal")."""
 
     code = "internal"
+
+
+class ReservedKey(OvmError):
+    """A set of a key under FACTS_PREFIX by anyone but the agent itself (docs/cli.md)."""
+
+    code = "denied"
+
+
+def refuse_reserved(keys: Iterable[object]) -> None:
+    """Raise ReservedKey when one of ``keys`` is under FACTS_PREFIX: the guest facts are the
+    agent's own, so that the host can trust them to come from it (a delete is allowed: the
+    agent publishes the fact again)."""
+    for key in keys:
+        if isinstance(key, str) and key.startswith(FACTS_PREFIX):
+            raise ReservedKey(
+                "keys under %s are the agent's own guest facts and cannot be set" % FACTS_PREFIX
+            )
 
 
 class Waiter:
@@ -173,12 +190,14 @@ class Service:
                 self._wake(EVENT_KEY, entry)
 
     def set(self, key: str, value: str, origin: str) -> Changed:
+        refuse_reserved((key,))
         ts = self.clock()
         change = self._commit(lambda c: c.set(key, value, origin, ts))
         self._announce((change,))
         return change
 
     def put(self, items: Sequence[Sequence[str]], origin: str) -> list[Changed]:
+        refuse_reserved(item[0] for item in items if item)
         ts = self.clock()
         changes = self._commit(lambda c: c.put(items, origin, ts))
         self._announce(changes)
@@ -201,6 +220,25 @@ class Service:
         self._announce((change,))
         return change
 
+    def publish(self, sets: Sequence[Sequence[str]], deletes: Sequence[str]) -> list[Changed]:
+        """The agent's own change of its facts (guestagent.factwatch): set ``sets`` and delete
+        ``deletes`` with origin guest, all in one stored change, under FACTS_PREFIX only."""
+        for key in [item[0] for item in sets] + list(deletes):
+            if not key.startswith(FACTS_PREFIX):
+                raise ValueError("publish() is for keys under %s" % FACTS_PREFIX)
+        if not sets and not deletes:
+            return []
+        ts = self.clock()
+
+        def apply(cache: Cache) -> list[Changed | None]:
+            out: list[Changed | None] = list(cache.put(sets, ORIGIN_GUEST, ts)) if sets else []
+            out.extend(cache.delete(key, ORIGIN_GUEST, ts) for key in deletes)
+            return out
+
+        changes = self._commit(apply)
+        self._announce(changes)
+        return [c for c in changes if c is not None]
+
     def post_event(self, value: str) -> None:
         ts = self.clock()
         self._commit(lambda c: c.add_event(value, ts))
@@ -220,6 +258,7 @@ class Service:
         """
         if seq is not None and self.cache.is_duplicate(seq):
             return True
+        refuse_reserved((key,))
         ts = self.clock()
         if seq is None:
             if key == EVENT_KEY:

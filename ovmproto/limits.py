@@ -15,6 +15,9 @@ assert FRAME_MAX >= _WORST_ESCAPED
 
 DEFAULT_MAX_KEYS = 1024  # the guest cache's default quota
 EVENT_KEY = "VMAPIEvent"  # a host message with this key is an event, not a stored key
+# Keys under this prefix are the guest agent's own facts (hostname, OS, addresses: docs/cli.md,
+# "Guest facts"): only the agent sets them; local programs and the host are refused.
+FACTS_PREFIX = "org.ovmd.guest."
 
 # The codes check_key() and check_value() return (ovmproto.errorcodes has every code).
 KEY_TOO_LONG = "key_too_long"

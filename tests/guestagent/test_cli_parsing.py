@@ -221,6 +221,7 @@ def test_the_lean_daemon_parser_should_know_exactly_clicks_daemon_options():
         "max_keys",
         "max_events",
         "group",
+        "facts",
         "debug",
         "pid_file",
         "time_period",

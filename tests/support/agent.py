@@ -16,6 +16,8 @@ class Agent(Process):
     """``python -m guestagent.daemon`` on ``channel``, every path explicit: its socket and state
     directory in its own directory unless given, no configuration file (never the machine's
     /etc/ovmd.conf or /run/ovmd). Its state survives stop() or kill() and start() again.
+    Without the guest facts (``--facts no``): the tests then see only the keys they set; a test of
+    the facts passes ``--facts yes`` in ``args``.
 
     ``args`` follow the paths on the command line (they may override them).
     """
@@ -46,6 +48,8 @@ class Agent(Process):
             self.state_dir,
             "--config",
             "/nonexistent",
+            "--facts",
+            "no",
             "-d",
             "1",
         ]
