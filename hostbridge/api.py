@@ -13,6 +13,7 @@
     DELETE /v1/vms/{vm}/keys/{key}        delete a key in the guest (sequenced like a send)
     GET    /v1/vms/{vm}/audit             the audit trail, newest first
     GET    /openapi.json                  the OpenAPI document (hostbridge/openapi.json)
+    GET    /metrics                       Prometheus metrics (hostbridge.metrics)
 
 Every error is ``{"error": {"code": ..., "message": ...}}`` with a one-line message (never a value).
 The unix socket (default /run/hostbridge/api.sock, mode 0660) is guarded by file permissions; TCP is
@@ -50,7 +51,7 @@ from hostbridge import (
 from hostbridge.admission import Admission
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.config import MAX_EXPIRY, MIN_EXPIRY, ApiLimits
-from hostbridge.errors import BridgeError, Busy, InvalidInput
+from hostbridge.errors import BridgeError, Busy, InvalidInput, NotFound
 from hostbridge.events import EventHub, sse_blocks
 from ovmproto import errorcodes, jsonlib, limits
 from ovmproto.errors import OvmError
@@ -108,6 +109,12 @@ class BridgeApi(Protocol):
     def audit(self, name: str, *, limit: int) -> list[AuditRow]: ...
 
 
+class MetricsSource(Protocol):
+    """What /metrics serves: hostbridge.metrics.BridgeMetrics."""
+
+    async def exposition(self, accept: str | None = None) -> tuple[bytes, str]: ...
+
+
 def _app_key(name: str) -> Any:
     # web.AppKey (aiohttp >= 3.9) keeps newer aiohttp quiet; Debian 12's 3.8.4 takes plain strings.
     # Any: the variables below say what each key holds, as the newer aiohttp's AppKey.
@@ -118,6 +125,7 @@ def _app_key(name: str) -> Any:
 BRIDGE: web.AppKey[BridgeApi] = _app_key("hostbridge.bridge")
 AUTH: web.AppKey[Authenticator] = _app_key("hostbridge.auth")
 SETTINGS: web.AppKey[_Settings] = _app_key("hostbridge.settings")
+METRICS: web.AppKey[MetricsSource | None] = _app_key("hostbridge.metrics")
 
 
 class ApiConfigError(BridgeError):
@@ -635,6 +643,15 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[SETTINGS].openapi, content_type="application/json")
 
 
+async def get_metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the Prometheus text format (OpenMetrics when the Accept header asks)."""
+    source = request.app[METRICS]
+    if source is None:
+        raise NotFound("this bridge serves no metrics (is python3-prometheus-client installed?)")
+    body, content_type = await source.exposition(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 _HANDLERS = (
     # First: aiohttp tries the routes under one prefix (here /v1/vms) in the order they were
     # added, and a key's query, by far the most frequent request, then matches at the first try.
@@ -653,6 +670,7 @@ _HANDLERS = (
     ("GET", "/v1/vms/{vm}/keys", list_keys),
     ("GET", "/v1/vms/{vm}/audit", get_audit),
     ("GET", "/openapi.json", openapi),
+    ("GET", "/metrics", get_metrics),
     # Last: whatever no route above takes (404, or 405 naming the methods that would do).
     ("*", "/{path:.*}", _no_route),
 )
@@ -663,13 +681,16 @@ def _add_routes(app: web.Application) -> None:
         app.router.add_route(method, path, handler if handler is get_key else _json_errors(handler))
 
 
-def make_app(bridge: BridgeApi, config: object) -> web.Application:
+def make_app(
+    bridge: BridgeApi, config: object, metrics: MetricsSource | None = None
+) -> web.Application:
     """The aiohttp application serving ``bridge``: each request from anything but a unix socket
     must authenticate. ``config``: a hostbridge.config.Config, or any object with some of its
-    attributes (the others take their defaults). start() serves its unix socket with a copy
-    without middleware (_trusted)."""
+    attributes (the others take their defaults). ``metrics``: what /metrics serves (404 without).
+    start() serves its unix socket with a copy without middleware (_trusted)."""
     app = web.Application(middlewares=[_errors, _authenticate], client_max_size=MAX_BODY)
     app[BRIDGE] = bridge
+    app[METRICS] = metrics
     app[AUTH] = Authenticator(
         getattr(config, "tokens_file", None), getattr(config, "users_file", None)
     )
@@ -690,6 +711,7 @@ def _trusted(app: web.Application) -> web.Application:
     trusted[BRIDGE] = app[BRIDGE]
     trusted[AUTH] = app[AUTH]
     trusted[SETTINGS] = app[SETTINGS]
+    trusted[METRICS] = app[METRICS]
     _add_routes(trusted)
     return trusted
 

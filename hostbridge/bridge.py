@@ -26,13 +26,15 @@ from ovmproto.limits import check_key, check_value
 from ovmproto.messages import Get, List
 
 from . import errors
+from . import facts as guest_facts
 from .channels import open_channel
 from .config import Config, VmSpec
-from .discovery import Discovery
+from .discovery import Discovery, NameResolver
 from .errors import GuestError, LinkReset
 from .events import EventHub
 from .groupcommit import GroupCommit, enabled_by_environment
 from .guest import Guest
+from .lifecycle import DEFAULT_URI, Lifecycle, LifecycleEvent
 from .mirror import Entry
 from .model import (
     AuditRow,
@@ -99,8 +101,12 @@ class Bridge:
         self._lock_fd: int | None = None
         self._started: float | None = None
         self.discovery: Discovery | None = None
+        # The VMs' run states from libvirt (hostbridge.lifecycle), when libvirt is in use.
+        self.lifecycle: Lifecycle | None = None
         # The change stream (hostbridge.events): every guest publishes into it; the API serves it.
         self.events = EventHub()
+        # vm -> sends refused with nothing kept (queue=false, agent away), for hostbridge.metrics.
+        self.refused: dict[str, int] = {}
 
     @property
     def committer(self) -> GroupCommit:
@@ -141,9 +147,17 @@ class Bridge:
         for spec in self.config.vms:
             self._attach(spec)
         loop = asyncio.get_running_loop()
+        uri = self.config.libvirt_uri or DEFAULT_URI
+        if self.config.libvirt_enabled:
+            self.lifecycle = Lifecycle(uri, self._run_state_changed)
+            await self.lifecycle.start()
         if self.config.discovery_enabled:
             self.discovery = Discovery(
-                self.config.libvirt_dirs, self._found, self._lost, self.config.discover_interval
+                self.config.libvirt_dirs,
+                self._found,
+                self._lost,
+                self.config.discover_interval,
+                NameResolver(uri),
             )
             await self.discovery.scan_once()
             self._tasks.append(loop.create_task(self.discovery.run(), name="discovery"))
@@ -152,6 +166,9 @@ class Bridge:
         log.info("bridge started: %d VMs, database %s", len(self._guests), self.config.db)
 
     async def stop(self) -> None:
+        if self.lifecycle is not None:
+            await self.lifecycle.stop()
+            self.lifecycle = None
         self.events.close()  # its streams end now, not at the API's shutdown timeout
         for t in self._tasks:
             t.cancel()
@@ -214,6 +231,16 @@ class Bridge:
         if g is not None and g.source == "discovered":
             await g.detach()
 
+    def _run_state_changed(self, ev: LifecycleEvent) -> None:
+        # Domains that are no VM of the bridge (no ovmd channel) are not announced.
+        if ev.changed and ev.name in self._guests:
+            self.events.publish("vm.state", vm=ev.name, run_state=ev.state, reason=ev.detail)
+
+    def run_state(self, name: str) -> str:
+        """VM ``name``'s run state from libvirt (hostbridge.lifecycle.RUN_STATES); "unknown"
+        without libvirt, or for a VM that is no libvirt domain."""
+        return "unknown" if self.lifecycle is None else self.lifecycle.state(name).state
+
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
@@ -261,6 +288,8 @@ class Bridge:
             queued=queued,
             connected_since=link.connected_since,
             counters=dict(link.counters),
+            run_state=self.run_state(g.name),
+            facts=guest_facts.from_mirror(g.mirror.entries, g.mirror.fact_keys).to_json(),
         )
 
     def stats(self) -> dict[str, float]:
@@ -411,23 +440,37 @@ class Bridge:
         with the same key is a retry of that message and is never applied again (_replay).
         """
         _check(key, value, check_val=True)
+        if guest_facts.is_fact(key):
+            # The agent would refuse it too (docs/cli.md, "Guest facts"): say so before queueing.
+            raise errors.InvalidInput(guest_facts.RESERVED_MESSAGE)
         g = self.guest(name)
         if idempotency_key is None:
-            return await self._submit(g, key, value, log, queue, timeout, expires)
+            return self._with_run_state(
+                await self._submit(g, key, value, log, queue, timeout, expires)
+            )
         digest = _digest(key, value, log)
         prior = self.store.idempotent(name, idempotency_key)
         if prior is not None:
-            return await self._replay(g, prior, digest, key, queue, timeout)
-        return await self._submit(
-            g, key, value, log, queue, timeout, expires, (idempotency_key, digest)
+            return self._with_run_state(await self._replay(g, prior, digest, key, queue, timeout))
+        return self._with_run_state(
+            await self._submit(
+                g, key, value, log, queue, timeout, expires, (idempotency_key, digest)
+            )
         )
+
+    def _with_run_state(self, result: SendResult) -> SendResult:
+        # A queued message to a shut-off VM waits for its next boot: the CLI says so.
+        result.run_state = self.run_state(result.vm)
+        return result
 
     async def delete(
         self, name: str, key: str, *, timeout: float = 5.0, queue: bool = True
     ) -> SendResult:
         """Delete key in the guest: a sequenced host `del`, queued like a send."""
         _check(key)
-        return await self._submit(self.guest(name), key, None, True, queue, timeout)
+        return self._with_run_state(
+            await self._submit(self.guest(name), key, None, True, queue, timeout)
+        )
 
     async def _submit(
         self,
@@ -444,6 +487,7 @@ class Bridge:
         store = self.store
         if not queue and g.state is not State.SYNCED:
             await self.committer.run(lambda db: store.audit_refused(name, key, value, False))
+            self.refused[name] = self.refused.get(name, 0) + 1
             raise errors.AgentNotConnected(
                 "the agent in VM %r is not connected; nothing was queued" % name
             )
@@ -505,6 +549,9 @@ class Bridge:
             return True
 
         if await self.committer.run(refuse):
+            self.refused[name] = self.refused.get(name, 0) + 1
+            # Its message.queued had been published: the stream learns how it ended.
+            self.events.publish("message.refused", vm=name, seq=seq)
             return errors.AgentNotConnected(
                 "the agent in VM %r disconnected; nothing was queued" % name
             )

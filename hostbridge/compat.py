@@ -108,9 +108,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         client = client_for(args.host, args.user, args.password, args.cacert)
         vm = client.vm(args.vm)
-        # The original printed the VM's run state; the bridge knows whether its agent is there.
-        state = "Running" if vm.get("agent") == "connected" else "Not connected"
-        _say("Connected.", "VM : '%s' has status :  %s." % (humanize.escape(args.vm), state))
+        _say(
+            "Connected.",
+            "VM : '%s' has status :  %s." % (humanize.escape(args.vm), render.manager_status(vm)),
+        )
         if args.key is not None:
             _say("Sending message.")
             doc = client.send(args.vm, args.key, args.value, idempotency_key=args.ident)

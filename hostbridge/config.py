@@ -4,6 +4,7 @@
 db = "/var/lib/hostbridge/bridge.sqlite3"
 discover = true
 libvirt_dirs = ["/var/lib/libvirt/qemu/channel/target"]
+libvirt_uri = "qemu:///system"  # run states from libvirt (default with discover)
 api_socket = "/run/hostbridge/api.sock"
 api_group = "ovm"
 api_tcp = "0.0.0.0:8443"      # with tls_cert and tls_key: TCP is always TLS
@@ -12,6 +13,7 @@ tls_key = "/etc/hostbridge/key.pem"
 tokens_file = "/etc/hostbridge/tokens"
 users_file = "/etc/hostbridge/users"
 query_timeout = 5.0
+metrics_listen = "127.0.0.1:9477"  # /metrics alone, no authentication: loopback or management
 
 [limits]                      # per VM; see Limits
 max_outstanding = 64
@@ -119,6 +121,9 @@ class Config:
     discover: bool | None = None  # None: on when no VM was given
     libvirt_dirs: list[str] = field(default_factory=lambda: list(DEFAULT_LIBVIRT_DIRS))
     discover_interval: float = 2.0
+    # libvirt to follow the VMs' run states on (hostbridge.lifecycle); None: the default URI,
+    # and only when discovery is on
+    libvirt_uri: str | None = None
     db: str = DEFAULT_DB
     api_socket: str | None = DEFAULT_API_SOCKET
     api_socket_mode: int = 0o660
@@ -129,6 +134,8 @@ class Config:
     tokens_file: str | None = None
     users_file: str | None = None
     query_timeout: float = 5.0
+    # Where hostbridge.metrics serves /metrics alone, unauthenticated; None: only on the API.
+    metrics_listen: tuple[str, int] | None = None
     debug: int = 1
     limits: Limits = field(default_factory=Limits)
     api_limits: ApiLimits = field(default_factory=ApiLimits)
@@ -138,6 +145,11 @@ class Config:
     @property
     def discovery_enabled(self) -> bool:
         return (not self.vms) if self.discover is None else self.discover
+
+    @property
+    def libvirt_enabled(self) -> bool:
+        """Whether the bridge follows libvirt's run states: discovery on, or a libvirt_uri."""
+        return self.discovery_enabled or bool(self.libvirt_uri)
 
     def check(self) -> None:
         """Raise ConfigError (one line) for an inconsistent configuration."""
@@ -195,9 +207,10 @@ def check_vm_name(name: str) -> str:
     return name
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
+def parse_hostport(text: str, any_port: bool = False) -> tuple[str, int]:
+    """ "HOST:PORT" -> (host, port); ``any_port``: port 0 (the system picks one) is accepted."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         raise ConfigError("%r is not HOST:PORT" % text)
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -216,6 +229,8 @@ _BRIDGE_KEYS: dict[str, type | tuple[type, ...]] = {
     "query_timeout": (int, float),
     "log": bool,  # obsolete, ignored: see load_file
     "discover_interval": (int, float),
+    "libvirt_uri": str,
+    "metrics_listen": str,
 }
 
 
@@ -251,6 +266,8 @@ def load_file(path: str, config: Config | None = None) -> Config:
             continue
         if key == "api_tcp":
             value = parse_hostport(value)
+        elif key == "metrics_listen":
+            value = parse_hostport(value, any_port=True)
         elif key == "libvirt_dirs":
             value = [str(v) for v in value]
         elif key in ("query_timeout", "discover_interval"):

@@ -46,6 +46,7 @@ EVENT_TYPES = (
     "message.queued",
     "message.delivered",
     "message.failed",
+    "message.refused",
     "message.cancelled",
     "message.expired",
 )

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ovmproto.limits import check_key
+from ovmproto.limits import FACTS_PREFIX, check_key
 from ovmproto.messages import OP_CLEAR, OP_DEL, OP_SET, ORIGIN_GUEST, ORIGIN_HOST
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ class Mirror:
         self.max_keys = max_keys
         self.max_bytes = max_bytes
         self.entries: dict[str, Entry] = {}
+        # The keys of entries under FACTS_PREFIX (hostbridge.facts): a VM's facts without a scan.
+        self.fact_keys: set[str] = set()
         self.bytes = 0
         self.gid: str | None = None
         self.gseq: int | None = None
@@ -109,6 +111,7 @@ class Mirror:
         """Apply one change; return False when the quota refused it."""
         if op == OP_CLEAR:
             self.entries.clear()
+            self.fact_keys.clear()
             self.bytes = 0
             self._dirty.clear()
             self._deleted.clear()
@@ -130,6 +133,7 @@ class Mirror:
     ) -> None:
         """A full `list` answer: items are (key, value, ts, origin)."""
         self.entries.clear()
+        self.fact_keys.clear()
         self.bytes = 0
         self._dirty.clear()
         self._deleted.clear()
@@ -160,6 +164,8 @@ class Mirror:
         if old is not None:
             del self.entries[key]  # keep set order, as the guest's list does
         self.entries[key] = entry
+        if key.startswith(FACTS_PREFIX):
+            self.fact_keys.add(key)
         self.bytes += grow
         if mark:
             self._dirty.add(key)
@@ -177,3 +183,4 @@ class Mirror:
         old = self.entries.pop(key, None)
         if old is not None:
             self.bytes -= _size(key, old.value)
+            self.fact_keys.discard(key)

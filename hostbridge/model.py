@@ -50,6 +50,10 @@ class VmInfo(_Json):
     queued: int = 0
     connected_since: float | None = None
     counters: dict[str, int] = field(default_factory=zero_counters)
+    # From libvirt (hostbridge.lifecycle): running, paused, shutoff, crashed, migrating, unknown.
+    run_state: str = "unknown"
+    # What the guest agent says of its VM (hostbridge.facts): {} when it published nothing.
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class SendResult(_Json):
     outcome: str  # "delivered" | "queued"
     seq: int
     replayed: bool = False  # the answer to a retry (same idempotency key): nothing new was sent
+    run_state: str = "unknown"  # the VM's, from libvirt (hostbridge.lifecycle), at the answer
 
 
 @dataclass

@@ -23,6 +23,15 @@ _QUEUED = (
 _DELETION_QUEUED = (
     "Deletion queued: the agent in VM '%s' is not connected; it will be done when it connects."
 )
+# The VM is not running (hostbridge.lifecycle): its agent connects at the VM's next boot.
+_QUEUED_UNTIL_BOOT = {
+    "shutoff": "Message queued: VM '%s' is shut off; it will be delivered at its next boot.",
+    "crashed": "Message queued: VM '%s' has crashed; it will be delivered at its next boot.",
+}
+_DELETION_QUEUED_UNTIL_BOOT = {
+    "shutoff": "Deletion queued: VM '%s' is shut off; it will be done at its next boot.",
+    "crashed": "Deletion queued: VM '%s' has crashed; it will be done at its next boot.",
+}
 
 
 def one_line(text: object) -> str:
@@ -66,9 +75,15 @@ def _marked(lines: list[str], doc: "JsonObject", now: float) -> list[str]:
     return lines
 
 
-def _outcome(doc: "JsonObject", queued: str, done: str) -> list[str]:
-    # A send or a delete is done, or queued in the bridge until the VM's agent connects.
-    return [queued % escape(doc.get("vm", ""))] if doc.get("outcome") == "queued" else [done]
+def _outcome(
+    doc: "JsonObject", queued: str, done: str, until_boot: "dict[str, str] | None" = None
+) -> list[str]:
+    # A send or a delete is done, or queued in the bridge until the VM's agent connects (at the
+    # VM's next boot when libvirt says it is not running).
+    if doc.get("outcome") != "queued":
+        return [done]
+    line = (until_boot or {}).get(str(doc.get("run_state")), queued)
+    return [line % escape(doc.get("vm", ""))]
 
 
 def query_lines(doc: "JsonObject", now: float, *, whole_minutes: bool = False) -> list[str]:
@@ -85,13 +100,14 @@ def query_lines(doc: "JsonObject", now: float, *, whole_minutes: bool = False) -
 
 
 def send_lines(doc: "JsonObject", now: float) -> list[str]:
-    """Sent, or queued until the agent connects."""
-    return _outcome(doc, _QUEUED, "Message sent successfully.")
+    """Sent, or queued until the agent connects (or the VM's next boot, when it is shut off)."""
+    return _outcome(doc, _QUEUED, "Message sent successfully.", _QUEUED_UNTIL_BOOT)
 
 
 def vm_table(doc: "JsonObject", now: float) -> list[str]:
-    """``{"vms": [...]}`` as a table: name, agent state, last seen, queued count, channel."""
-    rows = [("NAME", "AGENT", "LAST SEEN", "QUEUED", "CHANNEL")]
+    """``{"vms": [...]}`` as a table: name, run state, agent state, last seen, queued count,
+    channel."""
+    rows = [("NAME", "STATE", "AGENT", "LAST SEEN", "QUEUED", "CHANNEL")]
     for vm in doc["vms"]:
         if vm.get("agent") == "connected":
             seen = "now"
@@ -102,6 +118,7 @@ def vm_table(doc: "JsonObject", now: float) -> list[str]:
         rows.append(
             (
                 escape(vm["name"]),
+                escape(str(vm.get("run_state", "unknown"))),
                 escape(str(vm.get("agent", "?"))),
                 seen,
                 str(vm.get("queued", 0)),
@@ -109,21 +126,23 @@ def vm_table(doc: "JsonObject", now: float) -> list[str]:
             )
         )
     # The channel, last and the longest, is not padded.
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5] for row in rows]
     if len(rows) == 1:
         lines.append("(no VMs)")
     return lines
 
 
 def status_lines(vm: "JsonObject", now: float) -> list[str]:
-    """One VM's details: channel, agent, connected since, last seen, queued, counters."""
+    """One VM's details: channel, run state, agent, connected since, last seen, queued,
+    counters."""
     agent = escape(str(vm.get("agent", "?")))
     if vm.get("agent_version"):
         agent += " (agent version %s)" % escape(str(vm["agent_version"]))
     lines = [
         "VM : '%s'" % escape(vm["name"]),
         "Channel: %s (%s)" % (escape(vm.get("channel", "")), escape(str(vm.get("source", "?")))),
+        "State: %s" % escape(str(vm.get("run_state", "unknown"))),
         "Agent: %s" % agent,
     ]
     since = vm.get("connected_since")
@@ -135,11 +154,35 @@ def status_lines(vm: "JsonObject", now: float) -> list[str]:
         % ("%s (%s)" % (utc(last), _ago(last, now)) if last is not None else "never")
     )
     lines.append("Queued messages: %s" % vm.get("queued", 0))
+    lines.extend(facts_lines(vm.get("facts"), now))
     counters = vm.get("counters") or {}
     if counters:
         lines.append(
             "Counters: " + ", ".join("%s=%s" % (k, v) for k, v in sorted(counters.items()))
         )
+    return lines
+
+
+def facts_lines(facts: object, now: float) -> list[str]:
+    """What the guest agent says of its VM (VmInfo.facts, hostbridge.facts): host name, OS, one
+    line per interface with its addresses; nothing when it said nothing. Guest strings, escaped."""
+    if not isinstance(facts, dict) or not facts:
+        return []
+    lines = []
+    if facts.get("hostname"):
+        lines.append("Guest host name: %s" % escape(str(facts["hostname"])))
+    system = " ".join(str(facts[k]) for k in ("os_name", "os_version") if facts.get(k))
+    if system:
+        lines.append("Guest OS: %s" % escape(system))
+    interfaces = facts.get("interfaces")
+    for name, addresses in sorted(interfaces.items() if isinstance(interfaces, dict) else ()):
+        shown = " ".join(str(a) for a in addresses) if isinstance(addresses, list) else ""
+        lines.append(
+            "Guest interface %s: %s" % (escape(str(name)), escape(shown) or "(no address)")
+        )
+    updated = facts.get("updated")
+    if isinstance(updated, (int, float)):
+        lines.append("Guest facts set: %s (%s)" % (utc(updated), _ago(updated, now)))
     return lines
 
 
@@ -159,8 +202,13 @@ def keys_lines(doc: "JsonObject", now: float) -> list[str]:
 
 
 def rm_lines(doc: "JsonObject", now: float) -> list[str]:
-    """Deleted, or the deletion queued until the agent connects."""
-    return _outcome(doc, _DELETION_QUEUED, "Key '%s' deleted." % escape(doc.get("key", "")))
+    """Deleted, or the deletion queued until the agent connects (or the VM's next boot)."""
+    return _outcome(
+        doc,
+        _DELETION_QUEUED,
+        "Key '%s' deleted." % escape(doc.get("key", "")),
+        _DELETION_QUEUED_UNTIL_BOOT,
+    )
 
 
 def queue_lines(doc: "JsonObject", now: float) -> list[str]:
@@ -225,6 +273,25 @@ def audit_lines(doc: "JsonObject", now: float) -> list[str]:
             )
         )
     return lines or ["(no audit rows)"]
+
+
+# Oracle VM Manager's words for a VM's status, by run state (hostbridge.lifecycle).
+MANAGER_STATUS = {
+    "running": "Running",
+    "paused": "Suspended",
+    "shutoff": "Stopped",
+    "crashed": "Error",
+    "migrating": "Migrating",
+}
+
+
+def manager_status(vm: "JsonObject") -> str:
+    """The status `ovm_vmmessage` prints for ``vm`` (a VmInfo), in the manager's words. Without
+    a run state from libvirt, an agent that answers proves the VM runs; otherwise "Unknown"."""
+    status = MANAGER_STATUS.get(str(vm.get("run_state")))
+    if status is None:
+        status = "Running" if vm.get("agent") == "connected" else "Unknown"
+    return status
 
 
 def manager_time(now: float) -> str:

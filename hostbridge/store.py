@@ -385,6 +385,16 @@ class Store:
             self._db.execute("SELECT vm, COUNT(*) FROM outbox WHERE withdrawn IS NULL GROUP BY vm")
         )
 
+    def queue_stats(self) -> dict[str, tuple[int, float]]:
+        """vm -> (its outbox length, when its oldest row was sent), for the VMs with a queue, in
+        one query (hostbridge.metrics scrapes 1,000 VMs with it)."""
+        return {
+            vm: (count, oldest)
+            for vm, count, oldest in self._db.execute(
+                "SELECT vm, COUNT(*), MIN(created) FROM outbox WHERE withdrawn IS NULL GROUP BY vm"
+            )
+        }
+
     def expired(self, now: float) -> dict[str, list[int]]:
         """vm -> the seqs of its rows waiting for delivery whose expiry is ``now`` or earlier."""
         due: dict[str, list[int]] = {}

@@ -318,6 +318,20 @@ class Libvirt:
             raise LibvirtError("QEMU of %s (pid %d) still runs after destroy" % (name, pid))
         self._domains[name] = None
 
+    def suspend(self, name: str) -> None:
+        """Pause a running domain (`virsh suspend`: its vCPUs stop; QEMU and its channels stay)."""
+        self.virsh("suspend", name)
+
+    def resume(self, name: str) -> None:
+        """Let a paused domain run again (`virsh resume`)."""
+        self.virsh("resume", name)
+
+    def domstate(self, name: str) -> str | None:
+        """`virsh domstate NAME --reason`, e.g. "paused (user)"; None when libvirt has no such
+        domain."""
+        r = self.virsh("domstate", name, "--reason", check=False)
+        return r.stdout.strip() if r.returncode == 0 else None
+
     def domid(self, name: str) -> int | None:
         """The running domain's id, None when it does not run."""
         r = self.virsh("domid", name, check=False)

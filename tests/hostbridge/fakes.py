@@ -160,7 +160,9 @@ class FakeBridge:
             vm.info.queued = len(vm.outbox)
             outcome = "queued"
         vm.audit.insert(0, self._row(vm, key, value, log, outcome))
-        return SendResult(vm=name, key=key, outcome=outcome, seq=vm.seq)
+        return SendResult(
+            vm=name, key=key, outcome=outcome, seq=vm.seq, run_state=vm.info.run_state
+        )
 
     def _row(self, vm, key, value, log, outcome) -> AuditRow:
         return AuditRow(
@@ -206,7 +208,9 @@ class FakeBridge:
             return SendResult(vm=name, key=key, outcome="delivered", seq=vm.seq)
         vm.outbox.append((vm.seq, key, None))
         vm.info.queued = len(vm.outbox)
-        return SendResult(vm=name, key=key, outcome="queued", seq=vm.seq)
+        return SendResult(
+            vm=name, key=key, outcome="queued", seq=vm.seq, run_state=vm.info.run_state
+        )
 
     def queue(self, name, *, limit=100) -> QueueList:
         self.calls.append(("queue", name, limit))

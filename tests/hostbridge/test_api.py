@@ -90,6 +90,7 @@ def test_it_should_deliver_with_200_and_queue_with_202(served, client):
         "outcome": "delivered",
         "seq": 1,
         "replayed": False,
+        "run_state": "unknown",
     }
     status, doc = raw(served, request("POST", "/v1/vms/vm2/messages", b'{"key":"k","value":"v"}'))
     assert (status, doc["outcome"]) == (202, "queued")

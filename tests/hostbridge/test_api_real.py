@@ -59,7 +59,7 @@ def test_it_should_send_query_list_status_keys_rm_and_audit_through_the_real_bri
     ]
 
     r = cli(bridge, "list")
-    assert r.stdout.splitlines()[1].split()[:4] == ["vm1", "connected", "now", "0"]
+    assert r.stdout.splitlines()[1].split()[:5] == ["vm1", "unknown", "connected", "now", "0"]
     r = cli(bridge, "status", "vm1")
     assert "Agent: connected (agent version ovmd" in r.stdout
     keys = json.loads(cli(bridge, "keys", "vm1", "--json").stdout)

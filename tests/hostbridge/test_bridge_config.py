@@ -97,3 +97,14 @@ def test_a_bad_api_setting_should_be_refused_in_one_line(tmp_path, text):
     with pytest.raises(ConfigError) as e:
         load_file(write(tmp_path, "[api]\n%s\n" % text)).check()
     assert "[api]" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_run_states_should_be_asked_of_libvirt_with_discovery_or_a_libvirt_uri(tmp_path):
+    assert Config().libvirt_enabled  # no VM given: discovery, and run states from libvirt
+    static = '[[vm]]\nname = "a"\nchannel = "unix:/tmp/a.sock"\n'
+    config = load_file(write(tmp_path, static))
+    assert not config.discovery_enabled and not config.libvirt_enabled
+    config = load_file(write(tmp_path, '[bridge]\nlibvirt_uri = "qemu:///session"\n' + static))
+    assert (config.libvirt_uri, config.libvirt_enabled) == ("qemu:///session", True)
+    with pytest.raises(ConfigError, match="libvirt_uri has the wrong type"):
+        load_file(write(tmp_path, "[bridge]\nlibvirt_uri = 1\n"))

@@ -287,10 +287,11 @@ def test_it_should_end_quietly_with_141_when_nobody_reads_its_output(served, arg
 def test_it_should_list_vms_with_state_last_seen_queued_and_channel(served):
     r = vmm(served, "list")
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "AGENT", "LAST", "SEEN", "QUEUED", "CHANNEL"]
-    assert lines[1].split() == ["vm1", "connected", "now", "0", "pty:/tmp/fake-vm1"]
+    assert lines[0].split() == ["NAME", "STATE", "AGENT", "LAST", "SEEN", "QUEUED", "CHANNEL"]
+    assert lines[1].split() == ["vm1", "unknown", "connected", "now", "0", "pty:/tmp/fake-vm1"]
     assert lines[2].split() == [
         "vm2",
+        "unknown",
         "disconnected",
         "5",
         "minutes",

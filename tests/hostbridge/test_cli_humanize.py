@@ -95,9 +95,16 @@ def test_it_should_render_error_and_usage_lines_on_one_escaped_line():
 
 def test_it_should_render_the_vm_table_with_the_channel_unpadded():
     vms = [
-        {"name": "web1", "agent": "connected", "queued": 0, "channel": "pty:/a"},
+        {
+            "name": "web1",
+            "run_state": "running",
+            "agent": "connected",
+            "queued": 0,
+            "channel": "pty:/a",
+        },
         {
             "name": "db",
+            "run_state": "shutoff",
             "agent": "disconnected",
             "last_seen": NOW - 300,
             "queued": 2,
@@ -106,10 +113,10 @@ def test_it_should_render_the_vm_table_with_the_channel_unpadded():
         {"name": "new", "agent": "disconnected", "last_seen": None, "channel": "y"},
     ]
     assert render.vm_table({"vms": vms}, NOW) == [
-        "NAME  AGENT         LAST SEEN      QUEUED  CHANNEL",
-        "web1  connected     now            0       pty:/a",
-        "db    disconnected  5 minutes ago  2       x",
-        "new   disconnected  never          0       y",
+        "NAME  STATE    AGENT         LAST SEEN      QUEUED  CHANNEL",
+        "web1  running  connected     now            0       pty:/a",
+        "db    shutoff  disconnected  5 minutes ago  2       x",
+        "new   unknown  disconnected  never          0       y",
     ]
     assert render.vm_table({"vms": []}, NOW)[1:] == ["(no VMs)"]
 
@@ -256,3 +263,69 @@ def test_it_should_refuse_bad_manager_arguments(args, error):
 
 def test_it_should_keep_an_equals_sign_inside_the_manager_message():
     assert manager.parse_manager_args(["vm", "name=x", "key=k", "message=a=b"])["message"] == "a=b"
+
+
+@pytest.mark.parametrize(
+    "run_state,agent,word",
+    [
+        ("running", "disconnected", "Running"),
+        ("paused", "connected", "Suspended"),
+        ("shutoff", "disconnected", "Stopped"),
+        ("crashed", "disconnected", "Error"),
+        ("migrating", "connected", "Migrating"),
+        # No run state from libvirt: only an answering agent proves the VM runs.
+        ("unknown", "connected", "Running"),
+        ("unknown", "disconnected", "Unknown"),
+        ("unknown", "connecting", "Unknown"),
+        (None, "disconnected", "Unknown"),
+    ],
+)
+def test_it_should_give_the_managers_word_for_each_run_state(run_state, agent, word):
+    vm = {"name": "vm1", "agent": agent}
+    if run_state is not None:
+        vm["run_state"] = run_state
+    assert render.manager_status(vm) == word
+
+
+@pytest.mark.parametrize(
+    "run_state,send,rm",
+    [
+        (
+            "shutoff",
+            "Message queued: VM 'vm1' is shut off; it will be delivered at its next boot.",
+            "Deletion queued: VM 'vm1' is shut off; it will be done at its next boot.",
+        ),
+        (
+            "crashed",
+            "Message queued: VM 'vm1' has crashed; it will be delivered at its next boot.",
+            "Deletion queued: VM 'vm1' has crashed; it will be done at its next boot.",
+        ),
+    ]
+    + [
+        (
+            state,
+            "Message queued: the agent in VM 'vm1' is not connected; it will be delivered when "
+            "it connects.",
+            "Deletion queued: the agent in VM 'vm1' is not connected; it will be done when it "
+            "connects.",
+        )
+        for state in ("running", "paused", "migrating", "unknown", None)
+    ],
+)
+def test_it_should_say_a_queued_message_waits_for_the_next_boot_only_when_not_running(
+    run_state, send, rm
+):
+    doc = {"vm": "vm1", "key": "k", "outcome": "queued", "seq": 1, "run_state": run_state}
+    assert render.send_lines(doc, NOW) == [send]
+    assert render.rm_lines(doc, NOW) == [rm]
+    doc["outcome"] = "delivered"
+    assert render.send_lines(doc, NOW) == ["Message sent successfully."]
+
+
+def test_it_should_show_the_run_state_in_the_status():
+    vm = {"name": "vm1", "channel": "unix:/c", "source": "discovered", "agent": "disconnected"}
+    assert render.status_lines(vm, NOW)[2] == "State: unknown"
+    assert render.status_lines(dict(vm, run_state="paused"), NOW)[2:4] == [
+        "State: paused",
+        "Agent: disconnected",
+    ]

@@ -70,15 +70,33 @@ def test_it_should_use_the_local_socket_when_the_host_is_empty_or_omitted(served
         assert r.returncode == 0, r.stderr
 
 
-def test_it_should_say_queued_and_not_running_for_a_vm_whose_agent_is_away(served):
+def test_it_should_say_queued_and_unknown_for_a_vm_whose_agent_is_away_without_libvirt(served):
     r = ovm(served, "-h", "localhost", "-v", "down", "-k", "foo", "-V", "bar")
     assert r.returncode == 0
     assert r.stdout.splitlines()[2:] == [
-        "VM : 'down' has status :  Not connected.",
+        "VM : 'down' has status :  Unknown.",
         "Sending message.",
         "Message queued: the agent in VM 'down' is not connected; it will be delivered when it "
         "connects.",
     ]
+
+
+def test_it_should_say_stopped_and_queued_until_the_next_boot_for_a_shut_off_vm(served):
+    served.bridge.fake("down").info.run_state = "shutoff"
+    r = ovm(served, "-h", "localhost", "-v", "down", "-k", "foo", "-V", "bar")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[2:] == [
+        "VM : 'down' has status :  Stopped.",
+        "Sending message.",
+        "Message queued: VM 'down' is shut off; it will be delivered at its next boot.",
+    ]
+
+
+def test_it_should_say_the_managers_word_for_a_paused_vm_whose_agent_still_answers(served):
+    served.bridge.fake("ol6u3apitest").info.run_state = "paused"
+    r = ovm(served, "-v", "ol6u3apitest", "-q", "newkey")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[2] == "VM : 'ol6u3apitest' has status :  Suspended."
 
 
 @pytest.mark.parametrize(

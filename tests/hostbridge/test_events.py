@@ -132,3 +132,15 @@ def test_waiting_consumers_should_wake_on_publish_and_on_close_and_time_out_othe
         assert await hub.wait_after(hub.last_id, 5.0) is False  # closed: at once
 
     asyncio.run(main())
+
+
+def test_every_event_type_should_be_documented_for_api_users():
+    import os
+
+    from hostbridge.events import EVENT_TYPES
+
+    docs = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "api.md")
+    with open(docs) as f:
+        text = f.read()
+    missing = [t for t in EVENT_TYPES + ("overflow",) if "`%s`" % t not in text]
+    assert missing == []
