@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the ovmd and hostbridge .debs into OUTDIR:  packaging/build-deb.sh OUTDIR
+# Build the ovmd, hostbridge and hostbridge-cockpit .debs into OUTDIR:  packaging/build-deb.sh OUTDIR
 # Needs: debhelper dh-python python3 (scripts/packages-test.txt lists them). Builds from a clean copy
 # of the project's files (no caches, no venv), with packaging/debian as its debian/ directory.
 set -euo pipefail
@@ -14,6 +14,7 @@ src="$work/ovmd-0.1.0"
 mkdir "$src"
 tar -C "$root" --exclude=__pycache__ --exclude='*.pyc' -cf - \
     ovmproto ovmsys guestagent templateconfig hostbridge systemd packaging/bin packaging/man \
+    packaging/completion cockpit \
     packaging/hostbridge.toml packaging/sysconfig packaging/serial_unit.py \
     README.md docs |
     tar -C "$src" -xf -

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the ovmd and hostbridge RPMs (noarch) into OUTDIR:  packaging/build-rpm.sh OUTDIR
+# Build the ovmd, hostbridge and hostbridge-cockpit RPMs (noarch) into OUTDIR:  packaging/build-rpm.sh OUTDIR
 # Uses packaging/rpm/ovmd.spec. On a Debian build host (Debian's rpm package) there is no RPM
 # database to satisfy BuildRequires (--nodeps), and by default the bridge is built for python3
 # (3.11 here, as on Fedora); RPM_FLAVOUR=el9 keeps the spec's EL9 defaults (python3.11 and its
@@ -16,6 +16,7 @@ version=$(sed -n 's/^Version: *//p' "$root/packaging/rpm/ovmd.spec")
 mkdir -p "$work"/{SOURCES,SPECS,BUILD,RPMS,SRPMS} "$work/src/ovmd-$version"
 tar -C "$root" --exclude=__pycache__ --exclude='*.pyc' -cf - \
     ovmproto ovmsys guestagent templateconfig hostbridge systemd packaging/bin packaging/man \
+    packaging/completion cockpit \
     packaging/rpm packaging/hostbridge.toml packaging/sysconfig packaging/serial_unit.py \
     packaging/debian/copyright \
     README.md docs |

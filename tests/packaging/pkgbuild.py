@@ -50,7 +50,7 @@ def build_debs(outdir):
     debs = {
         os.path.basename(p).split("_")[0]: p for p in glob.glob(os.path.join(str(outdir), "*.deb"))
     }
-    assert sorted(debs) == ["hostbridge", "ovmd"], debs
+    assert sorted(debs) == ["hostbridge", "hostbridge-cockpit", "ovmd"], debs
     return debs
 
 
@@ -62,7 +62,7 @@ def build_rpms(outdir, flavour=""):
         os.path.basename(p).rsplit("-", 2)[0]: p
         for p in glob.glob(os.path.join(str(outdir), "*.rpm"))
     }
-    assert sorted(rpms) == ["hostbridge", "ovmd"], rpms
+    assert sorted(rpms) == ["hostbridge", "hostbridge-cockpit", "ovmd"], rpms
     return rpms
 
 

@@ -11,6 +11,7 @@ python3 and friends once; later runs take well under a minute each.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 
@@ -211,3 +212,13 @@ def exchange_a_message(chroot):
         for proc in (agent, bridge):
             if proc is not None:
                 stop(proc)
+
+
+def test_the_cockpit_page_should_install_with_the_bridge_and_cockpit_bridge_list_it(debs, chroot):
+    chroot.apt_install([debs["hostbridge"], debs["hostbridge-cockpit"]])
+    assert installed(chroot, "hostbridge-cockpit") and installed(chroot, "cockpit-bridge")
+    for name in ("manifest.json", "index.html", "hostbridge.js", "hostbridge.css"):
+        assert os.path.isfile(chroot.path("/usr/share/cockpit/hostbridge/" + name))
+    # Debian's cockpit-bridge finds the page where the package put it, with its default socket.
+    listed = chroot.run(["cockpit-bridge", "--packages"]).stdout
+    assert re.search(r"^hostbridge\s.*/usr/share/cockpit/hostbridge$", listed, re.M), listed

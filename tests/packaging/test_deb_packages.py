@@ -81,9 +81,22 @@ def test_the_guest_package_should_need_only_python_3_9_and_click(debs):
 
 def test_the_host_package_should_need_python_3_11_click_and_aiohttp(debs):
     deps = depends(debs["hostbridge"])
-    for wanted in ("python3 (>= 3.11)", "python3-click", "python3-aiohttp"):
+    for wanted in (
+        "python3 (>= 3.11)",
+        "python3-click",
+        "python3-aiohttp",
+        "python3-prometheus-client",
+    ):
         assert wanted in deps
     assert not [d for d in deps if "orjson" in d or d.startswith("ovmd")], deps
+
+
+def test_the_host_package_should_recommend_libvirt_python_for_the_run_states(debs):
+    # Without it the bridge works and every run state is "unknown": recommended, not required.
+    assert dpkg_deb("--field", debs["hostbridge"], "Recommends").strip().split(", ") == [
+        "python3-libvirt"
+    ]
+    assert not [d for d in depends(debs["hostbridge"]) if "libvirt" in d]
 
 
 def test_the_two_packages_should_share_no_file_so_both_can_be_installed(debs):
@@ -160,3 +173,20 @@ def test_the_bridge_unit_should_be_enabled_and_the_agent_unit_left_to_udev(debs,
     assert "/usr/sbin/ovm-chkconfig --add" in guest
     assert "deb-systemd-invoke $_dh_action" not in guest
     assert "udevadm trigger --action=add --subsystem-match=virtio-ports" in guest
+
+
+COCKPIT_PAGE = {
+    "/usr/share/cockpit/hostbridge/" + f
+    for f in ("manifest.json", "index.html", "hostbridge.js", "hostbridge.css")
+}
+
+
+def test_the_cockpit_package_should_hold_the_page_alone_and_need_cockpit_and_the_bridge(debs):
+    page = files_of(debs["hostbridge-cockpit"])
+    assert {p for p in page if not p.startswith("/usr/share/doc/")} == COCKPIT_PAGE
+    assert "/usr/share/doc/hostbridge-cockpit/cockpit.md.gz" in page  # dh_compress
+    assert dpkg_deb("--field", debs["hostbridge-cockpit"], "Architecture").strip() == "all"
+    deps = depends(debs["hostbridge-cockpit"])
+    assert "cockpit-bridge" in deps and "hostbridge" in deps
+    others = files_of(debs["ovmd"]) | files_of(debs["hostbridge"])
+    assert {p for p in page & others if not p.startswith("/usr/share/doc/")} == set()

@@ -88,12 +88,21 @@ def test_the_rpms_should_require_their_python_and_modules_only(rpms):
     assert {"python(abi) >= 3.9", "python3-click"} <= guest
     assert not [r for r in guest if "aiohttp" in r or "orjson" in r]
     assert {"python(abi) >= 3.11", "python3-click", "python3-aiohttp", "shadow-utils"} <= host
+    assert "python3-prometheus_client" in host
     assert not [r for r in host if "orjson" in r]
+
+
+def test_the_host_rpm_should_recommend_libvirt_python_for_the_run_states(rpms):
+    # Without it the bridge works and every run state is "unknown": recommended, not required.
+    recommends = rpm_query(rpms["hostbridge"], "--recommends").split()
+    assert recommends == ["python3-libvirt"]
+    assert not [r for r in requires(rpms["hostbridge"]) if "libvirt" in r]
 
 
 def test_the_el9_build_should_run_the_bridge_on_python_3_11(el9_rpms):
     host = requires(el9_rpms["hostbridge"])
     assert {"/usr/bin/python3.11", "python3.11-click", "python3.11-aiohttp"} <= host
+    assert "python3.11-prometheus_client" in host
     guest = requires(el9_rpms["ovmd"])
     assert "/usr/bin/python3" in guest and "python3-click" in guest
     # Compiled by the interpreter that runs each package (3.11 here for both: the build host's).
@@ -110,3 +119,14 @@ def test_the_scriptlets_should_create_the_group_and_never_start_the_agent(rpms):
     # The first boot's unit by its preset (enabled, never started); the modules enabled.
     assert "systemctl preset ovm-template-initial-config.service" in guest
     assert "ovm-chkconfig --add" in guest
+
+
+def test_the_cockpit_rpm_should_hold_the_page_and_require_cockpit_and_the_bridge(rpms):
+    page = {"manifest.json", "index.html", "hostbridge.js", "hostbridge.css"}
+    listed = files(rpms["hostbridge-cockpit"])
+    assert {"/usr/share/cockpit/hostbridge/" + f for f in page} <= listed
+    assert not [p for p in listed if p.startswith(("/usr/bin", "/usr/lib", "/etc"))]
+    assert not listed & (files(rpms["hostbridge"]) | files(rpms["ovmd"]))
+    host = requires(rpms["hostbridge-cockpit"])
+    assert "cockpit-bridge" in host
+    assert [r for r in host if r.startswith("hostbridge = 0.1.0")]
