@@ -4,17 +4,43 @@ Run through scripts/demo.sh (which installs everything first). Every process is 
 shown is run as printed, and its output is shown under it.
 """
 
+import http.client
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 BIN = os.path.dirname(sys.executable)
 TIMEOUT = 30.0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
+# Seconds to keep everything running at the end, so that the Cockpit page can be opened.
+HOLD = float(os.environ.get("OVMD_DEMO_HOLD", "0") or 0)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP on the bridge's unix socket (what `curl --unix-socket` does)."""
+
+    def __init__(self, path):
+        super().__init__("localhost", timeout=TIMEOUT)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(self.path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def say(text):
@@ -237,6 +263,13 @@ class Demo:
 
         say("list the VMs (STATE is the VM's run state from libvirt: unknown for these pty VMs)")
         self.vmmessage("list")
+        self.vmmessage("status", "db1")
+
+        say("Prometheus metrics: GET /metrics on the API socket (an excerpt)")
+        self.metrics_excerpt()
+
+        say("the Cockpit page (cockpit-ws on 127.0.0.1, the page served from this checkout)")
+        self.cockpit()
 
         say(
             "what `vmmessage watch --json` printed meanwhile (the bridge's change stream), in short"
@@ -255,6 +288,84 @@ class Demo:
                 if k in ev
             )
             print("  %-18s %-5s %s" % (ev["type"], ev.get("vm") or "-", what), flush=True)
+
+    def metrics_excerpt(self):
+        conn = UnixHTTPConnection(self.api)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        print("$ curl --unix-socket %s http://localhost/metrics" % self.api, flush=True)
+        shown = 0
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if line.startswith("#") or line.endswith(" 0.0"):
+                continue  # help, types and the zeros: the excerpt shows what happened
+            if name in (
+                "hostbridge_build_info",
+                "hostbridge_agent_connected",
+                "hostbridge_queue_messages",
+                "hostbridge_messages_total",
+                "hostbridge_message_delivery_seconds_count",
+                "hostbridge_message_delivery_seconds_sum",
+                "hostbridge_reconnects_total",
+            ):
+                print("  " + line, flush=True)
+                shown += 1
+        print("  ... (%d lines in all)" % len(text.splitlines()), flush=True)
+        if not shown:
+            raise SystemExit("demo: /metrics showed none of the expected series")
+
+    def cockpit(self):
+        if not os.access(COCKPIT_WS, os.X_OK):
+            print("   cockpit-ws is not installed: apt-get install cockpit-ws cockpit-bridge")
+            return
+        # The page from this checkout (XDG_DATA_HOME/cockpit/hostbridge), pointed at this demo's
+        # bridge by an override of its manifest (docs/cockpit.md), in cockpit-ws's environment.
+        data = self.path("cockpit", "data", "cockpit")
+        conf = self.path("cockpit", "etc", "cockpit")
+        os.makedirs(data)
+        os.makedirs(conf)
+        os.symlink(os.path.join(ROOT, "cockpit", "hostbridge"), os.path.join(data, "hostbridge"))
+        with open(os.path.join(conf, "hostbridge.override.json"), "w") as f:
+            json.dump({"config": {"api_socket": self.api}}, f)
+        port = free_port()
+        env = dict(
+            os.environ,
+            XDG_DATA_HOME=self.path("cockpit", "data"),
+            XDG_CONFIG_DIRS=self.path("cockpit", "etc"),
+            XDG_CONFIG_HOME=self.path("cockpit", "home"),
+        )
+        log = open(self.path("cockpit-ws.log"), "ab")
+        self.procs["cockpit-ws"] = subprocess.Popen(
+            [COCKPIT_WS, "--local-session=cockpit-bridge", "--no-tls"]
+            + ["--address", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        base = "http://127.0.0.1:%d" % port
+
+        def serves_page():
+            try:
+                url = base + "/cockpit/@localhost/manifests.json"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    return "hostbridge" in json.loads(r.read())
+            except OSError:
+                return False
+
+        wait_for("cockpit-ws to serve the page", serves_page)
+        url = base + "/cockpit/@localhost/hostbridge/index.html"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            served = r.status == 200 and b"VM messages" in r.read()
+        print("   cockpit-ws serves the page: %s" % ("yes" if served else "NO"), flush=True)
+        print("   open %s (from this machine; e.g. ssh -L %d:127.0.0.1:%d)" % (url, port, port))
+        if HOLD:
+            print("   keeping everything running for %g s (OVMD_DEMO_HOLD)" % HOLD, flush=True)
+            time.sleep(HOLD)
+        else:
+            print("   (set OVMD_DEMO_HOLD=600 to keep the demo running for 10 minutes to see it)")
 
     def close(self):
         for name in list(self.procs):
