@@ -1,5 +1,5 @@
-"""Fixtures for every test: the guard that keeps tests off the real daemons' paths, and short
-directories for unix sockets."""
+"""Fixtures for every test: the guard that keeps tests off the real daemons' paths, short
+directories for unix sockets, and the tests' own PostgreSQL cluster."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import guard, tempdirs
+from tests.support import guard, postgres, tempdirs
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,3 +37,21 @@ def short_dir() -> Iterator[Path]:
     """A fresh directory with a short path (a unix socket's path must fit in 108 bytes)."""
     with tempdirs.short_dir() as path:
         yield path
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[postgres.PostgresCluster]:
+    """The suite's PostgreSQL cluster (tests/support/postgres.py), started once: the first test
+    that asks pays initdb and the start; stopped and removed at the end of the session."""
+    try:
+        cluster = postgres.PostgresCluster()
+    except postgres.PostgresUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_server(postgres_cluster: postgres.PostgresCluster) -> postgres.PostgresCluster:
+    """The shared cluster, running: started again if an earlier test stopped or killed it."""
+    return postgres_cluster.start()
