@@ -52,7 +52,7 @@ from hostbridge.admission import Admission
 from hostbridge.auth import Authenticator, CredentialFileError
 from hostbridge.config import MAX_EXPIRY, MIN_EXPIRY, ApiLimits
 from hostbridge.errors import BridgeError, Busy, InvalidInput, NotFound
-from hostbridge.events import EventHub, sse_blocks
+from hostbridge.events import EventHub
 from ovmproto import errorcodes, jsonlib, limits
 from ovmproto.errors import OvmError
 from ovmsys import unixsocket
@@ -566,10 +566,7 @@ async def poll_events(request: web.Request) -> web.Response:
         deadline = loop.time() + timeout
         while True:
             batch = hub.after(since, vm, limit=STREAM_CHUNK)
-            events = [ev.json for ev in batch.events]
-            first = batch.overflow()
-            if first is not None:
-                events.insert(0, first.json)
+            events = [ev.json for ev in batch.to_send()]
             since = batch.last
             left = deadline - loop.time()
             if events or left <= 0 or not await hub.wait_after(since, left):
@@ -604,10 +601,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         while not hub.closed:
             batch = hub.after(since, vm, limit=STREAM_CHUNK)
             since = batch.last
-            first = batch.overflow()
-            data = sse_blocks(batch.events)
-            if first is not None:
-                data = first.sse() + data
+            data = b"".join(ev.sse() for ev in batch.to_send())
             if data:
                 await resp.write(data)
             elif not await hub.wait_after(since, STREAM_KEEPALIVE) and not hub.closed:

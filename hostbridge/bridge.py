@@ -445,18 +445,17 @@ class Bridge:
             raise errors.InvalidInput(guest_facts.RESERVED_MESSAGE)
         g = self.guest(name)
         if idempotency_key is None:
-            return self._with_run_state(
-                await self._submit(g, key, value, log, queue, timeout, expires)
-            )
-        digest = _digest(key, value, log)
-        prior = self.store.idempotent(name, idempotency_key)
-        if prior is not None:
-            return self._with_run_state(await self._replay(g, prior, digest, key, queue, timeout))
-        return self._with_run_state(
-            await self._submit(
-                g, key, value, log, queue, timeout, expires, (idempotency_key, digest)
-            )
-        )
+            result = await self._submit(g, key, value, log, queue, timeout, expires)
+        else:
+            digest = _digest(key, value, log)
+            prior = self.store.idempotent(name, idempotency_key)
+            if prior is not None:
+                result = await self._replay(g, prior, digest, key, queue, timeout)
+            else:
+                result = await self._submit(
+                    g, key, value, log, queue, timeout, expires, (idempotency_key, digest)
+                )
+        return self._with_run_state(result)
 
     def _with_run_state(self, result: SendResult) -> SendResult:
         # A queued message to a shut-off VM waits for its next boot: the CLI says so.

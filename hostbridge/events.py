@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,12 @@ class Batch:
         if self.missed == 0:
             return None
         return Event(0, "overflow", None, {"type": "overflow", "missed": self.missed})
+
+    def to_send(self) -> list[Event]:
+        """What the consumer is given, in order: the overflow event when it missed any, then
+        the events."""
+        first = self.overflow()
+        return self.events if first is None else [first, *self.events]
 
 
 class EventHub:
@@ -205,7 +211,3 @@ class EventHub:
             "events_dropped": self.dropped,
             "event_consumers": self.consumers,
         }
-
-
-def sse_blocks(events: Iterable[Event]) -> bytes:
-    return b"".join(ev.sse() for ev in events)

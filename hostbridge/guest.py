@@ -94,21 +94,19 @@ class Guest:
         self.mirror_sync.on_changed(msg)
         op, key, vm = msg.op, msg.key, self.name
         if op == OP_SET and key is not None and msg.value is not None:
-            if key in self.mirror.hidden:  # applied above: a guest's own write unhid it
-                # A log=no value: the stream says it changed, never what it is.
-                self.events.publish(
-                    "key.set", vm=vm, key=key, origin=msg.origin, set_time=msg.ts, hidden=True
-                )
-            else:
-                self.events.publish(
-                    "key.set",
-                    vm=vm,
-                    key=key,
-                    origin=msg.origin,
-                    set_time=msg.ts,
-                    value=msg.value,
-                    hidden=False,
-                )
+            # A log=no value: the stream says it changed, never what it is. (Applied above: a
+            # guest's own write of the key has unhidden it.)
+            hidden = key in self.mirror.hidden
+            value = {} if hidden else {"value": msg.value}
+            self.events.publish(
+                "key.set",
+                vm=vm,
+                key=key,
+                origin=msg.origin,
+                set_time=msg.ts,
+                hidden=hidden,
+                **value,
+            )
         elif op == OP_DEL and key is not None:
             self.events.publish("key.deleted", vm=vm, key=key, origin=msg.origin)
         elif op == OP_CLEAR:

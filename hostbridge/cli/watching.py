@@ -17,6 +17,7 @@ from typing import Any
 
 from hostbridge import humanize, render
 from hostbridge.apiclient import EXIT_OK, ApiError, Client
+from hostbridge.cli import out, print_json
 
 POLL = 30.0  # seconds each long poll may wait: well under any proxy's idle limit
 
@@ -149,11 +150,8 @@ def watch(c: Client, vm: str | None, as_json: bool) -> int:
     since = c.events(vm=vm)["last"]
     for ev in follow(c, vm, since, None):
         if as_json:
-            import json
-
-            line = json.dumps(ev, ensure_ascii=True)
+            print_json(ev)
         else:
-            line = event_line(ev)
-        sys.stdout.write(line + "\n")
+            out(event_line(ev))
         sys.stdout.flush()  # a pipe (`| grep`) sees each event as it happens
     return EXIT_OK

@@ -148,6 +148,25 @@ class _Daemon:
                 self.proc.wait(STOP_TIMEOUT)
 
 
+def run_virsh(
+    uri: str, args, check: bool = True, timeout: float = VIRSH_TIMEOUT, who: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """`virsh -c URI ARGS`; LibvirtError (one line, ``who`` first) when it fails and ``check``."""
+    r = subprocess.run(
+        ["virsh", "-q", "-c", uri, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and r.returncode != 0:
+        raise LibvirtError(
+            "%svirsh %s failed (exit %d): %s"
+            % (who, " ".join(args[:2]), r.returncode, (r.stderr or r.stdout).strip())
+        )
+    return r
+
+
 class Libvirt:
     """libvirtd for ``qemu:///system``: ours (started by start()) or the machine's."""
 
@@ -284,19 +303,7 @@ class Libvirt:
     # -- virsh -------------------------------------------------------------------------------
 
     def virsh(self, *args: str, check: bool = True, timeout: float = VIRSH_TIMEOUT):
-        r = subprocess.run(
-            ["virsh", "-q", "-c", URI, *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and r.returncode != 0:
-            raise LibvirtError(
-                "virsh %s failed (exit %d): %s"
-                % (" ".join(args[:2]), r.returncode, (r.stderr or r.stdout).strip())
-            )
-        return r
+        return run_virsh(URI, args, check, timeout)
 
     def create(self, xml: str) -> int:
         """Start a transient domain from ``xml``; its domain id (virsh returns once it runs)."""

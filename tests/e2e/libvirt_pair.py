@@ -54,6 +54,7 @@ from tests.e2e.libvirt_daemon import (
     _mount_namespace_works,
     _session_lock,
     _wait_gone,
+    run_virsh,
 )
 from tests.support.processes import accepts
 
@@ -267,19 +268,7 @@ class LibvirtHost:
     def virsh(
         self, *args: str, check: bool = True, timeout: float = VIRSH_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run(
-            ["virsh", "-q", "-c", self.uri, *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and r.returncode != 0:
-            raise LibvirtError(
-                "host %s: virsh %s failed (exit %d): %s"
-                % (self.name, " ".join(args[:2]), r.returncode, (r.stderr or r.stdout).strip())
-            )
-        return r
+        return run_virsh(self.uri, args, check, timeout, "host %s: " % self.name)
 
     def create(self, xml: str) -> int:
         """Start a transient domain from ``xml``; its domain id."""

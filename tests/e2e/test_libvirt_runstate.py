@@ -23,10 +23,9 @@ import time
 import pytest
 
 from hostbridge.apiclient import Client
-from tests.e2e.guest_image import AGENT_PORT, CONTROL_PORT
-from tests.e2e.libvirt_daemon import LibvirtError, domain_xml, running_libvirt
-from tests.e2e.qemu import GuestControl
+from tests.e2e.libvirt_daemon import LibvirtError, running_libvirt
 from tests.e2e.test_libvirt_discovery import DiscoveringBridge
+from tests.e2e.test_libvirt_discovery import Env as DiscoveryEnv
 from tests.support import waiting
 from tests.support.processes import child_env
 
@@ -40,34 +39,17 @@ RECONNECT_TIMEOUT = 90.0  # libvirtd restarted (~10 s here) plus the bridge's ba
 pytestmark = pytest.mark.timeout(600)
 
 
-class Env:
+class Env(DiscoveryEnv):
+    """test_libvirt_discovery's domain and guest control, with VM as the domain, the API in
+    process and a cursor in the change stream."""
+
     def __init__(self, lv, image, workdir, bridge):
-        self.lv, self.image, self.workdir, self.bridge = lv, image, workdir, bridge
+        super().__init__(lv, image, workdir, bridge)
         self.api = Client(bridge.api)
-        self.control_socket = os.path.join(workdir, "control.sock")
-        self.serial_log = os.path.join(workdir, "serial.log")
-        self.ctl: GuestControl | None = None
         self.cursor = self.api.events()["last"]  # the change stream from here on
 
-    def start_domain(self):
-        if self.ctl is not None:
-            self.ctl.close()
-            self.ctl = None
-        xml = domain_xml(
-            VM,
-            self.image.kernel,
-            self.image.initrd,
-            self.image.cmdline,
-            channels=[(AGENT_PORT, None), (CONTROL_PORT, self.control_socket)],
-            serial_log=self.serial_log,
-        )
-        return self.lv.create(xml)
-
-    def control(self) -> GuestControl:
-        if self.ctl is None:
-            self.ctl = GuestControl(self.control_socket, self.serial_log)
-            self.ctl.wait_ready(BOOT_TIMEOUT)
-        return self.ctl
+    def start_domain(self, name=VM):
+        return super().start_domain(name)
 
     def run_state(self):
         return self.api.vm(VM)["run_state"]
