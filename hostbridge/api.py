@@ -671,8 +671,34 @@ _HANDLERS = (
 
 
 def _add_routes(app: web.Application) -> None:
+    pooled = getattr(app[BRIDGE], "pool", None) is not None
     for method, path, handler in _HANDLERS:
-        app.router.add_route(method, path, handler if handler is get_key else _json_errors(handler))
+        serve = handler if handler is get_key else _json_errors(handler)
+        if pooled and path.startswith("/v1/vms/{vm}"):
+            serve = _forwarding(serve)
+        app.router.add_route(method, path, serve)
+
+
+def _forwarding(handler: Handler) -> Handler:
+    """``handler`` in a pool: a request for a VM another live host owns is answered by that host
+    (hostbridge.forward); one the owner cannot take is answered here, from the shared database."""
+
+    @functools.wraps(handler)
+    async def serve(request: web.Request) -> web.StreamResponse:
+        from hostbridge.forward import FORWARDED_HEADER, OwnerUnreachable
+
+        pool = cast(Any, request.app[BRIDGE]).pool
+        url = pool.route(request.match_info["vm"], FORWARDED_HEADER in request.headers)
+        if url is not None and pool.forwarder is not None:
+            try:
+                return await pool.forwarder.proxy(request, url)
+            except OwnerUnreachable:
+                pool.owner_down(url)
+            except Exception as exc:  # noqa: BLE001 - answered as JSON, as any handler's
+                return _failure(request, exc)
+        return await handler(request)
+
+    return serve
 
 
 def make_app(
@@ -685,8 +711,11 @@ def make_app(
     app = web.Application(middlewares=[_errors, _authenticate], client_max_size=MAX_BODY)
     app[BRIDGE] = bridge
     app[METRICS] = metrics
+    pool = getattr(bridge, "pool", None)
     app[AUTH] = Authenticator(
-        getattr(config, "tokens_file", None), getattr(config, "users_file", None)
+        getattr(config, "tokens_file", None),
+        getattr(config, "users_file", None),
+        pool_token=None if pool is None else pool.key.api_token(),
     )
     with open(OPENAPI_PATH, "rb") as f:
         spec = f.read()

@@ -306,8 +306,16 @@ class Principal:
 class Authenticator:
     """Checks the Authorization header of a TCP request against the tokens and users files."""
 
-    def __init__(self, tokens_file: str | None = None, users_file: str | None = None) -> None:
+    def __init__(
+        self,
+        tokens_file: str | None = None,
+        users_file: str | None = None,
+        pool_token: str | None = None,
+    ) -> None:
         self._tokens = _WatchedFile(tokens_file, _parse_tokens)
+        # The token the bridges of a pool forward each other's requests with (hostbridge.pool:
+        # derived from the pool key, so it is never written anywhere).
+        self._pool_token = None if pool_token is None else ("pool", pool_token.encode("ascii"))
         self._users = _WatchedFile(users_file, _parse_users)
         self._cache_key = os.urandom(32)
         self._verified: dict[bytes, float] = {}
@@ -320,7 +328,7 @@ class Authenticator:
     @property
     def configured(self) -> bool:
         """Whether any credential source is configured (TCP without one would let nobody in)."""
-        return bool(self._tokens.path or self._users.path)
+        return bool(self._tokens.path or self._users.path or self._pool_token)
 
     async def authenticate(self, header: str | None, source: str | None = None) -> Principal:
         """The Principal for ``header``, or raise Unauthorized (one reason, never the secret).
@@ -378,7 +386,10 @@ class Authenticator:
 
     def _check_token(self, presented: bytes) -> str | None:
         found = None
-        for name, token in self._tokens.get():
+        tokens = self._tokens.get()
+        if self._pool_token is not None:
+            tokens = [*tokens, self._pool_token]
+        for name, token in tokens:
             # No early exit: the time taken must not depend on which token matched.
             if hmac.compare_digest(presented, token) and found is None:
                 found = name

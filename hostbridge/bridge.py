@@ -20,12 +20,14 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ovmproto import jsonlib
 from ovmproto.limits import check_key, check_value
 from ovmproto.messages import Get, List
 
-from . import errors
+from . import errors, remote
 from . import facts as guest_facts
 from .channels import open_channel
 from .config import Config, VmSpec
@@ -47,7 +49,10 @@ from .model import (
     VmInfo,
 )
 from .session import State
-from .store import IdempotencyRow, OutboxRow, Store
+from .store import IdempotencyRow, OutboxRow, Store, VmRow
+
+if TYPE_CHECKING:
+    from .pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +94,17 @@ def _mirror_is_live(g: Guest) -> bool:
 
 
 class Bridge:
+    # What makes the run-state follower: (libvirt URI, on_event) -> a Lifecycle. A test or a
+    # benchmark may give its own, with the same interface, to play libvirt's events.
+    lifecycle_factory: Callable[[str, Callable[[LifecycleEvent], None]], Any] = Lifecycle
+
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._store: Store | None = None  # from start() to stop(); see the store property
+        # From start() to stop(); see the store property. In a pool, a hostbridge.pgstore.PgStore
+        # with the same methods.
+        self._store: Any = None
+        # This bridge's part in a pool of hosts (hostbridge.pool); None on a single host.
+        self.pool: Pool | None = None
         # Commits the sends (and the guests' acknowledgements) in groups: hostbridge.groupcommit.
         self._committer: GroupCommit | None = None
         # vm -> its sends waiting for their commit: outstanding like those waiting for an ack.
@@ -130,27 +143,36 @@ class Bridge:
         return len(self._guests)
 
     async def start(self) -> None:
-        self._lock_db()
         limits = self.config.limits
-        self._store = Store(
-            self.config.db,
-            audit_keep=limits.audit_rows,
-            idempotency_keep=limits.idempotency_keys,
-            idempotency_ttl=limits.idempotency_ttl,
-        )
+        if self.config.pooled:
+            from .pool import Pool, open_store
+
+            self._store, key = open_store(self.config)
+            self.pool = Pool(self, self._store, key, self.config)
+            await self.pool.start()
+        else:
+            self._lock_db()
+            self._store = Store(
+                self.config.db,
+                audit_keep=limits.audit_rows,
+                idempotency_keep=limits.idempotency_keys,
+                idempotency_ttl=limits.idempotency_ttl,
+            )
         self._committer = GroupCommit(self._store, enabled=enabled_by_environment())
-        configured = {vm.name for vm in self.config.vms}
-        # VMs we knew before (queued messages, mirrors) stay visible even while not running.
-        for row in self._store.vms():
-            if row.name not in configured:
-                self._guest(row.name, row.channel, row.source or "discovered")
-        for spec in self.config.vms:
-            self._attach(spec)
         loop = asyncio.get_running_loop()
         uri = self.config.libvirt_uri or DEFAULT_URI
         if self.config.libvirt_enabled:
-            self.lifecycle = Lifecycle(uri, self._run_state_changed)
+            # Before any channel is attached: a pool bridge must know which VMs are migrating in.
+            self.lifecycle = type(self).lifecycle_factory(uri, self._run_state_changed)
             await self.lifecycle.start()
+        configured = {vm.name for vm in self.config.vms}
+        # VMs we knew before (queued messages, mirrors) stay visible even while not running; in
+        # a pool, those this host owned (the others are listed from the shared database).
+        for row in self._store.vms():
+            if row.name not in configured and (self.pool is None or self.pool.owned_here(row.name)):
+                self._guest(row.name, row.channel, row.source or "discovered")
+        for spec in self.config.vms:
+            self._attach(spec)
         if self.config.discovery_enabled:
             self.discovery = Discovery(
                 self.config.libvirt_dirs,
@@ -163,9 +185,12 @@ class Bridge:
             self._tasks.append(loop.create_task(self.discovery.run(), name="discovery"))
         self._tasks.append(loop.create_task(self._flush_loop(), name="flush"))
         self._started = time.time()
-        log.info("bridge started: %d VMs, database %s", len(self._guests), self.config.db)
+        where = self.config.db if self.pool is None else self._store.path
+        log.info("bridge started: %d VMs, database %s", len(self._guests), where)
 
     async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.stop()
         if self.lifecycle is not None:
             await self.lifecycle.stop()
             self.lifecycle = None
@@ -181,6 +206,7 @@ class Bridge:
         if self._store is not None:
             self._store.close()
             self._store = None
+        self.pool = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -217,14 +243,47 @@ class Bridge:
             ),
             spec.source,
         )
+        if self.pool is not None:
+            self.pool.attached(spec.name)
 
     async def _found(self, name: str, path: str) -> None:
         if any(vm.name == name or vm.path == path for vm in self.config.vms):
             return  # configured VMs win over discovered ones
+        if self.pool is not None and self.pool.defer(name, path):
+            return  # migrating in: attached at RESUMED_MIGRATED (hostbridge.pool)
         g = self._guests.get(name)
         if g is not None:
             await g.detach()
         self._attach(VmSpec(name, "unix:" + path, "discovered"))
+
+    # -- what the pool asks of the bridge (hostbridge.pool.PoolHost) ------------------------------
+
+    def local_guest(self, name: str) -> Guest | None:
+        return self._guests.get(name)
+
+    def attach_found(self, name: str, path: str) -> None:
+        """Attach the channel of a VM that migrated in (its claim is made)."""
+        g = self._guests.get(name)
+        if g is None or g.session.channel is None:
+            self._attach(VmSpec(name, "unix:" + path, "discovered"))
+        elif g.channel_spec != "unix:" + path:
+            asyncio.get_running_loop().create_task(self._reattach(g, path))
+
+    async def _reattach(self, g: Guest, path: str) -> None:
+        await g.detach()
+        self._attach(VmSpec(g.name, "unix:" + path, "discovered"))
+
+    async def forget_guest(self, name: str) -> None:
+        """VM ``name`` left this host (migrated away): drop its link and its guest; the shared
+        database keeps its outbox and mirror for its new owner."""
+        g = self._guests.pop(name, None)
+        if g is not None:
+            await g.stop()
+
+    def rescan(self) -> None:
+        """Look for channels now (a VM started or arrived here), not at the next scan."""
+        if self.discovery is not None:
+            asyncio.get_running_loop().create_task(self.discovery.scan_once())
 
     async def _lost(self, name: str) -> None:
         g = self._guests.get(name)
@@ -235,6 +294,8 @@ class Bridge:
         # Domains that are no VM of the bridge (no ovmd channel) are not announced.
         if ev.changed and ev.name in self._guests:
             self.events.publish("vm.state", vm=ev.name, run_state=ev.state, reason=ev.detail)
+        if self.pool is not None:
+            self.pool.on_lifecycle(ev)
 
     def run_state(self, name: str) -> str:
         """VM ``name``'s run state from libvirt (hostbridge.lifecycle.RUN_STATES); "unknown"
@@ -266,13 +327,35 @@ class Bridge:
             raise errors.UnknownVm(name)
         return g
 
+    def _elsewhere(self, name: str) -> VmRow | None:
+        """In a pool, the shared row of VM ``name`` when this host does not run it and answers
+        for it anyway (its owner is down, or nobody owns it: hostbridge.remote); else None."""
+        if self.pool is None or not isinstance(name, str) or name in self._guests:
+            return None
+        if name not in self.pool.placements:
+            return None
+        return next((row for row in self.store.vms() if row.name == name), None)
+
     # -- reading --------------------------------------------------------------------------------
 
-    def vms(self) -> list[VmInfo]:
+    def vms(self, local: bool = False) -> list[VmInfo]:
+        """Every VM, by name; in a pool, the whole pool's unless ``local`` (those of this host)."""
         queued = self.store.queued_counts()
-        return [self._info(g, queued.get(name, 0)) for name, g in sorted(self._guests.items())]
+        infos = [self._info(g, queued.get(name, 0)) for name, g in self._guests.items()]
+        if self.pool is not None and not local:
+            # The rest of the pool, from the shared database (docs/pool.md).
+            pool = self.pool
+            for row in self.store.vms():
+                if row.name not in self._guests and row.name in pool.placements:
+                    host = pool.owner(row.name)
+                    alive = host is not None and host in pool.hosts and pool.hosts[host].alive
+                    infos.append(remote.vm_info(row, host, alive, queued.get(row.name, 0)))
+        return sorted(infos, key=lambda info: info.name)
 
     def vm(self, name: str) -> VmInfo:
+        row = self._elsewhere(name)
+        if row is not None:
+            return next(info for info in self.vms() if info.name == name)
         g = self.guest(name)
         return self._info(g, self.store.queued(g.name))
 
@@ -290,6 +373,7 @@ class Bridge:
             counters=dict(link.counters),
             run_state=self.run_state(g.name),
             facts=guest_facts.from_mirror(g.mirror.entries, g.mirror.fact_keys).to_json(),
+            host=None if self.pool is None else self.pool.owner(g.name),
         )
 
     def stats(self) -> dict[str, float]:
@@ -307,7 +391,8 @@ class Bridge:
         }
 
     def audit(self, name: str, *, limit: int = 100) -> list[AuditRow]:
-        self.guest(name)
+        if self._elsewhere(name) is None:
+            self.guest(name)
         return [
             AuditRow(id=r[0], vm=r[1], key=r[2], size=r[3], ts=r[4], outcome=r[5], value=r[6])
             for r in self.store.audit(name, limit)
@@ -341,9 +426,13 @@ class Bridge:
                     last_seen=g.session.last_seen,
                 )
         _check(key)
+        row = self._elsewhere(name)
+        if row is not None:
+            return remote.query(self.store, row, key)
         g = self.guest(name)
         s = g.session
-        if s.state is State.SYNCED:
+        # A VM paused to migrate away cannot answer: its mirror does, at once.
+        if s.state is State.SYNCED and not g.delivery.paused:
             try:
                 ok, _ = await s.request(lambda i: Get(id=i, key=key), timeout)
                 return KeyValue(
@@ -376,9 +465,12 @@ class Bridge:
         """Every key, live when synced: always a listing by the agent, unlike query() (listings
         are rare, and the mirror lacks the keys its quota refused). Not synced, or the listing
         timed out: from the mirror, marked stale."""
+        row = self._elsewhere(name)
+        if row is not None:
+            return remote.keys(self.store, row)
         g = self.guest(name)
         s = g.session
-        if s.state is State.SYNCED:
+        if s.state is State.SYNCED and not g.delivery.paused:
             try:
                 _, items = await s.request(lambda i: List(id=i), timeout, collect=True)
                 return KeyList(
@@ -443,6 +535,11 @@ class Bridge:
         if guest_facts.is_fact(key):
             # The agent would refuse it too (docs/cli.md, "Guest facts"): say so before queueing.
             raise errors.InvalidInput(guest_facts.RESERVED_MESSAGE)
+        if self._elsewhere(name) is not None:
+            idem = None if idempotency_key is None else (idempotency_key, _digest(key, value, log))
+            return self._with_run_state(
+                await self._send_elsewhere(name, key, value, log, queue, timeout, expires, idem)
+            )
         g = self.guest(name)
         if idempotency_key is None:
             result = await self._submit(g, key, value, log, queue, timeout, expires)
@@ -450,7 +547,7 @@ class Bridge:
             digest = _digest(key, value, log)
             prior = self.store.idempotent(name, idempotency_key)
             if prior is not None:
-                result = await self._replay(g, prior, digest, key, queue, timeout)
+                result = await self._replay(g, name, prior, digest, key, queue, timeout)
             else:
                 result = await self._submit(
                     g, key, value, log, queue, timeout, expires, (idempotency_key, digest)
@@ -467,9 +564,47 @@ class Bridge:
     ) -> SendResult:
         """Delete key in the guest: a sequenced host `del`, queued like a send."""
         _check(key)
+        if self._elsewhere(name) is not None:
+            return self._with_run_state(
+                await self._send_elsewhere(name, key, None, True, queue, timeout, None, None)
+            )
         return self._with_run_state(
             await self._submit(self.guest(name), key, None, True, queue, timeout)
         )
+
+    def _deadline(self, expires: float | None) -> float | None:
+        lifetime = self.config.limits.message_expiry if expires is None else expires
+        return time.time() + lifetime if lifetime > 0 else None
+
+    async def _send_elsewhere(
+        self,
+        name: str,
+        key: str,
+        value: str | None,
+        log_value: bool,
+        queue: bool,
+        timeout: float,
+        expires: float | None,
+        idempotency: tuple[str, str] | None,
+    ) -> SendResult:
+        """A send to a pool VM that no live host runs: queued in the shared outbox, for the VM's
+        next owner (hostbridge.remote)."""
+        done = await remote.send(
+            self.store,
+            self.committer,
+            name,
+            key,
+            value,
+            log_value,
+            queue,
+            self._deadline(expires),
+            idempotency,
+        )
+        if isinstance(done, IdempotencyRow):
+            assert idempotency is not None  # only then is one looked up
+            return await self._replay(None, name, done, idempotency[1], key, queue, timeout)
+        self.events.publish("message.queued", vm=name, seq=done.seq, key=key)
+        return done
 
     async def _submit(
         self,
@@ -484,7 +619,10 @@ class Bridge:
     ) -> SendResult:
         name = g.name
         store = self.store
-        if not queue and g.state is not State.SYNCED:
+        # Blocked: migrating away, or (in a pool) another host holds the VM. As for an agent
+        # that is away, the message is queued (or refused), not left to time out.
+        away = g.state is not State.SYNCED or g.delivery.blocked
+        if not queue and away:
             await self.committer.run(lambda db: store.audit_refused(name, key, value, False))
             self.refused[name] = self.refused.get(name, 0) + 1
             raise errors.AgentNotConnected(
@@ -493,8 +631,7 @@ class Bridge:
         outstanding = g.outstanding + self._committing.get(name, 0)
         if outstanding >= self.config.limits.max_outstanding:
             raise errors.Busy("VM %r has %d requests outstanding, the limit" % (name, outstanding))
-        lifetime = self.config.limits.message_expiry if expires is None else expires
-        deadline = time.time() + lifetime if lifetime > 0 else None
+        deadline = self._deadline(expires)
 
         def enqueue(db: sqlite3.Connection) -> OutboxRow | IdempotencyRow:
             if idempotency is not None:
@@ -522,9 +659,9 @@ class Bridge:
                 self._committing[name] = left
         if isinstance(done, IdempotencyRow):
             assert idempotency is not None  # only then is one looked up
-            return await self._replay(g, done, idempotency[1], key, queue, timeout)
+            return await self._replay(g, name, done, idempotency[1], key, queue, timeout)
         self.events.publish("message.queued", vm=name, seq=done.seq, key=key)
-        if g.state is not State.SYNCED:
+        if g.state is not State.SYNCED or g.delivery.blocked:
             if not queue:
                 # The link went down while the send waited for its commit.
                 raise await self._link_lost(g, done.seq)
@@ -561,7 +698,8 @@ class Bridge:
 
     async def _replay(
         self,
-        g: Guest,
+        g: Guest | None,
+        name: str,
         prior: IdempotencyRow,
         digest: str,
         key: str,
@@ -569,8 +707,8 @@ class Bridge:
         timeout: float,
     ) -> SendResult:
         """A retry of a send made with the same idempotency key: its message's outcome, never a
-        second message. Still queued: wait for it as the first send would have."""
-        name = g.name
+        second message. Still queued: wait for it as the first send would have (``g`` None: a
+        pool VM this host does not run, whose message waits for its next owner)."""
         if prior.digest != digest:
             raise errors.IdempotencyKeyReused(
                 "this idempotency key was used for another message to VM %r (message %d); "
@@ -597,7 +735,7 @@ class Bridge:
                 "delivered: %s; it is not sent again"
                 % (prior.seq, name, key, _NOT_DELIVERED.get(prior.outcome, prior.outcome))
             )
-        if g.state is not State.SYNCED:
+        if g is None or g.state is not State.SYNCED or g.delivery.blocked:
             if queue:
                 return SendResult(vm=name, key=key, outcome="queued", seq=prior.seq, replayed=True)
             raise errors.AgentNotConnected(
@@ -644,6 +782,8 @@ class Bridge:
 
     def queue(self, name: str, *, limit: int = 100) -> QueueList:
         """VM ``name``'s messages waiting for delivery, oldest first, without their values."""
+        if self._elsewhere(name) is not None:
+            return remote.queue_list(self.store, name, limit)
         g = self.guest(name)
         return QueueList(
             vm=name,
@@ -671,6 +811,8 @@ class Bridge:
         guest's acknowledgement or next hello settles it as "delivered" or "cancelled". NotFound
         when ``seq`` is not waiting for delivery.
         """
+        if self._elsewhere(name) is not None:
+            return remote.cancel(self.store, name, seq)
         g = self.guest(name)
         cancelled, in_flight = g.delivery.withdraw(None if seq is None else [seq], "cancelled")
         if seq is not None and not (cancelled or in_flight):

@@ -15,6 +15,16 @@ users_file = "/etc/hostbridge/users"
 query_timeout = 5.0
 metrics_listen = "127.0.0.1:9477"  # /metrics alone, no authentication: loopback or management
 
+[store]                       # a pool of hosts (docs/pool.md); without it: the SQLite db above
+url = "postgresql://hostbridge@db.example/ovmd"
+
+[pool]                        # with [store] url
+host = "hv1"                  # this host's name in the pool (default: the host name)
+url = "https://hv1.example:8443"   # where the other bridges reach this API (default from api_tcp)
+key_file = "/etc/hostbridge/pool.key"
+ca_file = "/etc/hostbridge/pool-ca.pem"   # verifies the other bridges (default: system CAs)
+lease = 15.0                  # seconds without a heartbeat before a host counts as dead
+
 [limits]                      # per VM; see Limits
 max_outstanding = 64
 audit_rows = 10000
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 from dataclasses import dataclass, field
 
 import tomllib
@@ -116,6 +127,20 @@ class ApiLimits:
 
 
 @dataclass
+class PoolConfig:
+    """The `[pool]` table: this bridge's place in a pool of hosts sharing `[store] url`."""
+
+    host: str | None = None  # None: the host name
+    url: str | None = None  # None: https://<api_tcp host, or the host's FQDN>:<api_tcp port>
+    key_file: str | None = None
+    ca_file: str | None = None  # None: the system's CAs verify the other bridges
+    lease: float = 15.0
+
+    def host_name(self) -> str:
+        return self.host or socket.gethostname()
+
+
+@dataclass
 class Config:
     vms: list[VmSpec] = field(default_factory=list)
     discover: bool | None = None  # None: on when no VM was given
@@ -136,6 +161,9 @@ class Config:
     query_timeout: float = 5.0
     # Where hostbridge.metrics serves /metrics alone, unauthenticated; None: only on the API.
     metrics_listen: tuple[str, int] | None = None
+    # A libpq URL of the pool's shared PostgreSQL database (docs/pool.md); None: SQLite at db.
+    store_url: str | None = None
+    pool: PoolConfig = field(default_factory=PoolConfig)
     debug: int = 1
     limits: Limits = field(default_factory=Limits)
     api_limits: ApiLimits = field(default_factory=ApiLimits)
@@ -145,6 +173,21 @@ class Config:
     @property
     def discovery_enabled(self) -> bool:
         return (not self.vms) if self.discover is None else self.discover
+
+    @property
+    def pooled(self) -> bool:
+        """Whether this bridge is one of a pool of hosts (a shared PostgreSQL store)."""
+        return self.store_url is not None
+
+    def pool_url(self) -> str:
+        """Where the other bridges of the pool reach this one's API."""
+        if self.pool.url:
+            return self.pool.url
+        assert self.api_tcp is not None  # check() requires it in a pool
+        host, port = self.api_tcp
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.getfqdn()
+        return "https://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
     @property
     def libvirt_enabled(self) -> bool:
@@ -173,6 +216,7 @@ class Config:
                 % (MIN_EXPIRY, MAX_EXPIRY)
             )
         self.api_limits.check()
+        self._check_pool()
         if self.limits.reconnect_budget < 1 or self.limits.reconnect_max <= 0:
             raise ConfigError(
                 "[limits] reconnect_budget must be at least 1 and reconnect_max over 0"
@@ -181,6 +225,22 @@ class Config:
             raise ConfigError(
                 "[limits] idempotency_keys must be at least 1 and idempotency_ttl over 0"
             )
+
+    def _check_pool(self) -> None:
+        if self.store_url is None:
+            return
+        if not self.store_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("[store] url must be a postgresql:// URL")
+        if not self.pool.key_file:
+            raise ConfigError("a pool ([store] url) needs [pool] key_file: docs/pool.md")
+        if not self.api_tcp:
+            raise ConfigError(
+                "a pool ([store] url) needs api_tcp with TLS: the other bridges forward to it"
+            )
+        if not 1.0 <= self.pool.lease <= 3600:
+            raise ConfigError("[pool] lease must be from 1 to 3600 seconds")
+        if self.pool.url is not None and not self.pool.url.startswith("https://"):
+            raise ConfigError("[pool] url must be an https:// URL")
 
 
 def parse_channel(text: str) -> str:
@@ -287,6 +347,7 @@ def load_file(path: str, config: Config | None = None) -> Config:
         if key not in api_fields or isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError("config %s: bad setting [api] %s" % (path, key))
         setattr(config.api_limits, key, type(getattr(config.api_limits, key))(value))
+    _load_pool(path, doc, config)
     for i, table in enumerate(doc.get("vm", [])):
         if not isinstance(table, dict) or "name" not in table or "channel" not in table:
             raise ConfigError("config %s: [[vm]] number %d needs name and channel" % (path, i + 1))
@@ -296,3 +357,29 @@ def load_file(path: str, config: Config | None = None) -> Config:
             )
         )
     return config
+
+
+_POOL_KEYS: dict[str, type | tuple[type, ...]] = {
+    "host": str,
+    "url": str,
+    "key_file": str,
+    "ca_file": str,
+    "lease": (int, float),
+}
+
+
+def _load_pool(path: str, doc: dict[str, object], config: Config) -> None:
+    """The `[store]` and `[pool]` tables (docs/pool.md)."""
+    store = doc.get("store", {})
+    pool = doc.get("pool", {})
+    if not isinstance(store, dict) or not isinstance(pool, dict):
+        raise ConfigError("config %s: [store] and [pool] must be tables" % path)
+    for key, value in store.items():
+        if key != "url" or not isinstance(value, str):
+            raise ConfigError("config %s: bad setting [store] %s" % (path, key))
+        config.store_url = value
+    for key, value in pool.items():
+        kind = _POOL_KEYS.get(key)
+        if kind is None or not _has_type(value, kind):
+            raise ConfigError("config %s: bad setting [pool] %s" % (path, key))
+        setattr(config.pool, key, float(value) if key == "lease" else value)

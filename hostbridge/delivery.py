@@ -75,6 +75,9 @@ class Delivery:
         first = store.outbox(self.vm, limit=1, withdrawn=True)
         self._written_seq = first[0].seq if first else 0
         self._loop: asyncio.Task[None] | None = None
+        # Set while the VM migrates away from this host (hostbridge.pool): nothing more is
+        # written to the guest, whatever the link's state.
+        self.paused = False
         # Where the removal of acknowledged rows is committed: the bridge sets its shared
         # committer; alone (tests of this module), each removal is its own transaction.
         self.committer = GroupCommit(store, enabled=False)
@@ -91,6 +94,21 @@ class Delivery:
         """Start delivering (needs a running loop)."""
         if self._loop is None:
             self._loop = self._tasks.spawn(self._deliver_loop(), "deliver")
+
+    def pause(self) -> None:
+        """Stop delivering (the VM is migrating away); resume() or the VM's loss ends it."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Deliver again (this host holds the VM: claimed, or a migration away failed)."""
+        self.paused = False
+        self._wake.set()
+
+    @property
+    def blocked(self) -> bool:
+        """Whether this host may not deliver now: paused, or (in a pool) another host holds the
+        VM. A sender then hears "queued" at once instead of waiting for an ack."""
+        return self.paused or self.store.held(self.vm) is None
 
     # -- what senders use -----------------------------------------------------------------------
 
@@ -145,8 +163,18 @@ class Delivery:
     # -- what the link tells us -----------------------------------------------------------------
 
     def on_synced(self, result: HelloResult) -> None:
-        # Everything up to hseq in our epoch was applied by the guest, acknowledged or not.
         hseq = result.hseq if result.epoch == self.epoch else 0
+        try:
+            self._synced(hseq)
+        except (errors.StoreError, sqlite3.Error) as e:
+            # Not ours to record (fenced), or the database is away: the rows stay, and the next
+            # sync, or the owner's, settles them; the guest drops what it holds already.
+            self.session.log.warning("cannot settle the outbox at sync: %s", e)
+        self._written_seq = max(self._written_seq, hseq)
+        self._wake.set()
+
+    def _synced(self, hseq: int) -> None:
+        # Everything up to hseq in our epoch was applied by the guest, acknowledged or not.
         rows = self.store.outbox(self.vm, limit=1 << 30, withdrawn=True)
         done = [r for r in rows if r.seq <= hseq]
         if done:
@@ -158,7 +186,6 @@ class Delivery:
                 self._settle(row.seq, self._withdrawn_error(row.seq, row.withdrawn))
                 self.on_outcome(row.seq, row.withdrawn, row)
         self._written_seq = hseq
-        self._wake.set()
 
     def on_link_down(self) -> None:
         waiters, self._waiters = self._waiters, {}
@@ -173,8 +200,18 @@ class Delivery:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.session.state is State.SYNCED:
-                rows = self.store.outbox(self.vm, limit=1)
+            while self.session.state is State.SYNCED and not self.paused:
+                try:
+                    # In a pool, this read checks the fence too (hostbridge.pgstore).
+                    rows = self.store.deliverable(self.vm)
+                except errors.Fenced:
+                    break  # another host delivers it; a claim wakes this loop again
+                except (errors.StoreError, sqlite3.Error) as e:
+                    self.session.warn.warn(
+                        "store", "cannot read the outbox: %s; trying again in 1 s", e
+                    )
+                    await asyncio.sleep(1.0)
+                    continue
                 if rows and rows[0].expires is not None and rows[0].expires <= time.time():
                     self.withdraw([rows[0].seq], "expired")  # before the bridge's sweep saw it
                     continue
@@ -234,6 +271,7 @@ class Delivery:
         try:
             await self.committer.run(lambda db: self.store.finish(self.vm, [seq], "delivered"))
         except (errors.BridgeError, sqlite3.Error) as e:
+            # (errors.Fenced too: the VM's new owner settles it at its sync.)
             # The guest holds it, so its senders hear so; the row stays in the outbox until the
             # next sync or send retries the delivery (a duplicate the guest drops).
             self.session.log.error("cannot record the delivery of %d: %s", seq, e)

@@ -110,3 +110,28 @@ class GuestError(BridgeError):
 
 class LinkReset(AgentNotConnected):
     """The link was lost or resynchronized while the request waited; its reply will not come."""
+
+
+class StoreError(BridgeError):
+    """The bridge's database failed (SQLite or the pool's PostgreSQL): what the bridge code catches
+    beside sqlite3.Error. Its message is one line and never holds a message's value."""
+
+    code = "internal"
+
+
+class StoreUnavailable(StoreError):
+    """The pool's shared database cannot be reached (down, restarting, failing over, or the
+    network to it is cut): the request kept and changed nothing; it may be tried again."""
+
+    code = "store_unavailable"
+
+
+class Fenced(StoreError):
+    """This bridge no longer holds VM's placement (another host claimed it with a higher fencing
+    number): it must stop delivering to that VM. Nothing was written."""
+
+    code = "not_owner"
+
+    def __init__(self, vm: str, message: str | None = None) -> None:
+        super().__init__(message or "this host no longer owns VM %r in the pool" % (vm,))
+        self.vm = vm

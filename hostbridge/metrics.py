@@ -189,7 +189,8 @@ class BridgeCollector(Collector):
         the event loop's thread: a few milliseconds for 1,000 VMs, one query of the database."""
         bridge = self.bridge
         try:
-            vms = bridge.vms()
+            # In a pool, this host's VMs only: each host's scrape tells of its own.
+            vms = bridge.vms(local=True)
             queues = bridge.store.queue_stats()
         except BridgeError:
             return None  # not started, or stopped: no VM to tell of

@@ -54,6 +54,8 @@ class VmInfo(_Json):
     run_state: str = "unknown"
     # What the guest agent says of its VM (hostbridge.facts): {} when it published nothing.
     facts: dict[str, Any] = field(default_factory=dict)
+    # In a pool (docs/pool.md): the host that owns the VM (None: nobody now); None on one host.
+    host: str | None = None
 
 
 @dataclass

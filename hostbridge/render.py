@@ -106,8 +106,9 @@ def send_lines(doc: "JsonObject", now: float) -> list[str]:
 
 def vm_table(doc: "JsonObject", now: float) -> list[str]:
     """``{"vms": [...]}`` as a table: name, run state, agent state, last seen, queued count,
-    channel."""
-    rows = [("NAME", "STATE", "AGENT", "LAST SEEN", "QUEUED", "CHANNEL")]
+    channel; in a pool (docs/pool.md) a HOST column after the name, "-" for a VM nobody owns."""
+    pooled = any(vm.get("host") is not None for vm in doc["vms"])
+    rows: list[tuple[str, ...]] = [("NAME", "STATE", "AGENT", "LAST SEEN", "QUEUED", "CHANNEL")]
     for vm in doc["vms"]:
         if vm.get("agent") == "connected":
             seen = "now"
@@ -125,9 +126,13 @@ def vm_table(doc: "JsonObject", now: float) -> list[str]:
                 escape(vm.get("channel", "")),
             )
         )
+    if pooled:
+        hosts = ["HOST"] + [escape(str(vm.get("host") or "-")) for vm in doc["vms"]]
+        rows = [(row[0], host, *row[1:]) for row, host in zip(rows, hosts)]
     # The channel, last and the longest, is not padded.
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5] for row in rows]
+    last = len(rows[0]) - 1
+    widths = [max(len(row[i]) for row in rows) for i in range(last)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[last] for row in rows]
     if len(rows) == 1:
         lines.append("(no VMs)")
     return lines

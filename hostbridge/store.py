@@ -357,6 +357,15 @@ class Store:
         ).fetchall()
         return [OutboxRow(r[0], r[1], r[2], r[3], bool(r[4]), *r[5:]) for r in rows]
 
+    def deliverable(self, vm: str) -> list[OutboxRow]:
+        """The next row to write to the guest (at most one). A single host holds every VM, so
+        there is no fence to check (hostbridge.pgstore's does)."""
+        return self.outbox(vm, limit=1)
+
+    def held(self, vm: str) -> int | None:
+        """The fencing number this bridge holds for ``vm``: a single host holds every VM (0)."""
+        return 0
+
     def in_outbox(self, vm: str, seq: int) -> bool:
         """Whether outbox row ``seq`` of ``vm`` still waits for delivery."""
         row = self._db.execute("SELECT 1 FROM outbox WHERE vm=? AND seq=?", (vm, seq)).fetchone()

@@ -49,6 +49,10 @@ CODES = {
                                                   "another message to that VM"),
     "not_delivered":          (409,   7,    None, "a retry (same idempotency key) of a message "
                                                   "that ended undelivered; not sent again"),
+    "store_unavailable":      (503,   3,    None, "the pool's shared database cannot be reached; "
+                                                  "nothing was kept or changed"),
+    "not_owner":              (409,   7,    None, "a pool bridge asked to deliver for a VM whose "
+                                                  "placement another host holds"),
     # -- the CLIs themselves, before or instead of an answer
     "wait_timeout":           (None,  1,    None, "`vmmessage wait` ran out of time"),
     "usage":                  (None,  2,    2,    "bad command line or invalid input"),

@@ -87,6 +87,10 @@ LAYERS = {
             "hostbridge.backoff",
             "hostbridge.channels",
             "hostbridge.store",
+            "hostbridge.pgstore",
+            "hostbridge.poolkey",
+            "hostbridge.pglisten",
+            "hostbridge.forward",
             "hostbridge.groupcommit",
             "hostbridge.mirror",
             "hostbridge.facts",
@@ -104,6 +108,7 @@ LAYERS = {
         # the parts that use the link: they import the session, never the reverse
         {"hostbridge.delivery", "hostbridge.mirrorsync", "hostbridge.keepalive"},
         {"hostbridge.guest"},
+        {"hostbridge.pool", "hostbridge.remote"},
         {"hostbridge.bridge"},
         {"hostbridge.metrics"},
         {"hostbridge.api"},

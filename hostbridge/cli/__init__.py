@@ -54,7 +54,8 @@ EXIT_HELP = """Exit status:
   2  usage error or invalid input (bad key, value too long, ...)
   3  the bridge is unreachable (no socket, connection refused, TLS failure, no answer); a send
      retries first, and then says whether the message may have been queued and the --id to
-     send it again with (it is then not applied twice)
+     send it again with (it is then not applied twice); or, in a pool of hosts, the pool's
+     database is (nothing was kept)
   4  the agent did not answer in time
   5  the agent is not connected (send --no-queue, or rm of an unconnected VM's key)
   6  unauthorized (no or bad token / user and password, or no permission on the socket)

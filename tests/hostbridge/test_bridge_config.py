@@ -108,3 +108,59 @@ def test_run_states_should_be_asked_of_libvirt_with_discovery_or_a_libvirt_uri(t
     assert (config.libvirt_uri, config.libvirt_enabled) == ("qemu:///session", True)
     with pytest.raises(ConfigError, match="libvirt_uri has the wrong type"):
         load_file(write(tmp_path, "[bridge]\nlibvirt_uri = 1\n"))
+
+
+POOL = """
+[store]
+url = "postgresql://hostbridge@db.example/ovmd"
+[pool]
+host = "hv1"
+key_file = "/etc/hostbridge/pool.key"
+lease = 6
+[bridge]
+api_tcp = "0.0.0.0:8443"
+tls_cert = "/c.pem"
+tls_key = "/k.pem"
+"""
+
+
+def test_a_bridge_without_a_store_url_should_be_a_single_host():
+    config = Config()
+    config.check()
+    assert not config.pooled
+
+
+def test_a_store_url_should_make_the_bridge_one_of_a_pool(tmp_path):
+    config = load_file(write(tmp_path, POOL))
+    config.check()
+    assert config.pooled and config.store_url == "postgresql://hostbridge@db.example/ovmd"
+    assert (config.pool.host_name(), config.pool.lease) == ("hv1", 6.0)
+    # No [pool] url: the other bridges reach this one at its TCP API, by its name.
+    assert config.pool_url().startswith("https://") and config.pool_url().endswith(":8443")
+    assert "0.0.0.0" not in config.pool_url()
+
+
+@pytest.mark.parametrize(
+    "change, word",
+    [
+        (('url = "postgresql://', 'url = "mysql://'), "postgresql://"),
+        (('key_file = "/etc/hostbridge/pool.key"\n', ""), "key_file"),
+        (('api_tcp = "0.0.0.0:8443"\n', ""), "api_tcp"),
+        (("lease = 6", "lease = 0.1"), "lease"),
+        (("lease = 6", 'url = "http://hv1:8443"'), "https://"),
+    ],
+)
+def test_an_inconsistent_pool_should_be_refused_in_one_line(tmp_path, change, word):
+    config = load_file(write(tmp_path, POOL.replace(*change)))
+    with pytest.raises(ConfigError) as e:
+        config.check()
+    assert word in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text", ["[pool]\nhosts = 3\n", "[pool]\nlease = true\n", "[store]\ndb = 1\n"]
+)
+def test_a_bad_pool_or_store_setting_should_be_refused_in_one_line(tmp_path, text):
+    with pytest.raises(ConfigError) as e:
+        load_file(write(tmp_path, text))
+    assert "\n" not in str(e.value)

@@ -322,6 +322,64 @@ class PostgresCluster(Closing):
         return self
 
 
+class StandbyCluster(PostgresCluster):
+    """A streaming replica of ``primary`` (pg_basebackup -R over its socket), on the next port and
+    a directory of its own: promote() makes it the primary, as a failover does.
+
+        with PostgresCluster() as pg, StandbyCluster(pg) as standby:
+            pg.kill(); standby.promote()
+    """
+
+    def __init__(self, primary: PostgresCluster, timeout: float = TIMEOUT) -> None:
+        self.primary = primary
+        self.timeout = timeout
+        self.bin = primary.bin
+        self.owner = primary.owner
+        self.dir = short_tempdir("ovmd-pg-standby-")
+        self.data = os.path.join(self.dir, "data")
+        self.log_path = os.path.join(self.dir, "server.log")
+        self.port = primary.port + 1
+        self.proc = None
+        try:
+            if self.owner is not None:
+                os.chown(self.dir, *self.owner)
+            self._base_backup()
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _base_backup(self) -> None:
+        # -R: standby.signal and the primary's conninfo, so that it starts as a replica;
+        # --checkpoint=fast: do not wait for the primary's next checkpoint.
+        command = [os.path.join(self.bin, "pg_basebackup"), "-D", self.data, "-R", "-X", "stream"]
+        command += ["-h", self.primary.dir, "-p", str(self.primary.port), "-U", SUPERUSER]
+        command += ["--checkpoint=fast", "--no-sync"]
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=max(self.timeout, 60),
+            env=self._env(),
+            cwd=self.dir,
+            **self._popen_owner(),  # type: ignore[arg-type]
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                "pg_basebackup failed (%d): %s" % (result.returncode, result.stderr)
+            )
+
+    def promote(self) -> None:
+        """End recovery: the replica becomes a primary that accepts writes."""
+        self.psql("SELECT pg_promote(true, %d)" % int(self.timeout))
+
+    def caught_up(self) -> bool:
+        """Whether the replica has replayed everything the primary has written so far."""
+        want = self.primary.psql("SELECT pg_current_wal_lsn()").strip()
+        done = self.psql("SELECT pg_last_wal_replay_lsn() >= '%s'::pg_lsn" % want).strip()
+        return done == "t"
+
+
 def wait_until_accepting(conninfo: str, timeout: float = TIMEOUT) -> None:
     """Wait until a new psycopg connection to ``conninfo`` succeeds (after a restart)."""
     import psycopg  # only the tests that use the database need the driver

@@ -1,0 +1,201 @@
+"""Two pool bridges in-process on one real PostgreSQL database, a real agent on a pty: ownership,
+wake-ups by NOTIFY, fencing and the migration handoff decided from lifecycle events
+(hostbridge.pool). Forwarding over the TLS API and real processes: test_pool.py."""
+
+import asyncio
+import base64
+import os
+import shutil
+import time
+
+import pytest
+
+from hostbridge import errors
+from hostbridge.bridge import Bridge
+from hostbridge.config import Config, PoolConfig, VmSpec
+from hostbridge.lifecycle import LifecycleEvent
+from tests.support.agent import Agent
+from tests.support.tempdirs import short_tempdir
+from tests.support.waiting import async_wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class PlayedLifecycle:
+    """Lifecycle's interface, with the events played by the test (as libvirt would send them)."""
+
+    def __init__(self, uri, on_event):
+        self.on_event = on_event
+        self.states = {}
+        self.connected = True
+
+    async def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
+    def state(self, name):
+        from hostbridge.lifecycle import RunState
+
+        return RunState(self.states.get(name, "unknown"))
+
+    def play(self, name, detail, state):
+        self.states[name] = state
+        event = detail.split("_", 1)[0]
+        self.on_event(LifecycleEvent(name, None, state, event, detail, time.time(), True))
+
+
+@pytest.fixture
+def pool_db(postgres_server, request):
+    name = "pool_" + request.node.name[-40:].lower().replace("[", "_").replace("]", "")
+    info = postgres_server.create_database(name)
+    parts = dict(p.split("=", 1) for p in info.split())
+    return "postgresql:///%s?host=%s&port=%s&user=%s" % (
+        parts["dbname"],
+        parts["host"],
+        parts["port"],
+        parts["user"],
+    )
+
+
+class World:
+    def __init__(self, url, monkeypatch):
+        self.dir = short_tempdir()
+        self.url = url
+        key = os.path.join(self.dir, "pool.key")
+        with open(key, "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        os.chmod(key, 0o600)
+        self.key = key
+        self.bridges = {}
+        self.agents = {}
+        monkeypatch.setattr(Bridge, "lifecycle_factory", PlayedLifecycle)
+
+    def config(self, host, vms=()):
+        return Config(
+            vms=[VmSpec(n, "pty:" + os.path.join(self.dir, n), "flag") for n in vms],
+            discover=False,
+            libvirt_uri="played",
+            store_url=self.url,
+            pool=PoolConfig(host=host, url="https://%s.invalid:8443" % host, key_file=self.key),
+        )
+
+    async def start(self, host, vms=()):
+        b = Bridge(self.config(host, vms))
+        await b.start()
+        self.bridges[host] = b
+        return b
+
+    async def agent(self, name, bridge):
+        a = self.agents[name] = Agent(os.path.join(self.dir, name))
+        a.start()
+        await async_wait_for(lambda: bridge.vm(name).agent == "connected", what="agent synced")
+        return a
+
+    async def close(self):
+        for b in self.bridges.values():
+            await b.stop()
+        for a in self.agents.values():
+            a.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run(url, monkeypatch, body):
+    async def main():
+        w = World(url, monkeypatch)
+        try:
+            await body(w)
+        finally:
+            await w.close()
+
+    asyncio.run(main())
+
+
+def guest_value(agent, key):
+    r = agent.ovmd("-g", key)
+    return r.stdout.rstrip("\n") if r.returncode == 0 else None
+
+
+def test_the_host_that_attaches_a_vm_should_own_it_and_every_bridge_should_list_it(
+    pool_db, monkeypatch
+):
+    async def body(w):
+        hv1 = await w.start("hv1", ["web1"])
+        hv2 = await w.start("hv2")
+        await async_wait_for(lambda: hv2.pool.owner("web1") == "hv1", what="placement seen")
+        listed = {v.name: v.host for v in hv2.vms()}
+        assert listed == {"web1": "hv1"}
+        assert [v.host for v in hv1.vms()] == ["hv1"]
+
+    run(pool_db, monkeypatch, body)
+
+
+def test_a_message_queued_by_another_bridge_should_wake_the_owner_and_arrive_once(
+    pool_db, monkeypatch
+):
+    async def body(w):
+        hv1 = await w.start("hv1", ["web1"])
+        hv2 = await w.start("hv2")
+        agent = await w.agent("web1", hv1)
+        await async_wait_for(lambda: "web1" in hv2.pool.placements, what="placement seen")
+        r = await hv2.send("web1", "com.example.k", "from-hv2")
+        assert r.outcome == "queued"  # hv2 does not run it: the shared outbox
+        # No poll anywhere: the enqueue's NOTIFY woke hv1's delivery.
+        await async_wait_for(lambda: hv1.vm("web1").queued == 0, what="delivered by hv1")
+        assert guest_value(agent, "com.example.k") == "from-hv2"
+        r2 = await hv1.send("web1", "com.example.k", "from-hv1")
+        assert (r2.outcome, r2.seq) == ("delivered", r.seq + 1)  # one sequence across hosts
+
+    run(pool_db, monkeypatch, body)
+
+
+def test_a_bridge_that_lost_the_vm_should_stop_delivering_and_queue_instead(
+    pool_db, monkeypatch
+):
+    async def body(w):
+        hv1 = await w.start("hv1", ["web1"])
+        hv2 = await w.start("hv2")
+        agent = await w.agent("web1", hv1)
+        assert hv2.pool.claim("web1", force=True)  # as at RESUMED_MIGRATED on hv2
+        await async_wait_for(lambda: hv1.store.held("web1") is None, what="hv1 fenced")
+        r = await hv1.send("web1", "com.example.k", "late")
+        assert r.outcome == "queued"  # not written to the guest: hv1 no longer owns it
+        with pytest.raises(errors.Fenced):
+            hv1.store.deliverable("web1")
+        assert guest_value(agent, "com.example.k") is None
+        assert hv1.vm("web1").queued == 1
+
+    run(pool_db, monkeypatch, body)
+
+
+def test_a_failed_migration_should_give_delivery_back_to_the_source(pool_db, monkeypatch):
+    async def body(w):
+        hv1 = await w.start("hv1", ["web1"])
+        agent = await w.agent("web1", hv1)
+        lc = hv1.lifecycle
+        lc.play("web1", "SUSPENDED_MIGRATED", "migrating")
+        r = await hv1.send("web1", "com.example.k", "during")
+        assert r.outcome == "queued"  # the source stopped delivering at once
+        assert guest_value(agent, "com.example.k") is None
+        lc.play("web1", "RESUMED_MIGRATED", "running")  # the migration failed: it runs here
+        await async_wait_for(lambda: hv1.vm("web1").queued == 0, what="delivered again")
+        assert guest_value(agent, "com.example.k") == "during"
+        assert hv1.pool.owner("web1") == "hv1"
+
+    run(pool_db, monkeypatch, body)
+
+
+def test_a_channel_found_while_the_vm_migrates_in_should_wait_for_resumed_migrated(
+    pool_db, monkeypatch
+):
+    async def body(w):
+        hv1 = await w.start("hv1")
+        lc = hv1.lifecycle
+        lc.play("web1", "STARTED_MIGRATED", "migrating")
+        await hv1._found("web1", os.path.join(w.dir, "web1.sock"))
+        assert hv1.local_guest("web1") is None and "web1" in hv1.pool.deferred
+        lc.play("web1", "RESUMED_MIGRATED", "running")
+        assert hv1.local_guest("web1") is not None and hv1.pool.owner("web1") == "hv1"
+
+    run(pool_db, monkeypatch, body)
