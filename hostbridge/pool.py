@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ovmsys.ratelimit import RateLimitedLog
 
@@ -52,6 +52,8 @@ OWNER_DOWN_PAUSE = 2.0
 
 class PoolHost(Protocol):
     """What the pool needs of the bridge it belongs to (hostbridge.bridge.Bridge)."""
+
+    lifecycle: Any  # hostbridge.lifecycle.Lifecycle, or None without libvirt
 
     def local_guest(self, name: str) -> Guest | None: ...
     def attach_found(self, name: str, path: str) -> None: ...
@@ -102,6 +104,10 @@ class Pool:
         self._task: asyncio.Task[None] | None = None
         self._listener: object | None = None
         self._warn = RateLimitedLog(log, 30.0)
+        # Since when this host's heartbeats have been succeeding (monotonic; None: the last one
+        # failed). Dead hosts are released only after a whole lease of it: after an outage of
+        # the database every host's heartbeat is old, and none of them is dead.
+        self._beating_since: float | None = None
         self.forwarder: Forwarder | None = None
 
     # -- start and stop ---------------------------------------------------------------------------
@@ -215,8 +221,15 @@ class Pool:
 
     def defer(self, name: str, path: str) -> bool:
         """Whether to leave the channel ``path`` of VM ``name`` alone for now: the VM is paused
-        here for an incoming migration; it is attached at RESUMED_MIGRATED."""
-        if self.bridge.run_state(name) != "migrating" or self.bridge.local_guest(name):
+        here for an incoming migration (attached at RESUMED_MIGRATED), or libvirt has not told
+        of it yet (QEMU makes the channel's socket before libvirt's STARTED event: attached at
+        the first event that says it runs)."""
+        if self.bridge.local_guest(name) is not None:
+            return False
+        state = self.bridge.run_state(name)
+        lifecycle = self.bridge.lifecycle
+        untold = state == "unknown" and lifecycle is not None and lifecycle.connected
+        if state != "migrating" and not untold:
             return False
         if self.deferred.get(name) != path:
             log.info("VM %r: migrating in; its channel is connected once it runs here", name)
@@ -227,8 +240,21 @@ class Pool:
         p = self.placements.get(name)
         if p is not None:
             p.host, p.fence = host, fence
-        else:
-            self.refresh()
+            return
+        # A VM new to the pool: added alone (re-reading every placement for it would cost the
+        # whole table per bridge per new VM: docs/fleet.md).
+        from .pgstore import Placement
+
+        owner = self.hosts.get(host) if host is not None else None
+        self.placements[name] = Placement(
+            vm=name,
+            host=host,
+            fence=fence,
+            state="running" if host else "released",
+            since=time.time(),
+            url=None if owner is None else owner.url,
+            alive=host is not None,
+        )
 
     # -- libvirt's lifecycle events -------------------------------------------------------------
 
@@ -264,6 +290,9 @@ class Pool:
             if path is not None:  # running here for another reason than a migration's end
                 self.claim(name)
                 self.bridge.attach_found(name, path)
+            elif g is not None and g.delivery.paused:
+                # A migration away failed (libvirt resumed it here): the VM is ours again.
+                self.claim(name, force=True)
             elif g is not None and self.store.held(name) is None:
                 self.claim(name)
         elif ev.state in ("shutoff", "crashed") and name in self.deferred:
@@ -285,11 +314,14 @@ class Pool:
         name, host, fence = parts[0], (None if parts[1] == "-" else parts[1]), int(parts[2])
         self._placed(name, host, fence)
         held = self.store.held(name)
-        if host != self.host and held is not None and fence >= held:
+        g = self.bridge.local_guest(name)
+        if host is None and g is not None and g.session.channel is not None:
+            # Released while it runs here (this host was taken for dead, e.g. after an outage
+            # of the database longer than the lease): claim it back.
+            self.claim(name)
+        elif host != self.host and held is not None and fence >= held:
             self.store.forget(name)
             log.info("VM %r: now owned by %s; this host stops delivering to it", name, host)
-        if host is None and name in self.unclaimed:
-            self.claim(name)
 
     def _reconnected(self) -> None:
         # Notifications sent while the listening connection was down are lost: look again.
@@ -310,10 +342,15 @@ class Pool:
             await asyncio.sleep(self.lease / 3)
             try:
                 self.store.heartbeat()
-                for name in self.store.release_dead():
-                    log.info("VM %r: released (its host stopped heartbeating)", name)
+                now = time.monotonic()
+                if self._beating_since is None:
+                    self._beating_since = now
+                elif now - self._beating_since > self.lease:
+                    for name in self.store.release_dead():
+                        log.info("VM %r: released (its host stopped heartbeating)", name)
                 self.refresh()
             except errors.StoreError as e:
+                self._beating_since = None
                 self._warn.warn("beat", "pool heartbeat failed: %s", e.message)
                 continue
             for name in list(self.unclaimed):
