@@ -39,7 +39,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import BridgeError
+from .errors import BridgeError, StoreUnavailable
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,12 @@ class GroupCommit:
             log.error("cannot commit %d write(s) to the database: %s", len(group), e)
             for _, fut in group:
                 if not fut.done():
-                    failure = CommitFailed("cannot commit to the bridge's database: %s" % e)
+                    failure: BridgeError
+                    if isinstance(e, StoreUnavailable):
+                        # Its own code (store_unavailable: HTTP 503, exit 3): try again later.
+                        failure = StoreUnavailable(e.message)
+                    else:
+                        failure = CommitFailed("cannot commit to the bridge's database: %s" % e)
                     failure.__cause__ = e
                     fut.set_exception(failure)
             if not isinstance(e, Exception):

@@ -199,3 +199,50 @@ def test_a_channel_found_while_the_vm_migrates_in_should_wait_for_resumed_migrat
         assert hv1.local_guest("web1") is not None and hv1.pool.owner("web1") == "hv1"
 
     run(pool_db, monkeypatch, body)
+
+
+def test_the_pool_should_carry_on_when_its_database_fails_over_to_a_replica(monkeypatch):
+    from tests.support.postgres import PostgresCluster, StandbyCluster
+
+    with PostgresCluster() as pg, StandbyCluster(pg) as standby:
+        # Synchronous replication: a commit, hence a "queued" or "delivered" answer, is on the
+        # replica before it returns, so the failover loses nothing that was acknowledged.
+        pg.psql("ALTER SYSTEM SET synchronous_standby_names = '*'", "SELECT pg_reload_conf()")
+        url = (
+            "postgresql:///ovmd?host=%s,%s&port=%d,%d&user=ovmd&target_session_attrs=read-write"
+            % (pg.dir, standby.dir, pg.port, standby.port)
+        )
+
+        async def body(w):
+            hv1 = await w.start("hv1", ["web1"])
+            agent = await w.agent("web1", hv1)
+            assert (await hv1.send("web1", "com.example.a", "1")).outcome == "delivered"
+            await hv1.delete("web1", "nothing")  # delivered too: the guest drops a missing key
+            w.agents["web1"].stop()  # messages now wait in the outbox, on both servers
+            await async_wait_for(lambda: hv1.vm("web1").agent == "disconnected", what="away")
+            queued = await hv1.send("web1", "com.example.b", "2")
+            assert queued.outcome == "queued"
+            pg.kill()
+            failures = []
+            with pytest.raises(errors.StoreUnavailable) as e:
+                await hv1.send("web1", "com.example.c", "3")
+            assert "\n" not in e.value.message and e.value.code == "store_unavailable"
+            standby.promote()
+
+            async def sent():
+                try:
+                    return (await hv1.send("web1", "com.example.c", "3")).outcome == "queued"
+                except errors.StoreUnavailable as exc:
+                    failures.append(exc.message)
+                    return False
+
+            deadline = time.monotonic() + 30
+            while not await sent():
+                assert time.monotonic() < deadline, failures[-1:]
+                await asyncio.sleep(0.2)
+            agent.start()
+            await async_wait_for(lambda: hv1.vm("web1").queued == 0, what="drained after failover")
+            assert guest_value(agent, "com.example.b") == "2"
+            assert guest_value(agent, "com.example.c") == "3"
+
+        run(url, monkeypatch, body)
