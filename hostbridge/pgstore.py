@@ -1,0 +1,1037 @@
+"""The pool's store: the same durable state as hostbridge.store.Store (SQLite), in one PostgreSQL
+database that every bridge of a pool shares, plus who owns which VM (docs/pool.md).
+
+    store = PgStore("postgresql://hostbridge@db/ovmd", "hv1", PoolKey.load(path))
+    store.claim("web1")                       # this host delivers web1's outbox now: fence 7
+    store.deliverable("web1")                 # the next row, read only while the fence holds
+
+The callers are Store's (the bridge, its group committer, a guest's delivery): the same methods,
+arguments, results and transactions (batch(), savepoint()). What differs, and why:
+
+- One synchronous connection, called from the bridge's event loop: every call is one short
+  statement where it can be (an enqueue, a finish, a save of a mirror: one round trip each, their
+  parts joined in one statement by data-modifying CTEs) and bounded by statement_timeout,
+  lock_timeout and TCP keepalives. Nothing here retries a write: a connection that failed is
+  dropped, the caller gets StoreUnavailable (one line), and the next call connects again. A
+  connection lost inside batch() fails every later write of that batch, and the batch itself: a
+  unit that had succeeded before the loss is not committed, so its sender must not hear so.
+- Several bridges write: seq numbers come from ``UPDATE vms SET seq = seq + 1 ... RETURNING``
+  (the row lock serializes them), and an enqueue for a VM another host owns NOTIFYs that host's
+  channel in the same transaction (delivered at COMMIT, and only then).
+- Fencing: only the holder of a VM's current fencing number reads its next row to deliver
+  (deliverable()) or removes the rows the guest acknowledged or refused (finish() "delivered",
+  "failed"; other outcomes and withdraw() need no fence); the check shares the statement, and
+  its FOR SHARE lock makes a competing claim wait for the delivery to commit.
+  A bridge whose fence is stale gets errors.Fenced and forgets the fence.
+- log=no values are sealed with the pool key (hostbridge.poolkey) before they leave the process,
+  bound to their row (VM, seq, key), and opened only when an outbox row is read: the database,
+  its WAL and its backups never hold one in clear. scrub() has nothing to fold (VACUUM removes
+  deleted rows; what they held was ciphertext anyway).
+- Values are bytea (UTF-8): a value may hold U+0000, which PostgreSQL's text cannot.
+- The audit is pruned per VM every AUDIT_PRUNE_EVERY audit rows this process writes to it (one
+  index range delete), not at each row: several bridges write one VM's audit, so no process can
+  keep an exact count. A VM's audit thus holds at most about audit_keep + AUDIT_PRUNE_EVERY rows
+  per writing bridge between prunes; audit() returns the newest anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .errors import Fenced, StoreError, StoreUnavailable
+from .poolkey import PoolKey
+from .store import (
+    AUDIT_KEEP,
+    IDEMPOTENCY_KEEP,
+    IDEMPOTENCY_TTL,
+    AuditRecord,
+    IdempotencyRow,
+    MirrorRow,
+    OutboxRow,
+    VmRow,
+    truncate_utf8,
+)
+
+log = logging.getLogger(__name__)
+
+PLACEMENT_CHANNEL = "ovmd_placement"
+HOST_CHANNEL_PREFIX = "ovmd_host_"
+DEFAULT_LEASE = 15.0  # seconds; the pool's [pool] lease default, until register_host() says
+RECONNECT_PAUSE = 0.5  # seconds after a failed connect before the next try
+AUDIT_PRUNE_EVERY = 64  # audit rows this process writes to one VM between two prunes of it
+# Every session's bounds, so that no call blocks the bridge's loop for long: a statement, a wait
+# for a row lock, and a transaction left open by a stuck caller.
+SESSION_OPTIONS = (
+    "-c statement_timeout=5000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=30000"
+)
+# TCP: a peer that vanished without a FIN is noticed within seconds, not the kernel's hours.
+_TCP_SETTINGS = {
+    "keepalives": 1,
+    "keepalives_idle": 2,
+    "keepalives_interval": 1,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 5000,  # ms of unacknowledged data
+    "application_name": "ovmd-hostbridge",
+}
+_SCHEMA_LOCK = 0x6F766D64  # "ovmd": the advisory lock the bridges starting at once take turns on
+# The database's clock, in UNIX seconds: heartbeats and leases never depend on the hosts' clocks.
+_NOW = "extract(epoch FROM clock_timestamp())::float8"
+_FENCED_OUTCOMES = ("delivered", "failed")  # the outcomes only the holder of the fence records
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    name text PRIMARY KEY,
+    epoch text NOT NULL,
+    seq bigint NOT NULL DEFAULT 0,
+    last_seen double precision,
+    gid text,
+    gseq bigint,
+    channel text,
+    source text
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    vm text NOT NULL,
+    seq bigint NOT NULL,
+    key text NOT NULL,
+    value bytea,                    -- UTF-8; NULL: a del; log false: sealed (hostbridge.poolkey)
+    log boolean NOT NULL,
+    created double precision NOT NULL,
+    audit_id bigint,
+    expires double precision,
+    withdrawn text,
+    PRIMARY KEY (vm, seq)
+);
+CREATE INDEX IF NOT EXISTS outbox_expires ON outbox (expires) WHERE expires IS NOT NULL;
+CREATE TABLE IF NOT EXISTS mirror (
+    vm text NOT NULL,
+    key text NOT NULL,
+    value bytea,                    -- UTF-8; NULL when hidden
+    ts double precision NOT NULL,
+    origin text NOT NULL,
+    hidden boolean NOT NULL DEFAULT false,
+    pos bigserial,                  -- the order of the last writes, as SQLite's rowid
+    PRIMARY KEY (vm, key)
+);
+CREATE TABLE IF NOT EXISTS hidden (
+    vm text NOT NULL,
+    key text NOT NULL,
+    PRIMARY KEY (vm, key)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    vm text NOT NULL,
+    key text NOT NULL,
+    size integer NOT NULL,
+    ts double precision NOT NULL,
+    outcome text NOT NULL,
+    value bytea,                    -- UTF-8, only with log on, at most AUDIT_VALUE_MAX bytes
+    op text NOT NULL DEFAULT 'set'
+);
+CREATE INDEX IF NOT EXISTS audit_vm ON audit (vm, id);
+CREATE TABLE IF NOT EXISTS idempotency (
+    vm text NOT NULL,
+    key text NOT NULL,
+    digest text NOT NULL,
+    seq bigint NOT NULL,
+    outcome text NOT NULL,
+    created double precision NOT NULL,
+    PRIMARY KEY (vm, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_seq ON idempotency (vm, seq);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (vm, created);
+CREATE TABLE IF NOT EXISTS hosts (
+    host text PRIMARY KEY,
+    url text NOT NULL,
+    heartbeat double precision NOT NULL,    -- the database's clock
+    started double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS placement (
+    vm text PRIMARY KEY,
+    host text,                      -- NULL: released, nobody owns it
+    fence bigint NOT NULL DEFAULT 0,
+    state text NOT NULL,            -- running, migrating, released
+    since double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS placement_host ON placement (host);
+"""
+
+_TABLES = ("vms", "outbox", "mirror", "hidden", "audit", "idempotency", "hosts", "placement")
+_OUTBOX_COLUMNS = "vm, seq, key, value, log, created, audit_id, expires, withdrawn"
+_VM_COLUMNS = "name, epoch, seq, last_seen, gid, gseq, channel, source"
+# The channel of the placement's owner, computed as channel_for_host() does.
+_OWNER_CHANNEL = (
+    "'%s' || left(encode(sha256(convert_to(pl.host, 'UTF8')), 'hex'), 24)" % HOST_CHANNEL_PREFIX
+)
+# The audit rows of %(vm)s beyond the newest %(keep)s + the one this statement adds (a statement
+# does not see its own insert), through the (vm, id) index.
+_PRUNE = (
+    "p AS (DELETE FROM audit WHERE vm = %(vm)s AND id <= "
+    "(SELECT id FROM audit WHERE vm = %(vm)s ORDER BY id DESC OFFSET %(keep)s LIMIT 1))"
+)
+
+
+def channel_for_host(host: str) -> str:
+    """The LISTEN channel of ``host``'s wake-ups: a safe identifier whatever the host's name."""
+    return HOST_CHANNEL_PREFIX + hashlib.sha256(host.encode("utf-8")).hexdigest()[:24]
+
+
+@dataclass
+class Placement:
+    vm: str
+    host: str | None  # None: released, nobody owns it
+    fence: int
+    state: str  # running, migrating, released
+    since: float
+    url: str | None  # the owner's API (hosts.url)
+    alive: bool  # the owner's heartbeat is younger than the lease
+
+
+@dataclass
+class HostRow:
+    host: str
+    url: str
+    heartbeat: float
+    started: float
+    alive: bool
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs and messages."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "(an invalid database address)"
+    if "password" not in params:
+        return url
+    return make_conninfo("", **{k: v for k, v in params.items() if k != "password"})
+
+
+def session_conninfo(url: str, connect_timeout: float) -> str:
+    """``url`` with the bounds every pool connection runs with; the url's own settings win, and
+    its options come after ours (so that its -c settings win too). psycopg.ProgrammingError when
+    ``url`` is no libpq URI or conninfo."""
+    params = conninfo_to_dict(url)
+    extra: dict[str, Any] = {
+        "connect_timeout": max(2, math.ceil(connect_timeout)),  # libpq's least useful value
+        **_TCP_SETTINGS,
+    }
+    for name in list(extra):
+        if name in params:
+            del extra[name]
+    options = str(params.get("options") or "")
+    extra["options"] = (SESSION_OPTIONS + " " + options).strip()
+    return make_conninfo(url, **extra)
+
+
+def one_line(e: BaseException, secret: str | None = None) -> str:
+    """A psycopg error as one line: the server's primary message, or the client's first line."""
+    diag = getattr(e, "diag", None)
+    text = getattr(diag, "message_primary", None) or str(e) or type(e).__name__
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(e).__name__
+    if secret:
+        reason = reason.replace(secret, "***")
+    return reason
+
+
+def _aad(vm: str, seq: int, key: str) -> bytes:
+    # The row a sealed value belongs to: moved to another VM, seq or key, it fails to open.
+    return b"ovmd outbox v1\0%s\0%d\0%s" % (vm.encode("utf-8"), seq, key.encode("utf-8"))
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else bytes(value).decode("utf-8")
+
+
+def _utf8(value: str | None) -> bytes | None:
+    return None if value is None else value.encode("utf-8")
+
+
+def _enqueue_sql(known_seq: bool, prune: bool, idempotency: bool) -> str:
+    """An enqueue in one statement: the seq, the audit row, the outbox row, the hidden key, the
+    idempotency key, the audit's pruning, and the owner's wake-up."""
+    if known_seq:  # taken by a statement before (a sealed value is bound to its seq)
+        parts = ["v AS (SELECT %(seq)s::bigint AS seq)"]
+    else:
+        parts = ["v AS (UPDATE vms SET seq = seq + 1 WHERE name = %(vm)s RETURNING seq)"]
+    parts += [
+        "a AS (INSERT INTO audit (vm, key, size, ts, outcome, value, op) "
+        "SELECT %(vm)s, %(key)s, %(size)s::integer, %(ts)s::float8, 'queued', %(kept)s::bytea, "
+        "%(op)s FROM v RETURNING id)",
+        "o AS (INSERT INTO outbox (vm, seq, key, value, log, created, audit_id, expires) "
+        "SELECT %(vm)s, v.seq, %(key)s, %(value)s::bytea, %(log)s::boolean, %(ts)s::float8, a.id, "
+        "%(expires)s::float8 FROM v, a)",
+        # Before the guest can announce the value back: its mirror row stays valueless.
+        "h AS (INSERT INTO hidden (vm, key) SELECT %(vm)s, %(key)s FROM v WHERE %(hide)s::boolean "
+        "ON CONFLICT DO NOTHING)",
+    ]
+    if prune:
+        parts.append(_PRUNE)
+    if idempotency:
+        # The VM's keys beyond the bounds go first (by age, and older than its last ikeep
+        # messages: seqs are dense); the key being remembered is replaced, not deleted, as one
+        # statement may not change a row twice.
+        parts += [
+            "f AS (DELETE FROM idempotency WHERE vm = %(vm)s AND key <> %(ikey)s "
+            "AND (created < %(icut)s::float8 OR seq <= (SELECT seq FROM v) - %(ikeep)s::bigint))",
+            "i AS (INSERT INTO idempotency (vm, key, digest, seq, outcome, created) "
+            "SELECT %(vm)s, %(ikey)s, %(digest)s, v.seq, 'queued', %(ts)s::float8 FROM v "
+            "ON CONFLICT (vm, key) DO UPDATE SET digest = EXCLUDED.digest, seq = EXCLUDED.seq, "
+            "outcome = 'queued', created = EXCLUDED.created)",
+        ]
+    return (
+        "WITH "
+        + ",\n".join(parts)
+        + "\nSELECT v.seq, a.id, (SELECT count(*) FROM placement pl, LATERAL (SELECT pg_notify("
+        + _OWNER_CHANNEL
+        + ", %(vm)s)) n WHERE pl.vm = %(vm)s AND pl.host <> %(me)s) FROM v, a"
+    )
+
+
+def _finish_sql(fenced: bool, refused: bool) -> str:
+    """A finish in one statement: with ``fenced``, nothing is removed unless this host holds the
+    VM's current fence, whose row stays share-locked until COMMIT (a claim waits for it)."""
+    parts = []
+    if fenced:
+        parts.append(
+            "f AS (SELECT 1 FROM placement WHERE vm = %(vm)s AND host = %(me)s "
+            "AND fence = %(fence)s::bigint FOR SHARE)"
+        )
+    parts += [
+        "d AS (DELETE FROM outbox WHERE vm = %(vm)s AND seq = ANY(%(seqs)s::bigint[])"
+        + (" AND EXISTS (SELECT 1 FROM f)" if fenced else "")
+        + " RETURNING seq, audit_id)",
+        "a AS (UPDATE audit SET outcome = %(outcome)s WHERE id IN (SELECT audit_id FROM d))",
+    ]
+    # A retry with the same idempotency key then answers this outcome. "refused" kept nothing and
+    # applied nothing (the sender was told so): a retry may send it afresh.
+    if refused:
+        parts.append(
+            "i AS (DELETE FROM idempotency WHERE vm = %(vm)s AND seq IN (SELECT seq FROM d))"
+        )
+    else:
+        parts.append(
+            "i AS (UPDATE idempotency SET outcome = %(outcome)s "
+            "WHERE vm = %(vm)s AND seq IN (SELECT seq FROM d))"
+        )
+    check = "(SELECT count(*) FROM f)" if fenced else "1"
+    return "WITH " + ",\n".join(parts) + "\nSELECT %s, (SELECT count(*) FROM d)" % check
+
+
+_WITHDRAW_SQL = """
+WITH u AS (
+    UPDATE outbox SET value = NULL, withdrawn = coalesce(withdrawn, %(outcome)s)
+    WHERE vm = %(vm)s AND seq <= %(written)s::bigint
+      AND (%(all)s::boolean OR seq = ANY(%(seqs)s::bigint[]))
+    RETURNING seq, audit_id),
+d AS (
+    DELETE FROM outbox
+    WHERE vm = %(vm)s AND seq > %(written)s::bigint
+      AND (%(all)s::boolean OR seq = ANY(%(seqs)s::bigint[]))
+    RETURNING seq, audit_id),
+a AS (
+    UPDATE audit SET outcome = CASE WHEN id IN (SELECT audit_id FROM d) THEN %(outcome)s::text
+                                    ELSE %(outcome)s::text || '_in_flight' END
+    WHERE id IN (SELECT audit_id FROM d UNION ALL SELECT audit_id FROM u) AND outcome = 'queued'),
+i AS (
+    UPDATE idempotency SET outcome = %(outcome)s
+    WHERE vm = %(vm)s AND seq IN (SELECT seq FROM d))
+SELECT seq, true FROM d UNION ALL SELECT seq, false FROM u
+"""
+
+_VM_SQL = f"""
+WITH i AS (
+    INSERT INTO vms AS t (name, epoch, channel, source)
+    VALUES (%(name)s, %(epoch)s, %(channel)s, %(source)s)
+    ON CONFLICT (name) DO UPDATE SET channel = EXCLUDED.channel, source = EXCLUDED.source
+    WHERE %(update)s::boolean
+      AND (t.channel, t.source) IS DISTINCT FROM (EXCLUDED.channel, EXCLUDED.source)
+    RETURNING {_VM_COLUMNS})
+SELECT {_VM_COLUMNS} FROM i
+UNION ALL SELECT {_VM_COLUMNS} FROM vms WHERE name = %(name)s AND NOT EXISTS (SELECT 1 FROM i)
+"""
+
+_SAVE_MIRROR_SQL = """
+WITH uh AS (DELETE FROM hidden WHERE vm = %(vm)s AND key = ANY(%(unhidden)s::text[])),
+dm AS (
+    DELETE FROM mirror WHERE vm = %(vm)s
+      AND (%(replace)s::boolean OR key = ANY(%(deleted)s::text[]))
+      AND NOT (key = ANY(%(keys)s::text[]))),
+um AS (
+    INSERT INTO mirror AS m (vm, key, value, ts, origin, hidden)
+    SELECT %(vm)s, r.key, r.value, r.ts, r.origin, r.hidden
+    FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(tss)s::float8[], %(origins)s::text[],
+                %(hiddens)s::boolean[]) WITH ORDINALITY AS r(key, value, ts, origin, hidden, n)
+    ORDER BY r.n
+    ON CONFLICT (vm, key) DO UPDATE SET value = EXCLUDED.value, ts = EXCLUDED.ts,
+        origin = EXCLUDED.origin, hidden = EXCLUDED.hidden, pos = EXCLUDED.pos)
+UPDATE vms SET last_seen = %(last_seen)s::float8, gid = %(gid)s, gseq = %(gseq)s::bigint
+WHERE name = %(vm)s
+"""
+
+_CLAIM_SQL = f"""
+WITH c AS (
+    INSERT INTO placement AS p (vm, host, fence, state, since)
+    VALUES (%(vm)s, %(me)s, 1, 'running', {_NOW})
+    ON CONFLICT (vm) DO UPDATE SET host = EXCLUDED.host, fence = p.fence + 1, state = 'running',
+        since = EXCLUDED.since
+    WHERE p.host IS NULL OR p.host = EXCLUDED.host OR %(force)s::boolean
+       OR NOT EXISTS (SELECT 1 FROM hosts h
+                      WHERE h.host = p.host AND h.heartbeat >= {_NOW} - %(lease)s::float8)
+    RETURNING fence)
+SELECT fence, pg_notify(%(channel)s, %(vm)s::text || ' ' || %(me)s::text || ' ' || fence) FROM c
+"""
+
+_RELEASE_DEAD_SQL = f"""
+WITH d AS (
+    UPDATE placement p SET host = NULL, state = 'released', since = {_NOW}
+    WHERE p.host IS NOT NULL AND p.host <> %(me)s
+      AND NOT EXISTS (SELECT 1 FROM hosts h
+                      WHERE h.host = p.host AND h.heartbeat >= {_NOW} - %(lease)s::float8)
+    RETURNING p.vm, p.fence)
+SELECT vm, pg_notify(%(channel)s, vm || ' - ' || fence) FROM d ORDER BY vm
+"""
+
+_RELEASE_SQL = f"""
+WITH r AS (
+    UPDATE placement SET host = NULL, state = 'released', since = {_NOW}
+    WHERE vm = %(vm)s AND host = %(me)s AND fence = %(fence)s::bigint
+    RETURNING vm, fence)
+SELECT fence, pg_notify(%(channel)s, vm || ' - ' || fence) FROM r
+"""
+
+_PLACEMENT_SQL = f"""
+SELECT p.vm, p.host, p.fence, p.state, p.since, h.url,
+       coalesce(h.heartbeat >= {_NOW} - %(lease)s::float8, false)
+FROM placement p LEFT JOIN hosts h ON h.host = p.host
+"""
+
+
+class PgStore:
+    def __init__(
+        self,
+        url: str,
+        host: str,
+        key: PoolKey,
+        audit_keep: int = AUDIT_KEEP,
+        idempotency_keep: int = IDEMPOTENCY_KEEP,
+        idempotency_ttl: float = IDEMPOTENCY_TTL,
+        connect_timeout: float = 3.0,
+    ) -> None:
+        self.path = redact(url)  # for logs: never the password
+        self.host = host
+        self.key = key
+        self.audit_keep = audit_keep
+        self.idempotency_keep = idempotency_keep
+        self.idempotency_ttl = idempotency_ttl
+        self.lease = DEFAULT_LEASE
+        self._url: str | None = None  # this host's API, once registered
+        try:
+            password = conninfo_to_dict(url).get("password")
+            self._password = None if password is None else str(password)
+            self._conninfo = session_conninfo(url, connect_timeout)
+        except psycopg.Error:
+            raise StoreError(
+                "the pool database address is not a libpq URI or connection string"
+            ) from None
+        self._conn: psycopg.Connection[Any] | None = None
+        # After a failed connect, no other before this monotonic time (RECONNECT_PAUSE).
+        self._next_connect = 0.0
+        self._last_failure = ""
+        # The open transaction blocks, innermost last: True for a batch(), False for a
+        # savepoint() or a method's own.
+        self._blocks: list[bool] = []
+        self._closed = False
+        self._held: dict[str, int] = {}  # vm -> the fence this process holds
+        self._audit_writes: dict[str, int] = {}  # vm -> audit rows written since its last prune
+        try:
+            self._conn = self._open()
+        except psycopg.Error as e:
+            raise StoreUnavailable(
+                "cannot reach the pool database at %s: %s"
+                % (self.path, one_line(e, self._password))
+            ) from None
+        try:
+            self._create_schema()
+        except StoreError:
+            self._drop()
+            raise
+
+    # -- the connection -------------------------------------------------------------------------
+
+    def _open(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self._conninfo, autocommit=True)
+
+    def _create_schema(self) -> None:
+        # Made already (every start but the pool's first): nothing to lock, and a role that may
+        # not create tables can run the pool.
+        found = self._run(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() "
+            "AND tablename = ANY(%s::text[])",
+            (list(_TABLES),),
+        ).fetchone()
+        if found is not None and found[0] == len(_TABLES):
+            return
+        # Three bridges start at once: CREATE ... IF NOT EXISTS is not safe against a concurrent
+        # twin (both may pass the check), so the creations take turns.
+        with self._tx():
+            self._run("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            self._run(_SCHEMA)
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._closed:
+            raise StoreError("the pool database connection was closed")
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        if self._blocks:
+            # The transaction in progress went with the lost connection: a new one must not
+            # carry on with its second half.
+            raise StoreUnavailable(
+                "the pool database is unreachable: the connection was lost in a transaction"
+            )
+        self._drop()
+        now = time.monotonic()
+        if now < self._next_connect:
+            # A connect failed a moment ago: each try may block the bridge's loop for up to
+            # connect_timeout (an unreachable host), so calls in between fail at once.
+            raise StoreUnavailable("the pool database is unreachable: %s" % self._last_failure)
+        try:
+            self._conn = self._open()
+        except psycopg.Error as e:
+            self._last_failure = one_line(e, self._password)
+            self._next_connect = time.monotonic() + RECONNECT_PAUSE
+            raise StoreUnavailable(
+                "the pool database is unreachable: %s" % self._last_failure
+            ) from None
+        log.info("connected to the pool database again")
+        return self._conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
+
+    def _failure(self, e: psycopg.Error) -> StoreError:
+        """What a caller sees of ``e``; a connection that failed is dropped (the next call
+        connects again)."""
+        reason = one_line(e, self._password)
+        conn = self._conn
+        lost = conn is None or conn.closed or isinstance(e, psycopg.InterfaceError)
+        sqlstate = getattr(getattr(e, "diag", None), "sqlstate", None) or ""
+        if lost or sqlstate[:2] in ("08", "57"):  # connection exception, operator intervention
+            self._drop()
+            return StoreUnavailable("the pool database is unreachable: %s" % reason)
+        if isinstance(e, (pgerrors.QueryCanceled, pgerrors.LockNotAvailable)):
+            return StoreUnavailable("the pool database did not answer in time: %s" % reason)
+        if sqlstate[:2] == "40":  # deadlock or serialization: nothing was kept, try again
+            return StoreUnavailable("the pool database is busy: %s" % reason)
+        return StoreError("the pool database failed: %s" % reason)
+
+    def _run(self, query: str, params: Any = None) -> psycopg.Cursor[Any]:
+        """Execute one statement (its result is read already: fetching is local)."""
+        conn = self._connection()
+        try:
+            return conn.execute(query.encode("utf-8"), params)  # a str built here, never input
+        except psycopg.Error as e:
+            raise self._failure(e) from e
+
+    def _write(self, query: str, params: Any = None) -> psycopg.Cursor[Any]:
+        """Execute one writing statement. Directly inside batch() it gets a savepoint of its own,
+        so that its failure undoes only itself (as each of Store's writes does: the bridge's
+        flush of every mirror); in a savepoint(), or outside any transaction, the statement is
+        atomic alone, and its caller's savepoint, if any, undoes it."""
+        if self._blocks and self._blocks[-1]:
+            with self._tx():
+                return self._run(query, params)
+        return self._run(query, params)
+
+    def _tx(self) -> _Tx:
+        return _Tx(self)
+
+    def close(self) -> None:
+        self._drop()
+        self._closed = True
+
+    def batch(self) -> _Tx:
+        """One transaction around many writes, as Store.batch(): a write made directly in it,
+        and each savepoint() in it (the group committer's units), is a savepoint, undone alone
+        when it fails. A write inside a savepoint() takes no second one: one round trip each."""
+        return _Tx(self, batch=True)
+
+    def savepoint(self) -> _Tx:
+        """Inside batch(): a savepoint, undone alone when its block raises. Outside: a
+        transaction of its own."""
+        return _Tx(self)
+
+    def scrub(self) -> None:
+        """Nothing to do: removed rows leave with VACUUM, and a log=no value was ciphertext."""
+
+    # -- VMs ------------------------------------------------------------------------------------
+
+    def vm(self, name: str, channel: str | None = None, source: str | None = None) -> VmRow:
+        """The VM's row, created with a fresh random epoch when new."""
+        # Read first: a row that exists and needs no change costs no write (no WAL flush).
+        row = self._run("SELECT %s FROM vms WHERE name = %%s" % _VM_COLUMNS, (name,)).fetchone()
+        if row is not None and (channel is None or (channel, source) == (row[6], row[7])):
+            return VmRow(*row)
+        params = {
+            "name": name,
+            "epoch": os.urandom(8).hex(),
+            "channel": channel,
+            "source": source,
+            "update": channel is not None,
+        }
+        row = self._write(_VM_SQL, params).fetchone()
+        if row is None:
+            # Created by another bridge after this statement's snapshot: it is there now.
+            row = self._run("SELECT %s FROM vms WHERE name = %%s" % _VM_COLUMNS, (name,)).fetchone()
+            if row is None:
+                raise StoreError("the pool database lost VM %r's row" % (name,))
+        return VmRow(*row)
+
+    def vms(self) -> list[VmRow]:
+        """Every VM of the pool."""
+        rows = self._run("SELECT %s FROM vms ORDER BY name" % _VM_COLUMNS).fetchall()
+        return [VmRow(*r) for r in rows]
+
+    # -- outbox ---------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        vm: str,
+        key: str,
+        value: str | None,
+        log_value: bool,
+        ts: float | None = None,
+        expires: float | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> OutboxRow:
+        """As Store.enqueue; KeyError for an unknown VM. A log=no value is sealed first."""
+        ts = time.time() if ts is None else ts
+        secret = not log_value and value is not None
+        params: dict[str, Any] = {
+            "vm": vm,
+            "key": key,
+            "size": 0 if value is None else len(value.encode("utf-8")),
+            "ts": ts,
+            "kept": _utf8(truncate_utf8(value)) if (log_value and value is not None) else None,
+            "op": "set" if value is not None else "del",
+            "log": log_value,
+            "expires": expires,
+            "hide": secret,
+            "me": self.host,
+            # The statement does not see its own audit row: keep one fewer of the others.
+            "keep": max(1, self.audit_keep) - 1,
+        }
+        if idempotency is not None:
+            params["ikey"], params["digest"] = idempotency
+            params["icut"] = ts - self.idempotency_ttl
+            params["ikeep"] = max(1, self.idempotency_keep)
+        prune = self._prune_due(vm)
+        if not secret:
+            params["value"] = _utf8(value)
+            query = _enqueue_sql(False, prune, idempotency is not None)
+            row = self._write(query, params).fetchone()
+        else:
+            assert value is not None
+            # The sealed value is bound to its seq: take the seq first (its row lock is held to
+            # COMMIT), then write the rest; two round trips, for log=no values only.
+            with self._tx():
+                taken = self._run(
+                    "UPDATE vms SET seq = seq + 1 WHERE name = %s RETURNING seq", (vm,)
+                ).fetchone()
+                if taken is None:
+                    raise KeyError(vm)
+                params["seq"] = taken[0]
+                params["value"] = self.key.seal(value, _aad(vm, taken[0], key)).encode("ascii")
+                query = _enqueue_sql(True, prune, idempotency is not None)
+                row = self._run(query, params).fetchone()
+        if row is None:
+            raise KeyError(vm)
+        return OutboxRow(vm, row[0], key, value, log_value, ts, row[1], expires)
+
+    def _prune_due(self, vm: str) -> bool:
+        # At this process's first audit row of the VM, then every AUDIT_PRUNE_EVERY rows.
+        n = self._audit_writes.get(vm, 0)
+        self._audit_writes[vm] = n + 1
+        return n % AUDIT_PRUNE_EVERY == 0
+
+    def _outbox_row(self, r: Sequence[Any]) -> OutboxRow:
+        vm, seq, key, value, log_value, created, audit_id, expires, withdrawn = r
+        text = _text(value)
+        if text is not None and not log_value:
+            text = self.key.open(text, _aad(vm, seq, key))
+        return OutboxRow(vm, seq, key, text, log_value, created, audit_id, expires, withdrawn)
+
+    def idempotent(self, vm: str, key: str, now: float | None = None) -> IdempotencyRow | None:
+        """The send made to ``vm`` with idempotency key ``key``, if remembered (not too old)."""
+        now = time.time() if now is None else now
+        row = self._run(
+            "SELECT key, digest, seq, outcome, created FROM idempotency "
+            "WHERE vm = %s AND key = %s AND created >= %s::float8",
+            (vm, key, now - self.idempotency_ttl),
+        ).fetchone()
+        return None if row is None else IdempotencyRow(*row)
+
+    def outbox(
+        self, vm: str, after: int = 0, limit: int = 100, withdrawn: bool = False
+    ) -> list[OutboxRow]:
+        """The rows waiting for delivery, in order; ``withdrawn``: the withdrawn ones too."""
+        rows = self._run(
+            "SELECT %s FROM outbox WHERE vm = %%s AND seq > %%s %sORDER BY seq LIMIT %%s"
+            % (_OUTBOX_COLUMNS, "" if withdrawn else "AND withdrawn IS NULL "),
+            (vm, after, max(0, int(limit))),
+        ).fetchall()
+        return [self._outbox_row(r) for r in rows]
+
+    def deliverable(self, vm: str) -> list[OutboxRow]:
+        """The next row to write to the guest (at most one), read only while this host holds
+        ``vm``'s current fence: errors.Fenced otherwise (and the fence is forgotten)."""
+        fence = self._held.get(vm)
+        if fence is None:
+            raise Fenced(vm)
+        row = self._run(
+            "SELECT o.vm, o.seq, o.key, o.value, o.log, o.created, o.audit_id, o.expires, "
+            "o.withdrawn FROM placement p LEFT JOIN LATERAL (SELECT %s FROM outbox "
+            "WHERE vm = p.vm AND withdrawn IS NULL ORDER BY seq LIMIT 1) o ON true "
+            "WHERE p.vm = %%s AND p.host = %%s AND p.fence = %%s::bigint" % _OUTBOX_COLUMNS,
+            (vm, self.host, fence),
+        ).fetchone()
+        if row is None:
+            self._lost(vm, fence)
+            raise Fenced(vm)
+        return [] if row[1] is None else [self._outbox_row(row)]
+
+    def in_outbox(self, vm: str, seq: int) -> bool:
+        """Whether outbox row ``seq`` of ``vm`` still waits for delivery."""
+        return (
+            self._run("SELECT 1 FROM outbox WHERE vm = %s AND seq = %s", (vm, seq)).fetchone()
+            is not None
+        )
+
+    def secret_pending(self, vm: str, key: str, after: int) -> bool:
+        """Whether a later outbox row sets ``key`` with log off."""
+        return (
+            self._run(
+                "SELECT 1 FROM outbox WHERE vm = %s AND key = %s AND seq > %s AND NOT log "
+                "AND value IS NOT NULL LIMIT 1",
+                (vm, key, after),
+            ).fetchone()
+            is not None
+        )
+
+    def queued(self, vm: str) -> int:
+        row = self._run(
+            "SELECT count(*) FROM outbox WHERE vm = %s AND withdrawn IS NULL", (vm,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def queued_counts(self) -> dict[str, int]:
+        """Every VM's outbox length in one query."""
+        rows = self._run(
+            "SELECT vm, count(*) FROM outbox WHERE withdrawn IS NULL GROUP BY vm"
+        ).fetchall()
+        return {vm: int(n) for vm, n in rows}
+
+    def queue_stats(self) -> dict[str, tuple[int, float]]:
+        """vm -> (its outbox length, when its oldest row was sent), for the VMs with a queue."""
+        rows = self._run(
+            "SELECT vm, count(*), min(created) FROM outbox WHERE withdrawn IS NULL GROUP BY vm"
+        ).fetchall()
+        return {vm: (int(n), oldest) for vm, n, oldest in rows}
+
+    def expired(self, now: float) -> dict[str, list[int]]:
+        """vm -> the seqs of its rows waiting for delivery whose expiry is ``now`` or earlier."""
+        due: dict[str, list[int]] = {}
+        for vm, seq in self._run(
+            "SELECT vm, seq FROM outbox WHERE expires IS NOT NULL AND expires <= %s::float8 "
+            "AND withdrawn IS NULL ORDER BY vm, seq",
+            (now,),
+        ).fetchall():
+            due.setdefault(vm, []).append(seq)
+        return due
+
+    def withdraw(
+        self, vm: str, seqs: Sequence[int] | None, outcome: str, written: int
+    ) -> tuple[list[int], list[int]]:
+        """As Store.withdraw, in one statement; needs no fence (any bridge may cancel)."""
+        params = {
+            "vm": vm,
+            "outcome": outcome,
+            "written": written,
+            "all": seqs is None,
+            "seqs": list(seqs or ()),
+        }
+        withdrawn: list[int] = []
+        in_flight: list[int] = []
+        for seq, gone in self._write(_WITHDRAW_SQL, params).fetchall():
+            (withdrawn if gone else in_flight).append(seq)
+        return sorted(withdrawn), sorted(in_flight)
+
+    def finish(self, vm: str, seqs: list[int], outcome: str) -> None:
+        """Remove outbox rows and record the outcome in audit (as Store.finish), in one
+        statement. "delivered" and "failed" only while this host holds ``vm``'s current fence:
+        errors.Fenced otherwise, and nothing is removed."""
+        if not seqs:
+            return
+        fenced = outcome in _FENCED_OUTCOMES
+        params: dict[str, Any] = {
+            "vm": vm,
+            "seqs": list(seqs),
+            "outcome": outcome,
+            "me": self.host,
+        }
+        if fenced:
+            fence = self._held.get(vm)
+            if fence is None:
+                raise Fenced(vm)
+            params["fence"] = fence
+        row = self._write(_finish_sql(fenced, outcome == "refused"), params).fetchone()
+        if fenced and (row is None or not row[0]):
+            self._lost(vm, params["fence"])
+            raise Fenced(vm)
+
+    # -- audit ----------------------------------------------------------------------------------
+
+    def audit_refused(
+        self, vm: str, key: str, value: str | None, log_value: bool, outcome: str = "refused"
+    ) -> None:
+        """Record a send that was not accepted (nothing else is kept)."""
+        parts = [
+            "a AS (INSERT INTO audit (vm, key, size, ts, outcome, value, op) VALUES (%(vm)s, "
+            "%(key)s, %(size)s, %(ts)s, %(outcome)s, %(kept)s, %(op)s) RETURNING id)"
+        ]
+        if self._prune_due(vm):
+            parts.append(_PRUNE)
+        self._write(
+            "WITH " + ", ".join(parts) + " SELECT id FROM a",
+            {
+                "vm": vm,
+                "key": key,
+                "size": 0 if value is None else len(value.encode("utf-8")),
+                "ts": time.time(),
+                "outcome": outcome,
+                "kept": _utf8(truncate_utf8(value)) if (log_value and value is not None) else None,
+                "op": "set" if value is not None else "del",
+                "keep": max(1, self.audit_keep) - 1,
+            },
+        )
+
+    def audit(self, vm: str, limit: int = 100) -> list[AuditRecord]:
+        """(id, vm, key, size, ts, outcome, value, op), newest first."""
+        rows = self._run(
+            "SELECT id, vm, key, size, ts, outcome, value, op FROM audit WHERE vm = %s "
+            "ORDER BY id DESC LIMIT %s",
+            (vm, max(0, int(limit))),
+        ).fetchall()
+        return [(i, v, k, s, t, o, _text(value), op) for i, v, k, s, t, o, value, op in rows]
+
+    # -- mirror ---------------------------------------------------------------------------------
+
+    def mirror(self, vm: str) -> list[MirrorRow]:
+        rows = self._run(
+            "SELECT key, value, ts, origin, hidden FROM mirror WHERE vm = %s ORDER BY pos", (vm,)
+        ).fetchall()
+        return [MirrorRow(k, _text(v), ts, origin, hidden) for k, v, ts, origin, hidden in rows]
+
+    def hidden(self, vm: str) -> set[str]:
+        return {r[0] for r in self._run("SELECT key FROM hidden WHERE vm = %s", (vm,)).fetchall()}
+
+    def save_mirror(
+        self,
+        vm: str,
+        rows: list[MirrorRow],
+        deleted: list[str],
+        replace: bool,
+        last_seen: float | None,
+        gid: str | None,
+        gseq: int | None,
+        unhidden: Sequence[str] = (),
+    ) -> None:
+        """As Store.save_mirror, in one statement. A hidden row is written without its value."""
+        latest: dict[str, MirrorRow] = {}
+        for r in rows:  # the last write of a key wins, at its place (as INSERT OR REPLACE)
+            latest.pop(r.key, None)
+            latest[r.key] = r
+        kept = list(latest.values())
+        self._write(
+            _SAVE_MIRROR_SQL,
+            {
+                "vm": vm,
+                "unhidden": list(unhidden),
+                "replace": replace,
+                "deleted": list(deleted),
+                "keys": [r.key for r in kept],
+                "values": [None if r.hidden else _utf8(r.value) for r in kept],
+                "tss": [float(r.ts) for r in kept],
+                "origins": [r.origin for r in kept],
+                "hiddens": [bool(r.hidden) for r in kept],
+                "last_seen": last_seen,
+                "gid": gid,
+                "gseq": gseq,
+            },
+        )
+
+    # -- the pool -------------------------------------------------------------------------------
+
+    def register_host(self, url: str, lease: float) -> None:
+        """This host's row (its API's ``url``), started and alive now; ``lease``: how old a
+        heartbeat may be before its host counts as dead (for every judgement this store makes)."""
+        self.lease = float(lease)
+        self._write(
+            f"INSERT INTO hosts (host, url, heartbeat, started) VALUES (%s, %s, {_NOW}, {_NOW}) "
+            "ON CONFLICT (host) DO UPDATE SET url = EXCLUDED.url, heartbeat = EXCLUDED.heartbeat, "
+            "started = EXCLUDED.started",
+            (self.host, url),
+        )
+        self._url = url
+
+    def heartbeat(self) -> None:
+        """This host is alive now (the database's clock). Its row is made again if it was lost."""
+        cur = self._write("UPDATE hosts SET heartbeat = %s WHERE host = %%s" % _NOW, (self.host,))
+        if cur.rowcount == 0 and self._url is not None:
+            self.register_host(self._url, self.lease)
+
+    def release_dead(self) -> list[str]:
+        """Release the placements of hosts whose heartbeat is older than the lease (never this
+        host's), each announced on PLACEMENT_CHANNEL; the VMs released."""
+        rows = self._write(
+            _RELEASE_DEAD_SQL,
+            {"me": self.host, "lease": self.lease, "channel": PLACEMENT_CHANNEL},
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def claim(self, vm: str, force: bool = False) -> int | None:
+        """Own ``vm`` (docs/pool.md, "Ownership and fencing"): when nobody does, this host does
+        already, its owner's heartbeat is stale, or ``force``. The new fence (held from now on),
+        or None when another live host owns it (nothing changed)."""
+        row = self._write(
+            _CLAIM_SQL,
+            {
+                "vm": vm,
+                "me": self.host,
+                "force": force,
+                "lease": self.lease,
+                "channel": PLACEMENT_CHANNEL,
+            },
+        ).fetchone()
+        if row is None:
+            return None
+        fence = int(row[0])
+        self._held[vm] = fence
+        return fence
+
+    def release(self, vm: str) -> bool:
+        """Give ``vm`` up, when this host still holds its current fence; True if released."""
+        fence = self._held.pop(vm, None)
+        if fence is None:
+            return False
+        row = self._write(
+            _RELEASE_SQL,
+            {"vm": vm, "me": self.host, "fence": fence, "channel": PLACEMENT_CHANNEL},
+        ).fetchone()
+        return row is not None
+
+    def mark_migrating(self, vm: str) -> bool:
+        """Placement state "migrating", when this host holds ``vm``'s current fence."""
+        fence = self._held.get(vm)
+        if fence is None:
+            return False
+        cur = self._write(
+            "UPDATE placement SET state = 'migrating', since = %s "
+            "WHERE vm = %%s AND host = %%s AND fence = %%s::bigint" % _NOW,
+            (vm, self.host, fence),
+        )
+        return cur.rowcount == 1
+
+    def held(self, vm: str) -> int | None:
+        """The fence this process holds for ``vm`` (None: it does not deliver it)."""
+        return self._held.get(vm)
+
+    def forget(self, vm: str) -> None:
+        """Drop the fence held for ``vm`` (another host claimed it)."""
+        self._held.pop(vm, None)
+
+    def _lost(self, vm: str, fence: int) -> None:
+        if self._held.get(vm) == fence:
+            del self._held[vm]
+            log.info("VM %r: fence %d is stale; another host delivers to it", vm, fence)
+
+    def placement(self, vm: str) -> Placement | None:
+        row = self._run(_PLACEMENT_SQL + " WHERE p.vm = %(vm)s", {"vm": vm, "lease": self.lease})
+        found = row.fetchone()
+        return None if found is None else Placement(*found)
+
+    def placements(self) -> dict[str, Placement]:
+        """Every VM's placement, with its owner's URL and liveness, in one query."""
+        rows = self._run(_PLACEMENT_SQL, {"lease": self.lease}).fetchall()
+        return {r[0]: Placement(*r) for r in rows}
+
+    def hosts(self) -> list[HostRow]:
+        rows = self._run(
+            "SELECT host, url, heartbeat, started, heartbeat >= %s - %%s::float8 FROM hosts "
+            "ORDER BY host" % _NOW,
+            (self.lease,),
+        ).fetchall()
+        return [HostRow(*r) for r in rows]
+
+
+class _Tx:
+    """A transaction block on the store's connection: BEGIN ... COMMIT outside any, a savepoint
+    inside one (psycopg's Connection.transaction), its errors made StoreError."""
+
+    def __init__(self, store: PgStore, batch: bool = False) -> None:
+        self._store = store
+        self._batch = batch
+        self._conn: psycopg.Connection[Any] | None = None
+        self._inner: AbstractContextManager[psycopg.Transaction] | None = None
+
+    def __enter__(self) -> psycopg.Connection[Any]:
+        store = self._store
+        conn = store._connection()
+        inner = conn.transaction()
+        try:
+            inner.__enter__()
+        except psycopg.Error as e:
+            raise store._failure(e) from e
+        self._conn, self._inner = conn, inner
+        store._blocks.append(self._batch)
+        return conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        store = self._store
+        store._blocks.pop()
+        assert self._inner is not None and self._conn is not None
+        if exc_type is None and (self._conn.closed or store._conn is not self._conn):
+            # A statement of the block failed with the connection and its caller went on (a
+            # group commit's unit): what the block did is gone, it must not look committed.
+            raise StoreUnavailable(
+                "the pool database is unreachable: the connection was lost in a transaction"
+            )
+        try:
+            self._inner.__exit__(exc_type, exc, tb)
+        except psycopg.Error as e:
+            raise store._failure(e) from e
+        return False
