@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 1.0
+POOL_GROUP_MAX = 60  # writes a transaction on the pool's PostgreSQL (hostbridge.groupcommit)
 
 
 def _check(key: str, value: str | None = None, check_val: bool = False) -> None:
@@ -158,7 +159,11 @@ class Bridge:
                 idempotency_keep=limits.idempotency_keys,
                 idempotency_ttl=limits.idempotency_ttl,
             )
-        self._committer = GroupCommit(self._store, enabled=enabled_by_environment())
+        self._committer = GroupCommit(
+            self._store,
+            enabled=enabled_by_environment(),
+            max_units=None if self.pool is None else POOL_GROUP_MAX,
+        )
         loop = asyncio.get_running_loop()
         uri = self.config.libvirt_uri or DEFAULT_URI
         if self.config.libvirt_enabled:
@@ -305,7 +310,10 @@ class Bridge:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            self.flush()
+            try:
+                self.flush()
+            except Exception as e:  # noqa: BLE001 - (the pool's database away) the next round
+                log.error("cannot save the mirrors: %s", e)
             try:
                 self.expire()
             except Exception as e:  # noqa: BLE001 - the next round tries again

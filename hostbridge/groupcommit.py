@@ -59,9 +59,13 @@ class CommitFailed(BridgeError):
 
 
 class GroupCommit:
-    def __init__(self, store: Store, enabled: bool = True) -> None:
+    def __init__(self, store: Store, enabled: bool = True, max_units: int | None = None) -> None:
         self.store = store
         self.enabled = enabled
+        # At most this many units a transaction (None: all pending). The pool's PostgreSQL
+        # store takes 60: each unit is a subtransaction, and past 64 in one transaction the
+        # server's subtransaction cache overflows, which slows every other session meanwhile.
+        self.max_units = max_units
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._scheduled = False
         # Transactions committed, and the units they held (units / commits: how many writes
@@ -97,12 +101,18 @@ class GroupCommit:
         return await self.submit(unit)
 
     def flush(self) -> None:
-        """Commit every pending unit now, in one transaction (the bridge calls it at stop too)."""
+        """Commit every pending unit now, in one transaction, or one per max_units units (the
+        bridge calls it at stop too)."""
         self._scheduled = False
-        group = [(unit, fut) for unit, fut in self._pending if not fut.cancelled()]
+        pending = [(unit, fut) for unit, fut in self._pending if not fut.cancelled()]
         self._pending = []
-        if not group:
-            return
+        size = self.max_units or len(pending) or 1
+        for start in range(0, len(pending), size):
+            self._commit(pending[start : start + size])
+
+    def _commit(
+        self, group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+    ) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
             with self.store.batch() as db:

@@ -89,6 +89,22 @@ def test_concurrent_sends_should_share_one_commit_and_each_get_its_own_seq_in_or
     assert committed_outbox(store.path, "b") == [(i + 1, "b%d" % i) for i in range(10)]
 
 
+def test_a_group_larger_than_its_cap_should_commit_in_transactions_of_that_size_in_order(store):
+    commits = count_commits(store)
+
+    async def main():
+        committer = GroupCommit(store, max_units=4)
+        units = [enqueue(store, "a", "k%d" % i) for i in range(10)]
+        rows = await asyncio.gather(*(committer.run(u) for u in units))
+        return committer, rows
+
+    committer, rows = asyncio.run(main())
+    assert len(commits) == 3  # 4 + 4 + 2
+    assert (committer.commits, committer.units) == (3, 10)
+    assert [r.seq for r in rows] == list(range(1, 11))
+    assert committed_outbox(store.path, "a") == [(i + 1, "k%d" % i) for i in range(10)]
+
+
 def test_with_grouping_off_each_send_should_commit_alone(store):
     commits = count_commits(store)
 
