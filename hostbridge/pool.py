@@ -152,8 +152,15 @@ class Pool:
     # -- what the pool knows ---------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Read the placements and hosts again (at start, each heartbeat, after a lost listen)."""
+        """Read the placements and hosts again (at start, and after the listening connection was
+        lost: notifications sent meanwhile are lost)."""
         self.placements = self.store.placements()
+        self.refresh_hosts()
+
+    def refresh_hosts(self) -> None:
+        """Read the hosts (their URLs and whether they are alive) again: each heartbeat. The
+        placements between two full reads come from the placement notifications, so a heartbeat
+        costs H rows, not every VM of the pool (docs/fleet.md)."""
         self.hosts = {h.host: h for h in self.store.hosts()}
 
     def owner(self, name: str) -> str | None:
@@ -348,7 +355,7 @@ class Pool:
                 elif now - self._beating_since > self.lease:
                     for name in self.store.release_dead():
                         log.info("VM %r: released (its host stopped heartbeating)", name)
-                self.refresh()
+                self.refresh_hosts()
             except errors.StoreError as e:
                 self._beating_since = None
                 self._warn.warn("beat", "pool heartbeat failed: %s", e.message)
