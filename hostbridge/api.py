@@ -87,6 +87,7 @@ class BridgeApi(Protocol):
     def stats(self) -> dict[str, float]: ...
     def vms(self) -> list[VmInfo]: ...
     def vm(self, name: str) -> VmInfo: ...
+    def check_vm(self, name: str) -> None: ...
     async def send(
         self,
         name: str,
@@ -442,7 +443,7 @@ async def get_vm(request: web.Request) -> web.Response:
 async def send_message(request: web.Request) -> web.Response:
     vm = request.match_info["vm"]
     bridge = request.app[BRIDGE]
-    bridge.vm(vm)  # an unknown VM is a 404 whatever the body holds
+    bridge.check_vm(vm)  # an unknown VM is a 404 whatever the body holds
     doc = await _body(request)
     unknown = set(doc) - {"key", "value", "log", "queue", "timeout", "expires"}
     if unknown:

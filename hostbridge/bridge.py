@@ -360,6 +360,15 @@ class Bridge:
                     infos.append(remote.vm_info(row, host, alive, queued.get(row.name, 0)))
         return sorted(infos, key=lambda info: info.name)
 
+    def check_vm(self, name: str) -> None:
+        """UnknownVm unless the bridge (or, in a pool, the pool) knows VM ``name``: what vm()
+        checks, without reading the database (a send's first step)."""
+        if isinstance(name, str) and (
+            name in self._guests or (self.pool is not None and name in self.pool.placements)
+        ):
+            return
+        raise errors.UnknownVm(name)
+
     def vm(self, name: str) -> VmInfo:
         row = self._elsewhere(name)
         if row is not None:

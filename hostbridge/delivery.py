@@ -24,6 +24,7 @@ the sender of a row is answered, and when the next row is read, is reasoned out 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -271,10 +272,12 @@ class Delivery:
         try:
             await self.committer.run(lambda db: self.store.finish(self.vm, [seq], "delivered"))
         except (errors.BridgeError, sqlite3.Error) as e:
-            # (errors.Fenced too: the VM's new owner settles it at its sync.)
             # The guest holds it, so its senders hear so; the row stays in the outbox until the
-            # next sync or send retries the delivery (a duplicate the guest drops).
-            self.session.log.error("cannot record the delivery of %d: %s", seq, e)
+            # next sync or send retries the delivery (a duplicate the guest drops). Fenced: the
+            # VM migrated and its new owner claimed it meanwhile; that owner's sync (hseq)
+            # settles the row, as expected in a handoff.
+            level = logging.INFO if isinstance(e, errors.Fenced) else logging.ERROR
+            self.session.log.log(level, "cannot record the delivery of %d: %s", seq, e)
             self._settle(seq, None)
             self.on_outcome(seq, "delivered", row)  # the guest holds it, recorded or not
             return False
@@ -287,6 +290,7 @@ class Delivery:
             if (
                 row.value is not None
                 and row.log
+                and row.key in self.mirror.hidden  # else nothing to unhide: no query
                 and not self.store.secret_pending(self.vm, row.key, row.seq)
             ):
                 self.mirror.unhide(row.key)  # the guest now holds a value we may keep on disk

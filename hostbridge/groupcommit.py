@@ -110,9 +110,10 @@ class GroupCommit:
         for start in range(0, len(pending), size):
             self._commit(pending[start : start + size])
 
-    def _commit(
-        self, group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
-    ) -> None:
+    def _commit(self, group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]]) -> None:
+        if len(group) > 1 and getattr(self.store, "optimistic_groups", False):
+            if self._commit_optimistic(group):
+                return
         outcomes: list[tuple[bool, Any]] = []
         try:
             with self.store.batch() as db:
@@ -123,21 +124,54 @@ class GroupCommit:
                     except Exception as e:  # noqa: BLE001 - the unit's sender gets it
                         outcomes.append((False, e))
         except BaseException as e:
-            self.failed += 1
-            log.error("cannot commit %d write(s) to the database: %s", len(group), e)
-            for _, fut in group:
-                if not fut.done():
-                    failure: BridgeError
-                    if isinstance(e, StoreUnavailable):
-                        # Its own code (store_unavailable: HTTP 503, exit 3): try again later.
-                        failure = StoreUnavailable(e.message)
-                    else:
-                        failure = CommitFailed("cannot commit to the bridge's database: %s" % e)
-                    failure.__cause__ = e
-                    fut.set_exception(failure)
+            self._fail(group, e)
             if not isinstance(e, Exception):
                 raise
             return
+        self._answer(group, outcomes)
+
+    def _fail(
+        self, group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]], e: BaseException
+    ) -> None:
+        """BEGIN or COMMIT failed: no unit of ``group`` is kept; each sender hears why."""
+        self.failed += 1
+        log.error("cannot commit %d write(s) to the database: %s", len(group), e)
+        for _, fut in group:
+            if fut.done():
+                continue
+            failure: BridgeError
+            if isinstance(e, StoreUnavailable):
+                # Its own code (store_unavailable: HTTP 503, exit 3): try again later.
+                failure = StoreUnavailable(e.message)
+            else:
+                failure = CommitFailed("cannot commit to the bridge's database: %s" % e)
+            failure.__cause__ = e
+            fut.set_exception(failure)
+
+    def _commit_optimistic(
+        self, group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]]
+    ) -> bool:
+        """The group in one transaction without a savepoint per unit (on the pool's database, a
+        savepoint and its release are two round trips a unit); True when it committed, or
+        failed as a whole (its senders told). When a unit raised, nothing of the group is kept
+        and False says to run it again unit by unit, each in its savepoint (units are plain
+        functions of the database: running one again after a rollback is running it once)."""
+        try:
+            with self.store.batch(savepoints=False) as db:
+                values = [unit(db) for unit, _ in group]
+        except StoreUnavailable as e:
+            self._fail(group, e)
+            return True
+        except Exception:  # noqa: BLE001 - a unit's own failure: isolate it (the caller)
+            return False
+        self._answer(group, [(True, value) for value in values])
+        return True
+
+    def _answer(
+        self,
+        group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]],
+        outcomes: list[tuple[bool, Any]],
+    ) -> None:
         self.commits += 1
         self.units += sum(1 for ok, _ in outcomes if ok)
         for (_, fut), (ok, value) in zip(group, outcomes):

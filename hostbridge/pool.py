@@ -222,8 +222,9 @@ class Pool:
         return True
 
     def attached(self, name: str) -> None:
-        """VM ``name``'s channel was attached here: claim it unless it is migrating in."""
-        if self.bridge.run_state(name) != "migrating":
+        """VM ``name``'s channel was attached here: claim it unless it is migrating in, or held
+        already (claimed at RESUMED_MIGRATED before its channel was found)."""
+        if self.bridge.run_state(name) != "migrating" and self.store.held(name) is None:
             self.claim(name)
 
     def defer(self, name: str, path: str) -> bool:

@@ -227,9 +227,10 @@ class Store:
     def _tx(self) -> _Tx:
         return _Tx(self)
 
-    def batch(self) -> _Tx:
+    def batch(self, savepoints: bool = True) -> _Tx:
         """One transaction (one fsync) around many writes: each write inside it becomes a
-        savepoint, so a failed write undoes only itself. The bridge saves every VM's mirror
+        savepoint, so a failed write undoes only itself (``savepoints``: whatever it says, as a
+        savepoint of SQLite costs no round trip; hostbridge.pgstore's may leave them out). The bridge saves every VM's mirror
         and last_seen this way once a second instead of paying one fsync per VM, and commits
         concurrent sends together (hostbridge.groupcommit)."""
         return _Tx(self, outer=True)

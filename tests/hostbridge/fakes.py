@@ -119,6 +119,9 @@ class FakeBridge:
     def vm(self, name: str) -> VmInfo:
         return self._get(name).info
 
+    def check_vm(self, name: str) -> None:
+        self._get(name)
+
     async def send(
         self,
         name,
