@@ -36,6 +36,10 @@ _MAX_RESPONSE = 16 * 1024 * 1024
 # covers a bridge restarted by systemd (RestartSec=2); never beyond the send's own time budget.
 SEND_RETRY_DELAYS = (0.5, 1.0, 2.0, 2.0)
 
+# Error answers a send tries again (docs/pool.md): the pool's database or the VM's host was
+# away a moment; the same idempotency key makes the retry safe.
+RETRYABLE_CODES = ("store_unavailable", "owner_unavailable")
+
 # The CLI's exit statuses (documented in `vmmessage --help` and docs/cli-host.md), by name.
 EXIT_OK = 0
 EXIT_NOT_FOUND = errorcodes.vmmessage_exit("not_found")
@@ -103,7 +107,7 @@ def path(*segments: str, query: "Mapping[str, object] | None" = None) -> str:
 def _final(exc: ApiError, attempts: int, sent: bool, ident: str) -> ApiError:
     """A send's last error, saying how many attempts it took and, when one of them may have
     reached the bridge, how to learn the outcome without sending the message twice."""
-    if exc.code != "unreachable" or (attempts == 1 and not sent):
+    if exc.code not in ("unreachable", *RETRYABLE_CODES) or (attempts == 1 and not sent):
         return exc
     notes = ["%d attempt%s" % (attempts, "s" if attempts > 1 else "")]
     if sent:
@@ -122,7 +126,12 @@ def _decode_body(status: int, body: bytes) -> "JsonObject":
     if status >= 400:
         err = doc.get("error") if isinstance(doc, dict) else None
         if isinstance(err, dict) and isinstance(err.get("code"), str):
-            raise ApiError(err["code"], str(err.get("message", "")), status)
+            code = err["code"]
+            # In a pool: the VM's host or the shared database did not answer; nothing was kept,
+            # or the send's idempotency key makes another attempt safe. A send tries again.
+            retry = code in RETRYABLE_CODES
+            sent = code == "owner_unavailable"  # store_unavailable: nothing was kept
+            raise ApiError(code, str(err.get("message", "")), status, retry=retry, sent=sent)
         raise ApiError("internal", "the bridge answered HTTP %d" % status, status)
     if not isinstance(doc, dict):
         raise ApiError(

@@ -135,3 +135,15 @@ class Fenced(StoreError):
     def __init__(self, vm: str, message: str | None = None) -> None:
         super().__init__(message or "this host no longer owns VM %r in the pool" % (vm,))
         self.vm = vm
+
+
+class OwnerUnavailable(BridgeError):
+    """In a pool, the VM's host took a forwarded request and then did not answer (it died or the
+    network failed): the request may have reached it. A send is tried again with its idempotency
+    key (never applied twice); a query may simply be asked again."""
+
+    code = "owner_unavailable"
+
+    def __init__(self, message: str, retry_after: float | None = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

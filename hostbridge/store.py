@@ -229,10 +229,10 @@ class Store:
 
     def batch(self, savepoints: bool = True) -> _Tx:
         """One transaction (one fsync) around many writes: each write inside it becomes a
-        savepoint, so a failed write undoes only itself (``savepoints``: whatever it says, as a
-        savepoint of SQLite costs no round trip; hostbridge.pgstore's may leave them out). The bridge saves every VM's mirror
+        savepoint, so a failed write undoes only itself. The bridge saves every VM's mirror
         and last_seen this way once a second instead of paying one fsync per VM, and commits
-        concurrent sends together (hostbridge.groupcommit)."""
+        concurrent sends together (hostbridge.groupcommit). ``savepoints`` is ignored: a
+        savepoint of SQLite costs no round trip (hostbridge.pgstore's may leave them out)."""
         return _Tx(self, outer=True)
 
     def savepoint(self) -> _Tx:

@@ -53,6 +53,8 @@ CODES = {
                                                   "nothing was kept or changed"),
     "not_owner":              (409,   7,    None, "a pool bridge asked to deliver for a VM whose "
                                                   "placement another host holds"),
+    "owner_unavailable":      (503,   3,    None, "in a pool, the VM's host took the forwarded "
+                                                  "request but did not answer; try again"),
     # -- the CLIs themselves, before or instead of an answer
     "wait_timeout":           (None,  1,    None, "`vmmessage wait` ran out of time"),
     "usage":                  (None,  2,    2,    "bad command line or invalid input"),

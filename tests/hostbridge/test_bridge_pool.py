@@ -150,9 +150,7 @@ def test_a_message_queued_by_another_bridge_should_wake_the_owner_and_arrive_onc
     run(pool_db, monkeypatch, body)
 
 
-def test_a_bridge_that_lost_the_vm_should_stop_delivering_and_queue_instead(
-    pool_db, monkeypatch
-):
+def test_a_bridge_that_lost_the_vm_should_stop_delivering_and_queue_instead(pool_db, monkeypatch):
     async def body(w):
         hv1 = await w.start("hv1", ["web1"])
         hv2 = await w.start("hv2")
