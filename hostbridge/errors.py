@@ -124,6 +124,7 @@ class StoreUnavailable(StoreError):
     network to it is cut): the request kept and changed nothing; it may be tried again."""
 
     code = "store_unavailable"
+    retry_after = 1.0  # seconds, for the API's Retry-After
 
 
 class Fenced(StoreError):
