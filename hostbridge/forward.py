@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from . import IDEMPOTENCY_HEADER, TIMEOUT_MAX
-from .errors import Busy
+from .errors import OwnerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class Forwarder:
     async def proxy(self, request: web.Request, base_url: str) -> web.Response:
         """The owner's answer to ``request``; OwnerUnreachable when it took no connection.
 
-        Once the request may have reached the owner, a failure is Busy (503): a send retried
-        with its Idempotency-Key is never applied twice, wherever the retry goes."""
+        Once the request may have reached the owner, a failure is OwnerUnavailable (503): a send
+        retried with its Idempotency-Key is never applied twice, wherever the retry goes."""
         headers = {h: request.headers[h] for h in _REQUEST_HEADERS if h in request.headers}
         headers["Authorization"] = "Bearer " + self._token
         headers[FORWARDED_HEADER] = self._host
@@ -77,12 +77,11 @@ class Forwarder:
             # A connect that failed, or a kept-alive connection the owner had closed before
             # reading anything: the request did not reach it.
             if isinstance(e, aiohttp.ServerDisconnectedError) and body is not None:
-                raise Busy(
-                    "the VM's host %s closed the connection; try again" % base_url, 1.0
+                raise OwnerUnavailable(
+                    "the VM's host %s closed the connection; try again" % base_url
                 ) from None
             raise OwnerUnreachable(str(e)) from None
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise Busy(
-                "the VM's host %s did not answer (%s); try again" % (base_url, type(e).__name__),
-                1.0,
+            raise OwnerUnavailable(
+                "the VM's host %s did not answer (%s); try again" % (base_url, type(e).__name__)
             ) from None

@@ -245,6 +245,12 @@ class Pool:
         return True
 
     def _placed(self, name: str, host: str | None, fence: int) -> None:
+        if host is not None and host not in self.hosts:
+            # A host that joined the pool since the last heartbeat: its URL, now (H rows).
+            try:
+                self.refresh_hosts()
+            except errors.StoreError as e:
+                log.warning("pool: cannot read the hosts: %s", e.message)
         p = self.placements.get(name)
         if p is not None:
             p.host, p.fence = host, fence
