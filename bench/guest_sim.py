@@ -1,7 +1,8 @@
 """Many simulated guests in one process, for the bridge benchmark (bench/bridge.py).
 
     .venv/bin/python bench/guest_sim.py --dir DIR --count 1000 [--keys 4] [--extra 1]
-                                        [--stats FILE]
+                                        [--stats FILE] [--first N] [--layout flat|libvirt]
+                                        [--control SOCK] [--record PREFIX]
 
 Listens on DIR/g0000.sock ... one unix socket per guest, the way QEMU's chardev does with
 server=on: the bridge connects to each; one client at a time per socket (while one is served, the
@@ -23,6 +24,26 @@ Guest names are vm0000, vm0001, ...; the --extra guests after --count are for a 
 One thread, one epoll selector, non-blocking sockets, no asyncio: the simulator must cost little CPU
 next to the bridge on a 2-core machine. Prints "ready N" on stdout once every socket listens; on
 SIGTERM or SIGINT writes per-request-type counts to --stats (JSON) and exits 0.
+
+For a pool of hosts (bench/pool.py), which finds its VMs by discovery and migrates them:
+
+- --first N: the guests are vm<N>, vm<N+1>, ... (several simulators, one per host, each its own
+  names); --layout libvirt: each socket where libvirt binds a channel, so that the bridge's
+  discovery finds and names it: DIR/domain-<k>-<name>/com.oracle.ovmd, k = 1, 2, ...
+- --control SOCK: one command a line, answered "ok" (or "error: ...") once done:
+    listen NAME PATH   the destination's QEMU made NAME's channel socket PATH (paused, incoming):
+                       PATH listens, but is not accepted from until `move` (a connect waits in the
+                       backlog, as QEMU reads nothing for a paused guest)
+    move NAME          the guest runs behind PATH now: its connection and socket at the source are
+                       closed, that socket and its domain directory removed (the source QEMU is
+                       gone), PATH accepted from. The guest keeps its cache, epoch and hseq, as a
+                       live-migrated guest does. The time of the move is kept, with the time the
+                       first bytes from a host came in after it and the first set or del
+    dump FILE          write what guests recorded (below) to FILE as JSON
+- --record PREFIX: every host set of a key starting with PREFIX that the guest applied is counted
+  by value, so that a load generator giving each such send a value of its own can tell lost
+  messages (never applied) and duplicates (applied twice) apart. Always counted, per guest:
+  re-deliveries the seq check dropped (seq <= hseq: answered ok dup), and epoch changes.
 """
 
 import argparse
@@ -61,6 +82,9 @@ READ_SIZE = 65536
 OUT_LIMIT = 4 * 1024 * 1024  # a host that stops reading: drop its connection past this
 
 
+CHANNEL_NAME = "com.oracle.ovmd"  # hostbridge.discovery's: the channel libvirt binds per domain
+
+
 def guest_name(i):
     return "vm%04d" % i
 
@@ -90,6 +114,14 @@ class Guest:
         "epoch",
         "hseq",
         "synced",
+        "incoming",
+        "moved_at",
+        "first_frame",
+        "first_set",
+        "moves",
+        "dups",
+        "epoch_changes",
+        "applied",
     )
 
     def __init__(self, name, path, keys):
@@ -108,30 +140,74 @@ class Guest:
         self.epoch = None
         self.hseq = 0
         self.synced = False
+        # Migration (--control): the incoming (socket, path) between `listen` and `move`; the
+        # monotonic times of the last move, of the first host bytes and the first host set or del
+        # after it (CLOCK_MONOTONIC is the machine's: a controller's times compare with these).
+        self.incoming = None
+        self.moved_at = None
+        self.first_frame = None
+        self.first_set = None
+        self.moves = 0
+        self.dups = 0  # host sets or dels dropped by the seq check (seq <= hseq)
+        self.epoch_changes = 0  # a hello with another epoch than the one followed (not the first)
+        self.applied = None  # --record: value -> times applied, for the recorded keys
+
+
+def _bind(path):
+    if os.path.exists(path):
+        os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(16)
+    s.setblocking(False)
+    return s
+
+
+class _Control:
+    """One connection on the control socket: its partial line and its answers."""
+
+    __slots__ = ("conn", "buf")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.buf = bytearray()
 
 
 class Sim:
-    def __init__(self, directory, count, keys, extra):
+    def __init__(
+        self, directory, count, keys, extra, first=0, layout="flat", control=None, record=None
+    ):
         self.sel = selectors.DefaultSelector()
         self.guests = []
+        self.by_name = {}
         self.counts = {}
         self.connects = 0
         self.running = True
+        self.layout = layout
+        self.control_path = control
+        self.control = None
+        self.record = record
         for i in range(count + extra):
-            name = guest_name(i)
-            path = os.path.join(directory, "g%04d.sock" % i)
-            self.guests.append(Guest(name, path, keys))
+            name = guest_name(first + i)
+            if layout == "libvirt":
+                path = os.path.join(directory, "domain-%d-%s" % (i + 1, name), CHANNEL_NAME)
+            else:
+                path = os.path.join(directory, "g%04d.sock" % i)
+            g = Guest(name, path, keys)
+            if record is not None:
+                g.applied = {}
+            self.guests.append(g)
+            self.by_name[name] = g
 
     def listen(self):
         for g in self.guests:
-            if os.path.exists(g.path):
-                os.unlink(g.path)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.bind(g.path)
-            s.listen(16)
-            s.setblocking(False)
-            g.listener = s
-            self.sel.register(s, selectors.EVENT_READ, (self._accept, g))
+            if self.layout == "libvirt":
+                os.makedirs(os.path.dirname(g.path), exist_ok=True)
+            g.listener = _bind(g.path)
+            self.sel.register(g.listener, selectors.EVENT_READ, (self._accept, g))
+        if self.control_path is not None:
+            self.control = _bind(self.control_path)
+            self.sel.register(self.control, selectors.EVENT_READ, (self._control_accept, None))
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -178,6 +254,8 @@ class Sim:
             if not data:
                 self._drop(g)
                 return
+            if g.moved_at is not None and g.first_frame is None:
+                g.first_frame = time.monotonic()
             self._feed(g, data)
             if g.conn is not None and g.out:
                 self._flush(g)
@@ -228,6 +306,8 @@ class Sim:
             elif t is Hello:
                 self._count("hello")
                 if ev.epoch is not None and ev.epoch != g.epoch:
+                    if g.epoch is not None:
+                        g.epoch_changes += 1
                     g.epoch, g.hseq = ev.epoch, 0  # a new host stream starts over
                 g.out.clear()  # replies to requests before this hello: the host ignores them
                 self._send(
@@ -272,12 +352,17 @@ class Sim:
         if not g.synced:
             self._send(g, encode(Err(id=msg.id, code="busy", msg="send hello first")))
             return
+        if g.moved_at is not None and g.first_set is None:
+            g.first_set = time.monotonic()
         if msg.seq is not None and msg.seq <= g.hseq:
+            g.dups += 1
             self._send(g, encode(Ok(id=msg.id, seq=msg.seq, dup=True)))
             return
         ts = time.time()
         if msg.seq is not None:
             g.hseq = msg.seq
+        if g.applied is not None and type(msg) is Set and msg.key.startswith(self.record):
+            g.applied[msg.value] = g.applied.get(msg.value, 0) + 1
         if type(msg) is Set:
             g.data.pop(msg.key, None)  # a set moves the key to the end, as the real cache
             g.data[msg.key] = (msg.value, ts, "host")
@@ -296,6 +381,115 @@ class Sim:
         if change is not None:
             self._send(g, encode(change))  # the host hears its ok first, then the change
 
+    # -- migration and the control socket ---------------------------------------------------------
+
+    def _control_accept(self, _none, mask):
+        assert self.control is not None  # registered by listen() only with --control
+        try:
+            conn, _ = self.control.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        self.sel.register(conn, selectors.EVENT_READ, (self._control_io, _Control(conn)))
+
+    def _control_io(self, c, mask):
+        try:
+            data = c.conn.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            c.buf += data
+        while b"\n" in c.buf:
+            line, _, rest = bytes(c.buf).partition(b"\n")
+            c.buf[:] = rest
+            answer = self._command(line.decode("utf-8", "replace").split())
+            try:
+                # Answers are a few bytes and the controller waits for each: a blocking send of
+                # so little to a unix socket does not wait.
+                c.conn.setblocking(True)
+                c.conn.sendall(answer.encode("utf-8") + b"\n")
+                c.conn.setblocking(False)
+            except OSError:
+                data = b""
+                break
+        if not data:
+            self.sel.unregister(c.conn)
+            c.conn.close()
+
+    def _command(self, words):
+        verb, args = (words[0], words[1:]) if words else ("", [])
+        try:
+            if verb == "listen" and len(args) == 2:
+                self._listen_incoming(self.by_name[args[0]], args[1])
+            elif verb == "move" and len(args) == 1:
+                self._move(self.by_name[args[0]])
+            elif verb == "dump" and len(args) == 1:
+                self._dump(args[0])
+            elif verb != "ping" or args:
+                return "error: unknown command"
+        except KeyError:
+            return "error: no such guest"
+        except (OSError, ValueError) as e:
+            return "error: %s" % e
+        return "ok"
+
+    def _listen_incoming(self, g, path):
+        if g.incoming is not None:
+            raise ValueError("a migration to %s is under way" % g.incoming[1])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        g.incoming = (_bind(path), path)
+
+    def _move(self, g):
+        """The switch-over: the guest is behind its incoming socket now (see the docstring)."""
+        if g.incoming is None:
+            raise ValueError("no incoming socket: listen first")
+        if g.conn is not None:
+            self.sel.unregister(g.conn)
+            g.conn.close()
+            g.conn = None
+            g.reader = None
+            g.out.clear()
+            g.want_write = False
+            g.synced = False
+        else:
+            self.sel.unregister(g.listener)
+        g.listener.close()
+        try:
+            os.unlink(g.path)
+            if self.layout == "libvirt":
+                os.rmdir(os.path.dirname(g.path))  # libvirt removes the domain's directory
+        except OSError:
+            pass
+        g.listener, g.path = g.incoming
+        g.incoming = None
+        self.sel.register(g.listener, selectors.EVENT_READ, (self._accept, g))
+        g.moves += 1
+        g.moved_at = time.monotonic()
+        g.first_frame = g.first_set = None
+
+    def _dump(self, path):
+        guests = {}
+        for g in self.guests:
+            if not (g.moves or g.dups or g.epoch_changes or g.applied):
+                continue
+            guests[g.name] = {
+                "path": g.path,
+                "moves": g.moves,
+                "moved_at": g.moved_at,
+                "first_frame": g.first_frame,
+                "first_set": g.first_set,
+                "dups": g.dups,
+                "epoch_changes": g.epoch_changes,
+                "hseq": g.hseq,
+                "applied": g.applied,
+            }
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"guests": guests, "requests": self.counts, "connects": self.connects}, f)
+        os.replace(tmp, path)
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self):
@@ -312,12 +506,23 @@ class Sim:
         for g in self.guests:
             if g.conn is not None:
                 g.conn.close()
-            if g.listener is not None:
-                g.listener.close()
+            sockets = [(g.listener, g.path)] + ([g.incoming] if g.incoming else [])
+            for s, path in sockets:
+                if s is None:
+                    continue
+                s.close()
                 try:
-                    os.unlink(g.path)
+                    os.unlink(path)
+                    if self.layout == "libvirt":
+                        os.rmdir(os.path.dirname(path))
                 except OSError:
                     pass
+        if self.control is not None:
+            self.control.close()
+            try:
+                os.unlink(self.control_path)
+            except OSError:
+                pass
         self.sel.close()
 
 
@@ -330,8 +535,31 @@ def main(argv=None):
         "--extra", type=int, default=0, help="more guests after --count, for yardsticks"
     )
     ap.add_argument("--stats", metavar="FILE", help="write request counts here (JSON) on exit")
+    ap.add_argument("--first", type=int, default=0, help="the first guest's number (default 0)")
+    ap.add_argument(
+        "--layout",
+        choices=("flat", "libvirt"),
+        default="flat",
+        help="flat: DIR/g0000.sock...; libvirt: DIR/domain-K-NAME/%s, as discovery finds them"
+        % CHANNEL_NAME,
+    )
+    ap.add_argument("--control", metavar="SOCK", help="a control socket: listen, move, dump")
+    ap.add_argument(
+        "--record",
+        metavar="PREFIX",
+        help="count the values of applied host sets of keys starting with PREFIX (for dump)",
+    )
     args = ap.parse_args(argv)
-    sim = Sim(args.dir, args.count, args.keys, args.extra)
+    sim = Sim(
+        args.dir,
+        args.count,
+        args.keys,
+        args.extra,
+        args.first,
+        args.layout,
+        args.control,
+        args.record,
+    )
 
     def stop(signum, frame):
         sim.running = False
