@@ -180,6 +180,11 @@ class Pool:
         p = self.placements.get(name)
         if p is None or p.host is None or p.host == self.host:
             return None
+        if p.host not in self.hosts:
+            try:
+                self.refresh_hosts()  # a host that joined since the last heartbeat
+            except errors.StoreError:
+                return None
         h = self.hosts.get(p.host)
         if h is None or not h.alive or not h.url:
             return None
@@ -236,8 +241,10 @@ class Pool:
             return False
         state = self.bridge.run_state(name)
         lifecycle = self.bridge.lifecycle
-        untold = state == "unknown" and lifecycle is not None and lifecycle.connected
-        if state != "migrating" and not untold:
+        # "shutoff"/"crashed" with a channel: a scan older than the VM's end (an incoming
+        # migration that failed here while the scan resolved names).
+        untold = state in ("unknown", "shutoff", "crashed")
+        if state != "migrating" and not (untold and lifecycle is not None and lifecycle.connected):
             return False
         if self.deferred.get(name) != path:
             log.info("VM %r: migrating in; its channel is connected once it runs here", name)
@@ -245,8 +252,10 @@ class Pool:
         return True
 
     def _placed(self, name: str, host: str | None, fence: int) -> None:
-        if host is not None and host not in self.hosts:
-            # A host that joined the pool since the last heartbeat: its URL, now (H rows).
+        known = self.hosts.get(host) if host is not None else None
+        if host is not None and (known is None or not known.alive):
+            # A host that joined the pool, or came back, since the last heartbeat: it claims,
+            # so it lives; its URL and heartbeat, now (H rows).
             try:
                 self.refresh_hosts()
             except errors.StoreError as e:
