@@ -14,6 +14,10 @@ live migration moves it. libvirt's lifecycle events are played by the test
 Each bridge has its own libvirt channel directory (discovery on, rescanned every 0.2 s), its own
 API socket, a TLS API on 127.0.0.1 (one certificate for all three, also the pool's CA), the
 pool's key, and a short lease, so that a dead host's VMs are released within seconds.
+
+A migration pauses the guest as libvirt does for the switch-over: the agent is stopped (SIGSTOP)
+and the stand-in reads nothing from the source's socket, so what the source's bridge writes then
+is lost with that socket, as with a real source QEMU; the agent's process, cache and hseq survive.
 """
 
 from __future__ import annotations
