@@ -6,21 +6,36 @@ body and Retry-After come back unchanged, so a client sees the same answers and 
 through any bridge. The owner never forwards a forwarded request again (FORWARDED_HEADER): two
 bridges that disagree about the placement answer from the database instead of looping.
 
-One aiohttp session keeps connections to the other bridges open (TLS verified against the pool's
-CA file, or the system's CAs): a forwarded query costs one more HTTP round trip on a warm
-connection, not a TLS handshake.
+The client is our own HTTP/1.1 over asyncio streams, not aiohttp's ClientSession: a forwarded
+query is one small request and one small answer on a warm connection, and aiohttp's client spent
+~0.25 ms of CPU a request around that, this one ~0.17 (most of it asyncio's TLS and event loop;
+bench/README.md). Per owner URL a few kept-alive TLS connections (verified against the pool's CA
+file, or the system's CAs) are reused, each only after a complete answer, and dropped on any
+error. The owner's answers are always aiohttp's: a status line, headers and a Content-Length
+body; anything else (chunked, oversized, malformed) is refused.
+
+Failures keep the caller's guarantees: OwnerUnreachable when the request cannot have reached the
+owner (the caller answers it here, from the database), OwnerUnavailable (503, Retry-After) once it
+may have (a send retried with its Idempotency-Key is never applied twice, wherever it goes). A
+certificate that does not verify is OwnerUnreachable too, as nothing was sent: the VM stays
+served from here (sends queued, queries stale) rather than failing, and the cause is logged as a
+certificate to fix, not as a host that does not answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+import time
+from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
 
+from ovmsys.ratelimit import RateLimitedLog
+
 from . import IDEMPOTENCY_HEADER, TIMEOUT_MAX
-from .errors import OwnerUnavailable
+from .errors import InvalidInput, OwnerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +43,25 @@ FORWARDED_HEADER = "X-Ovmd-Forwarded-By"
 # Headers of the request that the owner needs; anything else (the caller's own credentials
 # first of all) stays here.
 _REQUEST_HEADERS = ("Content-Type", "Accept", IDEMPOTENCY_HEADER)
-_RESPONSE_HEADERS = ("Content-Type", "Retry-After")
-CONNECT_TIMEOUT = 2.0
+_RESPONSE_HEADERS = (("Content-Type", b"content-type"), ("Retry-After", b"retry-after"))
+CONNECT_TIMEOUT = 2.0  # TCP connect and TLS handshake
+# The whole exchange, waiting for a connection included. The request's own `timeout` parameter is
+# what the owner honours; this only ends an owner that stopped answering.
+TOTAL_TIMEOUT = TIMEOUT_MAX + 10
+MAX_CONNECTIONS = 64  # per owner; beyond, a request waits for one
+# Connections opened at once per owner. The owner's admission counts a connection against
+# `[api] max_per_address` (16 by default) until its first request has been authenticated, and
+# refuses past that: a burst of new connections would be refused at the handshake and the owner
+# taken for dead. A slot is held until the first answer, or OPENING_HOLD at most (a long query
+# would otherwise keep it, although the owner authenticated it long ago).
+MAX_OPENING = 8
+OPENING_HOLD = 1.0
+# An idle connection is not reused after this long: the owner's server closes one after 75 s
+# (aiohttp's keepalive_timeout), and one closed just as a request is written costs that request.
+IDLE_MAX = 30.0
+MAX_ANSWER = 16 * 1024 * 1024
+_NO_BODY = (204, 304)
+_IDEMPOTENT = ("GET", "HEAD", "DELETE")
 
 
 class OwnerUnreachable(Exception):
@@ -37,51 +69,235 @@ class OwnerUnreachable(Exception):
     here instead."""
 
 
+class _Unanswered(Exception):
+    """A connection ended (EOF or reset) before any byte of the answer."""
+
+
+class _Conn:
+    __slots__ = ("reader", "writer", "idle_since")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = 0.0
+
+    def drop(self) -> None:
+        # abort(), not close(): no TLS close_notify to wait for on a connection we give up on.
+        self.writer.transport.abort()
+
+
+class _Owner:
+    """One owner URL: where to connect, and its connections."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise OwnerUnreachable("the pool host URL %s is not https://HOST[:PORT]" % url)
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or 443
+        self.prefix = parts.path.rstrip("/")
+        self.hostport = parts.netloc
+        self.idle: list[_Conn] = []
+        self.slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self.opening = asyncio.Semaphore(MAX_OPENING)
+
+    def take_idle(self) -> _Conn | None:
+        """The most recently used idle connection that is still open (an owner that closed one
+        while idle, restarting for instance, has been seen doing so: its reader is at EOF)."""
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if (
+                now - conn.idle_since < IDLE_MAX
+                and not conn.reader.at_eof()
+                and not conn.writer.transport.is_closing()
+            ):
+                return conn
+            conn.drop()
+        return None
+
+
 class Forwarder:
     def __init__(self, token: str, ca_file: str | None, host: str) -> None:
         self._token = token
         self._host = host
-        context = ssl.create_default_context(cafile=ca_file)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context, limit=256, limit_per_host=64),
-            timeout=aiohttp.ClientTimeout(total=TIMEOUT_MAX + 10, sock_connect=CONNECT_TIMEOUT),
-            auto_decompress=False,
-        )
+        self._ssl = ssl.create_default_context(cafile=ca_file)
+        self._owners: dict[str, _Owner] = {}
+        self._closed = False
+        self._warn = RateLimitedLog(log, 30.0)
         self.forwarded = 0  # requests answered by another host
 
     async def close(self) -> None:
-        await self._session.close()
+        self._closed = True
+        for owner in self._owners.values():
+            for conn in owner.idle:
+                conn.drop()
+            owner.idle.clear()
+        self._owners.clear()
 
     async def proxy(self, request: web.Request, base_url: str) -> web.Response:
         """The owner's answer to ``request``; OwnerUnreachable when it took no connection.
 
         Once the request may have reached the owner, a failure is OwnerUnavailable (503): a send
         retried with its Idempotency-Key is never applied twice, wherever the retry goes."""
-        headers = {h: request.headers[h] for h in _REQUEST_HEADERS if h in request.headers}
-        headers["Authorization"] = "Bearer " + self._token
-        headers[FORWARDED_HEADER] = self._host
-        body = await request.read() if request.can_read_body else None
+        owner = self._owners.get(base_url)
+        if owner is None:
+            owner = self._owners[base_url] = _Owner(base_url)
+        body = await request.read() if request.can_read_body else b""
+        # The target as it came (path_qs would decode a key's %2F), unless in absolute form.
+        target = request.raw_path
+        if not target.startswith("/"):
+            target = request.rel_url.raw_path_qs
+        head = "%s %s%s HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\n%s: %s\r\n" % (
+            request.method,
+            owner.prefix,
+            target,
+            owner.hostport,
+            self._token,
+            FORWARDED_HEADER,
+            self._host,
+        )
+        for name in _REQUEST_HEADERS:
+            value = request.headers.get(name)
+            if value is not None:
+                # The server's parser admits no line break in a value; were one to pass, it
+                # would let a caller write headers (or a request) under the pool's token.
+                if "\r" in value or "\n" in value:
+                    raise InvalidInput("the %s header has a line break" % name)
+                head += "%s: %s\r\n" % (name, value)
+        head += "Content-Length: %d\r\n\r\n" % len(body)
+        data = head.encode("utf-8", "surrogateescape") + body  # the header bytes as they came
         try:
-            async with self._session.request(
-                request.method,
-                base_url.rstrip("/") + request.rel_url.path_qs,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-            ) as answer:
-                data = await answer.read()
-                out = {h: answer.headers[h] for h in _RESPONSE_HEADERS if h in answer.headers}
-                self.forwarded += 1
-                return web.Response(status=answer.status, body=data, headers=out)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
-            # A connect that failed, or a kept-alive connection the owner had closed before
-            # reading anything: the request did not reach it.
-            if isinstance(e, aiohttp.ServerDisconnectedError) and body is not None:
-                raise OwnerUnavailable(
-                    "the VM's host %s closed the connection; try again" % base_url
-                ) from None
-            raise OwnerUnreachable(str(e)) from None
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise OwnerUnavailable(
-                "the VM's host %s did not answer (%s); try again" % (base_url, type(e).__name__)
-            ) from None
+            async with asyncio.timeout(TOTAL_TIMEOUT), owner.slots:
+                status, headers, answer = await self._exchange(owner, request.method, data)
+        except TimeoutError:
+            raise self._busy(owner, "did not answer in %d s" % TOTAL_TIMEOUT) from None
+        self.forwarded += 1
+        return web.Response(status=status, body=answer, headers=headers)
+
+    async def _exchange(
+        self, owner: _Owner, method: str, data: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = owner.take_idle()
+        if conn is not None:
+            try:
+                return await self._round_trip(owner, conn, method, data)
+            except _Unanswered:
+                # The owner closed this kept-alive connection as we wrote (idle too long, or
+                # restarting): it did not take the request. A GET or DELETE is asked again on
+                # a fresh connection; a POST may have been read, and only its client, with the
+                # Idempotency-Key, may send it again safely.
+                if method not in _IDEMPOTENT:
+                    raise self._busy(owner, "closed the connection") from None
+        return await self._fresh(owner, method, data)
+
+    async def _fresh(
+        self, owner: _Owner, method: str, data: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """The exchange on a new connection, holding one of the owner's opening slots."""
+        await owner.opening.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                owner.opening.release()
+
+        timer = asyncio.get_running_loop().call_later(OPENING_HOLD, release)
+        try:
+            conn = await self._connect(owner)
+            try:
+                return await self._round_trip(owner, conn, method, data)
+            except _Unanswered:
+                raise self._busy(owner, "closed the connection") from None
+        finally:
+            timer.cancel()
+            release()
+
+    async def _connect(self, owner: _Owner) -> _Conn:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(
+                    owner.host, owner.port, ssl=self._ssl, server_hostname=owner.host
+                )
+        except ssl.SSLCertVerificationError as e:
+            # Nothing was sent, so the request is answered here (as for a dead owner), but a
+            # certificate that does not verify is a configuration to fix, not an outage:
+            # said as such, rate-limited.
+            message = "the certificate of the pool host %s does not verify (%s)" % (
+                owner.url,
+                e.verify_message,
+            )
+            self._warn.warn("cert:" + owner.url, "%s; answering its VMs from here", message)
+            raise OwnerUnreachable(message) from None
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+            why = "timed out" if isinstance(e, TimeoutError) else e.strerror or type(e).__name__
+            raise OwnerUnreachable("cannot connect to %s: %s" % (owner.url, why)) from None
+        return _Conn(reader, writer)
+
+    async def _round_trip(
+        self, owner: _Owner, conn: _Conn, method: str, data: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Write ``data`` on ``conn`` and read the answer. ``conn`` goes back to the owner's idle
+        connections after a complete answer that lets it, and is dropped otherwise."""
+        reader = conn.reader
+        keep = False
+        try:
+            try:
+                conn.writer.write(data)
+                await conn.writer.drain()
+                raw = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as e:
+                if e.partial:
+                    raise
+                raise _Unanswered() from None
+            except ConnectionError:
+                # A reset before the whole head: an answer cut short is what only a crashing
+                # owner sends, and it is asked nothing again on this connection anyway.
+                raise _Unanswered() from None
+            status, fields, http11 = _parse_head(raw)
+            if b"transfer-encoding" in fields:
+                raise ValueError("a chunked answer")
+            if method == "HEAD" or status in _NO_BODY:
+                answer = b""
+            else:
+                length = int(fields[b"content-length"])  # KeyError: no length, refused
+                if not 0 <= length <= MAX_ANSWER:
+                    raise ValueError("an answer over %d bytes" % MAX_ANSWER)
+                answer = await reader.readexactly(length)
+            keep = http11 and fields.get(b"connection", b"").lower() != b"close"
+        except (OSError, EOFError, ValueError, KeyError, asyncio.LimitOverrunError) as e:
+            raise self._busy(owner, "sent a broken answer (%s)" % type(e).__name__) from None
+        finally:
+            if keep and not self._closed:
+                conn.idle_since = time.monotonic()
+                owner.idle.append(conn)
+            else:
+                conn.drop()
+        headers = {
+            name: fields[key].decode("latin-1") for name, key in _RESPONSE_HEADERS if key in fields
+        }
+        return status, headers, answer
+
+    @staticmethod
+    def _busy(owner: _Owner, what: str) -> OwnerUnavailable:
+        return OwnerUnavailable("the VM's host %s %s; try again" % (owner.url, what))
+
+
+def _parse_head(raw: bytes) -> tuple[int, dict[bytes, bytes], bool]:
+    """(status, {lower-case name: value}, whether HTTP/1.1) from a response head; ValueError
+    when it is not one."""
+    lines = raw[:-4].split(b"\r\n")
+    version, _, rest = lines[0].partition(b" ")
+    status = int(rest[:3])
+    if not version.startswith(b"HTTP/1.") or not 200 <= status <= 599:
+        raise ValueError("not an HTTP answer")  # 1xx included: we never ask for 100-continue
+    fields: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise ValueError("a header line without a colon")
+        fields[name.strip().lower()] = value.strip()
+    return status, fields, version == b"HTTP/1.1"
