@@ -43,7 +43,6 @@ from .model import (
     CancelResult,
     KeyList,
     KeyValue,
-    QueuedMessage,
     QueueList,
     SendResult,
     VmInfo,
@@ -802,22 +801,7 @@ class Bridge:
         if self._elsewhere(name) is not None:
             return remote.queue_list(self.store, name, limit)
         g = self.guest(name)
-        return QueueList(
-            vm=name,
-            messages=[
-                QueuedMessage(
-                    seq=r.seq,
-                    key=r.key,
-                    op="del" if r.value is None else "set",
-                    size=0 if r.value is None else len(r.value.encode("utf-8")),
-                    log=r.log,
-                    created=r.created,
-                    expires=r.expires,
-                    in_flight=g.delivery.was_written(r.seq),
-                )
-                for r in self.store.outbox(name, limit=max(0, int(limit)))
-            ],
-        )
+        return remote.queue_list(self.store, name, limit, g.delivery.was_written)
 
     def cancel(self, name: str, seq: int | None = None) -> CancelResult:
         """Withdraw VM ``name``'s undelivered message ``seq`` (None: all of them).

@@ -10,6 +10,7 @@ mirror its last owner saved, marked stale. Nothing here talks to a guest.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import errors
@@ -107,7 +108,11 @@ def keys(store: Any, row: VmRow) -> KeyList:
     )
 
 
-def queue_list(store: Any, name: str, limit: int) -> QueueList:
+def queue_list(
+    store: Any, name: str, limit: int, written: Callable[[int], bool] = lambda seq: False
+) -> QueueList:
+    """VM ``name``'s waiting messages without their values; ``written(seq)``: whether the guest
+    may hold one (its owner's delivery knows; elsewhere, none is known to be)."""
     return QueueList(
         vm=name,
         messages=[
@@ -119,7 +124,7 @@ def queue_list(store: Any, name: str, limit: int) -> QueueList:
                 log=r.log,
                 created=r.created,
                 expires=r.expires,
-                in_flight=False,
+                in_flight=written(r.seq),
             )
             for r in store.outbox(name, limit=max(0, int(limit)))
         ],
