@@ -295,11 +295,15 @@ class Bridge:
             await g.detach()
 
     def _run_state_changed(self, ev: LifecycleEvent) -> None:
-        # Domains that are no VM of the bridge (no ovmd channel) are not announced.
-        if ev.changed and ev.name in self._guests:
-            self.events.publish("vm.state", vm=ev.name, run_state=ev.state, reason=ev.detail)
+        # Domains that are no VM of the bridge (no ovmd channel) are not announced. In a pool the
+        # event goes to the pool first: a VM migrating in is only a deferred channel until
+        # RESUMED_MIGRATED attaches it, and is announced then, as its source announced it.
+        ours = ev.name in self._guests
         if self.pool is not None:
+            ours = ours or ev.name in self.pool.deferred
             self.pool.on_lifecycle(ev)
+        if ev.changed and (ours or ev.name in self._guests):
+            self.events.publish("vm.state", vm=ev.name, run_state=ev.state, reason=ev.detail)
 
     def run_state(self, name: str) -> str:
         """VM ``name``'s run state from libvirt (hostbridge.lifecycle.RUN_STATES); "unknown"

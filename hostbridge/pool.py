@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 OWNER_DOWN_PAUSE = 2.0
 
 
+def _order(host: str | None, fence: int) -> tuple[int, bool]:
+    """Which of two placements of one VM is newer: a claim raises the fence, and a release keeps
+    the fence of the claim it ends, so at one fence the release is the later."""
+    return fence, host is None
+
+
 class PoolHost(Protocol):
     """What the pool needs of the bridge it belongs to (hostbridge.bridge.Bridge)."""
 
@@ -118,7 +124,10 @@ class Pool:
         from .pgstore import PLACEMENT_CHANNEL, channel_for_host
 
         self.store.register_host(self.url, self.lease)
-        self.refresh()
+        # Listen first, then read: a claim committed between the read and the LISTEN would be
+        # neither in the read nor heard of, and this bridge would not know the VM until it
+        # restarts. The other way round, a claim may be both read and heard; _placed() keeps
+        # whichever is newer.
         listener = Listener(
             self.store_url,
             [PLACEMENT_CHANNEL, channel_for_host(self.host)],
@@ -127,6 +136,7 @@ class Pool:
         )
         await listener.start()
         self._listener = listener
+        self.refresh()
         self.forwarder = Forwarder(self.key.api_token(), self.ca_file, self.host)
         self._task = asyncio.get_running_loop().create_task(self._beat(), name="pool-heartbeat")
         log.info(
@@ -251,7 +261,13 @@ class Pool:
         self.deferred[name] = path
         return True
 
-    def _placed(self, name: str, host: str | None, fence: int) -> None:
+    def _placed(self, name: str, host: str | None, fence: int) -> bool:
+        """Record that ``host`` (None: nobody) holds VM ``name`` at ``fence``; False when what is
+        known is newer (a notification that arrives after a read that already saw a later claim
+        or release)."""
+        p = self.placements.get(name)
+        if p is not None and _order(host, fence) < _order(p.host, p.fence):
+            return False
         known = self.hosts.get(host) if host is not None else None
         if host is not None and (known is None or not known.alive):
             # A host that joined the pool, or came back, since the last heartbeat: it claims,
@@ -260,10 +276,9 @@ class Pool:
                 self.refresh_hosts()
             except errors.StoreError as e:
                 log.warning("pool: cannot read the hosts: %s", e.message)
-        p = self.placements.get(name)
         if p is not None:
             p.host, p.fence = host, fence
-            return
+            return True
         # A VM new to the pool: added alone (re-reading every placement for it would cost the
         # whole table per bridge per new VM: docs/fleet.md).
         from .pgstore import Placement
@@ -278,6 +293,7 @@ class Pool:
             url=None if owner is None else owner.url,
             alive=host is not None,
         )
+        return True
 
     # -- libvirt's lifecycle events -------------------------------------------------------------
 
@@ -335,7 +351,8 @@ class Pool:
         if len(parts) != 3 or not parts[2].isdigit():
             return
         name, host, fence = parts[0], (None if parts[1] == "-" else parts[1]), int(parts[2])
-        self._placed(name, host, fence)
+        if not self._placed(name, host, fence):
+            return  # older than what was read since
         held = self.store.held(name)
         g = self.bridge.local_guest(name)
         if host is None and g is not None and g.session.channel is not None:

@@ -193,8 +193,44 @@ def test_a_channel_found_while_the_vm_migrates_in_should_wait_for_resumed_migrat
         lc.play("web1", "STARTED_MIGRATED", "migrating")
         await hv1._found("web1", os.path.join(w.dir, "web1.sock"))
         assert hv1.local_guest("web1") is None and "web1" in hv1.pool.deferred
+        since = hv1.events.last_id
         lc.play("web1", "RESUMED_MIGRATED", "running")
         assert hv1.local_guest("web1") is not None and hv1.pool.owner("web1") == "hv1"
+        # The destination announces the VM's new run state, as the source announced the pause.
+        events = hv1.events.after(since, vm="web1").events
+        states = [
+            (e.fields["run_state"], e.fields["reason"]) for e in events if e.type == "vm.state"
+        ]
+        assert states == [("running", "RESUMED_MIGRATED")]
+
+    run(pool_db, monkeypatch, body)
+
+
+def test_a_claim_made_while_a_bridge_starts_should_be_known_to_it(pool_db, monkeypatch):
+    """A claim committed just after the starting bridge read the placements is heard of (the
+    bridge LISTENs before it reads), not missed until its next restart."""
+
+    async def body(w):
+        hv1 = await w.start("hv1", ["web1"])
+        await async_wait_for(lambda: hv1.pool.owner("web1") == "hv1", what="hv1 owns web1")
+        from hostbridge.pgstore import PgStore
+
+        real = PgStore.placements
+
+        def read_then_claim(store):
+            seen = real(store)
+            if store.host == "hv2":  # hv3 claims web1 right after hv2's read
+                hv3 = PgStore(w.url, "hv3", hv1.pool.key)
+                try:
+                    hv3.register_host("https://hv3.invalid:8443", 15)
+                    assert hv3.claim("web1", force=True) is not None
+                finally:
+                    hv3.close()
+            return seen
+
+        monkeypatch.setattr(PgStore, "placements", read_then_claim)
+        hv2 = await w.start("hv2")
+        await async_wait_for(lambda: hv2.pool.owner("web1") == "hv3", what="hv2 heard the claim")
 
     run(pool_db, monkeypatch, body)
 
@@ -244,3 +280,23 @@ def test_the_pool_should_carry_on_when_its_database_fails_over_to_a_replica(monk
             assert guest_value(agent, "com.example.c") == "3"
 
         run(url, monkeypatch, body)
+
+
+def test_a_placement_notice_older_than_what_the_bridge_read_should_change_nothing(
+    pool_db, monkeypatch
+):
+    from hostbridge.pgstore import PLACEMENT_CHANNEL
+
+    async def body(w):
+        hv1 = await w.start("hv1", ["web1"])
+        await async_wait_for(lambda: hv1.pool.owner("web1") == "hv1", what="hv1 owns web1")
+        fence = hv1.store.held("web1")
+        assert fence is not None
+        # A claim by hv9 at the fence before: heard after a read that saw hv1's later claim.
+        hv1.pool._notified(PLACEMENT_CHANNEL, "web1 hv9 %d" % (fence - 1))
+        assert hv1.pool.owner("web1") == "hv1" and hv1.store.held("web1") == fence
+        # hv1's own claim notice, heard again, changes nothing either.
+        hv1.pool._notified(PLACEMENT_CHANNEL, "web1 hv1 %d" % fence)
+        assert hv1.pool.owner("web1") == "hv1" and hv1.store.held("web1") == fence
+
+    run(pool_db, monkeypatch, body)
