@@ -108,6 +108,10 @@ class Session:
         self._budget = ReconnectBudget(limits.reconnect_budget)
         self._next_wait = 0.0  # seconds to wait before the next connect (set as a link ends)
         self._synced_at: float | None = None  # monotonic time the current link synced
+        # Cleared while the VM migrates away (hold_connects): the link the switch-over ends is not
+        # connected again, as the socket going away would take the connect and reset it.
+        self._may_connect = asyncio.Event()
+        self._may_connect.set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -128,6 +132,19 @@ class Session:
             await self.channel.aclose()
         self._link_down()
 
+    def hold_connects(self) -> None:
+        """Do not connect again once the current link ends, until allow_connects(): the VM is
+        migrating away, and its channel's socket here ends with the migration."""
+        self._may_connect.clear()
+
+    def allow_connects(self) -> None:
+        """Connect again as usual (the VM stays here: claimed, or its migration failed)."""
+        self._may_connect.set()
+
+    @property
+    def connects_held(self) -> bool:
+        return not self._may_connect.is_set()
+
     # -- the one reader -------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -135,6 +152,7 @@ class Session:
         assert channel is not None
         while True:
             self._set_state(State.CONNECTING)
+            await self._may_connect.wait()
             await asyncio.sleep(self._wait_before_connect())
             try:
                 await channel.connect()

@@ -176,7 +176,10 @@ def test_a_failed_migration_should_give_delivery_back_to_the_source(pool_db, mon
         r = await hv1.send("web1", "com.example.k", "during")
         assert r.outcome == "queued"  # the source stopped delivering at once
         assert guest_value(agent, "com.example.k") is None
+        # The switch-over would end the link: it is not connected again meanwhile.
+        assert hv1.local_guest("web1").session.connects_held
         lc.play("web1", "RESUMED_MIGRATED", "running")  # the migration failed: it runs here
+        assert not hv1.local_guest("web1").session.connects_held
         await async_wait_for(lambda: hv1.vm("web1").queued == 0, what="delivered again")
         assert guest_value(agent, "com.example.k") == "during"
         assert hv1.pool.owner("web1") == "hv1"

@@ -200,3 +200,19 @@ def test_only_a_link_that_stayed_synced_should_reset_the_reconnect_backoff(monke
             assert session.counters["failed_links"] == 1
 
     run(main())
+
+
+def test_a_link_lost_while_connects_are_held_should_wait_for_them_to_be_allowed():
+    async def main():
+        async with linked(FAST) as (guest, session):
+            await async_wait_for(lambda: session.state is State.SYNCED, what="sync")
+            session.hold_connects()  # the VM migrates away: its socket here goes with it
+            await guest.drop()
+            await async_wait_for(lambda: session.state is State.CONNECTING, what="link down")
+            await asyncio.sleep(0.2)  # FAST reconnects within a few ms when allowed
+            assert guest.connections == 1
+            session.allow_connects()  # the migration failed: the VM stays here
+            await async_wait_for(lambda: session.state is State.SYNCED, what="reconnect")
+            assert guest.connections == 2
+
+    run(main())
