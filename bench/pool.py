@@ -93,11 +93,12 @@ GOAL_SEND_RATIO = 2.0  # the pool's sends/s over one SQLite bridge's
 GOAL_FORWARD_RATIO = 2.0  # a query through a non-owner over one through the owner (p50)
 GOAL_HANDOFF_P99_S = 1.0
 
-# name -> (kind, side, via, connections per bridge); side "pool" or "single"; via "owner" (each
-# bridge its own VMs) or "other" (each bridge the next one's VMs). Sequential phases ("seq_")
-# go to hv1's VMs only.
+# name -> (kind, side, via, connections per bridge); side "pool", "one" (hv1 alone, the others
+# idle: what one host of a pool does) or "single"; via "owner" (each bridge its own VMs) or
+# "other" (each bridge the next one's VMs). Sequential phases ("seq_") go to hv1's VMs only.
 PHASES = {
     "send_pool": ("send", "pool", "owner", CONCURRENCY),
+    "send_one": ("send", "one", "owner", CONCURRENCY),
     "send_single": ("send", "single", "owner", CONCURRENCY),
     "send_pool_other": ("send", "pool", "other", CONCURRENCY),
     "query_pool": ("query", "pool", "owner", CONCURRENCY),
@@ -111,7 +112,7 @@ PHASES = {
 }
 # Interleaved within a round, in this order on even rounds and reversed on odd ones.
 GROUPS = (
-    ("send_pool", "send_single", "send_pool_other"),
+    ("send_pool", "send_single", "send_pool_other", "send_one"),
     ("query_pool", "query_single", "query_pool_other"),
     ("seq_query_owner", "seq_query_other", "seq_query_single"),
     ("seq_send_owner", "seq_send_other"),
@@ -710,7 +711,7 @@ class Run:
             assert b is not None
             return [(b.api_socket, b.sim.first, b.sim.count)]
         out = []
-        bridges = self.pool[:1] if seq else self.pool
+        bridges = self.pool[:1] if seq or side == "one" else self.pool
         for b in bridges:
             k = self.pool.index(b)
             to = self.pool[(k + 1) % len(self.pool)] if via == "other" else b
@@ -730,7 +731,10 @@ class Run:
         # The send path's commits (GET /v1/health), summed over the side's bridges, read just
         # before and after the load generator's run: its warm-up and drain are counted too, as
         # are its requests (total_requests).
-        bridges = self.pool if side == "pool" else [b for b in [self.single] if b is not None]
+        if side == "single":
+            bridges = [b for b in [self.single] if b is not None]
+        else:
+            bridges = self.pool if side == "pool" else self.pool[:1]
         h0 = [b.health() or {} for b in bridges]
         res, wall, cpu = run_loadgen(self.real_py, argv, self.cpu_groups())
         h1 = [b.health() or {} for b in bridges]
@@ -802,7 +806,7 @@ def run_round(run, i):
         for name in order:
             if run.single is None and PHASES[name][1] == "single":
                 continue
-            if not run.pool and PHASES[name][1] == "pool":
+            if not run.pool and PHASES[name][1] in ("pool", "one"):
                 continue
             r["order"].append(name)
             r["phases"][name] = run.phase(name, 1000 * i + 17 * g + 1)
@@ -1097,6 +1101,27 @@ def build_summary(res):
         "requests_per_commit",
         single,
         "%.2f",
+    )
+    pair(
+        "sends/s, one pool bridge alone (%d conn)" % CONCURRENCY,
+        "send_one",
+        "send_single",
+        "rate",
+        single,
+    )
+    pair("   p50 (ms)", "send_one", "send_single", "p50_ms", single, "%.2f")
+    # What three hosts would do, each with its own cores (here three bridges share two): three
+    # times one bridge alone. A projection, not a measurement: it assumes the database keeps up
+    # (bench/pg_fleet.py measures how far it does).
+    ones, yard = fig("send_one", "rate"), fig("send_single", "rate")
+    threes = [None if x is None else 3 * x for x in ones]
+    row(
+        "   projected: 3 hosts, each as one bridge alone",
+        med(threes),
+        med(yard),
+        med([_ratio(a, b) for a, b in zip(threes, yard)]),
+        single,
+        "(projection)",
     )
     owners = "the pool through the owners"
     pair(
@@ -1432,7 +1457,7 @@ def report(res, args):
         )
         print_summary(rows)
         print()
-        for phase in ("send_pool", "send_single", "query_pool", "query_single"):
+        for phase in ("send_pool", "send_one", "send_single", "query_pool", "query_single"):
             cpus = [r["phases"][phase]["cpu_pct"] for r in res["rounds"] if phase in r["phases"]]
             if cpus:
                 print(
