@@ -153,11 +153,26 @@
 
     /* ---- the VM list ---- */
 
+    // In a pool of hosts (docs/pool.md) the list holds the whole pool's VMs, each with the host
+    // that runs it (null: none does); on a single host every VM's host is null.
+    function inPool() {
+        return Array.from(state.vms.values()).some(function (vm) {
+            return typeof vm.host === "string";
+        });
+    }
+
+    // A VM's host as a cell's text and class: muted when no host runs it.
+    function hostText(vm) {
+        return typeof vm.host === "string" ? [vm.host, "host"] : ["none", "host hb-hidden"];
+    }
+
     function renderVms() {
         const tbody = $("vms").tBodies[0];
         clear(tbody);
         const names = Array.from(state.vms.keys()).sort();
+        const pooled = inPool();
         $("no-vms").hidden = names.length > 0;
+        $("vms-host").hidden = !pooled;
         names.forEach(function (name) {
             const vm = state.vms.get(name);
             const tr = document.createElement("tr");
@@ -172,6 +187,10 @@
             });
             nameCell.appendChild(link);
             tr.appendChild(nameCell);
+            if (pooled) {
+                const host = hostText(vm);
+                tr.appendChild(el("td", host[0], host[1]));
+            }
             const run = el("td", vm.run_state || "unknown", "run-state");
             run.dataset.state = vm.run_state || "unknown";
             tr.appendChild(run);
@@ -228,6 +247,10 @@
         const dl = $("summary");
         clear(dl);
         if (!vm) return;
+        if (inPool()) {
+            const host = hostText(vm);
+            summaryRow(dl, "Host", host[0], host[1]);
+        }
         summaryRow(dl, "Run state", vm.run_state || "unknown", "run-state");
         summaryRow(dl, "Agent", vm.agent + (vm.agent_version ? " (" + vm.agent_version + ")" : ""), "agent");
         summaryRow(dl, "Channel", vm.channel, "channel");

@@ -20,6 +20,7 @@ import socket
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -142,3 +143,32 @@ def chromium(user_data_dir: str) -> Iterator[Any]:
             yield context
         finally:
             context.close()
+
+
+@dataclass
+class Tab:
+    """One browser tab on the page, and what the page said on its console."""
+
+    page: Any  # playwright's Page
+    errors: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def new_tab(browser: Any) -> Iterator[Tab]:
+    """A fresh tab of ``browser`` (a BrowserContext) that records the page's errors and its
+    console's error messages; closed on the way out."""
+    page = browser.new_page()
+    tab = Tab(page)
+    page.on("pageerror", lambda exc: tab.errors.append("page error: %s" % exc))
+    page.on(
+        "console",
+        lambda msg: (
+            tab.errors.append("console %s: %s" % (msg.type, msg.text))
+            if msg.type == "error"
+            else None
+        ),
+    )
+    try:
+        yield tab
+    finally:
+        page.close()

@@ -8,7 +8,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -17,7 +17,9 @@ from hostbridge.apiclient import Client
 from tests.cockpit.cockpit_harness import (
     DEADLINE,
     CockpitWs,
+    Tab,
     chromium,
+    new_tab,
     require_browser_and_cockpit,
 )
 from tests.hostbridge.bridge_harness import BridgeProc
@@ -74,28 +76,7 @@ def rig() -> Iterator[Rig]:
         yield rig
 
 
-@dataclass
-class Tab:
-    """One browser tab on the page, and what the page said on its console."""
-
-    page: Any  # playwright's Page
-    errors: list[str] = field(default_factory=list)
-
-
 @pytest.fixture
 def tab(rig: Rig) -> Iterator[Tab]:
-    page = rig.browser.new_page()
-    tab = Tab(page)
-    page.on("pageerror", lambda exc: tab.errors.append("page error: %s" % exc))
-    page.on(
-        "console",
-        lambda msg: (
-            tab.errors.append("console %s: %s" % (msg.type, msg.text))
-            if msg.type == "error"
-            else None
-        ),
-    )
-    try:
+    with new_tab(rig.browser) as tab:
         yield tab
-    finally:
-        page.close()

@@ -252,4 +252,9 @@ def test_the_guest_facts_should_show_the_agents_host_name_os_and_addresses(rig, 
     for name, addresses in facts.get("interfaces", {}).items():
         row = page.locator("#interfaces tbody tr[data-interface='%s']" % name)
         expect(row.locator("td.addresses")).to_have_text(" ".join(addresses))
+    # A single host, not a pool: no Host column, no host in the summary (test_page_pool.py).
+    expect(page.locator("#summary dd.agent")).to_be_visible()
+    expect(page.locator("#vms-host")).to_be_hidden()
+    expect(page.locator("#vms td.host")).to_have_count(0)
+    expect(page.locator("#summary .host")).to_have_count(0)
     assert_clean_console(tab)
