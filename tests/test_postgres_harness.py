@@ -132,9 +132,14 @@ def test_a_committed_row_should_survive_a_kill_of_the_server(postgres_server):
         assert conn.execute("SELECT value FROM %s" % table).fetchall() == [("committed",)]
 
 
-def _shared_memory_ids() -> set[str]:
-    out = subprocess.run(["ipcs", "-m"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[1] for line in out.splitlines() if line.startswith("0x")}
+def _shared_memory_of(pids: list[int]) -> set[str]:
+    """The System V shared memory segments that one of ``pids`` created. By creator, not by a
+    before/after difference: other clusters (tests running beside this one) come and go."""
+    out = subprocess.run(["ipcs", "-m", "-p"], capture_output=True, text=True, check=True).stdout
+    mine = {str(pid) for pid in pids}
+    return {
+        f[0] for f in (line.split() for line in out.splitlines()) if len(f) >= 3 and f[2] in mine
+    }
 
 
 def _alive(pid: int) -> bool:
@@ -150,12 +155,12 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("how", ["running", "killed", "stopped"])
 def test_closing_should_leave_no_process_no_directory_and_no_shared_memory(how):
-    segments_before = _shared_memory_ids()
     pg = PostgresCluster()
     with pg:
         conn = psycopg.connect(pg.conninfo)  # a backend too, left open on purpose
         pids = pg.processes()
         assert pg.proc.pid in pids and len(pids) > 1
+        assert _shared_memory_of(pids) != set()  # the server's segment: what must go below
         if how == "killed":
             pg.kill()
         elif how == "stopped":
@@ -165,7 +170,7 @@ def test_closing_should_leave_no_process_no_directory_and_no_shared_memory(how):
     # The data directory is gone, so pg.processes() could not see survivors: ask by pid (a reused
     # pid would be a false alarm, not a missed leftover).
     assert [pid for pid in pids if _alive(pid)] == []
-    assert _shared_memory_ids() - segments_before == set()
+    assert _shared_memory_of(pids) == set()
 
 
 def test_a_new_database_should_belong_to_the_test_role(postgres_server):
