@@ -180,6 +180,9 @@ class Session:
     def _after_link(self) -> None:
         """A link ended: a stable one resets the backoff, any other makes the next connect wait."""
         synced_at, self._synced_at = self._synced_at, None
+        if self.connects_held:
+            # The VM is migrating away: its link ends with it, as it should; no connect follows.
+            return
         if synced_at is not None and time.monotonic() - synced_at >= STABLE_LINK:
             self._backoff.reset()
             self._next_wait = 0.0
