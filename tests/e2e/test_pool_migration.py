@@ -522,13 +522,14 @@ def env(image: Image, postgres_cluster: PostgresCluster) -> Iterator[Env]:
                 e.bridges[name] = PoolHost(
                     name, lv, secrets, url, os.path.join(workdir, "bridge-" + name)
                 )
-            # hvA first, and hvB once hvA has claimed the guest: a bridge reads the placements
-            # before it LISTENs, so a claim committed in between is never heard of by it (seen
-            # here: hvB then answered unknown_vm for the guest for good). This file is about
-            # migrations, not about that race at a bridge's start.
-            e.bridge("A").start().wait_ready()
+            # Both at once: hvA's claim may land while hvB starts, and hvB must hear of it (it
+            # LISTENs before it reads the placements).
+            e.bridge("A").start()
+            e.bridge("B").start()
+            e.bridge("A").wait_ready()
+            e.bridge("B").wait_ready()
             e.bridge("A").wait_owner("hvA")
-            e.bridge("B").start().wait_ready()
+            e.bridge("B").wait_owner("hvA")
             try:
                 yield e
             finally:
