@@ -303,13 +303,20 @@ _STATUS_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
 async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Unix socket: file permissions decide. Anything else: a valid token or user/password."""
     if not _is_unix(request):
-        principal = await request.app[AUTH].authenticate(
-            request.headers.get("Authorization"), request.remote
-        )
+        auth = request.app[AUTH]
+        header = request.headers.get("Authorization")
+        # A valid bearer token (every request a pool forwards) is checked without a coroutine;
+        # anything else goes the whole way, where failures count against the client's address.
+        principal = auth.check_bearer(header)
+        if principal is None:
+            principal = await auth.authenticate(header, request.remote)
         admitted = getattr(request.protocol, "admission", None)
         if admitted is not None:
             admitted[0].authenticated(admitted[1])
-        log.debug("%s %s by %s %s", request.method, request.path, principal.kind, principal.name)
+        if log.isEnabledFor(logging.DEBUG):  # request.path is computed on demand
+            log.debug(
+                "%s %s by %s %s", request.method, request.path, principal.kind, principal.name
+            )
     return await handler(request)
 
 
@@ -683,11 +690,12 @@ def _add_routes(app: web.Application) -> None:
 def _forwarding(handler: Handler) -> Handler:
     """``handler`` in a pool: a request for a VM another live host owns is answered by that host
     (hostbridge.forward); one the owner cannot take is answered here, from the shared database."""
+    # Imported once here, not in serve(): every request of a pool bridge, forwarded or not,
+    # would pay the import statement.
+    from hostbridge.forward import FORWARDED_HEADER, OwnerUnreachable
 
     @functools.wraps(handler)
     async def serve(request: web.Request) -> web.StreamResponse:
-        from hostbridge.forward import FORWARDED_HEADER, OwnerUnreachable
-
         pool = cast(Any, request.app[BRIDGE]).pool
         url = pool.route(request.match_info["vm"], FORWARDED_HEADER in request.headers)
         if url is not None and pool.forwarder is not None:

@@ -6,13 +6,19 @@ body and Retry-After come back unchanged, so a client sees the same answers and 
 through any bridge. The owner never forwards a forwarded request again (FORWARDED_HEADER): two
 bridges that disagree about the placement answer from the database instead of looping.
 
-The client is our own HTTP/1.1 over asyncio streams, not aiohttp's ClientSession: a forwarded
+The client is our own HTTP/1.1 on an asyncio Protocol, not aiohttp's ClientSession: a forwarded
 query is one small request and one small answer on a warm connection, and aiohttp's client spent
-~0.25 ms of CPU a request around that, this one ~0.17 (most of it asyncio's TLS and event loop;
-bench/README.md). Per owner URL a few kept-alive TLS connections (verified against the pool's CA
-file, or the system's CAs) are reused, each only after a complete answer, and dropped on any
-error. The owner's answers are always aiohttp's: a status line, headers and a Content-Length
-body; anything else (chunked, oversized, malformed) is refused.
+~0.25 ms of CPU a request around that. The Protocol keeps what arrives in one buffer and wakes the
+waiting request as it comes (one TLS record holds a whole answer): ~45 us of CPU a request
+against a TLS server in C, where asyncio's streams (readuntil, readexactly, drain) took ~50; a
+bare Protocol that parses nothing takes ~28, asyncio's TLS and event loop included
+(bench/forward_hop.py measures the hop).
+
+Per owner URL a few kept-alive TLS connections (verified against the pool's CA file, or the
+system's CAs) are reused, each only after a complete answer, and dropped on any error or when
+bytes arrive beyond an answer (never taken for the next one). The owner's answers are always
+aiohttp's: a status line, headers and a Content-Length body; anything else (chunked, oversized,
+malformed) is refused.
 
 Failures keep the caller's guarantees: OwnerUnreachable when the request cannot have reached the
 owner (the caller answers it here, from the database), OwnerUnavailable (503, Retry-After) once it
@@ -28,6 +34,7 @@ import asyncio
 import logging
 import ssl
 import time
+from typing import cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -73,17 +80,72 @@ class _Unanswered(Exception):
     """A connection ended (EOF or reset) before any byte of the answer."""
 
 
-class _Conn:
-    __slots__ = ("reader", "writer", "idle_since")
+class _Broken(Exception):
+    """The owner's answer is not one we take (cut short, malformed, chunked, oversized): said by
+    the name of what went wrong, never by what the owner sent."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+
+# An answer's head (status line and headers) over this is refused: aiohttp's are ~200 bytes, and
+# this was asyncio's StreamReader limit, which refused them before.
+MAX_HEAD = 64 * 1024
+
+
+class _Conn(asyncio.Protocol):
+    """One kept-alive TLS connection to an owner. Whatever arrives is kept in ``buf``; the request
+    waiting for an answer is woken when something arrives or the connection ends."""
+
+    __slots__ = ("transport", "buf", "waiter", "ended", "reset", "idle_since")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[None] | None = None
+        self.ended = False  # EOF or lost: nothing more will arrive
+        self.reset: BaseException | None = None  # why it was lost, when not by a clean EOF
         self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        self._wake()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        if exc is not None and self.reset is None:
+            self.reset = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def more(self) -> None:
+        """Wait until more arrives or the connection ends."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def why_ended(self) -> str:
+        return "cut short" if self.reset is None else type(self.reset).__name__
+
+    @property
+    def open(self) -> bool:
+        return not self.ended and self.transport is not None and not self.transport.is_closing()
 
     def drop(self) -> None:
         # abort(), not close(): no TLS close_notify to wait for on a connection we give up on.
-        self.writer.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class _Owner:
@@ -108,11 +170,7 @@ class _Owner:
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if (
-                now - conn.idle_since < IDLE_MAX
-                and not conn.reader.at_eof()
-                and not conn.writer.transport.is_closing()
-            ):
+            if now - conn.idle_since < IDLE_MAX and conn.open and not conn.buf:
                 return conn
             conn.drop()
         return None
@@ -219,8 +277,8 @@ class Forwarder:
     async def _connect(self, owner: _Owner) -> _Conn:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                reader, writer = await asyncio.open_connection(
-                    owner.host, owner.port, ssl=self._ssl, server_hostname=owner.host
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    _Conn, owner.host, owner.port, ssl=self._ssl, server_hostname=owner.host
                 )
         except ssl.SSLCertVerificationError as e:
             # Nothing was sent, so the request is answered here (as for a dead owner), but a
@@ -235,43 +293,68 @@ class Forwarder:
         except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
             why = "timed out" if isinstance(e, TimeoutError) else e.strerror or type(e).__name__
             raise OwnerUnreachable("cannot connect to %s: %s" % (owner.url, why)) from None
-        return _Conn(reader, writer)
+        return conn
 
     async def _round_trip(
         self, owner: _Owner, conn: _Conn, method: str, data: bytes
     ) -> tuple[int, dict[str, str], bytes]:
         """Write ``data`` on ``conn`` and read the answer. ``conn`` goes back to the owner's idle
         connections after a complete answer that lets it, and is dropped otherwise."""
-        reader = conn.reader
         keep = False
         try:
+            if not conn.open:
+                raise _Unanswered()
+            assert conn.transport is not None
+            conn.transport.write(data)
+            buf = conn.buf
+            end = buf.find(b"\r\n\r\n")
+            while end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise _Broken("a head over %d bytes" % MAX_HEAD)
+                if conn.ended:
+                    # A reset before the whole head: an answer cut short is what only a
+                    # crashing owner sends, and it is asked nothing again on this connection
+                    # anyway. A clean EOF after part of a head is a broken answer.
+                    if isinstance(conn.reset, ConnectionError) or (not buf and not conn.reset):
+                        raise _Unanswered()
+                    raise _Broken(conn.why_ended())
+                seen = len(buf)
+                await conn.more()
+                end = buf.find(b"\r\n\r\n", max(0, seen - 3))
+            end += 4
+            if end > MAX_HEAD:
+                raise _Broken("a head over %d bytes" % MAX_HEAD)
             try:
-                conn.writer.write(data)
-                await conn.writer.drain()
-                raw = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as e:
-                if e.partial:
-                    raise
-                raise _Unanswered() from None
-            except ConnectionError:
-                # A reset before the whole head: an answer cut short is what only a crashing
-                # owner sends, and it is asked nothing again on this connection anyway.
-                raise _Unanswered() from None
-            status, fields, http11 = _parse_head(raw)
+                status, fields, http11 = _parse_head(bytes(buf[:end]))
+            except (ValueError, KeyError) as e:
+                raise _Broken(type(e).__name__) from None
             if b"transfer-encoding" in fields:
-                raise ValueError("a chunked answer")
+                raise _Broken("chunked")  # aiohttp's answers have a length
             if method == "HEAD" or status in _NO_BODY:
-                answer = b""
+                length = 0
             else:
-                length = int(fields[b"content-length"])  # KeyError: no length, refused
+                try:
+                    length = int(fields[b"content-length"])  # no length: refused
+                except (ValueError, KeyError) as e:
+                    raise _Broken(type(e).__name__) from None
                 if not 0 <= length <= MAX_ANSWER:
-                    raise ValueError("an answer over %d bytes" % MAX_ANSWER)
-                answer = await reader.readexactly(length)
-            keep = http11 and fields.get(b"connection", b"").lower() != b"close"
-        except (OSError, EOFError, ValueError, KeyError, asyncio.LimitOverrunError) as e:
-            raise self._busy(owner, "sent a broken answer (%s)" % type(e).__name__) from None
+                    raise _Broken("over %d bytes" % MAX_ANSWER)
+            while len(buf) < end + length:
+                if conn.ended:
+                    raise _Broken(conn.why_ended())
+                await conn.more()
+            answer = bytes(buf[end : end + length])
+            # Bytes beyond the answer were never asked for: the connection is not reused.
+            keep = (
+                http11
+                and len(buf) == end + length
+                and fields.get(b"connection", b"").lower() != b"close"
+            )
+            del buf[:]
+        except _Broken as e:
+            raise self._busy(owner, "sent a broken answer (%s)" % e) from None
         finally:
-            if keep and not self._closed:
+            if keep and not self._closed and conn.open:
                 conn.idle_since = time.monotonic()
                 owner.idle.append(conn)
             else:

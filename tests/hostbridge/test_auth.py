@@ -161,6 +161,43 @@ def test_it_should_see_a_revoked_token_and_a_new_user_without_restart(authentica
     assert authenticate(authenticator, basic("newbie", "pw-new")).name == "newbie"
 
 
+POOL_TOKEN = "pool-0123456789abcdef0123456789"
+
+
+def test_the_pool_token_should_authenticate_while_the_tokens_file_cannot_be_read(tmp_path):
+    # The tokens file's path runs through a regular file: every stat() of it fails (ENOTDIR),
+    # as for a file an operator broke. The pool keeps forwarding: its token is compared first,
+    # and alone when it matches; every other token still needs the file.
+    (tmp_path / "plain").write_text("")
+    authenticator = auth.Authenticator(
+        str(tmp_path / "plain" / "tokens"), None, pool_token=POOL_TOKEN
+    )
+    assert authenticate(authenticator, "Bearer " + POOL_TOKEN) == auth.Principal("token", "pool")
+    assert authenticator.check_bearer("Bearer " + POOL_TOKEN) == auth.Principal("token", "pool")
+    with pytest.raises(auth.CredentialFileError):
+        authenticate(authenticator, "Bearer " + TOKEN)
+
+
+def test_check_bearer_should_answer_only_a_valid_token_and_leave_the_rest_to_authenticate(
+    tmp_path,
+):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ci:%s\n" % TOKEN)
+    authenticator = auth.Authenticator(str(tokens), None, pool_token=POOL_TOKEN)
+    assert authenticator.check_bearer(" bearer  %s " % TOKEN) == auth.Principal("token", "ci")
+    assert authenticator.check_bearer("Bearer " + POOL_TOKEN) == auth.Principal("token", "pool")
+    for header in (None, "", "Bearer", "Bearer nope", basic("admin", "pw"), "Token " + TOKEN):
+        assert authenticator.check_bearer(header) is None
+    # Its None costs nothing at the failure table: authenticate() counts the failure.
+    assert authenticator.failures.retry_after("192.0.2.1") == 0
+    for _ in range(auth.AUTH_FAILURES_BURST):
+        with pytest.raises(Unauthorized):
+            asyncio.run(authenticator.authenticate("Bearer nope", "192.0.2.1"))
+    assert authenticator.failures.retry_after("192.0.2.1") > 0
+    # A valid token from that address still passes, as before (a token cannot be guessed).
+    assert authenticator.check_bearer("Bearer " + TOKEN) == auth.Principal("token", "ci")
+
+
 # ---- a real TLS listener on 127.0.0.1 ----
 
 

@@ -387,3 +387,106 @@ def test_a_certificate_that_does_not_verify_should_be_unreachable_and_said_so(
             assert any("does not verify" in r.getMessage() for r in caplog.records)
 
     asyncio.run(main())
+
+
+@dataclass
+class RawOwner:
+    """An owner that writes, for each request head it reads, the bytes ``answers`` gives for
+    that request's number (0, 1, ...) over TLS, then closes when told; the connections it
+    accepted are counted."""
+
+    cert: tuple[str, str]
+    answers: Callable[[int], bytes]
+    close_after: bool = False
+    connections: int = 0
+    requests: int = 0
+
+    async def __aenter__(self) -> RawOwner:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(*self.cert)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=ctx)
+        self.url = "https://127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                number, self.requests = self.requests, self.requests + 1
+                writer.write(self.answers(number))
+                await writer.drain()
+                if self.close_after:
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+def _answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def _forward(forwarder: Forwarder, url: str, path: str = "/v1/vms/web1") -> web.Response:
+    """Forwarder.proxy of a GET of ``path``, as the API calls it."""
+    from aiohttp.test_utils import make_mocked_request
+
+    return await forwarder.proxy(make_mocked_request("GET", path), url)
+
+
+def test_bytes_after_an_answer_should_not_be_taken_for_the_next_answer(cert):
+    # An owner that sent more than its answer (a broken or hostile one) must not have those
+    # bytes read as the answer to the next request on the same connection: the connection is
+    # dropped, and the next request gets its own answer on a new one.
+    def answers(number: int) -> bytes:
+        extra = _answer(b"not asked for") if number == 0 else b""
+        return _answer(b'{"n": %d}' % number) + extra
+
+    async def main():
+        async with RawOwner(cert, answers) as owner:
+            forwarder = Forwarder(TOKEN, cert[0], "hv2")
+            try:
+                first = await _forward(forwarder, owner.url)
+                await asyncio.sleep(0.05)  # everything the owner wrote has arrived
+                second = await _forward(forwarder, owner.url)
+                third = await _forward(forwarder, owner.url)
+            finally:
+                await forwarder.close()
+            assert [r.body for r in (first, second, third)] == [
+                b'{"n": 0}',
+                b'{"n": 1}',
+                b'{"n": 2}',
+            ]
+            assert owner.connections == 2  # the second and third shared a kept-alive one
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "answer, why",
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * (forward.MAX_HEAD + 1) + b"\r\n\r\n", "a head"),
+        (b"HTTP/1.1 200 OK\r\nContent-Len", "cut short"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "cut short"),
+        (b"HTTP/1.1 200 OK\r\n\r\n{}", "KeyError"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "ValueError"),
+    ],
+    ids=["head-over-limit", "eof-in-head", "eof-in-body", "no-length", "not-http"],
+)
+def test_a_broken_answer_should_be_unavailable_and_name_what_was_wrong(cert, answer, why):
+    async def main():
+        async with RawOwner(cert, lambda n: answer, close_after=True) as owner:
+            forwarder = Forwarder(TOKEN, cert[0], "hv2")
+            try:
+                with pytest.raises(OwnerUnavailable) as e:
+                    await _forward(forwarder, owner.url)
+            finally:
+                await forwarder.close()
+            assert "broken answer" in str(e.value) and why in str(e.value)
+            assert owner.requests == 1  # not asked again, not even a GET
+            assert forwarder.forwarded == 0
+
+    asyncio.run(main())
