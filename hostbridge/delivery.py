@@ -40,6 +40,9 @@ from .session import Session, State
 from .store import OutboxRow, Store
 from .tasks import TaskSet
 
+# The next rows to deliver, read with an outcome, and the token they were read under.
+_Ahead = tuple[tuple[int, int | None], list[OutboxRow]]
+
 
 def _ignore_outcome(seq: int, outcome: str, row: OutboxRow | None) -> None:
     pass
@@ -82,6 +85,12 @@ class Delivery:
         # Where the removal of acknowledged rows is committed: the bridge sets its shared
         # committer; alone (tests of this module), each removal is its own transaction.
         self.committer = GroupCommit(store, enabled=False)
+        # The next row to deliver, read in the transaction that recorded the last outcome
+        # (Store.finish_next), with the token it was read under; valid only while the token is
+        # the same (_token), else read again.
+        self._ahead: _Ahead | None = None
+        # Bumped by whatever may remove or withdraw rows behind the delivery loop's back.
+        self._changes = 0
         # Told each message's final outcome once it is durable: (seq, outcome, its outbox row
         # when at hand: a message withdrawn before it was written is known by its seq only).
         # The owner publishes it (events, metrics); it must not raise.
@@ -99,6 +108,7 @@ class Delivery:
     def pause(self) -> None:
         """Stop delivering (the VM is migrating away); resume() or the VM's loss ends it."""
         self.paused = True
+        self._changes += 1
 
     def resume(self) -> None:
         """Deliver again (this host holds the VM: claimed, or a migration away failed)."""
@@ -146,6 +156,8 @@ class Delivery:
         rows (written, not acknowledged) lose their value and are never written again; the
         guest's answer decides their outcome (Store.withdraw).
         """
+        # A row read ahead may be one withdrawn now, never to be written: read again.
+        self._changes += 1
         withdrawn, in_flight = self.store.withdraw(self.vm, seqs, outcome, self._written_seq)
         for seq in withdrawn:
             self._settle(seq, self._withdrawn_error(seq, outcome))
@@ -165,6 +177,7 @@ class Delivery:
 
     def on_synced(self, result: HelloResult) -> None:
         hseq = result.hseq if result.epoch == self.epoch else 0
+        self._changes += 1  # the sync settles rows: a row read ahead may be gone
         try:
             self._synced(hseq)
         except (errors.StoreError, sqlite3.Error) as e:
@@ -189,6 +202,7 @@ class Delivery:
         self._written_seq = hseq
 
     def on_link_down(self) -> None:
+        self._changes += 1
         waiters, self._waiters = self._waiters, {}
         for futs in waiters.values():
             for fut in futs:
@@ -202,9 +216,11 @@ class Delivery:
             await self._wake.wait()
             self._wake.clear()
             while self.session.state is State.SYNCED and not self.paused:
+                rows = self._take_ahead()
                 try:
-                    # In a pool, this read checks the fence too (hostbridge.pgstore).
-                    rows = self.store.deliverable(self.vm)
+                    if rows is None:
+                        # In a pool, this read checks the fence too (hostbridge.pgstore).
+                        rows = self.store.deliverable(self.vm)
                 except errors.Fenced:
                     break  # another host delivers it; a claim wakes this loop again
                 except (errors.StoreError, sqlite3.Error) as e:
@@ -218,6 +234,29 @@ class Delivery:
                     continue
                 if not rows or not await self._deliver(rows[0]):
                     break
+
+    def _token(self) -> tuple[int, int | None]:
+        # What a row read ahead depends on: no withdrawal, sync or pause since, and the same
+        # fence (a claim lost and made again: another host may have delivered meanwhile).
+        return self._changes, self.store.held(self.vm)
+
+    def _take_ahead(self) -> list[OutboxRow] | None:
+        """The next rows read with the last outcome, when still valid (None: read them)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0] != self._token():
+            return None
+        return ahead[1]
+
+    def _record(self, seq: int, outcome: str) -> Callable[[sqlite3.Connection], _Ahead]:
+        """The group commit's unit recording ``outcome`` of row ``seq`` (the fence checked, in
+        a pool) and reading the next row in the same statement, with the token it was read
+        under. That row is used only after the unit's COMMIT returned (it may be a send of the
+        same group, durable only then), and only if the token is the same then (_take_ahead)."""
+
+        def unit(db: sqlite3.Connection) -> _Ahead:
+            return self._token(), self.store.finish_next(self.vm, [seq], outcome)
+
+        return unit
 
     async def _deliver(self, row: OutboxRow) -> bool:
         """Send one row and wait for its acknowledgement; False when the link failed."""
@@ -263,14 +302,19 @@ class Delivery:
         be as safe: the commit is due on the very next turn of the loop, and the loop runs one
         thing at a time, so an answer sent first would gain at most that one shared commit. In
         exchange a sender who heard "delivered" finds the same everywhere at once: the outbox,
-        `queued`, the audit and a retry with the same idempotency key. The next row is read only
-        after that commit too: read before, the outbox would still hold this row and send it
-        again.
+        `queued`, the audit and a retry with the same idempotency key.
+
+        The next row is read by the removal's own statement (Store.finish_next: in a pool, one
+        round trip instead of two, under the same fence check), leaving out the row it removes,
+        and is written to the guest only after that commit returned: a row another unit of the
+        same group enqueued is durable by then. A withdrawal, a sync, a pause or a change of
+        fence between that commit and the loop's next turn makes the loop read again instead
+        (_take_ahead): a row withdrawn meanwhile must never be written.
         """
         seq = row.seq
         self._unhide([row])
         try:
-            await self.committer.run(lambda db: self.store.finish(self.vm, [seq], "delivered"))
+            self._ahead = await self.committer.run(self._record(seq, "delivered"))
         except (errors.BridgeError, sqlite3.Error) as e:
             # The guest holds it, so its senders hear so; the row stays in the outbox until the
             # next sync or send retries the delivery (a duplicate the guest drops). Fenced: the
@@ -310,7 +354,7 @@ class Delivery:
         it this time, a message applied after its sender was told it was not."""
         seq = row.seq
         try:
-            await self.committer.run(lambda db: self.store.finish(self.vm, [seq], "failed"))
+            self._ahead = await self.committer.run(self._record(seq, "failed"))
         except (errors.BridgeError, sqlite3.Error) as e:
             self.session.log.error("cannot record the refusal of %d: %s", seq, e)
             return False

@@ -111,7 +111,9 @@ class GroupCommit:
             self._commit(pending[start : start + size])
 
     def _commit(self, group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]]) -> None:
-        if len(group) > 1 and getattr(self.store, "optimistic_groups", False):
+        # A group of one too: its savepoint would cost the pool's database two round trips
+        # for nothing (no other unit to keep), and the rare unit that raises runs again below.
+        if getattr(self.store, "optimistic_groups", False):
             if self._commit_optimistic(group):
                 return
         outcomes: list[tuple[bool, Any]] = []

@@ -11,7 +11,9 @@ arguments, results and transactions (batch(), savepoint()). What differs, and wh
 - One synchronous connection, called from the bridge's event loop: every call is one short
   statement where it can be (an enqueue, a finish, a save of a mirror: one round trip each, their
   parts joined in one statement by data-modifying CTEs) and bounded by statement_timeout,
-  lock_timeout and TCP keepalives. Nothing here retries a write: a connection that failed is
+  lock_timeout and TCP keepalives. Each round trip stops the bridge's loop, so a transaction's
+  BEGIN, SAVEPOINT and RELEASE take none of their own (pipeline mode, _Tx): a group commit of
+  n sends costs n + 1 round trips. Nothing here retries a write: a connection that failed is
   dropped, the caller gets StoreUnavailable (one line), and the next call connects again. A
   connection lost inside batch() fails every later write of that batch, and the batch itself: a
   unit that had succeeded before the loss is not committed, so its sender must not hear so.
@@ -22,7 +24,11 @@ arguments, results and transactions (batch(), savepoint()). What differs, and wh
   (deliverable()) or removes the rows the guest acknowledged or refused (finish() "delivered",
   "failed"; other outcomes and withdraw() need no fence); the check shares the statement, and
   its FOR SHARE lock makes a competing claim wait for the delivery to commit.
-  A bridge whose fence is stale gets errors.Fenced and forgets the fence.
+  A bridge whose fence is stale gets errors.Fenced and forgets the fence. So that a send
+  through the owner costs no read of its own, the reads ride on statements the send makes
+  anyway, under the same check: the owner's enqueue reads the VM's next row (deliverable()
+  takes it once that enqueue committed: _note_ahead), and the removal of an acknowledged row
+  reads the one after it (finish_next()).
 - log=no values are sealed with the pool key (hostbridge.poolkey) before they leave the process,
   bound to their row (VM, seq, key), and opened only when an outbox row is read: the database,
   its WAL and its backups never hold one in clear. scrub() has nothing to fold (VACUUM removes
@@ -50,6 +56,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
 
 from .errors import Fenced, StoreError, StoreUnavailable
 from .poolkey import PoolKey
@@ -72,6 +79,10 @@ HOST_CHANNEL_PREFIX = "ovmd_host_"
 DEFAULT_LEASE = 15.0  # seconds; the pool's [pool] lease default, until register_host() says
 RECONNECT_PAUSE = 0.5  # seconds after a failed connect before the next try
 AUDIT_PRUNE_EVERY = 64  # audit rows this process writes to one VM between two prunes of it
+# Seconds a next row read by the owner's enqueue stays good for deliverable(); the delivery
+# takes it on the loop's next turn. The bound keeps a row that no local change dropped (only
+# another bridge's cancel, which leaves every row in flight anyway) from being used late.
+AHEAD_TTL = 1.0
 # Every session's bounds, so that no call blocks the bridge's loop for long: a statement, a wait
 # for a row lock, and a transaction left open by a stuck caller.
 SESSION_OPTIONS = (
@@ -260,9 +271,12 @@ def _utf8(value: str | None) -> bytes | None:
     return None if value is None else value.encode("utf-8")
 
 
-def _enqueue_sql(known_seq: bool, prune: bool, idempotency: bool) -> str:
+def _enqueue_sql(known_seq: bool, prune: bool, idempotency: bool, ahead: bool = False) -> str:
     """An enqueue in one statement: the seq, the audit row, the outbox row, the hidden key, the
-    idempotency key, the audit's pruning, and the owner's wake-up."""
+    idempotency key, the audit's pruning, and the owner's wake-up. ``ahead`` (the owner's
+    enqueue, %(fence)s held): also the check of that fence, share-locked to COMMIT as a
+    delivery's, the VM's seq and next row to deliver as the statement's snapshot has them (it
+    does not see its own insert), for PgStore.deliverable() to take without a read of its own."""
     if known_seq:  # taken by a statement before (a sealed value is bound to its seq)
         parts = ["v AS (SELECT %(seq)s::bigint AS seq)"]
     else:
@@ -292,18 +306,34 @@ def _enqueue_sql(known_seq: bool, prune: bool, idempotency: bool) -> str:
             "ON CONFLICT (vm, key) DO UPDATE SET digest = EXCLUDED.digest, seq = EXCLUDED.seq, "
             "outcome = 'queued', created = EXCLUDED.created)",
         ]
+    select = (
+        "\nSELECT v.seq, a.id, (SELECT count(*) FROM placement pl, LATERAL (SELECT pg_notify("
+        + _OWNER_CHANNEL
+        + ", %(vm)s)) n WHERE pl.vm = %(vm)s AND pl.host <> %(me)s)"
+    )
+    if not ahead:
+        return "WITH " + ",\n".join(parts) + select + " FROM v, a"
+    parts.append(
+        "fx AS (SELECT 1 FROM placement WHERE vm = %(vm)s AND host = %(me)s "
+        "AND fence = %(fence)s::bigint FOR SHARE)"
+    )
     return (
         "WITH "
         + ",\n".join(parts)
-        + "\nSELECT v.seq, a.id, (SELECT count(*) FROM placement pl, LATERAL (SELECT pg_notify("
-        + _OWNER_CHANNEL
-        + ", %(vm)s)) n WHERE pl.vm = %(vm)s AND pl.host <> %(me)s) FROM v, a"
+        + select
+        + ", (SELECT count(*) FROM fx), (SELECT seq FROM vms WHERE name = %(vm)s), nx.* "
+        "FROM v CROSS JOIN a LEFT JOIN LATERAL (SELECT "
+        + _OUTBOX_COLUMNS
+        + " FROM outbox WHERE vm = %(vm)s AND withdrawn IS NULL ORDER BY seq LIMIT 1) nx ON true"
     )
 
 
-def _finish_sql(fenced: bool, refused: bool) -> str:
+def _finish_sql(fenced: bool, refused: bool, next_row: bool = False) -> str:
     """A finish in one statement: with ``fenced``, nothing is removed unless this host holds the
-    VM's current fence, whose row stays share-locked until COMMIT (a claim waits for it)."""
+    VM's current fence, whose row stays share-locked until COMMIT (a claim waits for it).
+    ``next_row`` (fenced only): the VM's next row to deliver too, under the same check, as
+    deliverable() reads it; the statement still sees the rows it removes, hence the seqs left
+    out."""
     parts = []
     if fenced:
         parts.append(
@@ -328,7 +358,15 @@ def _finish_sql(fenced: bool, refused: bool) -> str:
             "WHERE vm = %(vm)s AND seq IN (SELECT seq FROM d))"
         )
     check = "(SELECT count(*) FROM f)" if fenced else "1"
-    return "WITH " + ",\n".join(parts) + "\nSELECT %s, (SELECT count(*) FROM d)" % check
+    select = "\nSELECT %s, (SELECT count(*) FROM d)" % check
+    if next_row:
+        assert fenced
+        select += (
+            ", n.* FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT %s FROM outbox "
+            "WHERE vm = %%(vm)s AND withdrawn IS NULL AND NOT (seq = ANY(%%(seqs)s::bigint[])) "
+            "AND EXISTS (SELECT 1 FROM f) ORDER BY seq LIMIT 1) n ON true" % _OUTBOX_COLUMNS
+        )
+    return "WITH " + ",\n".join(parts) + select
 
 
 _WITHDRAW_SQL = """
@@ -454,6 +492,13 @@ class PgStore:
         # The open transaction blocks, innermost last: True for a batch(), False for a
         # savepoint() or a method's own.
         self._blocks: list[bool] = []
+        # The pipeline of the open transaction block (_Tx), None outside one.
+        self._pipeline: psycopg.Pipeline | None = None
+        # vm -> (fence, its next row to deliver, monotonic time): read by this host's own
+        # enqueue as its owner (_note_ahead), taken by the next deliverable(); pending until
+        # the enqueue's transaction commits.
+        self._ahead: dict[str, tuple[int, OutboxRow, float]] = {}
+        self._ahead_pending: list[tuple[str, int, OutboxRow]] = []
         self._closed = False
         self._held: dict[str, int] = {}  # vm -> the fence this process holds
         self._audit_writes: dict[str, int] = {}  # vm -> audit rows written since its last prune
@@ -486,10 +531,16 @@ class PgStore:
         if found is not None and found[0] == len(_TABLES):
             return
         # Three bridges start at once: CREATE ... IF NOT EXISTS is not safe against a concurrent
-        # twin (both may pass the check), so the creations take turns.
-        with self._tx():
-            self._run("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            self._run(_SCHEMA)
+        # twin (both may pass the check), so the creations take turns. psycopg's own transaction,
+        # not _Tx: a script of many statements needs the simple query protocol, which a
+        # pipeline does not speak.
+        conn = self._connection()
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                conn.execute(_SCHEMA.encode("utf-8"))
+        except psycopg.Error as e:
+            raise self._failure(e) from e
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._closed:
@@ -545,10 +596,26 @@ class PgStore:
         return StoreError("the pool database failed: %s" % reason)
 
     def _run(self, query: str, params: Any = None) -> psycopg.Cursor[Any]:
-        """Execute one statement (its result is read already: fetching is local)."""
+        """Execute one statement (its result is read already: fetching is local). Inside a
+        transaction block, the block's commands still queued (BEGIN, SAVEPOINT, RELEASE) go
+        in the same round trip, ahead of it (_Tx)."""
         conn = self._connection()
         try:
-            return conn.execute(query.encode("utf-8"), params)  # a str built here, never input
+            cur = conn.execute(query.encode("utf-8"), params)  # a str built here, never input
+            if self._pipeline is not None:
+                # Its result now, and its error raised here: the caller's savepoint, if any,
+                # undoes it (a Sync ends the pipeline's segment, not the transaction).
+                self._pipeline.sync()
+            return cur
+        except psycopg.Error as e:
+            raise self._failure(e) from e
+
+    def _queue(self, command: bytes) -> None:
+        """Send a transaction command of the open block without waiting for its answer: it
+        travels with the next statement, or the block's COMMIT (_Tx)."""
+        conn = self._connection()
+        try:
+            conn.execute(command)
         except psycopg.Error as e:
             raise self._failure(e) from e
 
@@ -650,9 +717,13 @@ class PgStore:
             params["icut"] = ts - self.idempotency_ttl
             params["ikeep"] = max(1, self.idempotency_keep)
         prune = self._prune_due(vm)
+        fence = self._held.get(vm)
+        ahead = fence is not None
+        if ahead:
+            params["fence"] = fence
         if not secret:
             params["value"] = _utf8(value)
-            query = _enqueue_sql(False, prune, idempotency is not None)
+            query = _enqueue_sql(False, prune, idempotency is not None, ahead)
             row = self._write(query, params).fetchone()
         else:
             assert value is not None
@@ -666,11 +737,48 @@ class PgStore:
                     raise KeyError(vm)
                 params["seq"] = taken[0]
                 params["value"] = self.key.seal(value, _aad(vm, taken[0], key)).encode("ascii")
-                query = _enqueue_sql(True, prune, idempotency is not None)
+                query = _enqueue_sql(True, prune, idempotency is not None, ahead)
                 row = self._run(query, params).fetchone()
         if row is None:
             raise KeyError(vm)
-        return OutboxRow(vm, row[0], key, value, log_value, ts, row[1], expires)
+        added = OutboxRow(vm, row[0], key, value, log_value, ts, row[1], expires)
+        if ahead:
+            assert fence is not None
+            self._note_ahead(vm, fence, added, row[3:], secret)
+        return added
+
+    def _note_ahead(
+        self, vm: str, fence: int, added: OutboxRow, found: Sequence[Any], secret: bool
+    ) -> None:
+        """Keep the next row to deliver that the owner's enqueue read (found: the fence check,
+        the VM's seq and its next row, as the statement saw them), for deliverable(), when that
+        row is sure: the fence held, and no other bridge's enqueue came in between the
+        statement's snapshot and its seq (its row, with a lower seq, would be missing from the
+        snapshot). Only once the enqueue commits (_Tx)."""
+        held, seen_seq = found[0], found[1]
+        # The log=no enqueue took its seq in a statement before: its snapshot sees that seq.
+        if not held or seen_seq is None or seen_seq + (0 if secret else 1) != added.seq:
+            self._drop_ahead(vm)
+            return
+        head = added if found[3] is None else self._outbox_row(found[2:])
+        if self._blocks:
+            self._ahead_pending.append((vm, fence, head))
+        else:
+            self._ahead[vm] = (fence, head, time.monotonic())
+
+    def _drop_ahead(self, vm: str) -> None:
+        """Forget what is known of ``vm``'s next row: its outbox head or its fence changed."""
+        self._ahead.pop(vm, None)
+        if self._ahead_pending:
+            self._ahead_pending = [p for p in self._ahead_pending if p[0] != vm]
+
+    def _commit_ahead(self, committed: bool) -> None:
+        """The outermost block ended: what its enqueues read counts from now, if it committed."""
+        pending, self._ahead_pending = self._ahead_pending, []
+        if committed:
+            now = time.monotonic()
+            for vm, fence, head in pending:
+                self._ahead[vm] = (fence, head, now)
 
     def _prune_due(self, vm: str) -> bool:
         # At this process's first audit row of the VM, then every AUDIT_PRUNE_EVERY rows.
@@ -708,10 +816,17 @@ class PgStore:
 
     def deliverable(self, vm: str) -> list[OutboxRow]:
         """The next row to write to the guest (at most one), read only while this host holds
-        ``vm``'s current fence: errors.Fenced otherwise (and the fence is forgotten)."""
+        ``vm``'s current fence: errors.Fenced otherwise (and the fence is forgotten). Right
+        after this host's own enqueue to ``vm`` committed, the row that enqueue read under the
+        same fence, without a round trip (_note_ahead)."""
         fence = self._held.get(vm)
         if fence is None:
             raise Fenced(vm)
+        known = self._ahead.pop(vm, None)
+        if known is not None and known[0] == fence and time.monotonic() - known[2] < AHEAD_TTL:
+            # Read, under this fence, by this host's enqueue that committed a moment ago; every
+            # change since to the VM's outbox head or fence by this process dropped it.
+            return [known[1]]
         row = self._run(
             "SELECT o.vm, o.seq, o.key, o.value, o.log, o.created, o.audit_id, o.expires, "
             "o.withdrawn FROM placement p LEFT JOIN LATERAL (SELECT %s FROM outbox "
@@ -777,6 +892,7 @@ class PgStore:
         self, vm: str, seqs: Sequence[int] | None, outcome: str, written: int
     ) -> tuple[list[int], list[int]]:
         """As Store.withdraw, in one statement; needs no fence (any bridge may cancel)."""
+        self._drop_ahead(vm)
         params = {
             "vm": vm,
             "outcome": outcome,
@@ -796,6 +912,7 @@ class PgStore:
         errors.Fenced otherwise, and nothing is removed."""
         if not seqs:
             return
+        self._drop_ahead(vm)
         fenced = outcome in _FENCED_OUTCOMES
         params: dict[str, Any] = {
             "vm": vm,
@@ -812,6 +929,24 @@ class PgStore:
         if fenced and (row is None or not row[0]):
             self._lost(vm, params["fence"])
             raise Fenced(vm)
+
+    def finish_next(self, vm: str, seqs: list[int], outcome: str) -> list[OutboxRow]:
+        """As Store.finish_next: finish() a delivery's outcome ("delivered", "failed") and read
+        what deliverable() would, in one statement and under one check of the fence (errors.Fenced
+        otherwise: nothing removed, nothing read, the fence forgotten). A delivery then costs one
+        read before its first row and none after each acknowledgement."""
+        if outcome not in _FENCED_OUTCOMES:
+            raise ValueError("finish_next records a delivery's outcome, not %r" % outcome)
+        self._drop_ahead(vm)
+        fence = self._held.get(vm)
+        if fence is None:
+            raise Fenced(vm)
+        params = {"vm": vm, "seqs": list(seqs), "outcome": outcome, "me": self.host, "fence": fence}
+        row = self._write(_finish_sql(True, False, next_row=True), params).fetchone()
+        if row is None or not row[0]:
+            self._lost(vm, fence)
+            raise Fenced(vm)
+        return [] if row[3] is None else [self._outbox_row(row[2:])]
 
     # -- audit ----------------------------------------------------------------------------------
 
@@ -927,6 +1062,7 @@ class PgStore:
         """Own ``vm`` (docs/pool.md, "Ownership and fencing"): when nobody does, this host does
         already, its owner's heartbeat is stale, or ``force``. The new fence (held from now on),
         or None when another live host owns it (nothing changed)."""
+        self._drop_ahead(vm)
         row = self._write(
             _CLAIM_SQL,
             {
@@ -945,6 +1081,7 @@ class PgStore:
 
     def release(self, vm: str) -> bool:
         """Give ``vm`` up, when this host still holds its current fence; True if released."""
+        self._drop_ahead(vm)
         fence = self._held.pop(vm, None)
         if fence is None:
             return False
@@ -956,6 +1093,7 @@ class PgStore:
 
     def mark_migrating(self, vm: str) -> bool:
         """Placement state "migrating", when this host holds ``vm``'s current fence."""
+        self._drop_ahead(vm)
         fence = self._held.get(vm)
         if fence is None:
             return False
@@ -972,9 +1110,11 @@ class PgStore:
 
     def forget(self, vm: str) -> None:
         """Drop the fence held for ``vm`` (another host claimed it)."""
+        self._drop_ahead(vm)
         self._held.pop(vm, None)
 
     def _lost(self, vm: str, fence: int) -> None:
+        self._drop_ahead(vm)
         if self._held.get(vm) == fence:
             del self._held[vm]
             log.info("VM %r: fence %d is stale; another host delivers to it", vm, fence)
@@ -1000,25 +1140,59 @@ class PgStore:
 
 class _Tx:
     """A transaction block on the store's connection: BEGIN ... COMMIT outside any, a savepoint
-    inside one (psycopg's Connection.transaction), its errors made StoreError."""
+    inside one, its errors made StoreError.
+
+    Round trips: the block runs in psycopg's pipeline mode, so that BEGIN, SAVEPOINT and
+    RELEASE cost none of their own: each is sent at once without waiting for its answer, and
+    that answer comes with the next statement's (_run syncs after each statement, so its
+    result and error are its own), or with COMMIT's. A block of n statements thus costs n + 1
+    round trips (COMMIT's Sync the last), as many savepoints as it holds. Its atomicity is
+    the server's as before: a command that fails makes the server skip everything up to the
+    next Sync, and the error surfaces at that Sync, at the latest the COMMIT's, which then
+    fails the block. A COMMIT the server turned into a ROLLBACK (an error a caller caught and
+    went on) fails the block too."""
 
     def __init__(self, store: PgStore, batch: bool = False) -> None:
         self._store = store
         self._batch = batch
         self._conn: psycopg.Connection[Any] | None = None
-        self._inner: AbstractContextManager[psycopg.Transaction] | None = None
+        # The outermost block's pipeline (entered here); a savepoint's name otherwise.
+        self._pipeline_cm: AbstractContextManager[psycopg.Pipeline] | None = None
+        self._savepoint: bytes | None = None
 
     def __enter__(self) -> psycopg.Connection[Any]:
         store = self._store
         conn = store._connection()
-        inner = conn.transaction()
-        try:
-            inner.__enter__()
-        except psycopg.Error as e:
-            raise store._failure(e) from e
-        self._conn, self._inner = conn, inner
+        if store._blocks:
+            self._savepoint = b"s%d" % len(store._blocks)
+            store._queue(b"SAVEPOINT " + self._savepoint)
+        else:
+            cm = conn.pipeline()
+            try:
+                store._pipeline = cm.__enter__()
+                self._pipeline_cm = cm
+                conn.execute(b"BEGIN")
+            except psycopg.Error as e:
+                failure = store._failure(e)
+                self._close_pipeline(e)
+                raise failure from e
+        self._conn = conn
         store._blocks.append(self._batch)
         return conn
+
+    def _close_pipeline(self, exc: BaseException | None) -> None:
+        """Leave pipeline mode after a failure (its Sync may fail too: nothing to add)."""
+        store, cm = self._store, self._pipeline_cm
+        store._pipeline, self._pipeline_cm = None, None
+        if cm is None:
+            return
+        try:
+            cm.__exit__(type(exc) if exc else None, exc, None)
+        except Exception:  # noqa: BLE001 - the failure being reported is the one that counts
+            pass
+        conn = self._conn or store._conn
+        if conn is not None and not conn.closed and conn.pgconn.pipeline_status:
+            store._drop()  # still in pipeline mode with results nobody will read: start afresh
 
     def __exit__(
         self,
@@ -1028,15 +1202,51 @@ class _Tx:
     ) -> Literal[False]:
         store = self._store
         store._blocks.pop()
-        assert self._inner is not None and self._conn is not None
-        if exc_type is None and (self._conn.closed or store._conn is not self._conn):
+        conn = self._conn
+        assert conn is not None
+        if exc_type is not None:
+            # What the block's enqueues read is undone with them (_note_ahead); the others' too,
+            # which only costs them a read.
+            store._ahead_pending.clear()
+        if exc_type is None and (conn.closed or store._conn is not conn):
             # A statement of the block failed with the connection and its caller went on (a
             # group commit's unit): what the block did is gone, it must not look committed.
+            if self._pipeline_cm is not None:
+                store._commit_ahead(False)
+                self._close_pipeline(None)
             raise StoreUnavailable(
                 "the pool database is unreachable: the connection was lost in a transaction"
             )
+        if self._savepoint is not None:
+            try:
+                if exc_type is not None:
+                    store._queue(b"ROLLBACK TO SAVEPOINT " + self._savepoint)
+                store._queue(b"RELEASE SAVEPOINT " + self._savepoint)
+            except StoreError:
+                if exc_type is None:
+                    raise
+                # Else the block's own error goes on; the outer block fails at its end.
+            return False
         try:
-            self._inner.__exit__(exc_type, exc, tb)
+            ended = conn.execute(b"COMMIT" if exc_type is None else b"ROLLBACK")
+            cm, self._pipeline_cm = self._pipeline_cm, None
+            store._pipeline = None
+            assert cm is not None
+            cm.__exit__(None, None, None)  # the Sync, and every answer not read yet
         except psycopg.Error as e:
-            raise store._failure(e) from e
+            store._commit_ahead(False)
+            failure = store._failure(e)
+            self._close_pipeline(e)
+            if conn is store._conn and conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                store._drop()  # a block left open or aborted: never carry on inside it
+            if exc_type is None:
+                raise failure from e
+            return False  # the block's own error goes on
+        committed = exc_type is None and ended.statusmessage == "COMMIT"
+        store._commit_ahead(committed)
+        if exc_type is None and not committed:
+            raise StoreError(
+                "the pool database failed: the transaction was rolled back (%s)"
+                % ended.statusmessage
+            )
         return False

@@ -35,6 +35,8 @@ AUDIT_VALUE_MAX = 1024  # bytes of UTF-8, as the original manager's log limit
 AUDIT_KEEP = Limits.audit_rows  # audit rows kept per VM unless the config says otherwise
 IDEMPOTENCY_KEEP = Limits.idempotency_keys
 IDEMPOTENCY_TTL = Limits.idempotency_ttl
+# The outcomes of a delivery (the guest acknowledged or refused the row): finish_next()'s.
+_DELIVERY_OUTCOMES = ("delivered", "failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -484,6 +486,18 @@ class Store:
                 self._settle_idempotency(db, vm, seq, outcome)
         if secret:
             self._scrub_soon()
+
+    def finish_next(self, vm: str, seqs: list[int], outcome: str) -> list[OutboxRow]:
+        """finish() the rows the guest answered ("delivered" or "failed"), then return what
+        deliverable() would then: the delivery's next row, so that a delivery pays no read of
+        its own after each acknowledgement (hostbridge.pgstore's is one statement, under one
+        check of the fence). Inside a batch the row may be one its COMMIT is yet to make
+        durable: the caller writes it to a guest only once that batch has committed."""
+        if outcome not in _DELIVERY_OUTCOMES:
+            raise ValueError("finish_next records a delivery's outcome, not %r" % outcome)
+        # One connection, one thread and no fence: the read needs no transaction of its own.
+        self.finish(vm, seqs, outcome)
+        return self.deliverable(vm)
 
     @staticmethod
     def _settle_idempotency(db: sqlite3.Connection, vm: str, seq: int, outcome: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 from hostbridge.config import Limits
 from hostbridge.delivery import Delivery
 from hostbridge.errors import GuestError, LinkReset, MessageCancelled
+from hostbridge.groupcommit import GroupCommit
 from hostbridge.mirror import Mirror
 from hostbridge.session import Session, State
 from hostbridge.store import Store
@@ -247,3 +248,73 @@ def test_after_a_restart_the_first_queued_message_should_count_as_possibly_writt
     assert delivery.withdraw(None, "cancelled") == ([2], [1])
     assert [o for _, o in outcomes(store)] == ["cancelled_in_flight", "cancelled"]
     store.close()
+
+
+def test_the_next_row_should_come_with_the_last_ones_removal_not_from_a_read_of_its_own():
+    # In a pool each read is a round trip to the database: the removal's statement reads the
+    # next row (Store.finish_next), so draining a queue reads the outbox once, not once a row.
+    async def main():
+        async with outbox() as (guest, session, store, delivery):
+            await async_wait_for(lambda: session.state is State.SYNCED, what="sync")
+            calls = []
+            deliverable, finish_next = store.deliverable, store.finish_next
+
+            def read(vm):
+                calls.append("read")
+                return deliverable(vm)
+
+            def finish_and_read(vm, seqs, outcome):
+                calls.append("finish_next %s" % seqs)
+                store.deliverable = deliverable  # Store's own read inside it is not the loop's
+                try:
+                    return finish_next(vm, seqs, outcome)
+                finally:
+                    store.deliverable = read
+
+            store.deliverable, store.finish_next = read, finish_and_read
+            rows = [store.enqueue("vm", key, "v", True) for key in ("a", "b", "c")]
+            delivery.wake()
+            await async_wait_for(lambda: store.queued("vm") == 0, what="the outbox delivered")
+            assert [a[1] for a in guest.applied] == ["a", "b", "c"]
+            # One read for the first row; the removal of the last one found nothing left.
+            assert calls == ["read"] + ["finish_next [%d]" % r.seq for r in rows]
+
+    run(main())
+
+
+def test_a_row_read_ahead_then_cancelled_before_its_turn_should_never_be_written():
+    # The next row is read inside the group commit that removes the acknowledged one; a cancel
+    # may run after that commit and before the delivery's next turn of the loop.
+    async def main():
+        async with outbox() as (guest, session, store, delivery):
+            await async_wait_for(lambda: session.state is State.SYNCED, what="sync")
+            delivery.committer = GroupCommit(store)  # a flush of its own, as in the bridge
+            cancelled = []
+            finish_next = store.finish_next
+
+            def finish_then_cancel(vm, seqs, outcome):
+                rows = finish_next(vm, seqs, outcome)
+                if rows and not cancelled:
+                    # Runs after the flush's COMMIT, before the delivery task resumes.
+                    seq = rows[0].seq
+                    asyncio.get_running_loop().call_soon(
+                        lambda: cancelled.append(delivery.withdraw([seq], "cancelled"))
+                    )
+                return rows
+
+            store.finish_next = finish_then_cancel
+            first = store.enqueue("vm", "first", "v", True)
+            second = store.enqueue("vm", "second", "v", True)
+            third = store.enqueue("vm", "third", "v", True)
+            delivery.wake()
+            await async_wait_for(lambda: store.queued("vm") == 0, what="the outbox drained")
+            assert cancelled == [([second.seq], [])]
+            assert written_keys(guest) == ["first", "third"]
+            assert [a[2] for a in guest.applied] == [first.seq, third.seq]
+            assert outcomes(store) == [
+                ("first", "delivered"),
+                ("second", "cancelled"),
+                ("third", "delivered"),
+            ]
+
+    run(main())

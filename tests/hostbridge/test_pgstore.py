@@ -415,6 +415,43 @@ def test_a_stale_fence_should_deliver_nothing_and_remove_nothing(pg_url, stores)
     assert b.held("web1") is None
 
 
+def test_finish_next_should_record_the_outcome_and_read_the_next_row_in_one_go(backend):
+    s = backend()
+    add_vm(s, "a")
+    for i in range(3):
+        s.enqueue("a", "k%d" % i, "v%d" % i, i != 1)  # the second one log=no
+    assert [(r.seq, r.value) for r in s.finish_next("a", [1], "delivered")] == [(2, "v1")]
+    assert [r.seq for r in s.outbox("a")] == [2, 3]
+    withdrawn = s.withdraw("a", [2], "cancelled", written=2)
+    assert withdrawn == ([], [2])
+    # Row 2 is withdrawn in flight: not the next to deliver, as deliverable() says too.
+    assert [r.seq for r in s.finish_next("a", [], "failed")] == [3]
+    assert [r.seq for r in s.finish_next("a", [3], "failed")] == []
+    assert [r[5] for r in s.audit("a")][-1] == "delivered" and s.audit("a")[0][5] == "failed"
+    with pytest.raises(ValueError):
+        s.finish_next("a", [2], "refused")  # not a delivery's outcome
+    assert [r.seq for r in s.outbox("a", withdrawn=True)] == [2]
+
+
+def test_finish_next_with_a_stale_fence_should_remove_and_read_nothing(pg_url, stores):
+    a, b = open_pg(pg_url, stores, "hv1"), open_pg(pg_url, stores, "hv2")
+    a.register_host("https://hv1", 15)
+    b.register_host("https://hv2", 15)
+    a.vm("web1")
+    with pytest.raises(Fenced):
+        a.finish_next("web1", [], "delivered")  # never claimed
+    assert a.claim("web1") == 1
+    b.enqueue("web1", "k1", "v1", True)
+    b.enqueue("web1", "k2", "v2", True)
+    assert [r.seq for r in a.deliverable("web1")] == [1]
+    assert b.claim("web1", force=True) == 2
+    with pytest.raises(Fenced):
+        a.finish_next("web1", [1], "delivered")
+    assert a.held("web1") is None
+    assert [r.seq for r in b.outbox("web1")] == [1, 2]
+    assert [r.seq for r in b.finish_next("web1", [1], "delivered")] == [2]
+
+
 def test_a_delivery_in_progress_should_hold_off_a_claim_until_it_commits(pg_url, stores):
     a, b = open_pg(pg_url, stores, "hv1"), open_pg(pg_url, stores, "hv2")
     a.register_host("https://hv1", 15)
