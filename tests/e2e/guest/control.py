@@ -189,12 +189,36 @@ def autostart():
         return True
 
 
+def wait_for_control(timeout=15.0):
+    """Link the ports that appear after /init stopped waiting, until the control port is there.
+    /init waits for the first port only, and the kernel adds each port on its own message from
+    QEMU: on a loaded host the agent's port came up alone and the control port a moment later,
+    and the guest idled without it (the host's test then timed out). A guest booted without a
+    control port pays this wait once, with its agent already running."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(CONTROL) and time.monotonic() < deadline:
+        try:
+            ports = os.listdir("/sys/class/virtio-ports")
+        except OSError:
+            ports = []
+        for port in ports:
+            try:
+                with open("/sys/class/virtio-ports/%s/name" % port) as f:
+                    name = f.read().strip()
+                if name and not os.path.exists("/dev/virtio-ports/" + name):
+                    os.symlink("/dev/" + port, "/dev/virtio-ports/" + name)
+            except OSError:
+                pass  # no name or device node yet: the next round
+        time.sleep(0.1)
+
+
 def main():
     if autostart():
         try:
             log("agent started, pid %d" % agent_start())
         except RuntimeError as e:
             log(str(e))
+    wait_for_control()
     if not os.path.exists(CONTROL):
         # A guest booted without the control port (e.g. by libvirt): just keep the agent running.
         log("no %s; idle" % CONTROL)
