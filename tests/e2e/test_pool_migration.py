@@ -28,7 +28,6 @@ Figures are printed (run with -s); no timing is asserted.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -51,8 +50,7 @@ from tests.e2e.guest_image import AGENT_PORT, CONTROL_PORT, Image
 from tests.e2e.libvirt_daemon import CHANNEL_TARGET_DIR, LibvirtError, domain_xml
 from tests.e2e.libvirt_pair import MIGRATE_TIMEOUT, LibvirtHost, migrate, preflight, running_pair
 from tests.e2e.qemu import GuestControl
-from tests.hostbridge.fakes import make_tls_cert
-from tests.hostbridge.pool_harness import api_send, free_port, store_url
+from tests.hostbridge.pool_harness import PoolSecrets, api_send, free_port, store_url
 from tests.support.postgres import PostgresCluster
 from tests.support.processes import PYTHON, Process, child_env, script
 from tests.support.waiting import wait_for
@@ -83,39 +81,13 @@ def _toml(value: object) -> str:
 # -- the parts -------------------------------------------------------------------------------
 
 
-@dataclass
-class Secrets:
-    """What every bridge of the pool shares: the pool key, the TLS certificate (also the pool's
-    CA), the API token."""
-
-    directory: Path
-    key_file: str = ""
-    cert: str = ""
-    tls_key: str = ""
-    token: str = ""
-    tokens_file: str = ""
-
-    def make(self) -> Secrets:
-        self.key_file = str(self.directory / "pool.key")
-        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
-        self.cert, self.tls_key = make_tls_cert(self.directory)
-        self.token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
-        self.tokens_file = str(self.directory / "tokens")
-        fd = os.open(self.tokens_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("e2e:%s\n" % self.token)
-        return self
-
-
 class PoolHost(Process):
     """The real bridge daemon of one libvirt host in the pool: ``python -m hostbridge.daemon``
     with a configuration file that names that libvirtd (lifecycle events) and its channel
     directory (discovery). Its log is kept in ``logdir`` (the API socket needs a short path, the
     log does not)."""
 
-    def __init__(self, name: str, lv: LibvirtHost, secrets: Secrets, url: str, logdir: str):
+    def __init__(self, name: str, lv: LibvirtHost, secrets: PoolSecrets, url: str, logdir: str):
         super().__init__()
         self.name = name
         self.lv = lv
@@ -497,7 +469,7 @@ def env(image: Image, postgres_cluster: PostgresCluster) -> Iterator[Env]:
     cluster = postgres_cluster.start()  # running, whatever an earlier test did to it
     workdir = tempfile.mkdtemp(prefix="e2e-pool-", dir="/tmp")
     url = store_url(cluster.create_database("pool_e2e_%s" % os.urandom(4).hex()))
-    secrets = Secrets(Path(workdir)).make()
+    secrets = PoolSecrets.make(Path(workdir), "e2e")
     try:
         with running_pair(workdir) as (a, b), contextlib.ExitStack() as stack:
             print("\nhost A up in %.1f s, host B up in %.1f s" % (a.start_seconds, b.start_seconds))

@@ -31,11 +31,13 @@ import socket
 import subprocess
 import urllib.parse
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hostbridge import IDEMPOTENCY_HEADER
 from hostbridge.apiclient import ApiError, Client, path
+from hostbridge.poolkey import PoolKey
 from tests.hostbridge.fakes import make_tls_cert
 from tests.support.agent import Agent
 from tests.support.closing import Closing
@@ -49,6 +51,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HOSTS = ("hv1", "hv2", "hv3")
 CHANNEL = "com.oracle.ovmd"
 TOKEN_NAME = "pooltest"
+
+
+def write_private(path: str, text: str) -> str:
+    """A new file only its owner may read (the bridge refuses a pool key others can); ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def write_pool_key(path: str) -> str:
+    """A new pool key file at ``path``; ``path``."""
+    return write_private(path, PoolKey.generate() + "\n")
+
+
+@dataclass
+class PoolSecrets:
+    """What every bridge of a pool shares: the pool key, the TLS certificate (also the pool's
+    CA) and an API token, made in ``directory`` by make()."""
+
+    key_file: str
+    cert: str
+    tls_key: str
+    token: str
+    tokens_file: str
+
+    @classmethod
+    def make(cls, directory: Path, token_name: str) -> PoolSecrets:
+        key_file = write_pool_key(str(directory / "pool.key"))
+        cert, tls_key = make_tls_cert(directory)
+        token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+        tokens_file = write_private(str(directory / "tokens"), "%s:%s\n" % (token_name, token))
+        return cls(key_file, cert, tls_key, token, tokens_file)
 
 
 def store_url(conninfo: str) -> str:
@@ -104,9 +139,9 @@ class PoolBridge(Process):
             'libvirt_uri = "sim"',
             "api_socket = %s" % _toml(self.api_socket),
             'api_tcp = "127.0.0.1:%d"' % self.port,
-            "tls_cert = %s" % _toml(p.cert),
-            "tls_key = %s" % _toml(p.tls_key),
-            "tokens_file = %s" % _toml(p.tokens_file),
+            "tls_cert = %s" % _toml(p.secrets.cert),
+            "tls_key = %s" % _toml(p.secrets.tls_key),
+            "tokens_file = %s" % _toml(p.secrets.tokens_file),
             "",
             "[store]",
             "url = %s" % _toml(p.store_url),
@@ -114,8 +149,8 @@ class PoolBridge(Process):
             "[pool]",
             "host = %s" % _toml(self.name),
             "url = %s" % _toml(self.url),
-            "key_file = %s" % _toml(p.key_file),
-            "ca_file = %s" % _toml(p.cert),
+            "key_file = %s" % _toml(p.secrets.key_file),
+            "ca_file = %s" % _toml(p.secrets.cert),
             "lease = %s" % _toml(p.lease),
             "",
         ]
@@ -155,7 +190,9 @@ class PoolBridge(Process):
 
     def client(self, timeout: float = 30.0) -> Client:
         """An API client of this bridge over TLS, with the test's token."""
-        return Client(self.url, token=self.pool.token, cacert=self.pool.cert, timeout=timeout)
+        return Client(
+            self.url, token=self.pool.secrets.token, cacert=self.pool.secrets.cert, timeout=timeout
+        )
 
 
 class MigratingStandIn(Process):
@@ -283,16 +320,7 @@ class Pool(Closing):
         self.bridges: dict[str, PoolBridge] = {}
         try:
             self.store_url = store_url(cluster.create_database(database))
-            self.key_file = os.path.join(self.dir, "pool.key")
-            fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
-            self.cert, self.tls_key = make_tls_cert(Path(self.dir))
-            self.token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
-            self.tokens_file = os.path.join(self.dir, "tokens")
-            fd = os.open(self.tokens_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write("%s:%s\n" % (TOKEN_NAME, self.token))
+            self.secrets = PoolSecrets.make(Path(self.dir), TOKEN_NAME)
             for name in hosts:
                 self.bridges[name] = PoolBridge(self, name, debug)
         except BaseException:
@@ -415,7 +443,14 @@ class Pool(Closing):
         CA, or (tcp False) its unix socket."""
         b = self.bridges[via]
         if tcp:
-            where = ["--bridge", b.url, "--token", self.token, "--cacert", self.cert]
+            where = [
+                "--bridge",
+                b.url,
+                "--token",
+                self.secrets.token,
+                "--cacert",
+                self.secrets.cert,
+            ]
         else:
             where = ["--bridge", b.api_socket]
         return [script("vmmessage"), *where, *args]

@@ -3,7 +3,6 @@ wake-ups by NOTIFY, fencing and the migration handoff decided from lifecycle eve
 (hostbridge.pool). Forwarding over the TLS API and real processes: test_pool.py."""
 
 import asyncio
-import base64
 import os
 import shutil
 import time
@@ -14,6 +13,7 @@ from hostbridge import errors
 from hostbridge.bridge import Bridge
 from hostbridge.config import Config, PoolConfig, VmSpec
 from hostbridge.lifecycle import LifecycleEvent
+from tests.hostbridge.pool_harness import store_url, write_pool_key
 from tests.support.agent import Agent
 from tests.support.tempdirs import short_tempdir
 from tests.support.waiting import async_wait_for
@@ -49,25 +49,14 @@ class PlayedLifecycle:
 @pytest.fixture
 def pool_db(postgres_server, request):
     name = "pool_" + request.node.name[-40:].lower().replace("[", "_").replace("]", "")
-    info = postgres_server.create_database(name)
-    parts = dict(p.split("=", 1) for p in info.split())
-    return "postgresql:///%s?host=%s&port=%s&user=%s" % (
-        parts["dbname"],
-        parts["host"],
-        parts["port"],
-        parts["user"],
-    )
+    return store_url(postgres_server.create_database(name))
 
 
 class World:
     def __init__(self, url, monkeypatch):
         self.dir = short_tempdir()
         self.url = url
-        key = os.path.join(self.dir, "pool.key")
-        with open(key, "w") as f:
-            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
-        os.chmod(key, 0o600)
-        self.key = key
+        self.key = write_pool_key(os.path.join(self.dir, "pool.key"))
         self.bridges = {}
         self.agents = {}
         monkeypatch.setattr(Bridge, "lifecycle_factory", PlayedLifecycle)

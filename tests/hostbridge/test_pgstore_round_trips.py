@@ -4,7 +4,6 @@ Counted from libpq's own trace of the store's connection: a round trip is a mess
 the client waits for the server (Sync, or Query of the simple protocol)."""
 
 import asyncio
-import base64
 import os
 import shutil
 import tempfile
@@ -17,10 +16,11 @@ from hostbridge.bridge import Bridge
 from hostbridge.config import Config, PoolConfig, VmSpec
 from hostbridge.errors import StoreError
 from hostbridge.groupcommit import GroupCommit
-from hostbridge.lifecycle import RunState
 from hostbridge.pgstore import PgStore
 from hostbridge.poolkey import PoolKey
 from hostbridge.store import MirrorRow
+from tests.hostbridge.pool_harness import store_url, write_pool_key
+from tests.hostbridge.test_bridge_pool import PlayedLifecycle
 from tests.support.agent import Agent
 from tests.support.tempdirs import short_tempdir
 from tests.support.waiting import async_wait_for
@@ -131,43 +131,16 @@ def test_a_transaction_whose_caller_went_on_after_an_error_should_not_look_commi
     assert store.enqueue("web1", "after", "v", True).seq == 1  # the connection goes on
 
 
-class _NoLifecycle:
-    """No libvirt: every VM counts as running here (as a bridge without libvirt sees it)."""
-
-    def __init__(self, uri, on_event):
-        self.connected = True
-
-    async def start(self):
-        pass
-
-    async def stop(self):
-        pass
-
-    def state(self, name):
-        return RunState("unknown")
-
-
 def test_a_send_through_the_owner_should_cost_about_four_round_trips(postgres_server, monkeypatch):
     # Alone (no group to share): the enqueue and its COMMIT, the removal of the acknowledged
     # row (which reads the next) and its COMMIT; the delivery's read comes with the enqueue.
     # It cost 12 before: BEGIN, SAVEPOINT and RELEASE of their own, a read before the row and
     # another after its removal.
-    monkeypatch.setattr(Bridge, "lifecycle_factory", _NoLifecycle)
+    # No event played: every VM counts as running here, as without libvirt.
+    monkeypatch.setattr(Bridge, "lifecycle_factory", PlayedLifecycle)
     work = short_tempdir()
-    key_file = os.path.join(work, "pool.key")
-    with open(key_file, "w") as f:
-        f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
-    os.chmod(key_file, 0o600)
-    parts = dict(
-        p.split("=", 1)
-        for p in postgres_server.create_database("rt_%s" % uuid.uuid4().hex[:12]).split()
-    )
-    url = "postgresql:///%s?host=%s&port=%s&user=%s" % (
-        parts["dbname"],
-        parts["host"],
-        parts["port"],
-        parts["user"],
-    )
+    key_file = write_pool_key(os.path.join(work, "pool.key"))
+    url = store_url(postgres_server.create_database("rt_%s" % uuid.uuid4().hex[:12]))
     config = Config(
         vms=[VmSpec("web1", "pty:" + os.path.join(work, "web1"), "flag")],
         discover=False,
