@@ -106,13 +106,18 @@ class Delivery:
             self._loop = self._tasks.spawn(self._deliver_loop(), "deliver")
 
     def pause(self) -> None:
-        """Stop delivering (the VM is migrating away); resume() or the VM's loss ends it."""
+        """Stop delivering (the VM is migrating away); resume() or the VM's loss ends it. The
+        link is not connected again either once it ends: the switch-over ends it, and the
+        socket going away would take a connect only to reset it."""
         self.paused = True
         self._changes += 1
+        self.session.hold_connects()
 
     def resume(self) -> None:
-        """Deliver again (this host holds the VM: claimed, or a migration away failed)."""
+        """Deliver again (this host holds the VM: claimed, or a migration away failed), and
+        connect again if the link ended meanwhile."""
         self.paused = False
+        self.session.allow_connects()
         self._wake.set()
 
     @property

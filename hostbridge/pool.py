@@ -234,7 +234,6 @@ class Pool:
         g = self.bridge.local_guest(name)
         if g is not None:
             g.delivery.resume()
-            g.session.allow_connects()
         return True
 
     def attached(self, name: str) -> None:
@@ -304,7 +303,6 @@ class Pool:
         if detail == "SUSPENDED_MIGRATED":
             if g is not None:
                 g.delivery.pause()
-                g.session.hold_connects()  # the switch-over ends the link: not connected again
                 log.info("VM %r: migrating away; delivery stopped", name)
                 try:
                     self.store.mark_migrating(name)
