@@ -804,6 +804,8 @@ def run_round(run, i):
     for g, group in enumerate(GROUPS):
         order = list(group) if (i + g) % 2 == 0 else list(reversed(group))
         for name in order:
+            if name not in run.args.phases:
+                continue
             if run.single is None and PHASES[name][1] == "single":
                 continue
             if not run.pool and PHASES[name][1] in ("pool", "one"):
@@ -1283,9 +1285,19 @@ def parse_args(argv):
     ap.add_argument(
         "--limit", type=float, help="skip further rounds past this many seconds (default 540)"
     )
+    ap.add_argument(
+        "--phases",
+        metavar="A,B",
+        help="only these load phases (e.g. send_one,send_single: a quick look at one figure "
+        "while working on it); default all: %s" % ",".join(PHASES),
+    )
     args = ap.parse_args(argv)
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (figures are medians over rounds)")
+    args.phases = args.phases.split(",") if args.phases else list(PHASES)
+    unknown = sorted(set(args.phases) - set(PHASES))
+    if unknown:
+        ap.error("unknown phase(s): %s" % ", ".join(unknown))
     if args.guests < 2 or args.migrate > 3 * args.guests:
         ap.error("--guests must be at least 2 and --migrate at most 3 x --guests")
     if args.quick:
