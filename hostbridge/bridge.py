@@ -323,13 +323,23 @@ class Bridge:
                 log.error("cannot drop expired messages: %s", e)
 
     def flush(self) -> None:
-        """Save every VM's mirror changes and last_seen in one transaction (one fsync)."""
-        with self.store.batch():
-            for g in list(self._guests.values()):
-                try:
-                    g.flush()
-                except Exception as e:  # noqa: BLE001 - one VM's write must not stop the others
-                    log.error("cannot save the mirror of VM %r: %s", g.name, e)
+        """Save every VM's mirror changes and last_seen in one transaction (one fsync); a VM
+        whose save fails keeps none of the others from being saved."""
+        taken = [(g, g.mirror_save()) for g in list(self._guests.values())]
+        saves = [(g, save) for g, save in taken if save is not None]
+        if not saves:
+            return
+        try:
+            failed = self.store.save_mirrors([save for _, save in saves])
+        except Exception:
+            for g, save in saves:
+                g.saved(save, ok=False)  # kept for the next flush
+            raise
+        for g, save in saves:
+            e = failed.get(g.name)
+            g.saved(save, ok=e is None)
+            if e is not None:
+                log.error("cannot save the mirror of VM %r: %s", g.name, e)
 
     def guest(self, name: str) -> Guest:
         """The guest named ``name``; UnknownVm when the bridge knows none."""

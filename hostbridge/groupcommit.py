@@ -26,6 +26,11 @@ How a flush goes, and why each step is safe:
 - A unit whose sender gave up (its future cancelled, e.g. the client went away) before the flush
   is skipped: nothing was kept and nothing was answered.
 
+On the pool's PostgreSQL store (hostbridge.pgstore) a group of one unit runs with no transaction
+around it (PgStore.alone()): a unit makes one write at most, after its reads, and that write is
+one statement that commits by itself. BEGIN and COMMIT around it would cost the loop a second
+round trip and the client twice the CPU, and a lone sender is the common case below full load.
+
 ``enabled=False`` runs each unit at once in a transaction of its own, as before group commits (a
 switch for measurements: HOSTBRIDGE_GROUP_COMMIT=0 in the bridge's environment, bench/sends.py).
 """
@@ -37,6 +42,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from .errors import BridgeError, StoreUnavailable
@@ -111,8 +117,10 @@ class GroupCommit:
             self._commit(pending[start : start + size])
 
     def _commit(self, group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]]) -> None:
-        # A group of one too: its savepoint would cost the pool's database two round trips
-        # for nothing (no other unit to keep), and the rare unit that raises runs again below.
+        alone = getattr(self.store, "alone", None)
+        if alone is not None and len(group) == 1:
+            self._commit_alone(alone, group)
+            return
         if getattr(self.store, "optimistic_groups", False):
             if self._commit_optimistic(group):
                 return
@@ -149,6 +157,25 @@ class GroupCommit:
                 failure = CommitFailed("cannot commit to the bridge's database: %s" % e)
             failure.__cause__ = e
             fut.set_exception(failure)
+
+    def _commit_alone(
+        self,
+        alone: Callable[[], AbstractContextManager[None]],
+        group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]],
+    ) -> None:
+        """A group of one unit on the pool's database: its one write commits by itself, with
+        no transaction around it (PgStore.alone()). Units make one write at most (an enqueue,
+        a finish, an audit row), after reads."""
+        ((unit, _),) = group
+        try:
+            with alone():
+                outcome = (True, unit(None))
+        except StoreUnavailable as e:
+            self._fail(group, e)
+            return
+        except Exception as e:  # noqa: BLE001 - the unit's sender gets it; nothing was kept
+            outcome = (False, e)
+        self._answer(group, [outcome])
 
     def _commit_optimistic(
         self, group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]]

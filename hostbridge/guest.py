@@ -25,7 +25,7 @@ from .keepalive import Keepalive
 from .mirror import Mirror
 from .mirrorsync import MirrorSync
 from .session import Session, State
-from .store import MirrorRow, OutboxRow, Store
+from .store import MirrorRow, MirrorSave, OutboxRow, Store
 from .tasks import TaskSet
 
 
@@ -158,12 +158,29 @@ class Guest:
         return self.session.outstanding + self.delivery.waiting
 
     def flush(self) -> None:
-        """Persist mirror changes and last_seen (called every second or so by the bridge)."""
+        """Persist mirror changes and last_seen now (the bridge saves every VM's at once)."""
+        save = self.mirror_save()
+        if save is not None:
+            self.store.save_mirror(
+                save.vm,
+                save.rows,
+                save.deleted,
+                save.replace,
+                save.last_seen,
+                save.gid,
+                save.gseq,
+                save.unhidden,
+            )
+            self.saved(save)
+
+    def mirror_save(self) -> MirrorSave | None:
+        """The mirror changes and last_seen not saved yet (taken: saved() once written), or
+        None when there are none."""
         last_seen = self.session.last_seen
         if not self.mirror.dirty and last_seen == self._flushed_seen:
-            return
+            return None
         rows, deleted, unhidden, replace = self.mirror.take_dirty()
-        self.store.save_mirror(
+        return MirrorSave(
             self.name,
             [MirrorRow(k, e.value, e.ts, e.origin, e.hidden) for k, e in rows],
             deleted,
@@ -173,4 +190,13 @@ class Guest:
             self.mirror.gseq,
             unhidden,
         )
-        self._flushed_seen = last_seen
+
+    def saved(self, save: MirrorSave, ok: bool = True) -> None:
+        """``save`` (from mirror_save()) is in the store; ``ok`` False: it is not, and the next
+        mirror_save() holds it again."""
+        if ok:
+            self._flushed_seen = save.last_seen
+        else:
+            self.mirror.untake(
+                [r.key for r in save.rows], save.deleted, save.unhidden, save.replace
+            )

@@ -83,6 +83,17 @@ class Mirror:
         self._dirty, self._deleted, self._unhidden, self._replace = set(), set(), set(), False
         return out
 
+    def untake(
+        self, keys: Iterable[str], deleted: Iterable[str], unhidden: Iterable[str], replace: bool
+    ) -> None:
+        """What take_dirty() returned was not saved: mark it dirty again. What changed since
+        stays as it is (a key written since is written with its value now)."""
+        for key in keys:
+            (self._dirty if key in self.entries else self._deleted).add(key)
+        self._deleted.update(k for k in deleted if k not in self.entries)
+        self._unhidden.update(k for k in unhidden if k not in self.hidden)
+        self._replace = self._replace or replace
+
     @property
     def dirty(self) -> bool:
         return bool(self._dirty or self._deleted or self._unhidden or self._replace)

@@ -67,8 +67,10 @@ from .store import (
     AuditRecord,
     IdempotencyRow,
     MirrorRow,
+    MirrorSave,
     OutboxRow,
     VmRow,
+    save_each,
     truncate_utf8,
 )
 
@@ -402,22 +404,34 @@ SELECT {_VM_COLUMNS} FROM i
 UNION ALL SELECT {_VM_COLUMNS} FROM vms WHERE name = %(name)s AND NOT EXISTS (SELECT 1 FROM i)
 """
 
-_SAVE_MIRROR_SQL = """
-WITH uh AS (DELETE FROM hidden WHERE vm = %(vm)s AND key = ANY(%(unhidden)s::text[])),
-dm AS (
-    DELETE FROM mirror WHERE vm = %(vm)s
-      AND (%(replace)s::boolean OR key = ANY(%(deleted)s::text[]))
-      AND NOT (key = ANY(%(keys)s::text[]))),
+# The mirror saves of one VM or of many (the bridge's flush, once a second) in one statement:
+# per VM (x) its new last_seen, gid and gseq, and the VMs whose rows are all replaced; rows (r),
+# deleted keys (d) and keys no longer hidden (u) as parallel arrays of (vm, key, ...). A key both
+# deleted and written is written (as save_mirror); the two deletions never touch the same row.
+_SAVE_MIRRORS_SQL = """
+WITH x AS (
+    SELECT * FROM unnest(%(vms)s::text[], %(last_seens)s::float8[], %(gids)s::text[],
+                         %(gseqs)s::bigint[]) AS x(vm, last_seen, gid, gseq)),
+r AS (
+    SELECT * FROM unnest(%(r_vms)s::text[], %(keys)s::text[], %(values)s::bytea[],
+                         %(tss)s::float8[], %(origins)s::text[], %(hiddens)s::boolean[])
+        WITH ORDINALITY AS r(vm, key, value, ts, origin, hidden, n)),
+uh AS (
+    DELETE FROM hidden h USING unnest(%(u_vms)s::text[], %(u_keys)s::text[]) AS u(vm, key)
+    WHERE h.vm = u.vm AND h.key = u.key),
+dr AS (
+    DELETE FROM mirror m WHERE m.vm = ANY(%(replaced)s::text[])
+      AND NOT EXISTS (SELECT 1 FROM r WHERE r.vm = m.vm AND r.key = m.key)),
+dk AS (
+    DELETE FROM mirror m USING unnest(%(d_vms)s::text[], %(d_keys)s::text[]) AS d(vm, key)
+    WHERE m.vm = d.vm AND m.key = d.key AND NOT (m.vm = ANY(%(replaced)s::text[]))
+      AND NOT EXISTS (SELECT 1 FROM r WHERE r.vm = m.vm AND r.key = m.key)),
 um AS (
     INSERT INTO mirror AS m (vm, key, value, ts, origin, hidden)
-    SELECT %(vm)s, r.key, r.value, r.ts, r.origin, r.hidden
-    FROM unnest(%(keys)s::text[], %(values)s::bytea[], %(tss)s::float8[], %(origins)s::text[],
-                %(hiddens)s::boolean[]) WITH ORDINALITY AS r(key, value, ts, origin, hidden, n)
-    ORDER BY r.n
+    SELECT r.vm, r.key, r.value, r.ts, r.origin, r.hidden FROM r ORDER BY r.n
     ON CONFLICT (vm, key) DO UPDATE SET value = EXCLUDED.value, ts = EXCLUDED.ts,
         origin = EXCLUDED.origin, hidden = EXCLUDED.hidden, pos = EXCLUDED.pos)
-UPDATE vms SET last_seen = %(last_seen)s::float8, gid = %(gid)s, gseq = %(gseq)s::bigint
-WHERE name = %(vm)s
+UPDATE vms v SET last_seen = x.last_seen, gid = x.gid, gseq = x.gseq FROM x WHERE v.name = x.vm
 """
 
 _CLAIM_SQL = f"""
@@ -492,6 +506,8 @@ class PgStore:
         # The open transaction blocks, innermost last: True for a batch(), False for a
         # savepoint() or a method's own.
         self._blocks: list[bool] = []
+        # Inside alone(): whether its one write was made; None outside.
+        self._alone: bool | None = None
         # The pipeline of the open transaction block (_Tx), None outside one.
         self._pipeline: psycopg.Pipeline | None = None
         # vm -> (fence, its next row to deliver, monotonic time): read by this host's own
@@ -610,12 +626,13 @@ class PgStore:
         except psycopg.Error as e:
             raise self._failure(e) from e
 
-    def _queue(self, command: bytes) -> None:
-        """Send a transaction command of the open block without waiting for its answer: it
-        travels with the next statement, or the block's COMMIT (_Tx)."""
+    def _queue(self, command: bytes, params: Any = None) -> None:
+        """Send a command of the open block (a transaction command, or a write whose result
+        nobody reads) without waiting for its answer: it travels with the next statement, or
+        the block's COMMIT (_Tx), and its error fails that one."""
         conn = self._connection()
         try:
-            conn.execute(command)
+            conn.execute(command, params)
         except psycopg.Error as e:
             raise self._failure(e) from e
 
@@ -624,6 +641,10 @@ class PgStore:
         so that its failure undoes only itself (as each of Store's writes does: the bridge's
         flush of every mirror); in a savepoint(), or outside any transaction, the statement is
         atomic alone, and its caller's savepoint, if any, undoes it."""
+        if self._alone is not None and not self._blocks:
+            if self._alone:
+                raise StoreError("a second write where one alone was promised (alone())")
+            self._alone = True
         if self._blocks and self._blocks[-1]:
             with self._tx():
                 return self._run(query, params)
@@ -639,6 +660,13 @@ class PgStore:
     # The group committer may run a group's units without a savepoint each (two round trips
     # fewer per unit), and runs the group again with savepoints only when one of them fails.
     optimistic_groups = True
+
+    def alone(self) -> _Alone:
+        """A block that makes one write at most, with no transaction around it: that write is
+        one statement, atomic and committed by itself (a group commit's group of one). Its
+        BEGIN and COMMIT would cost a second round trip and twice the client's CPU; a second
+        write in the block raises StoreError, before it is sent."""
+        return _Alone(self)
 
     def batch(self, savepoints: bool = True) -> _Tx:
         """One transaction around many writes, as Store.batch(): a write made directly in it,
@@ -1006,28 +1034,24 @@ class PgStore:
         unhidden: Sequence[str] = (),
     ) -> None:
         """As Store.save_mirror, in one statement. A hidden row is written without its value."""
-        latest: dict[str, MirrorRow] = {}
-        for r in rows:  # the last write of a key wins, at its place (as INSERT OR REPLACE)
-            latest.pop(r.key, None)
-            latest[r.key] = r
-        kept = list(latest.values())
-        self._write(
-            _SAVE_MIRROR_SQL,
-            {
-                "vm": vm,
-                "unhidden": list(unhidden),
-                "replace": replace,
-                "deleted": list(deleted),
-                "keys": [r.key for r in kept],
-                "values": [None if r.hidden else _utf8(r.value) for r in kept],
-                "tss": [float(r.ts) for r in kept],
-                "origins": [r.origin for r in kept],
-                "hiddens": [bool(r.hidden) for r in kept],
-                "last_seen": last_seen,
-                "gid": gid,
-                "gseq": gseq,
-            },
-        )
+        save = MirrorSave(vm, rows, deleted, replace, last_seen, gid, gseq, unhidden)
+        self._write(_SAVE_MIRRORS_SQL, _mirrors_params([save]))
+
+    def save_mirrors(self, saves: Sequence[MirrorSave]) -> dict[str, Exception]:
+        """As Store.save_mirrors. Every VM's save in one statement, one round trip with its
+        transaction: a statement a VM, each in its savepoint, would stop the bridge's loop a
+        round trip each (hundreds a second under load). Should that statement fail (a VM's row
+        locked past lock_timeout), each VM's save is made again alone, so that one VM's failure
+        keeps none of the others from being saved."""
+        if len(saves) > 1:
+            try:
+                with self.batch(savepoints=False):  # BEGIN, the statement, COMMIT: one trip
+                    self._queue(_SAVE_MIRRORS_SQL.encode("utf-8"), _mirrors_params(saves))
+                return {}
+            except StoreError as e:
+                # When the database is away, save_each()'s BEGIN fails at once the same way.
+                log.info("saving %d mirrors at once failed, saving each alone: %s", len(saves), e)
+        return save_each(self, saves)
 
     # -- the pool -------------------------------------------------------------------------------
 
@@ -1136,6 +1160,61 @@ class PgStore:
             (self.lease,),
         ).fetchall()
         return [HostRow(*r) for r in rows]
+
+
+def _last_writes(rows: list[MirrorRow]) -> list[MirrorRow]:
+    """The last write of each key, at its place (as SQLite's INSERT OR REPLACE)."""
+    latest: dict[str, MirrorRow] = {}
+    for r in rows:
+        latest.pop(r.key, None)
+        latest[r.key] = r
+    return list(latest.values())
+
+
+def _mirrors_params(saves: Sequence[MirrorSave]) -> dict[str, list[Any]]:
+    """_SAVE_MIRRORS_SQL's arrays (a hidden row without its value)."""
+    p: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "vms last_seens gids gseqs replaced r_vms keys values tss origins hiddens "
+            "d_vms d_keys u_vms u_keys"
+        ).split()
+    }
+    for m in saves:
+        p["vms"].append(m.vm)
+        p["last_seens"].append(m.last_seen)
+        p["gids"].append(m.gid)
+        p["gseqs"].append(m.gseq)
+        if m.replace:
+            p["replaced"].append(m.vm)
+        for r in _last_writes(m.rows):
+            p["r_vms"].append(m.vm)
+            p["keys"].append(r.key)
+            p["values"].append(None if r.hidden else _utf8(r.value))
+            p["tss"].append(float(r.ts))
+            p["origins"].append(r.origin)
+            p["hiddens"].append(bool(r.hidden))
+        p["d_vms"] += [m.vm] * len(m.deleted)
+        p["d_keys"] += list(m.deleted)
+        p["u_vms"] += [m.vm] * len(m.unhidden)
+        p["u_keys"] += list(m.unhidden)
+    return p
+
+
+class _Alone:
+    """PgStore.alone()'s block."""
+
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        if self._store._blocks or self._store._alone is not None:
+            raise StoreError("alone() inside a transaction block or another alone()")
+        self._store._alone = False
+
+    def __exit__(self, *exc: object) -> Literal[False]:
+        self._store._alone = None
+        return False
 
 
 class _Tx:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 from .config import Limits
 
@@ -176,6 +176,20 @@ class MirrorRow:
     ts: float
     origin: str
     hidden: bool
+
+
+@dataclass
+class MirrorSave:
+    """What one VM's mirror changed since its last save (Store.save_mirror's arguments)."""
+
+    vm: str
+    rows: list[MirrorRow]
+    deleted: list[str]
+    replace: bool
+    last_seen: float | None
+    gid: str | None
+    gseq: int | None
+    unhidden: Sequence[str] = ()
 
 
 class Store:
@@ -610,6 +624,26 @@ class Store:
             db.execute(
                 "UPDATE vms SET last_seen=?, gid=?, gseq=? WHERE name=?", (last_seen, gid, gseq, vm)
             )
+
+    def save_mirrors(self, saves: Sequence[MirrorSave]) -> dict[str, Exception]:
+        """Every save in one transaction (one fsync), each undone alone when it fails: the VMs
+        whose save failed, with why."""
+        return save_each(self, saves)
+
+
+def save_each(store: Any, saves: Sequence[MirrorSave]) -> dict[str, Exception]:
+    """``saves`` in one batch of ``store`` (either backend: Store or PgStore), one save_mirror()
+    each: a failed one undoes only itself. The VMs whose save failed, with why."""
+    failed: dict[str, Exception] = {}
+    with store.batch():
+        for m in saves:
+            try:
+                store.save_mirror(
+                    m.vm, m.rows, m.deleted, m.replace, m.last_seen, m.gid, m.gseq, m.unhidden
+                )
+            except Exception as e:  # noqa: BLE001 - one VM's write must not stop the others
+                failed[m.vm] = e
+    return failed
 
 
 class _Tx:

@@ -292,3 +292,32 @@ def test_a_placement_notice_older_than_what_the_bridge_read_should_change_nothin
         assert hv1.pool.owner("web1") == "hv1" and hv1.store.held("web1") == fence
 
     run(pool_db, monkeypatch, body)
+
+
+def test_mirror_changes_the_database_refused_should_be_saved_at_a_later_flush(pool_db, monkeypatch):
+    import psycopg
+
+    async def body(w):
+        hv1 = await w.start("hv1", ["web1"])
+        agent = await w.agent("web1", hv1)
+        hv1.flush()
+
+        def saved():
+            with psycopg.connect(pool_db) as db:
+                return db.execute(
+                    "SELECT key FROM mirror WHERE vm = 'web1' AND key LIKE 'com.example.%'"
+                ).fetchall()
+
+        with psycopg.connect(pool_db) as other:
+            other.execute("LOCK TABLE mirror IN ACCESS EXCLUSIVE MODE")  # held until rollback
+            assert agent.ovmd("-p", "com.example.g=1").returncode == 0
+            await async_wait_for(
+                lambda: "com.example.g" in hv1.guest("web1").mirror.entries, what="mirrored"
+            )
+            hv1.flush()  # each VM's save times out on the lock: logged, and given back
+            other.rollback()
+        assert saved() == []
+        hv1.flush()
+        assert saved() == [("com.example.g",)]
+
+    run(pool_db + "&options=-c%20lock_timeout%3D200", monkeypatch, body)

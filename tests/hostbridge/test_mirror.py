@@ -66,3 +66,26 @@ def test_a_change_over_the_quota_should_drop_the_keys_old_value_not_keep_it():
     assert "a" not in m.entries and m.bytes == 0
     rows, deleted, _, _ = m.take_dirty()
     assert (rows, deleted) == ([], ["a"])  # and the saved copy forgets it too
+
+
+def test_changes_given_back_after_a_failed_save_should_be_taken_again_with_what_came_since():
+    m = Mirror(10, 10000)
+    m.apply("set", "a", "1", 1.0, "guest")
+    m.apply("set", "b", "1", 1.0, "guest")
+    m.take_dirty()
+    m.hide("pw")
+    m.unhide("pw")
+    m.apply("set", "a", "2", 2.0, "guest")
+    m.apply("del", "b", None, 2.0, "guest")
+    rows, deleted, unhidden, replace = m.take_dirty()
+    assert not m.dirty
+    m.apply("set", "b", "3", 3.0, "guest")  # after the take, before the failure
+    m.untake([k for k, _ in rows], deleted, unhidden, replace)
+    rows, deleted, unhidden, replace = m.take_dirty()
+    assert sorted((k, e.value) for k, e in rows) == [("a", "2"), ("b", "3")]
+    assert (deleted, unhidden, replace) == ([], ["pw"], False)
+    m.replace([("z", "9", 3.0, "guest")], "gid", 7)
+    rows, deleted, unhidden, replace = m.take_dirty()
+    m.untake([k for k, _ in rows], deleted, unhidden, replace)
+    rows, _, _, replace = m.take_dirty()
+    assert replace and [k for k, _ in rows] == ["z"]

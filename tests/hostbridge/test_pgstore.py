@@ -26,7 +26,7 @@ from hostbridge.pgstore import (
     redact,
 )
 from hostbridge.poolkey import PoolKey
-from hostbridge.store import MirrorRow, Store
+from hostbridge.store import MirrorRow, MirrorSave, Store
 from tests.support.waiting import wait_for
 
 KEY = PoolKey(os.urandom(32))
@@ -227,6 +227,79 @@ def test_the_mirror_should_be_saved_with_hidden_values_left_out(backend):
     assert s.hidden("a") == set()
     s.save_mirror("a", [MirrorRow("new", "n", 5.0, "guest", False)], [], True, 12.0, "gid2", 1)
     assert [r.key for r in s.mirror("a")] == ["new"]
+
+
+def test_many_vms_mirrors_saved_at_once_should_end_as_each_saved_alone(backend):
+    s, alone = backend(), {}
+    for vm in ("a", "b", "c", "d"):
+        s.vm(vm)
+        s.enqueue(vm, "secret", "x", False)
+        s.save_mirror(
+            vm, [MirrorRow(k, k, 1.0, "guest", False) for k in "xyz"], [], True, 1, "g", 1
+        )
+
+    def saves():
+        return [
+            # a rewritten key moves to the end, a deleted key goes, a key unhidden
+            MirrorSave(
+                "a", [MirrorRow("x", "x2", 2.0, "host", False)], ["y"], False, 2, "g", 2, ["secret"]
+            ),
+            # replaced: only its new rows stay (a key both deleted and written is written)
+            MirrorSave(
+                "b",
+                [
+                    MirrorRow("n", "n", 2.0, "guest", False),
+                    MirrorRow("z", "z2", 2.0, "guest", False),
+                ],
+                ["z"],
+                True,
+                3,
+                "h",
+                1,
+            ),
+            # only seen: its rows stay as they are
+            MirrorSave("c", [], [], False, 4, "g", 1),
+            # a hidden row without its value, written twice: the last write counts
+            MirrorSave(
+                "d",
+                [
+                    MirrorRow("secret", "v1", 2.0, "host", True),
+                    MirrorRow("secret", "v2", 3.0, "host", True),
+                ],
+                [],
+                False,
+                5,
+                "g",
+                2,
+            ),
+        ]
+
+    def state():
+        return {
+            vm: (
+                [(r.key, r.value, r.ts, r.hidden) for r in s.mirror(vm)],
+                s.hidden(vm),
+                (s.vm(vm).last_seen, s.vm(vm).gid, s.vm(vm).gseq),
+            )
+            for vm in "abcd"
+        }
+
+    before = state()
+    for m in saves():
+        s.save_mirror(m.vm, m.rows, m.deleted, m.replace, m.last_seen, m.gid, m.gseq, m.unhidden)
+    alone = state()
+    assert alone != before
+    assert alone["a"][0] == [("z", "z", 1.0, False), ("x", "x2", 2.0, False)]
+    assert alone["b"][0] == [("n", "n", 2.0, False), ("z", "z2", 2.0, False)]
+    assert alone["d"][0][-1] == ("secret", None, 3.0, True)
+    for vm in "abcd":  # back as before, then all at once
+        s.save_mirror(
+            vm, [MirrorRow(k, k, 1.0, "guest", False) for k in "xyz"], [], True, 1, "g", 1
+        )
+        s.save_mirror(vm, [], [], False, None, None, None)
+    s.enqueue("a", "secret", "x", False)
+    assert s.save_mirrors(saves()) == {}
+    assert state() == alone
 
 
 def test_withdraw_should_delete_unwritten_rows_and_strip_written_ones(backend):
@@ -661,6 +734,19 @@ def test_a_write_that_fails_directly_in_a_batch_should_undo_only_itself(pg_url, 
                 s.save_mirror("b", [row], [], False, 1.0, None, None)
             s.save_mirror("c", [row], [], False, 1.0, None, None)
         other.rollback()
+    assert [(vm, len(s.mirror(vm))) for vm in ("a", "b", "c")] == [("a", 1), ("b", 0), ("c", 1)]
+
+
+def test_mirrors_saved_at_once_should_keep_the_others_when_one_vm_s_save_fails(pg_url, stores):
+    s = open_pg(pg_url + " options='-c lock_timeout=200'", stores)
+    for vm in ("a", "b", "c"):
+        s.vm(vm)
+    row = MirrorRow("k", "v", 1.0, "guest", False)
+    with psycopg.connect(pg_url) as other:
+        other.execute("SELECT 1 FROM vms WHERE name = 'b' FOR UPDATE")
+        failed = s.save_mirrors([MirrorSave(vm, [row], [], False, 1.0, None, None) for vm in "abc"])
+        other.rollback()
+    assert list(failed) == ["b"] and isinstance(failed["b"], StoreUnavailable)
     assert [(vm, len(s.mirror(vm))) for vm in ("a", "b", "c")] == [("a", 1), ("b", 0), ("c", 1)]
 
 
