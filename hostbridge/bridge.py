@@ -34,7 +34,7 @@ from .config import Config, VmSpec
 from .discovery import Discovery, NameResolver
 from .errors import GuestError, LinkReset
 from .events import EventHub
-from .groupcommit import GroupCommit, enabled_by_environment
+from .groupcommit import GroupCommit, Preparable, enabled_by_environment
 from .guest import Guest
 from .lifecycle import DEFAULT_URI, Lifecycle, LifecycleEvent
 from .mirror import Entry
@@ -680,9 +680,18 @@ class Bridge:
                 g.mirror.hide(key)
             return row
 
+        unit: Callable[[Any], OutboxRow | IdempotencyRow] = enqueue
+        prepare = getattr(store, "prepare_enqueue", None)
+        if prepare is not None and idempotency is None and (value is None or log_value):
+            # The pool's store commits it beside the loop, with its group (groupcommit). Not a
+            # send with an idempotency key (its look-up belongs in the write's transaction)
+            # nor a log=no value (sealed with its seq, known only in the transaction).
+            unit = Preparable(
+                enqueue, lambda: prepare(name, key, value, log_value, expires=deadline)
+            )
         self._committing[name] = self._committing.get(name, 0) + 1
         try:
-            done = await self.committer.run(enqueue)
+            done = await self.committer.run(unit)
         finally:
             left = self._committing.pop(name) - 1
             if left:

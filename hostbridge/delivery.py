@@ -34,10 +34,10 @@ from ovmproto.messages import Delete, Set
 
 from . import errors
 from .errors import GuestError, LinkReset, MessageCancelled, MessageExpired
-from .groupcommit import GroupCommit
+from .groupcommit import GroupCommit, Preparable
 from .mirror import Mirror
 from .session import Session, State
-from .store import OutboxRow, Store
+from .store import OutboxRow, PreparedWrite, Store
 from .tasks import TaskSet
 
 # The next rows to deliver, read with an outcome, and the token they were read under.
@@ -261,7 +261,18 @@ class Delivery:
         def unit(db: sqlite3.Connection) -> _Ahead:
             return self._token(), self.store.finish_next(self.vm, [seq], outcome)
 
-        return unit
+        prepare_finish = getattr(self.store, "prepare_finish_next", None)
+        if prepare_finish is None:
+            return unit
+
+        def prepare() -> PreparedWrite:
+            # Committed beside the loop (the pool's store): the token of now, before the
+            # commit; anything that changes it meanwhile makes the row read again.
+            token = self._token()
+            write: PreparedWrite = prepare_finish(self.vm, [seq], outcome)
+            return PreparedWrite(write.sql, write.params, lambda row: (token, write.result(row)))
+
+        return Preparable(unit, prepare)
 
     async def _deliver(self, row: OutboxRow) -> bool:
         """Send one row and wait for its acknowledgement; False when the link failed."""

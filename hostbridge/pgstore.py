@@ -8,15 +8,21 @@ database that every bridge of a pool shares, plus who owns which VM (docs/pool.m
 The callers are Store's (the bridge, its group committer, a guest's delivery): the same methods,
 arguments, results and transactions (batch(), savepoint()). What differs, and why:
 
-- One synchronous connection, called from the bridge's event loop: every call is one short
-  statement where it can be (an enqueue, a finish, a save of a mirror: one round trip each, their
-  parts joined in one statement by data-modifying CTEs) and bounded by statement_timeout,
-  lock_timeout and TCP keepalives. Each round trip stops the bridge's loop, so a transaction's
-  BEGIN, SAVEPOINT and RELEASE take none of their own (pipeline mode, _Tx): a group commit of
-  n sends costs n + 1 round trips. Nothing here retries a write: a connection that failed is
-  dropped, the caller gets StoreUnavailable (one line), and the next call connects again. A
-  connection lost inside batch() fails every later write of that batch, and the batch itself: a
-  unit that had succeeded before the loss is not committed, so its sender must not hear so.
+- The group commits of the send path (an enqueue, a delivery's removal: prepare_enqueue(),
+  prepare_finish_next()) run on a commit thread with a connection of its own, one round trip a
+  group, while the bridge's loop goes on (run_prepared(); hostbridge.groupcommit says why it is
+  safe). Every other call first waits for that group (settle()).
+- Everything else: one synchronous connection, called from the bridge's event loop: every call
+  is one short statement where it can be (an enqueue, a finish, a save of every mirror: one
+  round trip each, their parts joined in one statement by data-modifying CTEs) and bounded by
+  statement_timeout, lock_timeout and TCP keepalives. Each round trip stops the bridge's loop,
+  so a transaction's BEGIN, SAVEPOINT and RELEASE take none of their own (pipeline mode, _Tx):
+  a group of n units committed there costs n + 1 round trips, a lone unit one (alone()). Both
+  connections connect again the same way after a failure. Nothing here retries a write: a
+  connection that failed is dropped, the caller gets StoreUnavailable (one line), and the next
+  call connects again. A connection lost inside batch() fails every later write of that batch,
+  and the batch itself: a unit that had succeeded before the loss is not committed, so its
+  sender must not hear so.
 - Several bridges write: seq numbers come from ``UPDATE vms SET seq = seq + 1 ... RETURNING``
   (the row lock serializes them), and an enqueue for a VM another host owns NOTIFYs that host's
   channel in the same transaction (delivered at COMMIT, and only then).
@@ -42,10 +48,12 @@ arguments, results and transactions (batch(), savepoint()). What differs, and wh
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import math
 import os
+import select
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -69,6 +77,7 @@ from .store import (
     MirrorRow,
     MirrorSave,
     OutboxRow,
+    PreparedWrite,
     VmRow,
     save_each,
     truncate_utf8,
@@ -258,6 +267,38 @@ def one_line(e: BaseException, secret: str | None = None) -> str:
     if secret:
         reason = reason.replace(secret, "***")
     return reason
+
+
+_UNREACHABLE = "the pool database is unreachable: "
+
+
+def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection is of no more use: closed, or its socket readable though
+    nothing was asked (the server's goodbye at a restart, a failover or a terminated backend,
+    then EOF). Such a connection is made again before a call, instead of failing the call: the
+    first call after a database restart would fail on each connection otherwise."""
+    if conn.closed:
+        return True
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
+def classify(e: psycopg.Error, secret: str | None, lost: bool) -> StoreError:
+    """What a caller sees of ``e``, in one line; ``lost``: the connection is closed. A message
+    beginning with _UNREACHABLE means the connection is of no more use."""
+    reason = one_line(e, secret)
+    lost = lost or isinstance(e, psycopg.InterfaceError)
+    sqlstate = getattr(getattr(e, "diag", None), "sqlstate", None) or ""
+    if lost or sqlstate[:2] in ("08", "57"):  # connection exception, operator intervention
+        return StoreUnavailable(_UNREACHABLE + reason)
+    if isinstance(e, (pgerrors.QueryCanceled, pgerrors.LockNotAvailable)):
+        return StoreUnavailable("the pool database did not answer in time: %s" % reason)
+    if sqlstate[:2] == "40":  # deadlock or serialization: nothing was kept, try again
+        return StoreUnavailable("the pool database is busy: %s" % reason)
+    return StoreError("the pool database failed: %s" % reason)
 
 
 def _aad(vm: str, seq: int, key: str) -> bytes:
@@ -508,6 +549,14 @@ class PgStore:
         self._blocks: list[bool] = []
         # Inside alone(): whether its one write was made; None outside.
         self._alone: bool | None = None
+        # The group of prepared writes committing on the commit thread (run_prepared), its own
+        # connection, and the thread (one): made at the first group.
+        self._inflight: concurrent.futures.Future[list[Any]] | None = None
+        self._commit_conn: psycopg.Connection[Any] | None = None
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        # vm -> bumped at each _drop_ahead(vm): a row an enqueue read counts only if no drop
+        # came between the enqueue's preparing and its commit (run_prepared).
+        self._ahead_drops: dict[str, int] = {}
         # The pipeline of the open transaction block (_Tx), None outside one.
         self._pipeline: psycopg.Pipeline | None = None
         # vm -> (fence, its next row to deliver, monotonic time): read by this host's own
@@ -561,8 +610,10 @@ class PgStore:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._closed:
             raise StoreError("the pool database connection was closed")
+        if self._inflight is not None:
+            self.settle()
         conn = self._conn
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and (self._blocks or not _closed_by_server(conn)):
             return conn
         if self._blocks:
             # The transaction in progress went with the lost connection: a new one must not
@@ -598,18 +649,11 @@ class PgStore:
     def _failure(self, e: psycopg.Error) -> StoreError:
         """What a caller sees of ``e``; a connection that failed is dropped (the next call
         connects again)."""
-        reason = one_line(e, self._password)
         conn = self._conn
-        lost = conn is None or conn.closed or isinstance(e, psycopg.InterfaceError)
-        sqlstate = getattr(getattr(e, "diag", None), "sqlstate", None) or ""
-        if lost or sqlstate[:2] in ("08", "57"):  # connection exception, operator intervention
+        failure = classify(e, self._password, lost=conn is None or conn.closed)
+        if failure.message.startswith(_UNREACHABLE):
             self._drop()
-            return StoreUnavailable("the pool database is unreachable: %s" % reason)
-        if isinstance(e, (pgerrors.QueryCanceled, pgerrors.LockNotAvailable)):
-            return StoreUnavailable("the pool database did not answer in time: %s" % reason)
-        if sqlstate[:2] == "40":  # deadlock or serialization: nothing was kept, try again
-            return StoreUnavailable("the pool database is busy: %s" % reason)
-        return StoreError("the pool database failed: %s" % reason)
+        return failure
 
     def _run(self, query: str, params: Any = None) -> psycopg.Cursor[Any]:
         """Execute one statement (its result is read already: fetching is local). Inside a
@@ -654,8 +698,73 @@ class PgStore:
         return _Tx(self)
 
     def close(self) -> None:
+        self.settle()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
+        conn, self._commit_conn = self._commit_conn, None
+        if conn is not None:
+            conn.close()
         self._drop()
         self._closed = True
+
+    # -- groups committed beside the loop -------------------------------------------------------
+
+    def run_prepared(self, writes: Sequence[PreparedWrite]) -> concurrent.futures.Future[list[Any]]:
+        """Commit ``writes`` (made on the loop: prepare_enqueue(), prepare_finish_next()) on
+        the commit thread's own connection: one statement alone, or BEGIN, the statements and
+        COMMIT in one pipeline, one round trip either way. The future's result is each
+        statement's first row (turn it into a call's result with its PreparedWrite.result);
+        its exception a StoreError: StoreUnavailable when the database is away (nothing can
+        be said of the group), any other when a statement failed (none of the group was kept).
+
+        Meanwhile the bridge's loop runs on. Every other call of this store first waits for
+        the group's commit (settle()), so the database sees the same order of operations as
+        when the group committed on the loop."""
+        if self._inflight is not None:
+            self.settle()
+        if self._committer is None:
+            self._committer = concurrent.futures.ThreadPoolExecutor(1, "ovmd-pool-commit")
+        batch = [(w.sql.encode("utf-8"), w.params) for w in writes]
+        self._inflight = self._committer.submit(self._commit_group, batch)
+        return self._inflight
+
+    def settle(self) -> None:
+        """Wait for the group run_prepared() started, if any, to be committed or failed."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            concurrent.futures.wait([inflight])
+
+    def _commit_group(self, batch: list[tuple[bytes, Any]]) -> list[Any]:
+        # On the commit thread: it touches its own connection only, never the store's state.
+        conn = self._commit_conn
+        try:
+            if conn is None or _closed_by_server(conn):
+                if conn is not None:
+                    conn.close()
+                conn = self._commit_conn = self._open()
+            if len(batch) == 1:
+                return [conn.execute(*batch[0]).fetchone()]
+            with conn.pipeline():  # its end: the one Sync, and every answer read
+                conn.execute(b"BEGIN")
+                cursors = [conn.execute(sql, params) for sql, params in batch]
+                ended = conn.execute(b"COMMIT")
+            if ended.statusmessage != "COMMIT":
+                raise StoreError(
+                    "the pool database failed: the transaction was rolled back (%s)"
+                    % ended.statusmessage
+                )
+            return [c.fetchone() for c in cursors]
+        except psycopg.Error as e:
+            failure = classify(e, self._password, lost=conn is None or conn.closed)
+            # Whatever state it was left in (a pipeline, an aborted transaction): a new one.
+            self._commit_conn = None
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - it is gone either way
+                    pass
+            raise failure from e
 
     # The group committer may run a group's units without a savepoint each (two round trips
     # fewer per unit), and runs the group again with savepoints only when one of them fails.
@@ -724,8 +833,64 @@ class PgStore:
         idempotency: tuple[str, str] | None = None,
     ) -> OutboxRow:
         """As Store.enqueue; KeyError for an unknown VM. A log=no value is sealed first."""
+        prepared = self.prepare_enqueue(vm, key, value, log_value, ts, expires, idempotency)
+        if prepared is not None:
+            return prepared.result(self._write(prepared.sql, prepared.params).fetchone())
+        assert value is not None
+        params, ahead, fence = self._enqueue_params(
+            vm, key, value, log_value, ts, expires, idempotency
+        )
+        # The sealed value is bound to its seq: take the seq first (its row lock is held to
+        # COMMIT), then write the rest; two round trips, for log=no values only.
+        with self._tx():
+            taken = self._run(
+                "UPDATE vms SET seq = seq + 1 WHERE name = %s RETURNING seq", (vm,)
+            ).fetchone()
+            if taken is None:
+                raise KeyError(vm)
+            params["seq"] = taken[0]
+            params["value"] = self.key.seal(value, _aad(vm, taken[0], key)).encode("ascii")
+            query = _enqueue_sql(True, params.pop("prune"), idempotency is not None, ahead)
+            row = self._run(query, params).fetchone()
+            return self._enqueued(row, value, params, fence, self._ahead_drops.get(vm, 0))
+
+    def prepare_enqueue(
+        self,
+        vm: str,
+        key: str,
+        value: str | None,
+        log_value: bool,
+        ts: float | None = None,
+        expires: float | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> PreparedWrite | None:
+        """enqueue()'s one statement, to run later (run_prepared()); None for a log=no value,
+        whose sealing needs its seq first (enqueue() runs it)."""
+        if not log_value and value is not None:
+            return None
+        params, ahead, fence = self._enqueue_params(
+            vm, key, value, log_value, ts, expires, idempotency
+        )
+        params["value"] = _utf8(value)
+        query = _enqueue_sql(False, params.pop("prune"), idempotency is not None, ahead)
+        drops = self._ahead_drops.get(vm, 0)
+        return PreparedWrite(
+            query, params, lambda row: self._enqueued(row, value, params, fence, drops)
+        )
+
+    def _enqueue_params(
+        self,
+        vm: str,
+        key: str,
+        value: str | None,
+        log_value: bool,
+        ts: float | None,
+        expires: float | None,
+        idempotency: tuple[str, str] | None,
+    ) -> tuple[dict[str, Any], bool, int | None]:
+        """The enqueue statement's parameters (but the value), whether it reads the VM's next
+        row (this host owns the VM), and under which fence."""
         ts = time.time() if ts is None else ts
-        secret = not log_value and value is not None
         params: dict[str, Any] = {
             "vm": vm,
             "key": key,
@@ -735,44 +900,41 @@ class PgStore:
             "op": "set" if value is not None else "del",
             "log": log_value,
             "expires": expires,
-            "hide": secret,
+            "hide": not log_value and value is not None,
             "me": self.host,
             # The statement does not see its own audit row: keep one fewer of the others.
             "keep": max(1, self.audit_keep) - 1,
+            "prune": self._prune_due(vm),
         }
         if idempotency is not None:
             params["ikey"], params["digest"] = idempotency
             params["icut"] = ts - self.idempotency_ttl
             params["ikeep"] = max(1, self.idempotency_keep)
-        prune = self._prune_due(vm)
         fence = self._held.get(vm)
-        ahead = fence is not None
-        if ahead:
+        if fence is not None:
             params["fence"] = fence
-        if not secret:
-            params["value"] = _utf8(value)
-            query = _enqueue_sql(False, prune, idempotency is not None, ahead)
-            row = self._write(query, params).fetchone()
-        else:
-            assert value is not None
-            # The sealed value is bound to its seq: take the seq first (its row lock is held to
-            # COMMIT), then write the rest; two round trips, for log=no values only.
-            with self._tx():
-                taken = self._run(
-                    "UPDATE vms SET seq = seq + 1 WHERE name = %s RETURNING seq", (vm,)
-                ).fetchone()
-                if taken is None:
-                    raise KeyError(vm)
-                params["seq"] = taken[0]
-                params["value"] = self.key.seal(value, _aad(vm, taken[0], key)).encode("ascii")
-                query = _enqueue_sql(True, prune, idempotency is not None, ahead)
-                row = self._run(query, params).fetchone()
+        return params, fence is not None, fence
+
+    def _enqueued(
+        self,
+        row: Sequence[Any] | None,
+        value: str | None,
+        params: dict[str, Any],
+        fence: int | None,
+        drops: int,
+    ) -> OutboxRow:
+        """The enqueue statement's row as enqueue()'s result. The VM's next row it read is kept
+        for deliverable() unless what was known of the VM's head was dropped since the
+        statement was made (``drops``: _ahead_drops then): a row withdrawn or removed meanwhile
+        must not come back from here."""
+        vm = params["vm"]
         if row is None:
             raise KeyError(vm)
-        added = OutboxRow(vm, row[0], key, value, log_value, ts, row[1], expires)
-        if ahead:
-            assert fence is not None
-            self._note_ahead(vm, fence, added, row[3:], secret)
+        added = OutboxRow(
+            vm, row[0], params["key"], value, params["log"], params["ts"], row[1], params["expires"]
+        )
+        if fence is not None and self._ahead_drops.get(vm, 0) == drops:
+            self._note_ahead(vm, fence, added, row[3:], params["hide"])
         return added
 
     def _note_ahead(
@@ -796,6 +958,7 @@ class PgStore:
 
     def _drop_ahead(self, vm: str) -> None:
         """Forget what is known of ``vm``'s next row: its outbox head or its fence changed."""
+        self._ahead_drops[vm] = self._ahead_drops.get(vm, 0) + 1
         self._ahead.pop(vm, None)
         if self._ahead_pending:
             self._ahead_pending = [p for p in self._ahead_pending if p[0] != vm]
@@ -963,6 +1126,11 @@ class PgStore:
         what deliverable() would, in one statement and under one check of the fence (errors.Fenced
         otherwise: nothing removed, nothing read, the fence forgotten). A delivery then costs one
         read before its first row and none after each acknowledgement."""
+        prepared = self.prepare_finish_next(vm, seqs, outcome)
+        return prepared.result(self._write(prepared.sql, prepared.params).fetchone())
+
+    def prepare_finish_next(self, vm: str, seqs: list[int], outcome: str) -> PreparedWrite:
+        """finish_next()'s one statement, to run later (run_prepared())."""
         if outcome not in _FENCED_OUTCOMES:
             raise ValueError("finish_next records a delivery's outcome, not %r" % outcome)
         self._drop_ahead(vm)
@@ -970,11 +1138,14 @@ class PgStore:
         if fence is None:
             raise Fenced(vm)
         params = {"vm": vm, "seqs": list(seqs), "outcome": outcome, "me": self.host, "fence": fence}
-        row = self._write(_finish_sql(True, False, next_row=True), params).fetchone()
-        if row is None or not row[0]:
-            self._lost(vm, fence)
-            raise Fenced(vm)
-        return [] if row[3] is None else [self._outbox_row(row[2:])]
+
+        def result(row: Sequence[Any] | None) -> list[OutboxRow]:
+            if row is None or not row[0]:
+                self._lost(vm, fence)
+                raise Fenced(vm)
+            return [] if row[3] is None else [self._outbox_row(row[2:])]
+
+        return PreparedWrite(_finish_sql(True, False, next_row=True), params, result)
 
     # -- audit ----------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -176,6 +176,17 @@ class MirrorRow:
     ts: float
     origin: str
     hidden: bool
+
+
+@dataclass
+class PreparedWrite:
+    """A store call's one write statement, made ready on the bridge's loop and run later with
+    the rest of its group (PgStore.run_prepared); ``result`` turns the statement's first row
+    into the call's result, once committed, or raises (errors.Fenced)."""
+
+    sql: str
+    params: Any
+    result: Callable[[Any], Any]
 
 
 @dataclass

@@ -41,17 +41,23 @@ def store(postgres_server):
 
 
 class Trace:
-    """libpq's trace of ``store``'s connection: the round trips and statements since start."""
+    """libpq's trace of ``store``'s connections (its own, and its commit thread's once made):
+    the round trips and statements since start."""
 
     def __init__(self, store):
-        self._file = tempfile.TemporaryFile()
-        self._pgconn = store._conn.pgconn
-        self._pgconn.trace(self._file.fileno())
-        self._pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        self._traced = []
+        for conn in (store._conn, store._commit_conn):
+            if conn is not None:
+                file = tempfile.TemporaryFile()
+                conn.pgconn.trace(file.fileno())
+                conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+                self._traced.append((conn.pgconn, file))
 
     def messages(self):
-        self._file.seek(0)
-        lines = self._file.read().decode("utf-8", "replace").splitlines()
+        lines = []
+        for _, file in self._traced:
+            file.seek(0)
+            lines += file.read().decode("utf-8", "replace").splitlines()
         return [line.split("\t")[2].split(" ")[0] for line in lines if line.startswith("F\t")]
 
     def round_trips(self):
@@ -61,8 +67,9 @@ class Trace:
         return sum(1 for m in self.messages() if m in ("Execute", "Query"))
 
     def close(self):
-        self._pgconn.untrace()
-        self._file.close()
+        for pgconn, file in self._traced:
+            pgconn.untrace()
+            file.close()
 
 
 def run_units(store, *units):
