@@ -280,10 +280,17 @@ def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
     if conn.closed:
         return True
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        # poll, not select: a bridge with a thousand guests has descriptors past select's 1024.
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        if not poller.poll(0):
+            return False
+        # Read what came: a goodbye ends in EOF, which fails here; a notice or a parameter's
+        # new value is taken as libpq takes it between queries.
+        conn.pgconn.consume_input()
     except (OSError, ValueError, psycopg.Error):
         return True
-    return bool(readable)
+    return bool(conn.pgconn.status != psycopg.pq.ConnStatus.OK)
 
 
 def classify(e: psycopg.Error, secret: str | None, lost: bool) -> StoreError:

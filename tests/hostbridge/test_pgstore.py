@@ -808,3 +808,33 @@ def test_a_batch_cut_by_an_outage_should_commit_nothing(pg_url, stores, postgres
     assert committer.commits == 0 and committer.failed == 1
     assert s.queued("web1") == 0
     assert s.enqueue("web1", "after", "v", True).seq == 1
+
+
+def test_connections_past_descriptor_1024_should_be_kept_from_call_to_call(pg_url, stores):
+    # A bridge with a thousand guests holds its database connections past descriptor 1024,
+    # where select() cannot look: the check for a connection the server closed must not take
+    # every such connection for closed (and connect again at every call).
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1400:
+        pytest.skip("the hard limit of open files is below 1400")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1400), hard))
+    fillers = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        s = open_pg(pg_url, stores)
+        s.vm("web1")
+        s.claim("web1")
+        conn = s._conn
+        assert conn.fileno() >= 1024
+        s.enqueue("web1", "k", "v", True)
+        s.run_prepared([s.prepare_enqueue("web1", "k", "v", True)]).result()
+        committer = s._commit_conn
+        assert committer.fileno() >= 1024
+        s.run_prepared([s.prepare_enqueue("web1", "k", "v", True)]).result()
+        assert [r.seq for r in s.outbox("web1")] == [1, 2, 3]
+        assert (s._conn, s._commit_conn) == (conn, committer)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
