@@ -274,23 +274,20 @@ _UNREACHABLE = "the pool database is unreachable: "
 
 def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
     """Whether an idle connection is of no more use: closed, or its socket readable though
-    nothing was asked (the server's goodbye at a restart, a failover or a terminated backend,
-    then EOF). Such a connection is made again before a call, instead of failing the call: the
-    first call after a database restart would fail on each connection otherwise."""
+    nothing was asked. That is the server's goodbye at a restart, a failover or a terminated
+    backend ("terminating connection due to administrator command", then EOF); a notice or a
+    parameter's new value between queries is rare enough to cost a new connection too. Such a
+    connection is made again before a call instead of failing the call: the first call after a
+    database restart would fail on each connection otherwise."""
     if conn.closed:
         return True
     try:
         # poll, not select: a bridge with a thousand guests has descriptors past select's 1024.
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
-        if not poller.poll(0):
-            return False
-        # Read what came: a goodbye ends in EOF, which fails here; a notice or a parameter's
-        # new value is taken as libpq takes it between queries.
-        conn.pgconn.consume_input()
+        return bool(poller.poll(0))
     except (OSError, ValueError, psycopg.Error):
         return True
-    return bool(conn.pgconn.status != psycopg.pq.ConnStatus.OK)
 
 
 def classify(e: psycopg.Error, secret: str | None, lost: bool) -> StoreError:

@@ -7,6 +7,7 @@ caller sees when the database goes away and comes back.
 """
 
 import asyncio
+import contextlib
 import glob
 import os
 import threading
@@ -720,34 +721,40 @@ def test_a_long_lock_wait_should_end_in_store_unavailable_and_keep_the_connectio
     assert s.enqueue("web1", "k", "v", True).seq == 1
 
 
-def test_a_write_that_fails_directly_in_a_batch_should_undo_only_itself(pg_url, stores):
-    # As the bridge's flush of every VM's mirror: one batch, no savepoint of the caller's.
+@contextlib.contextmanager
+def vm_b_locked(pg_url, stores):
+    """A store with VMs a, b and c, whose row of b another session holds meanwhile: a write to
+    b times out (lock_timeout 200 ms). After the block, how many mirror rows each VM has."""
     s = open_pg(pg_url + " options='-c lock_timeout=200'", stores)
     for vm in ("a", "b", "c"):
         s.vm(vm)
-    row = MirrorRow("k", "v", 1.0, "guest", False)
+    counts = []
     with psycopg.connect(pg_url) as other:
         other.execute("SELECT 1 FROM vms WHERE name = 'b' FOR UPDATE")
-        with s.batch():
-            s.save_mirror("a", [row], [], False, 1.0, None, None)
-            with pytest.raises(StoreUnavailable):
-                s.save_mirror("b", [row], [], False, 1.0, None, None)
-            s.save_mirror("c", [row], [], False, 1.0, None, None)
+        yield s, counts
         other.rollback()
-    assert [(vm, len(s.mirror(vm))) for vm in ("a", "b", "c")] == [("a", 1), ("b", 0), ("c", 1)]
+    counts += [(vm, len(s.mirror(vm))) for vm in ("a", "b", "c")]
+
+
+MIRROR_ROW = MirrorRow("k", "v", 1.0, "guest", False)
+
+
+def test_a_write_that_fails_directly_in_a_batch_should_undo_only_itself(pg_url, stores):
+    # As the bridge's flush of every VM's mirror: one batch, no savepoint of the caller's.
+    with vm_b_locked(pg_url, stores) as (s, counts), s.batch():
+        s.save_mirror("a", [MIRROR_ROW], [], False, 1.0, None, None)
+        with pytest.raises(StoreUnavailable):
+            s.save_mirror("b", [MIRROR_ROW], [], False, 1.0, None, None)
+        s.save_mirror("c", [MIRROR_ROW], [], False, 1.0, None, None)
+    assert counts == [("a", 1), ("b", 0), ("c", 1)]
 
 
 def test_mirrors_saved_at_once_should_keep_the_others_when_one_vm_s_save_fails(pg_url, stores):
-    s = open_pg(pg_url + " options='-c lock_timeout=200'", stores)
-    for vm in ("a", "b", "c"):
-        s.vm(vm)
-    row = MirrorRow("k", "v", 1.0, "guest", False)
-    with psycopg.connect(pg_url) as other:
-        other.execute("SELECT 1 FROM vms WHERE name = 'b' FOR UPDATE")
-        failed = s.save_mirrors([MirrorSave(vm, [row], [], False, 1.0, None, None) for vm in "abc"])
-        other.rollback()
+    with vm_b_locked(pg_url, stores) as (s, counts):
+        saves = [MirrorSave(vm, [MIRROR_ROW], [], False, 1.0, None, None) for vm in "abc"]
+        failed = s.save_mirrors(saves)
     assert list(failed) == ["b"] and isinstance(failed["b"], StoreUnavailable)
-    assert [(vm, len(s.mirror(vm))) for vm in ("a", "b", "c")] == [("a", 1), ("b", 0), ("c", 1)]
+    assert counts == [("a", 1), ("b", 0), ("c", 1)]
 
 
 def test_calls_should_fail_while_the_database_is_down_and_work_once_it_is_back(
