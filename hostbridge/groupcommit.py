@@ -96,6 +96,7 @@ class Preparable(Generic[T]):
         return self.run(db)
 
 
+# Units with their senders' futures, in submission order.
 _Unit = Callable[[Any], Any]
 _Group = list[tuple[_Unit, "asyncio.Future[Any]"]]
 
@@ -232,7 +233,7 @@ class GroupCommit:
                 outcomes.append((False, e))
         self._answer(live, outcomes)
 
-    def _commit(self, group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]]) -> None:
+    def _commit(self, group: _Group) -> None:
         alone = getattr(self.store, "alone", None)
         if alone is not None and len(group) == 1:
             self._commit_alone(alone, group)
@@ -256,9 +257,7 @@ class GroupCommit:
             return
         self._answer(group, outcomes)
 
-    def _fail(
-        self, group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]], e: BaseException
-    ) -> None:
+    def _fail(self, group: _Group, e: BaseException) -> None:
         """BEGIN or COMMIT failed: no unit of ``group`` is kept; each sender hears why."""
         self.failed += 1
         log.error("cannot commit %d write(s) to the database: %s", len(group), e)
@@ -277,7 +276,7 @@ class GroupCommit:
     def _commit_alone(
         self,
         alone: Callable[[], AbstractContextManager[None]],
-        group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]],
+        group: _Group,
     ) -> None:
         """A group of one unit on the pool's database: its one write commits by itself, with
         no transaction around it (PgStore.alone()). Units make one write at most (an enqueue,
@@ -293,9 +292,7 @@ class GroupCommit:
             outcome = (False, e)
         self._answer(group, [outcome])
 
-    def _commit_optimistic(
-        self, group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]]
-    ) -> bool:
+    def _commit_optimistic(self, group: _Group) -> bool:
         """The group in one transaction without a savepoint per unit (on the pool's database, a
         savepoint and its release are two round trips a unit); True when it committed, or
         failed as a whole (its senders told). When a unit raised, nothing of the group is kept
@@ -314,7 +311,7 @@ class GroupCommit:
 
     def _answer(
         self,
-        group: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]],
+        group: _Group,
         outcomes: list[tuple[bool, Any]],
     ) -> None:
         self.commits += 1
