@@ -38,6 +38,7 @@ _OVERHEAD = 160  # what an event's JSON holds besides its key and value, roughly
 EVENT_TYPES = (
     "vm.added",
     "vm.state",
+    "vm.placed",
     "agent.state",
     "key.set",
     "key.deleted",

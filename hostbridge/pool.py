@@ -35,6 +35,7 @@ from ovmsys.ratelimit import RateLimitedLog
 
 from . import errors
 from .config import Config
+from .events import EventHub
 from .lifecycle import LifecycleEvent
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class PoolHost(Protocol):
     """What the pool needs of the bridge it belongs to (hostbridge.bridge.Bridge)."""
 
     lifecycle: Any  # hostbridge.lifecycle.Lifecycle, or None without libvirt
+    events: EventHub  # the change stream: where a VM's host changing is told
 
     def local_guest(self, name: str) -> Guest | None: ...
     def attach_found(self, name: str, path: str) -> None: ...
@@ -100,6 +102,7 @@ class Pool:
         self.store_url = config.store_url
         self.ca_file = config.pool.ca_file
         self.placements: dict[str, Placement] = {}
+        self._read_once = False  # the placements were read at start (refresh())
         self.hosts: dict[str, HostRow] = {}
         # Channels found for VMs migrating in (paused here): attached at RESUMED_MIGRATED.
         self.deferred: dict[str, str] = {}
@@ -164,8 +167,19 @@ class Pool:
     def refresh(self) -> None:
         """Read the placements and hosts again (at start, and after the listening connection was
         lost: notifications sent meanwhile are lost)."""
-        self.placements = self.store.placements()
+        before, self.placements = self.placements, self.store.placements()
         self.refresh_hosts()
+        if self._read_once:  # not at start: what changed unheard is told now
+            for name, p in self.placements.items():
+                old = before.get(name)
+                if old is None or old.host != p.host:
+                    self._announce(name, p.host)
+        self._read_once = True
+
+    def _announce(self, name: str, host: str | None) -> None:
+        """Tell the change stream that ``host`` (None: nobody) now delivers VM ``name``'s
+        messages: a page showing the pool follows VMs between hosts as they move."""
+        self.bridge.events.publish("vm.placed", vm=name, host=host)
 
     def refresh_hosts(self) -> None:
         """Read the hosts (their URLs and whether they are alive) again: each heartbeat. The
@@ -277,8 +291,11 @@ class Pool:
             except errors.StoreError as e:
                 log.warning("pool: cannot read the hosts: %s", e.message)
         if p is not None:
+            if p.host != host:
+                self._announce(name, host)
             p.host, p.fence = host, fence
             return True
+        self._announce(name, host)
         # A VM new to the pool: added alone (re-reading every placement for it would cost the
         # whole table per bridge per new VM: docs/fleet.md).
         from .pgstore import Placement

@@ -555,6 +555,10 @@
         case "vm.state":
             if (known) known.run_state = ev.run_state;
             break;
+        case "vm.placed":
+            // In a pool: another host delivers this VM's messages now (a migration, a claim).
+            if (known) known.host = ev.host;
+            break;
         case "agent.state":
             if (known) {
                 known.agent = ev.agent;

@@ -134,6 +134,9 @@ def event_line(ev: JsonObject) -> str:
     if kind == "vm.state":
         reason = ev.get("reason")
         return "%s %s%s" % (head, ev.get("run_state"), " (%s)" % reason if reason else "")
+    if kind == "vm.placed":
+        host = ev.get("host")
+        return "%s %s" % (head, "on " + humanize.escape(str(host)) if host else "on no host")
     if kind.startswith("message."):
         return "%s seq %s%s" % (head, ev.get("seq"), " key %s" % key if key else "")
     if kind == "overflow":

@@ -9,6 +9,7 @@ summary.
 from __future__ import annotations
 
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ def pool_page(postgres_server: PostgresCluster) -> Iterator[PoolPage]:
     on the way out (pytest shows them when the test failed)."""
     require_browser_and_cockpit()
     with ExitStack() as stack:
-        pool = stack.enter_context(Pool(postgres_server, "cockpit_pool_page", hosts=HOSTS))
+        database = "cockpit_pool_page_%s" % uuid.uuid4().hex[:8]  # one a test
+        pool = stack.enter_context(Pool(postgres_server, database, hosts=HOSTS))
         stack.callback(_print_logs, pool)
         pool.start()
         for vm, host in PLACES.items():
@@ -109,5 +111,27 @@ def test_the_page_of_a_pool_bridge_should_show_the_host_of_every_vm_of_the_pool(
     # Another VM, chosen from the list: the summary follows.
     vm_row(page, "web1").locator("a").click()
     expect(page.locator("#detail-title")).to_have_text("web1")
+    expect(page.locator("#summary dd.host")).to_have_text("hv1")
+    assert pool_page.tab.errors == []
+
+
+def test_the_page_should_follow_vms_of_other_hosts_as_they_appear_and_move(
+    pool_page: PoolPage,
+) -> None:
+    page = pool_page.tab.page
+    page.goto(pool_page.ws.page_url("web1"))
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    expect(page.locator("#vms tbody tr")).to_have_count(len(PLACES))
+
+    # A VM boots on hv2, not the page's host: it appears, with its host, without a reload.
+    pool = pool_page.pool
+    app = pool.start_vm("app1", "hv2")
+    expect(vm_row(page, "app1").locator("td").nth(1)).to_have_text("hv2")
+
+    # It migrates to hv1: its Host cell follows (hv1's stream tells the handoff), and so does
+    # its summary once chosen.
+    pool.migrate(app, "hv1")
+    expect(vm_row(page, "app1").locator("td").nth(1)).to_have_text("hv1")
+    vm_row(page, "app1").locator("a").click()
     expect(page.locator("#summary dd.host")).to_have_text("hv1")
     assert pool_page.tab.errors == []

@@ -321,3 +321,29 @@ def test_mirror_changes_the_database_refused_should_be_saved_at_a_later_flush(po
         assert saved() == [("com.example.g",)]
 
     run(pool_db + "&options=-c%20lock_timeout%3D200", monkeypatch, body)
+
+
+def test_every_bridge_should_tell_its_change_stream_when_a_vm_changes_host(pool_db, monkeypatch):
+    async def body(w):
+        hv1 = await w.start("hv1", ["web1"])
+        hv2 = await w.start("hv2")
+        await async_wait_for(lambda: hv2.pool.owner("web1") == "hv1", what="placement seen")
+        since1, since2 = hv1.events.last_id, hv2.events.last_id
+
+        def placed(bridge, since):
+            events = bridge.events.after(since, vm="web1").events
+            return [e.fields["host"] for e in events if e.type == "vm.placed"]
+
+        # The VM moves to hv2 (its RESUMED_MIGRATED there: a forced claim): both streams say so,
+        # hv2's from its own claim, hv1's from the placement notice.
+        hv2.lifecycle.play("web1", "RESUMED_MIGRATED", "running")
+        await async_wait_for(lambda: hv1.pool.owner("web1") == "hv2", what="hv1 heard the claim")
+        assert placed(hv2, since2) == ["hv2"]
+        assert placed(hv1, since1) == ["hv2"]
+        # A notice older than what is known changes nothing and tells nothing.
+        from hostbridge.pgstore import PLACEMENT_CHANNEL
+
+        hv1.pool._notified(PLACEMENT_CHANNEL, "web1 hv1 1")
+        assert placed(hv1, since1) == ["hv2"]
+
+    run(pool_db, monkeypatch, body)
