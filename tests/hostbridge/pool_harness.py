@@ -86,6 +86,35 @@ class PoolSecrets:
         return cls(key_file, cert, tls_key, token, tokens_file)
 
 
+# The pool key of the stores the tests open in their own process (no bridge reads it from a file).
+STORE_KEY = PoolKey(os.urandom(32))
+
+
+def open_pg(
+    url: str,
+    stores: list[Any],
+    host: str = "hv1",
+    *,
+    live: bool = False,
+    claims: Iterable[str] = (),
+    **kwargs: Any,
+) -> Any:
+    """A PgStore on ``url`` as host ``host``, added to ``stores`` (the ``stores`` fixture closes
+    them at the test's end). ``live``, or any ``claims``: registered as a live host; then the
+    owner of each VM of ``claims`` (added, claimed at fence 1). Keyword arguments as PgStore's."""
+    from hostbridge.pgstore import PgStore  # psycopg: the pool's tests only
+
+    s = PgStore(url, host, STORE_KEY, **kwargs)
+    stores.append(s)
+    claims = list(claims)
+    if live or claims:
+        s.register_host("https://%s.example:8443" % host, 15)
+    for vm in claims:
+        s.vm(vm)
+        assert s.claim(vm) == 1
+    return s
+
+
 def store_url(conninfo: str) -> str:
     """A libpq key=value conninfo (PostgresCluster's) as the postgresql:// URL [store] url
     wants: the host is the cluster's socket directory."""

@@ -28,30 +28,8 @@ from hostbridge.pgstore import (
 )
 from hostbridge.poolkey import PoolKey
 from hostbridge.store import MirrorRow, MirrorSave, Store
+from tests.hostbridge.pool_harness import STORE_KEY, open_pg
 from tests.support.waiting import wait_for
-
-KEY = PoolKey(os.urandom(32))
-
-
-@pytest.fixture
-def pg_url(postgres_server):
-    """A database of this test's own in the suite's cluster."""
-    return postgres_server.create_database("pgstore_%s" % uuid.uuid4().hex[:12])
-
-
-@pytest.fixture
-def stores():
-    """Every store a test opens, closed at its end."""
-    opened = []
-    yield opened
-    for s in opened:
-        s.close()
-
-
-def open_pg(url, stores, host="hv1", **kwargs):
-    s = PgStore(url, host, KEY, **kwargs)
-    stores.append(s)
-    return s
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -407,7 +385,7 @@ def test_bridges_starting_at_once_should_make_the_schema_once(pg_url, stores):
     def start(host):
         barrier.wait()
         try:
-            outcomes.append(PgStore(pg_url, host, KEY))
+            outcomes.append(PgStore(pg_url, host, STORE_KEY))
         except Exception as e:  # noqa: BLE001 - reported below
             outcomes.append(e)
 
@@ -454,9 +432,8 @@ def test_a_host_whose_heartbeat_is_stale_should_lose_its_vms(pg_url, stores):
 
 
 def test_a_stale_fence_should_deliver_nothing_and_remove_nothing(pg_url, stores):
-    a, b = open_pg(pg_url, stores, "hv1"), open_pg(pg_url, stores, "hv2")
-    a.register_host("https://hv1", 15)
-    b.register_host("https://hv2", 15)
+    a = open_pg(pg_url, stores, "hv1", live=True)
+    b = open_pg(pg_url, stores, "hv2", live=True)
     a.vm("web1")
     with pytest.raises(Fenced):
         a.deliverable("web1")  # never claimed
@@ -508,9 +485,8 @@ def test_finish_next_should_record_the_outcome_and_read_the_next_row_in_one_go(b
 
 
 def test_finish_next_with_a_stale_fence_should_remove_and_read_nothing(pg_url, stores):
-    a, b = open_pg(pg_url, stores, "hv1"), open_pg(pg_url, stores, "hv2")
-    a.register_host("https://hv1", 15)
-    b.register_host("https://hv2", 15)
+    a = open_pg(pg_url, stores, "hv1", live=True)
+    b = open_pg(pg_url, stores, "hv2", live=True)
     a.vm("web1")
     with pytest.raises(Fenced):
         a.finish_next("web1", [], "delivered")  # never claimed
@@ -544,9 +520,8 @@ def test_a_delivery_in_progress_should_hold_off_a_claim_until_it_commits(pg_url,
 
 
 def test_release_should_be_done_by_the_holder_only(pg_url, stores):
-    a, b = open_pg(pg_url, stores, "hv1"), open_pg(pg_url, stores, "hv2")
-    a.register_host("https://hv1", 15)
-    b.register_host("https://hv2", 15)
+    a = open_pg(pg_url, stores, "hv1", live=True)
+    b = open_pg(pg_url, stores, "hv2", live=True)
     a.vm("web1")
     assert not a.release("web1")  # holds nothing
     a.claim("web1")
@@ -696,7 +671,7 @@ def test_a_sealed_value_should_open_only_in_its_own_row_with_the_pool_key(pg_url
 def test_an_unreachable_database_at_start_should_be_one_line_without_the_password(tmp_path):
     url = "postgresql://ovmd:hunter2@/ovmd?host=%s&port=55432" % tmp_path
     with pytest.raises(StoreUnavailable) as e:
-        PgStore(url, "hv1", KEY)
+        PgStore(url, "hv1", STORE_KEY)
     message = e.value.message
     assert message.startswith("cannot reach the pool database at user=ovmd dbname=ovmd host=")
     assert "hunter2" not in message and "\n" not in message
@@ -704,7 +679,7 @@ def test_an_unreachable_database_at_start_should_be_one_line_without_the_passwor
     assert redact("postgresql://db.example/ovmd") == "postgresql://db.example/ovmd"
     assert "hunter2" not in redact(url) and "password" not in redact(url)
     with pytest.raises(StoreError) as e:
-        PgStore("postgresql://ovmd:hunter2@db/ovmd?nonsense=1", "hv1", KEY)
+        PgStore("postgresql://ovmd:hunter2@db/ovmd?nonsense=1", "hv1", STORE_KEY)
     assert "hunter2" not in e.value.message
 
 

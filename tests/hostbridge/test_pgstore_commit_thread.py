@@ -4,39 +4,23 @@ every other store call sees the group committed, and a failure keeps the rule of
 group commits (none of a failed group kept, each unit then alone)."""
 
 import asyncio
-import os
 import threading
-import uuid
 
 import psycopg
 import pytest
 
 from hostbridge.errors import StoreError
 from hostbridge.groupcommit import GroupCommit, Preparable
-from hostbridge.pgstore import PgStore
-from hostbridge.poolkey import PoolKey
 from hostbridge.store import PreparedWrite
+from tests.hostbridge.pool_harness import open_pg
 from tests.hostbridge.test_pgstore_round_trips import Trace
 
 pytestmark = pytest.mark.timeout(60)
 
-KEY = PoolKey(os.urandom(32))
-
 
 @pytest.fixture
-def url(postgres_server):
-    return postgres_server.create_database("ct_%s" % uuid.uuid4().hex[:12])
-
-
-@pytest.fixture
-def store(url):
-    s = PgStore(url, "hv1", KEY)
-    s.register_host("https://hv1.example:8443", 15)
-    for vm in ("web1", "web2"):
-        s.vm(vm)
-        assert s.claim(vm) == 1
-    yield s
-    s.close()
+def store(pg_url, stores):
+    return open_pg(pg_url, stores, "hv1", claims=["web1", "web2"])
 
 
 def send(store, vm, key, value="v"):
@@ -82,8 +66,8 @@ def test_a_group_of_sends_should_commit_in_one_round_trip(store):
     assert [r.key for r in store.outbox("web1")][1:] == ["k%d" % i for i in range(5)]
 
 
-def test_the_loop_should_go_on_while_a_group_waits_for_the_database(store, url):
-    locked = Locked(url, "web1")
+def test_the_loop_should_go_on_while_a_group_waits_for_the_database(store, pg_url):
+    locked = Locked(pg_url, "web1")
 
     async def main():
         committer = GroupCommit(store, max_units=60)
@@ -105,8 +89,8 @@ def test_the_loop_should_go_on_while_a_group_waits_for_the_database(store, url):
     assert row.seq == 1 and [r.key for r in store.outbox("web1")] == ["k"]
 
 
-def test_a_store_call_made_meanwhile_should_see_the_group_committed(store, url):
-    locked = Locked(url, "web1")
+def test_a_store_call_made_meanwhile_should_see_the_group_committed(store, pg_url):
+    locked = Locked(pg_url, "web1")
 
     async def main():
         committer = GroupCommit(store, max_units=60)
@@ -126,10 +110,10 @@ def test_a_store_call_made_meanwhile_should_see_the_group_committed(store, url):
         locked.close()
 
 
-def test_a_row_withdrawn_while_its_enqueue_was_in_flight_should_not_be_delivered(store, url):
+def test_a_row_withdrawn_while_its_enqueue_was_in_flight_should_not_be_delivered(store, pg_url):
     # The owner's enqueue reads the VM's next row for the delivery (deliverable() without a
     # round trip). Withdrawn before the enqueue landed, that row must not come back from there.
-    locked = Locked(url, "web1")
+    locked = Locked(pg_url, "web1")
 
     async def main():
         committer = GroupCommit(store, max_units=60)
@@ -168,28 +152,26 @@ def test_a_failed_statement_should_fail_its_unit_alone_and_keep_the_others(store
     assert [r.key for r in store.outbox("web2")] == ["b"]
 
 
-def test_a_fence_lost_while_a_delivery_s_removal_was_in_flight_should_fail_it(store, url):
+def test_a_fence_lost_while_a_delivery_s_removal_was_in_flight_should_fail_it(
+    store, pg_url, stores
+):
     from hostbridge.errors import Fenced
 
     store.enqueue("web1", "k", "v", True)
-    other = PgStore(url, "hv2", KEY)
-    try:
-        other.register_host("https://hv2.example:8443", 15)
-        removal = Preparable(
-            lambda db: store.finish_next("web1", [1], "delivered"),
-            lambda: store.prepare_finish_next("web1", [1], "delivered"),
-        )
+    other = open_pg(pg_url, stores, "hv2", live=True)
+    removal = Preparable(
+        lambda db: store.finish_next("web1", [1], "delivered"),
+        lambda: store.prepare_finish_next("web1", [1], "delivered"),
+    )
 
-        async def main():
-            committer = GroupCommit(store, max_units=60)
-            write = removal.prepare()  # made under fence 1
-            assert other.claim("web1", force=True) == 2  # hv2 takes the VM meanwhile
-            late = Preparable(removal.run, lambda: write)
-            return await asyncio.gather(committer.run(late), return_exceptions=True)
+    async def main():
+        committer = GroupCommit(store, max_units=60)
+        write = removal.prepare()  # made under fence 1
+        assert other.claim("web1", force=True) == 2  # hv2 takes the VM meanwhile
+        late = Preparable(removal.run, lambda: write)
+        return await asyncio.gather(committer.run(late), return_exceptions=True)
 
-        (outcome,) = asyncio.run(main())
-    finally:
-        other.close()
+    (outcome,) = asyncio.run(main())
     assert isinstance(outcome, Fenced)
     assert store.held("web1") is None  # the stale fence is forgotten
     assert [r.seq for r in store.outbox("web1")] == [1]  # nothing removed

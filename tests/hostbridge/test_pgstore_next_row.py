@@ -1,50 +1,22 @@
 """hostbridge.pgstore: the owner's enqueue reads the VM's next row to deliver under the fence, so
 that the delivery that follows it needs no read of its own; never a row that is not sure."""
 
-import os
 import threading
 import time
-import uuid
 
 import pytest
 
 from hostbridge import pgstore
 from hostbridge.errors import Fenced
-from hostbridge.pgstore import PgStore
-from hostbridge.poolkey import PoolKey
+from tests.hostbridge.pool_harness import open_pg
 from tests.hostbridge.test_pgstore_round_trips import Trace
 
 pytestmark = pytest.mark.timeout(60)
 
-KEY = PoolKey(os.urandom(32))
-
 
 @pytest.fixture
-def url(postgres_server):
-    return postgres_server.create_database("ahead_%s" % uuid.uuid4().hex[:12])
-
-
-@pytest.fixture
-def stores():
-    opened = []
-    yield opened
-    for s in opened:
-        s.close()
-
-
-def open_store(url, stores, host):
-    s = PgStore(url, host, KEY)
-    s.register_host("https://%s.example:8443" % host, 15)
-    stores.append(s)
-    return s
-
-
-@pytest.fixture
-def owner(url, stores):
-    s = open_store(url, stores, "hv1")
-    s.vm("web1")
-    assert s.claim("web1") == 1
-    return s
+def owner(pg_url, stores):
+    return open_pg(pg_url, stores, "hv1", claims=["web1"])
 
 
 def reads(store, vm):
@@ -65,16 +37,16 @@ def test_the_owners_send_should_be_delivered_without_a_read_of_its_own(owner):
     assert reads(owner, "web1") == ([1], 1)  # taken once: the next call reads
 
 
-def test_a_send_from_another_bridge_should_leave_the_owner_to_read(owner, url, stores):
-    other = open_store(url, stores, "hv2")
+def test_a_send_from_another_bridge_should_leave_the_owner_to_read(owner, pg_url, stores):
+    other = open_pg(pg_url, stores, "hv2", live=True)
     other.enqueue("web1", "k", "v", True)
     assert reads(owner, "web1") == ([1], 1)
 
 
-def test_a_row_another_bridge_enqueued_meanwhile_should_not_be_skipped(owner, url, stores):
+def test_a_row_another_bridge_enqueued_meanwhile_should_not_be_skipped(owner, pg_url, stores):
     # hv2's enqueue holds the VM's seq until it commits; the owner's, waiting for it, gets the
     # next seq, but its snapshot predates hv2's row: that row, not the owner's, is next.
-    other = open_store(url, stores, "hv2")
+    other = open_pg(pg_url, stores, "hv2", live=True)
     done = []
     with other.batch(savepoints=False):
         other.enqueue("web1", "first", "v", True)

@@ -16,10 +16,8 @@ from hostbridge.bridge import Bridge
 from hostbridge.config import Config, PoolConfig, VmSpec
 from hostbridge.errors import StoreError
 from hostbridge.groupcommit import GroupCommit
-from hostbridge.pgstore import PgStore
-from hostbridge.poolkey import PoolKey
 from hostbridge.store import MirrorRow, MirrorSave
-from tests.hostbridge.pool_harness import store_url, write_pool_key
+from tests.hostbridge.pool_harness import open_pg, store_url, write_pool_key
 from tests.hostbridge.test_bridge_pool import PlayedLifecycle
 from tests.support.agent import Agent
 from tests.support.tempdirs import short_tempdir
@@ -27,17 +25,10 @@ from tests.support.waiting import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-KEY = PoolKey(os.urandom(32))
-
 
 @pytest.fixture
-def store(postgres_server):
-    s = PgStore(postgres_server.create_database("rt_%s" % uuid.uuid4().hex[:12]), "hv1", KEY)
-    s.register_host("https://hv1.example:8443", 15)
-    s.vm("web1")
-    assert s.claim("web1") == 1
-    yield s
-    s.close()
+def store(pg_url, stores):
+    return open_pg(pg_url, stores, "hv1", claims=["web1"])
 
 
 class Trace:
