@@ -25,7 +25,7 @@ from .keepalive import Keepalive
 from .mirror import Mirror
 from .mirrorsync import MirrorSync
 from .session import Session, State
-from .store import MirrorRow, MirrorSave, OutboxRow, Store
+from .store import MirrorRow, MirrorSave, OutboxRow, Store, save_one
 from .tasks import TaskSet
 
 
@@ -161,16 +161,7 @@ class Guest:
         """Persist mirror changes and last_seen now (the bridge saves every VM's at once)."""
         save = self.mirror_save()
         if save is not None:
-            self.store.save_mirror(
-                save.vm,
-                save.rows,
-                save.deleted,
-                save.replace,
-                save.last_seen,
-                save.gid,
-                save.gseq,
-                save.unhidden,
-            )
+            save_one(self.store, save)
             self.saved(save)
 
     def mirror_save(self) -> MirrorSave | None:

@@ -70,6 +70,7 @@ from .errors import Fenced, StoreError, StoreUnavailable
 from .poolkey import PoolKey
 from .store import (
     AUDIT_KEEP,
+    DELIVERY_OUTCOMES,
     IDEMPOTENCY_KEEP,
     IDEMPOTENCY_TTL,
     AuditRecord,
@@ -111,7 +112,6 @@ _TCP_SETTINGS = {
 _SCHEMA_LOCK = 0x6F766D64  # "ovmd": the advisory lock the bridges starting at once take turns on
 # The database's clock, in UNIX seconds: heartbeats and leases never depend on the hosts' clocks.
 _NOW = "extract(epoch FROM clock_timestamp())::float8"
-_FENCED_OUTCOMES = ("delivered", "failed")  # the outcomes only the holder of the fence records
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -1108,7 +1108,7 @@ class PgStore:
         if not seqs:
             return
         self._drop_ahead(vm)
-        fenced = outcome in _FENCED_OUTCOMES
+        fenced = outcome in DELIVERY_OUTCOMES
         params: dict[str, Any] = {
             "vm": vm,
             "seqs": list(seqs),
@@ -1135,7 +1135,7 @@ class PgStore:
 
     def prepare_finish_next(self, vm: str, seqs: list[int], outcome: str) -> PreparedWrite:
         """finish_next()'s one statement, to run later (run_prepared())."""
-        if outcome not in _FENCED_OUTCOMES:
+        if outcome not in DELIVERY_OUTCOMES:
             raise ValueError("finish_next records a delivery's outcome, not %r" % outcome)
         self._drop_ahead(vm)
         fence = self._held.get(vm)

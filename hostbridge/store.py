@@ -35,8 +35,9 @@ AUDIT_VALUE_MAX = 1024  # bytes of UTF-8, as the original manager's log limit
 AUDIT_KEEP = Limits.audit_rows  # audit rows kept per VM unless the config says otherwise
 IDEMPOTENCY_KEEP = Limits.idempotency_keys
 IDEMPOTENCY_TTL = Limits.idempotency_ttl
-# The outcomes of a delivery (the guest acknowledged or refused the row): finish_next()'s.
-_DELIVERY_OUTCOMES = ("delivered", "failed")
+# The outcomes of a delivery (the guest acknowledged or refused the row): finish_next()'s, and in
+# a pool the ones only the holder of the VM's fence records (hostbridge.pgstore).
+DELIVERY_OUTCOMES = ("delivered", "failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -518,7 +519,7 @@ class Store:
         its own after each acknowledgement (hostbridge.pgstore's is one statement, under one
         check of the fence). Inside a batch the row may be one its COMMIT is yet to make
         durable: the caller writes it to a guest only once that batch has committed."""
-        if outcome not in _DELIVERY_OUTCOMES:
+        if outcome not in DELIVERY_OUTCOMES:
             raise ValueError("finish_next records a delivery's outcome, not %r" % outcome)
         # One connection, one thread and no fence: the read needs no transaction of its own.
         self.finish(vm, seqs, outcome)
@@ -642,16 +643,19 @@ class Store:
         return save_each(self, saves)
 
 
+def save_one(store: Any, m: MirrorSave) -> None:
+    """``store.save_mirror()`` (either backend: Store or PgStore) of what ``m`` holds."""
+    store.save_mirror(m.vm, m.rows, m.deleted, m.replace, m.last_seen, m.gid, m.gseq, m.unhidden)
+
+
 def save_each(store: Any, saves: Sequence[MirrorSave]) -> dict[str, Exception]:
-    """``saves`` in one batch of ``store`` (either backend: Store or PgStore), one save_mirror()
-    each: a failed one undoes only itself. The VMs whose save failed, with why."""
+    """``saves`` in one batch of ``store`` (either backend), one save_mirror() each: a failed one
+    undoes only itself. The VMs whose save failed, with why."""
     failed: dict[str, Exception] = {}
     with store.batch():
         for m in saves:
             try:
-                store.save_mirror(
-                    m.vm, m.rows, m.deleted, m.replace, m.last_seen, m.gid, m.gseq, m.unhidden
-                )
+                save_one(store, m)
             except Exception as e:  # noqa: BLE001 - one VM's write must not stop the others
                 failed[m.vm] = e
     return failed
